@@ -1,0 +1,257 @@
+"""`AFDConfig`: what `--afd-config` takes, parsed and checked as untrusted input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.layout import DEFAULT_HCCL_BUFFSIZE_MB, MAX_TOKENS_PER_MICRO_BATCH
+from afd_dispatch.topology import MAX_RANKS_PER_ROLE, RankTopology
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_MICRO_BATCHES = 8
+QUANT_MODE_CODES = {"none": 0, "int8": 2}
+ROLES = ("attention", "ffn")
+BACKENDS = ("auto", "reference", "npu")
+TRANSPORTS = ("auto", "inproc", "shm", "hccl")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class AFDConfig:
+    """An AFD deployment, as one JSON object.
+
+    Keys (all optional but the two worker counts):
+
+    =========================  ==========================================================
+    role                       "attention" | "ffn": the role of the process reading it
+    num_attention_workers      A, attention ranks, 1..768
+    num_ffn_workers            F, FFN ranks, 1..768 (any ratio, A < F included)
+    micro_batch_num            M, micro-batches in flight, 1..8
+    max_tokens_per_micro_batch BS, tokens per micro-batch and attention rank, 1..512
+    shared_expert_ranks        FFN ranks that host the shared experts (only those)
+    expert_replicas            replicas of every routed expert (int), or {"id": count}
+    quant_mode                 "none" | "int8" (dynamic per-token int8 on A2F)
+    sync_flag                  0: header to every FFN rank; 1: only to ranks that got slots
+    backend                    "auto" | "reference" | "npu"
+    transport                  "auto" | "inproc" | "shm" | "hccl"
+    group                      window group / communicator name, [A-Za-z0-9_.-]{1,64}
+    ffn_start_rank_id          first FFN rank of the communicator
+    hccl_buffsize_mb           HCCL_BUFFSIZE the windows must fit, 1..65536
+    wait_timeout_s             deadline of every flag wait, (0, 3600]
+    startup_timeout_s          deadline for workers to come up, (0, 3600]
+    =========================  ==========================================================
+    """
+
+    num_attention_workers: int
+    num_ffn_workers: int
+    role: str = "attention"
+    micro_batch_num: int = 2
+    max_tokens_per_micro_batch: int = 256
+    shared_expert_ranks: tuple[int, ...] = ()
+    expert_replicas: int | Mapping[int, int] = 1
+    quant_mode: str = "none"
+    sync_flag: int = 0
+    backend: str = "auto"
+    transport: str = "auto"
+    group: str = "afd"
+    ffn_start_rank_id: int = 0
+    hccl_buffsize_mb: int = DEFAULT_HCCL_BUFFSIZE_MB
+    wait_timeout_s: float = 30.0
+    startup_timeout_s: float = 120.0
+    _topology: RankTopology = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _int(self, "num_attention_workers", 1, MAX_RANKS_PER_ROLE)
+        _int(self, "num_ffn_workers", 1, MAX_RANKS_PER_ROLE)
+        _choice(self, "role", ROLES)
+        _int(self, "micro_batch_num", 1, MAX_MICRO_BATCHES)
+        _int(self, "max_tokens_per_micro_batch", 1, MAX_TOKENS_PER_MICRO_BATCH)
+        _choice(self, "quant_mode", tuple(QUANT_MODE_CODES))
+        _int(self, "sync_flag", 0, 1)
+        _choice(self, "backend", BACKENDS)
+        _choice(self, "transport", TRANSPORTS)
+        check(
+            isinstance(self.group, str) and _GROUP_NAME.fullmatch(self.group) is not None,
+            "group",
+            "a string matching [A-Za-z0-9_.-]{1,64}",
+            self.group,
+        )
+        _int(self, "ffn_start_rank_id", 0, self.num_attention_workers)
+        _int(self, "hccl_buffsize_mb", 1, 65536)
+        _seconds(self, "wait_timeout_s")
+        _seconds(self, "startup_timeout_s")
+        topology = RankTopology(
+            self.num_attention_workers, self.num_ffn_workers, self.ffn_start_rank_id
+        )
+        object.__setattr__(self, "_topology", topology)
+        self._check_shared_ranks(topology)
+        self._check_replicas()
+
+    def _check_shared_ranks(self, topology: RankTopology) -> None:
+        ranks = self.shared_expert_ranks
+        if isinstance(ranks, list):
+            ranks = tuple(ranks)
+            object.__setattr__(self, "shared_expert_ranks", ranks)
+        check(isinstance(ranks, tuple), "shared_expert_ranks", "a list of ranks", ranks)
+        lo, hi = topology.ffn_ranks.start, topology.ffn_ranks.stop
+        for r in ranks:
+            check(
+                _is_int(r) and lo <= r < hi,
+                "shared_expert_ranks",
+                f"FFN ranks in [{lo}, {hi})",
+                list(ranks),
+            )
+        check(len(set(ranks)) == len(ranks), "shared_expert_ranks", "distinct ranks", list(ranks))
+        check(
+            len(ranks) < topology.num_ffn,
+            "shared_expert_ranks",
+            f"at most F - 1 = {topology.num_ffn - 1} ranks (one must host routed experts)",
+            list(ranks),
+        )
+
+    def _check_replicas(self) -> None:
+        replicas = self.expert_replicas
+        if _is_int(replicas):
+            check(
+                1 <= replicas <= self.num_ffn_workers,  # type: ignore[operator]
+                "expert_replicas",
+                f"an integer in [1, {self.num_ffn_workers}]",
+                replicas,
+            )
+            return
+        check(
+            isinstance(replicas, Mapping),
+            "expert_replicas",
+            'an integer or an object {"expert id": count}',
+            replicas,
+        )
+        parsed: dict[int, int] = {}
+        for key, count in replicas.items():  # type: ignore[union-attr]
+            expert = _parse_expert_key(key)
+            check(
+                _is_int(count) and 1 <= count <= self.num_ffn_workers,
+                f"expert_replicas[{key!r}]",
+                f"an integer in [1, {self.num_ffn_workers}]",
+                count,
+            )
+            parsed[expert] = count
+        object.__setattr__(self, "expert_replicas", dict(sorted(parsed.items())))
+
+    # -- parsing ---------------------------------------------------------------------------
+    @classmethod
+    def from_json(cls, text_or_path: str) -> AFDConfig:
+        """Parse a JSON object given inline (starts with "{") or as a file path."""
+        check(
+            isinstance(text_or_path, str), "--afd-config", "a JSON string or a path", text_or_path
+        )
+        text = text_or_path.strip()
+        if not text.startswith("{"):
+            text = _read_config_file(text_or_path)
+        check(
+            len(text.encode()) <= MAX_CONFIG_BYTES,
+            "--afd-config",
+            f"at most {MAX_CONFIG_BYTES} bytes",
+            f"{len(text.encode())} bytes",
+        )
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise AFDInputError(
+                "--afd-config", "valid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AFDConfig:
+        check(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        for key in data:
+            check(key in known, f"--afd-config key {key!r}", f"one of {sorted(known)}", key)
+        for required in ("num_attention_workers", "num_ffn_workers"):
+            check(required in data, required, "present (a required key)", None)
+        values = dict(data)
+        if "shared_expert_ranks" in values and isinstance(values["shared_expert_ranks"], list):
+            values["shared_expert_ranks"] = tuple(values["shared_expert_ranks"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["shared_expert_ranks"] = list(self.shared_expert_ranks)
+        if isinstance(self.expert_replicas, Mapping):
+            out["expert_replicas"] = {str(k): v for k, v in self.expert_replicas.items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def topology(self) -> RankTopology:
+        return self._topology
+
+    @property
+    def world_size(self) -> int:
+        return self.num_attention_workers + self.num_ffn_workers
+
+    @property
+    def quant_mode_code(self) -> int:
+        return QUANT_MODE_CODES[self.quant_mode]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(cfg: AFDConfig, name: str, lo: int, hi: int) -> None:
+    value = getattr(cfg, name)
+    check(_is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
+
+
+def _seconds(cfg: AFDConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    check(ok and math.isfinite(value) and 0 < value <= 3600, name, "seconds in (0, 3600]", value)
+
+
+def _choice(cfg: AFDConfig, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    check(value in allowed and isinstance(value, str), name, f"one of {list(allowed)}", value)
+
+
+def _parse_expert_key(key: Any) -> int:
+    if _is_int(key):
+        return int(key)
+    check(
+        isinstance(key, str) and key.isdigit() and len(key) <= 6,
+        "expert_replicas",
+        "keys that are expert ids (decimal integers >= 0)",
+        key,
+    )
+    return int(key)
+
+
+def _read_config_file(path: str) -> str:
+    try:
+        size = os.stat(path).st_size
+    except OSError as exc:
+        raise AFDInputError(
+            "--afd-config",
+            "a JSON object or the path of a readable file",
+            f"{path!r} ({exc.strerror})",
+        ) from None
+    check(
+        size <= MAX_CONFIG_BYTES,
+        "--afd-config",
+        f"a file of at most {MAX_CONFIG_BYTES} bytes",
+        size,
+    )
+    with open(path, encoding="utf-8") as fh:
+        return fh.read(MAX_CONFIG_BYTES + 1)

@@ -1,0 +1,342 @@
+"""The op family's input contract, checked before anything is written.
+
+Both backends call these functions first: the reference because it must never write half a
+message, the NPU backend because the hardware op would hang or corrupt memory instead of
+failing. Each returns the facts the op needs (layout, topology, scalars), so the checks and
+the kernels cannot disagree about shapes.
+
+`values=False` skips the checks that read tensor contents (ids in range, mask prefix): on
+A3 those cost a device-to-host copy per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.layout import (
+    MAX_TOPK,
+    QUANT_INT8,
+    QUANT_MODES,
+    TOKEN_DTYPES,
+    WindowLayout,
+)
+from afd_dispatch.placement import validate_expert_rank_table
+from afd_dispatch.topology import RankTopology
+
+_INT_DTYPES = (torch.int32, torch.int64)
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class AttentionToFfnCall:
+    layout: WindowLayout
+    topology: RankTopology
+    session: int
+    micro_batch: int
+    layer: int
+    active_tokens: int
+    moe_expert_num: int
+    quant_mode: int
+    sync_flag: int
+
+
+@dataclass(frozen=True)
+class FfnToAttentionCall:
+    micro_batches: int
+    tokens: int
+    slots: int
+    hidden: int
+    rows: int  # actual_token_num
+
+
+def check_attention_to_ffn(
+    x: torch.Tensor,
+    session_id: torch.Tensor,
+    micro_batch_id: torch.Tensor,
+    layer_id: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_rank_table: torch.Tensor,
+    world_size: int,
+    ffn_token_info_table_shape: Sequence[int],
+    ffn_token_data_shape: Sequence[int],
+    attn_token_info_table_shape: Sequence[int],
+    moe_expert_num: int,
+    scales: torch.Tensor | None,
+    active_mask: torch.Tensor | None,
+    quant_mode: int,
+    sync_flag: int,
+    ffn_start_rank_id: int,
+    values: bool = True,
+) -> AttentionToFfnCall:
+    _tensor(x, "x")
+    check(x.dim() == 3 and x.shape[0] == 1, "x.shape", "(1, BS, H)", tuple(x.shape))
+    check(x.dtype in TOKEN_DTYPES, "x.dtype", "float16, bfloat16 or float32", x.dtype)
+    bs, hidden = int(x.shape[1]), int(x.shape[2])
+    check(quant_mode in QUANT_MODES, "quant_mode", f"one of {list(QUANT_MODES)}", quant_mode)
+    check(sync_flag in (0, 1), "sync_flag", "0 or 1", sync_flag)
+    check(moe_expert_num >= 1, "moe_expert_num", ">= 1", moe_expert_num)
+    for name, t in (
+        ("session_id", session_id),
+        ("micro_batch_id", micro_batch_id),
+        ("layer_id", layer_id),
+    ):
+        _scalar(t, name)
+    _tensor(expert_ids, "expert_ids")
+    check(expert_ids.dtype in _INT_DTYPES, "expert_ids.dtype", "int32 or int64", expert_ids.dtype)
+    check(
+        expert_ids.dim() == 3 and expert_ids.shape[:2] == (1, bs),
+        "expert_ids.shape",
+        f"(1, BS={bs}, K)",
+        tuple(expert_ids.shape),
+    )
+    topk = int(expert_ids.shape[2])
+    check(
+        0 < topk <= min(MAX_TOPK, moe_expert_num),
+        "expert_ids.shape[2] (K)",
+        f"0 < K <= min({MAX_TOPK}, moe_expert_num={moe_expert_num})",
+        topk,
+    )
+    info_shape = _shape(ffn_token_info_table_shape, "ffn_token_info_table_shape", 3)
+    attn_shape = _shape(attn_token_info_table_shape, "attn_token_info_table_shape", 3)
+    sessions, micro_batches = info_shape[0], attn_shape[0]
+    topology = RankTopology.from_world(world_size, sessions, ffn_start_rank_id)
+    shared = validate_expert_rank_table(expert_rank_table, topology, moe_expert_num)
+    layout = WindowLayout(
+        sessions, micro_batches, bs, topk, shared, hidden, x.dtype, quant_mode == QUANT_INT8
+    )
+    _expect_shape(info_shape, layout.ffn_info_shape, "ffn_token_info_table_shape")
+    _expect_shape(
+        _shape(ffn_token_data_shape, "ffn_token_data_shape", 5),
+        layout.ffn_data_shape,
+        "ffn_token_data_shape",
+    )
+    _expect_shape(attn_shape, layout.attn_info_shape, "attn_token_info_table_shape")
+    if scales is not None:
+        check(quant_mode == QUANT_INT8, "scales", "None when quant_mode == 0", "a tensor")
+        _tensor(scales, "scales")
+        rows = moe_expert_num + shared
+        check(scales.dtype == torch.float32, "scales.dtype", "torch.float32", scales.dtype)
+        check(
+            tuple(scales.shape) == (1, rows, hidden),
+            "scales.shape",
+            f"(1, G={rows}, H={hidden})",
+            tuple(scales.shape),
+        )
+    if active_mask is not None:
+        _tensor(active_mask, "active_mask")
+        check(active_mask.dtype == torch.bool, "active_mask.dtype", "torch.bool", active_mask.dtype)
+        check(
+            tuple(active_mask.shape) == (1, bs),
+            "active_mask.shape",
+            f"(1, BS={bs})",
+            tuple(active_mask.shape),
+        )
+    session = micro_batch = layer = 0
+    active = bs
+    if values:
+        session = _scalar_value(session_id, "session_id", 0, sessions)
+        micro_batch = _scalar_value(micro_batch_id, "micro_batch_id", 0, micro_batches)
+        layer = _scalar_value(layer_id, "layer_id", 0, INT32_MAX)
+        if active_mask is not None:
+            active = mask_prefix_length(active_mask[0])
+        ids = expert_ids[0, :active]
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            check(
+                lo >= 0 and hi < moe_expert_num,
+                "expert_ids",
+                f"ids in [0, moe_expert_num={moe_expert_num}) for active tokens",
+                f"min {lo}, max {hi}",
+            )
+    return AttentionToFfnCall(
+        layout, topology, session, micro_batch, layer, active, moe_expert_num, quant_mode, sync_flag
+    )
+
+
+def mask_prefix_length(mask: torch.Tensor) -> int:
+    """Number of active tokens of a (BS,) bool mask; it must be a prefix of Trues."""
+    n = int(mask.sum())
+    check(
+        bool(mask[:n].all()),
+        "active_mask",
+        "a prefix of True values followed only by False",
+        mask.int().tolist(),
+    )
+    return n
+
+
+def check_ffn_to_attention(
+    x: torch.Tensor,
+    session_ids: torch.Tensor,
+    micro_batch_ids: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    actual_token_num: torch.Tensor,
+    world_size: int,
+    token_info_table_shape: Sequence[int],
+    token_data_shape: Sequence[int],
+    attn_rank_table: torch.Tensor | None,
+    values: bool = True,
+) -> FfnToAttentionCall:
+    _tensor(x, "x")
+    check(x.dim() == 2, "x.dim()", "2 (Y, H)", x.dim())
+    check(x.dtype in TOKEN_DTYPES, "x.dtype", "float16, bfloat16 or float32", x.dtype)
+    rows, hidden = int(x.shape[0]), int(x.shape[1])
+    for name, t in (
+        ("session_ids", session_ids),
+        ("micro_batch_ids", micro_batch_ids),
+        ("token_ids", token_ids),
+        ("expert_offsets", expert_offsets),
+    ):
+        _tensor(t, name)
+        check(t.dtype in _INT_DTYPES, f"{name}.dtype", "int32 or int64", t.dtype)
+        check(tuple(t.shape) == (rows,), f"{name}.shape", f"(Y={rows},)", tuple(t.shape))
+    _scalar(actual_token_num, "actual_token_num")
+    m, bs, e = _shape(token_info_table_shape, "token_info_table_shape", 3)
+    _expect_shape(
+        _shape(token_data_shape, "token_data_shape", 4), (m, bs, e, hidden), "token_data_shape"
+    )
+    check(world_size >= 2, "world_size", ">= 2", world_size)
+    if attn_rank_table is not None:
+        _tensor(attn_rank_table, "attn_rank_table")
+        check(
+            attn_rank_table.dtype in _INT_DTYPES and attn_rank_table.dim() == 1,
+            "attn_rank_table",
+            "a 1-D int32/int64 tensor (A,)",
+            f"{attn_rank_table.dtype} {tuple(attn_rank_table.shape)}",
+        )
+    n = rows
+    if values:
+        n = _scalar_value(actual_token_num, "actual_token_num", 0, rows + 1)
+        sessions = world_size if attn_rank_table is None else attn_rank_table.numel()
+        for name, t, bound in (
+            ("session_ids", session_ids, sessions),
+            ("micro_batch_ids", micro_batch_ids, m),
+            ("token_ids", token_ids, bs),
+            ("expert_offsets", expert_offsets, e),
+        ):
+            head = t[:n]
+            if n:
+                lo, hi = int(head.min()), int(head.max())
+                check(
+                    lo >= 0 and hi < bound,
+                    name,
+                    f"values in [0, {bound}) for the first actual_token_num={n} rows",
+                    f"min {lo}, max {hi}",
+                )
+        if attn_rank_table is not None and attn_rank_table.numel():
+            lo, hi = int(attn_rank_table.min()), int(attn_rank_table.max())
+            check(
+                lo >= 0 and hi < world_size,
+                "attn_rank_table",
+                f"ranks in [0, world_size={world_size})",
+                attn_rank_table.tolist(),
+            )
+    return FfnToAttentionCall(m, bs, e, hidden, n)
+
+
+def check_batching_args(
+    layout: WindowLayout,
+    expert_num: int,
+    max_out_shape: Sequence[int],
+    token_dtype: int,
+    need_schedule: int,
+    layer_num: int,
+    token_dtype_expected: int,
+) -> None:
+    check(expert_num >= 1, "expert_num", ">= 1 (local experts of this FFN rank)", expert_num)
+    _expect_shape(
+        _shape(max_out_shape, "max_out_shape", 4),
+        (layout.sessions, layout.tokens, layout.slots, layout.hidden),
+        "max_out_shape",
+    )
+    check(
+        token_dtype == token_dtype_expected,
+        "token_dtype",
+        f"{token_dtype_expected} for this window group ({_dtype_name(layout)})",
+        token_dtype,
+    )
+    check(need_schedule in (0, 1), "need_schedule", "0 or 1", need_schedule)
+    check(layer_num >= 0, "layer_num", ">= 0", layer_num)
+
+
+def check_combine_args(
+    layout: WindowLayout,
+    expert_scales: torch.Tensor,
+    layer_id: torch.Tensor,
+    hidden_size: int,
+    token_dtype: int,
+    need_schedule: int,
+    token_dtype_expected: int,
+) -> int:
+    """Return K, the routed slots the scales weight."""
+    _tensor(expert_scales, "expert_scales")
+    check(
+        expert_scales.dtype == torch.float32,
+        "expert_scales.dtype",
+        "torch.float32",
+        expert_scales.dtype,
+    )
+    check(
+        expert_scales.dim() == 2 and expert_scales.shape[0] == layout.tokens,
+        "expert_scales.shape",
+        f"(BS={layout.tokens}, K)",
+        tuple(expert_scales.shape),
+    )
+    topk = int(expert_scales.shape[1])
+    check(
+        0 < topk <= layout.slots,
+        "expert_scales.shape[1] (K)",
+        f"in (0, E={layout.slots}]",
+        topk,
+    )
+    _scalar(layer_id, "layer_id")
+    check(hidden_size == layout.hidden, "hidden_size", f"H = {layout.hidden}", hidden_size)
+    check(
+        token_dtype == token_dtype_expected,
+        "token_dtype",
+        f"{token_dtype_expected} for this window group ({layout.dtype})",
+        token_dtype,
+    )
+    check(need_schedule in (0, 1), "need_schedule", "0 or 1", need_schedule)
+    return topk
+
+
+# -- small helpers -------------------------------------------------------------------------
+def _dtype_name(layout: WindowLayout) -> str:
+    return "int8 + scale" if layout.quant else str(layout.dtype)
+
+
+def _tensor(t: object, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise AFDInputError(name, "a tensor", type(t).__name__)
+
+
+def _scalar(t: torch.Tensor, name: str) -> None:
+    _tensor(t, name)
+    check(t.dtype in _INT_DTYPES, f"{name}.dtype", "int32 or int64", t.dtype)
+    check(tuple(t.shape) == (1,), f"{name}.shape", "(1,)", tuple(t.shape))
+
+
+def _scalar_value(t: torch.Tensor, name: str, lo: int, hi: int) -> int:
+    value = int(t[0])
+    check(lo <= value < hi, name, f"in [{lo}, {hi})", value)
+    return value
+
+
+def _shape(shape: Sequence[int], name: str, length: int) -> tuple[int, ...]:
+    ok = (
+        isinstance(shape, (list, tuple))
+        and len(shape) == length
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    )
+    check(ok, name, f"{length} positive integers", shape)
+    return tuple(shape)
+
+
+def _expect_shape(seen: Sequence[int], expected: Sequence[int], name: str) -> None:
+    check(tuple(seen) == tuple(expected), name, list(expected).__repr__(), list(seen))

@@ -1,0 +1,240 @@
+"""The byte layout of every AFD window: the one place that knows where a byte goes.
+
+Both backends, the transports, the debug API and the tests ask this module for shapes and
+offsets; nothing else computes them.
+
+FFN window (written by `npu_attention_to_ffn`, read by `npu_ffn_worker_batching`)::
+
+    byte 0                      info  int32 [A, M, 2 + BS*E]
+                                      row (s, m) = [flag, layer_id, local id of (t, e) ...]
+    byte align512(info bytes)   data  [A, M, BS, E, HS] of x.dtype, or int8 rows of
+                                      H quantized values + float32 scale at byte H (+ padding)
+
+Attention window (written by `npu_ffn_to_attention`, read by `npu_attention_worker_combine`)::
+
+    byte 0                      info  int32 [M, BS, E]   1 = result for (m, t, e) arrived
+    byte align512(info bytes)   data  [M, BS, E, H] of the result dtype
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from afd_dispatch.errors import check
+
+ALIGN = 512
+# The empty marker of an info entry, and the consumer's test for "empty".
+EMPTY_LOCAL_ID = 2**31 - 1
+EMPTY_ID_THRESHOLD = 1_000_000
+QUANT_ROW_PADDING = 128  # int8 rows carry H values plus 128 bytes (scale at byte H)
+FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET = 0, 1, 2  # columns of an FFN info row
+
+MAX_TOKENS_PER_MICRO_BATCH = 512
+MAX_TOPK = 16
+MAX_SHARED_EXPERTS = 4
+A3_HIDDEN_RANGE = (1024, 8192)
+DEFAULT_HCCL_BUFFSIZE_MB = 200
+
+QUANT_NONE = 0
+QUANT_INT8 = 2
+QUANT_MODES = (QUANT_NONE, QUANT_INT8)
+
+# token_dtype codes of batching/combine. 0..2 are torch_npu's; 3 is the reference's own
+# float32 extension (A3 has no fp32 path), refused by the NPU backend.
+TOKEN_DTYPE_FP16, TOKEN_DTYPE_BF16, TOKEN_DTYPE_INT8, TOKEN_DTYPE_FP32 = 0, 1, 2, 3
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 3}
+TOKEN_DTYPES = tuple(_DTYPE_CODES)
+
+
+def align512(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+def token_dtype_code(dtype: torch.dtype) -> int:
+    check(dtype in _DTYPE_CODES, "dtype", "one of float16, bfloat16, float32", dtype)
+    return _DTYPE_CODES[dtype]
+
+
+def dtype_of_code(code: int) -> torch.dtype:
+    for dtype, c in _DTYPE_CODES.items():
+        if c == code:
+            return dtype
+    raise ValueError(f"token_dtype: expected one of {sorted(_DTYPE_CODES.values())}, got {code}")
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Shapes and byte offsets of the FFN and attention windows of one window group.
+
+    sessions A, micro_batches M, tokens BS (per micro-batch and attention rank),
+    topk K, shared S, hidden H, dtype of the activations, quant (int8 A2F rows).
+    """
+
+    sessions: int
+    micro_batches: int
+    tokens: int
+    topk: int
+    shared: int
+    hidden: int
+    dtype: torch.dtype = torch.bfloat16
+    quant: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.sessions >= 1, "sessions (A)", ">= 1", self.sessions)
+        check(self.micro_batches >= 1, "micro_batches (M)", ">= 1", self.micro_batches)
+        check(
+            0 < self.tokens <= MAX_TOKENS_PER_MICRO_BATCH,
+            "tokens (BS)",
+            f"0 < BS <= {MAX_TOKENS_PER_MICRO_BATCH}",
+            self.tokens,
+        )
+        check(0 < self.topk <= MAX_TOPK, "topk (K)", f"0 < K <= {MAX_TOPK}", self.topk)
+        check(
+            0 <= self.shared <= MAX_SHARED_EXPERTS,
+            "shared (S)",
+            f"0 <= S <= {MAX_SHARED_EXPERTS}",
+            self.shared,
+        )
+        check(self.hidden >= 1, "hidden (H)", ">= 1", self.hidden)
+        if self.quant:
+            check(self.hidden % 32 == 0, "hidden (H)", "a multiple of 32 with quant", self.hidden)
+        token_dtype_code(self.dtype)
+
+    # -- derived sizes -------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        """E: slots per token, K routed then S shared."""
+        return self.topk + self.shared
+
+    @property
+    def row_elems(self) -> int:
+        """HS: elements of one A2F data row."""
+        return self.hidden + QUANT_ROW_PADDING if self.quant else self.hidden
+
+    @property
+    def a2f_elem_size(self) -> int:
+        return 1 if self.quant else self.dtype.itemsize
+
+    @property
+    def a2f_dtype(self) -> torch.dtype:
+        return torch.int8 if self.quant else self.dtype
+
+    @property
+    def a2f_row_bytes(self) -> int:
+        return self.row_elems * self.a2f_elem_size
+
+    @property
+    def f2a_row_bytes(self) -> int:
+        return self.hidden * self.dtype.itemsize
+
+    # -- FFN window ------------------------------------------------------------------------
+    @property
+    def ffn_info_shape(self) -> tuple[int, int, int]:
+        return (self.sessions, self.micro_batches, SLOTS_OFFSET + self.tokens * self.slots)
+
+    @property
+    def ffn_data_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.sessions, self.micro_batches, self.tokens, self.slots, self.row_elems)
+
+    @property
+    def ffn_info_bytes(self) -> int:
+        a, m, w = self.ffn_info_shape
+        return a * m * w * 4
+
+    @property
+    def ffn_data_offset(self) -> int:
+        return align512(self.ffn_info_bytes)
+
+    @property
+    def ffn_data_bytes(self) -> int:
+        a, m, bs, e, hs = self.ffn_data_shape
+        return a * m * bs * e * hs * self.a2f_elem_size
+
+    @property
+    def ffn_window_bytes(self) -> int:
+        return self.ffn_data_offset + self.ffn_data_bytes
+
+    # -- attention window ------------------------------------------------------------------
+    @property
+    def attn_info_shape(self) -> tuple[int, int, int]:
+        return (self.micro_batches, self.tokens, self.slots)
+
+    @property
+    def attn_data_shape(self) -> tuple[int, int, int, int]:
+        return (self.micro_batches, self.tokens, self.slots, self.hidden)
+
+    @property
+    def attn_info_bytes(self) -> int:
+        m, bs, e = self.attn_info_shape
+        return m * bs * e * 4
+
+    @property
+    def attn_data_offset(self) -> int:
+        return align512(self.attn_info_bytes)
+
+    @property
+    def attn_window_bytes(self) -> int:
+        m, bs, e, h = self.attn_data_shape
+        return self.attn_data_offset + m * bs * e * h * self.dtype.itemsize
+
+    # -- the A3 host check -----------------------------------------------------------------
+    @property
+    def hccl_buffsize_mb(self) -> int:
+        """The smallest `HCCL_BUFFSIZE` (MB) the A3 host check accepts for this layout."""
+        return (self.ffn_info_bytes + self.ffn_data_bytes) // 2**20 + 1
+
+    def check_hccl_buffsize(self, buffsize_mb: int = DEFAULT_HCCL_BUFFSIZE_MB) -> None:
+        check(
+            self.hccl_buffsize_mb <= buffsize_mb,
+            "HCCL_BUFFSIZE",
+            f">= {self.hccl_buffsize_mb} MB for A={self.sessions} M={self.micro_batches} "
+            f"BS={self.tokens} E={self.slots} HS={self.row_elems}",
+            buffsize_mb,
+        )
+
+    # -- op argument shapes (what callers pass as int[] arguments) -------------------------
+    @property
+    def op_shapes(self) -> dict[str, list[int]]:
+        return {
+            "ffn_token_info_table_shape": list(self.ffn_info_shape),
+            "ffn_token_data_shape": list(self.ffn_data_shape),
+            "attn_token_info_table_shape": list(self.attn_info_shape),
+            "token_info_table_shape": list(self.attn_info_shape),
+            "token_data_shape": list(self.attn_data_shape),
+        }
+
+    # -- typed views over a window's bytes -------------------------------------------------
+    def ffn_views(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(info int32 [A, M, 2+BS*E], data [A, M, BS, E, HS]) over an FFN window."""
+        _check_window(window, self.ffn_window_bytes, "FFN")
+        info = window[: self.ffn_info_bytes].view(torch.int32).view(self.ffn_info_shape)
+        data = window[self.ffn_data_offset : self.ffn_window_bytes]
+        return info, data.view(self.a2f_dtype).view(self.ffn_data_shape)
+
+    def attn_views(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(info int32 [M, BS, E], data [M, BS, E, H]) over an attention window."""
+        _check_window(window, self.attn_window_bytes, "attention")
+        info = window[: self.attn_info_bytes].view(torch.int32).view(self.attn_info_shape)
+        data = window[self.attn_data_offset : self.attn_window_bytes]
+        return info, data.view(self.dtype).view(self.attn_data_shape)
+
+    def initialize_ffn(self, window: torch.Tensor) -> None:
+        """The state a fresh FFN window starts in: flags 0, every slot empty."""
+        info, _ = self.ffn_views(window)
+        info.fill_(EMPTY_LOCAL_ID)
+        info[:, :, FLAG_OFFSET] = 0
+        info[:, :, LAYER_OFFSET] = 0
+
+    def initialize_attn(self, window: torch.Tensor) -> None:
+        info, _ = self.attn_views(window)
+        info.zero_()
+
+
+def _check_window(window: torch.Tensor, needed: int, role: str) -> None:
+    if window.dtype != torch.uint8 or window.dim() != 1:
+        raise TypeError(
+            f"{role} window must be a 1-D uint8 tensor, got {window.dtype} {window.dim()}-D"
+        )
+    check(window.numel() >= needed, f"{role} window bytes", f">= {needed}", window.numel())

@@ -1,0 +1,264 @@
+"""Window groups: the reference backend's stand-in for an HCCL communicator's windows.
+
+A group is named by the `group` string the ops take. Each rank has one window, sized by
+its role from the group's `WindowLayout`. A process registers the groups it may write to;
+the ops look them up by name (`attention_to_ffn`, `ffn_to_attention`) or by window
+address (the schedule context's `ffn_window` / `attention_window`).
+
+A window address is `handle << 32 | byte offset`, where the handle is this process's
+number for (group, rank): the reference's equivalent of a device address.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.layout import (
+    EMPTY_ID_THRESHOLD,
+    FLAG_OFFSET,
+    LAYER_OFFSET,
+    SLOTS_OFFSET,
+    WindowLayout,
+)
+from afd_dispatch.topology import RankTopology
+from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
+
+TRANSPORTS = ("inproc", "shm")
+
+
+@dataclass(frozen=True)
+class WindowGroupSpec:
+    """Everything another process needs to attach to a group (picklable).
+
+    `token` names the shared-memory files; treat it as a secret of the deployment.
+    """
+
+    name: str
+    topology: RankTopology
+    layout: WindowLayout
+    transport: str
+    timeout_s: float
+    token: str | None = None
+
+
+class WindowGroup:
+    """The windows of every rank of one communicator, as this process sees them."""
+
+    def __init__(self, spec: WindowGroupSpec, transport: Transport) -> None:
+        self.spec = spec
+        self._transport = transport
+        self._handles: dict[int, int] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def topology(self) -> RankTopology:
+        return self.spec.topology
+
+    @property
+    def layout(self) -> WindowLayout:
+        return self.spec.layout
+
+    @property
+    def timeout_s(self) -> float:
+        return self.spec.timeout_s
+
+    def window(self, rank: int) -> torch.Tensor:
+        self.topology.role_of(rank)
+        return self._transport.window(rank)
+
+    def ffn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
+        return self.layout.ffn_views(self.window(rank))
+
+    def attn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        check(
+            not self.topology.is_ffn(rank),
+            "rank",
+            f"an attention rank of group {self.name!r}",
+            rank,
+        )
+        return self.layout.attn_views(self.window(rank))
+
+    def read_window(self, rank: int) -> bytes:
+        """A copy of `rank`'s whole window, for tests and for users chasing a hang."""
+        return self.window(rank).numpy().tobytes()
+
+    def address(self, rank: int) -> int:
+        """The window address to pass as `ffn_window` / `attention_window`."""
+        self.topology.role_of(rank)
+        if rank not in self._handles:
+            self._handles[rank] = _register_handle(self, rank)
+        return self._handles[rank] << 32
+
+    def window_bytes(self, rank: int) -> int:
+        return self.window(rank).numel()
+
+    def reset(self) -> None:
+        """Put every window in its initial state (flags 0, slots empty)."""
+        for rank in range(self.topology.world_size):
+            if self.topology.is_ffn(rank):
+                self.layout.initialize_ffn(self.window(rank))
+            else:
+                self.layout.initialize_attn(self.window(rank))
+
+    def describe(self, rank: int) -> dict[str, Any]:
+        """`rank`'s info table decoded: what arrived, what is still missing."""
+        if self.topology.is_ffn(rank):
+            info, _ = self.ffn_views(rank)
+            e = self.layout.slots
+            rows = []
+            for s in range(info.shape[0]):
+                for m in range(info.shape[1]):
+                    ids = info[s, m, SLOTS_OFFSET:]
+                    filled = (ids < EMPTY_ID_THRESHOLD).nonzero().flatten().tolist()
+                    rows.append(
+                        {
+                            "session": s,
+                            "micro_batch": m,
+                            "flag": int(info[s, m, FLAG_OFFSET]),
+                            "layer": int(info[s, m, LAYER_OFFSET]),
+                            "slots": [(i // e, i % e, int(ids[i])) for i in filled],
+                        }
+                    )
+            return {"group": self.name, "rank": rank, "role": "ffn", "rows": rows}
+        info, _ = self.attn_views(rank)
+        mbs = []
+        for m in range(info.shape[0]):
+            missing = (info[m] != 1).nonzero().tolist()
+            mbs.append(
+                {
+                    "micro_batch": m,
+                    "arrived": int((info[m] == 1).sum()),
+                    "missing": [tuple(x) for x in missing],
+                }
+            )
+        return {
+            "group": self.name,
+            "rank": rank,
+            "role": "attention",
+            "session": self.topology.session_of(rank),
+            "micro_batches": mbs,
+        }
+
+    def close(self) -> None:
+        _unregister(self)
+        self._transport.close()
+
+
+# -- the process-local registries ------------------------------------------------------------
+_lock = threading.Lock()
+_groups: dict[str, WindowGroup] = {}
+_handles: dict[int, tuple[WindowGroup, int]] = {}
+_next_handle = itertools.count(1)
+
+
+def create_window_group(
+    name: str,
+    topology: RankTopology,
+    layout: WindowLayout,
+    transport: str = "inproc",
+    timeout_s: float = 30.0,
+) -> WindowGroup:
+    """Allocate every rank's window for communicator `name` and register it here.
+
+    `transport` is "inproc" (all ranks in this process) or "shm" (shared memory; pass
+    `group.spec` to `attach_window_group` in the other processes).
+    """
+    check(transport in TRANSPORTS, "transport", f"one of {list(TRANSPORTS)}", transport)
+    check(
+        layout.sessions == topology.num_attention,
+        "layout.sessions",
+        f"A = {topology.num_attention}",
+        layout.sessions,
+    )
+    check(timeout_s > 0, "timeout_s", "> 0", timeout_s)
+    sizes = [
+        layout.ffn_window_bytes if topology.is_ffn(r) else layout.attn_window_bytes
+        for r in range(topology.world_size)
+    ]
+    with _lock:
+        check(name not in _groups, "group", "a name not already registered in this process", name)
+        impl: Transport
+        if transport == "shm":
+            impl = SharedMemoryTransport(sizes)
+            token: str | None = impl.token
+        else:
+            impl = InProcessTransport(sizes)
+            token = None
+        group = WindowGroup(
+            WindowGroupSpec(name, topology, layout, transport, timeout_s, token), impl
+        )
+        group.reset()
+        _groups[name] = group
+    return group
+
+
+def attach_window_group(spec: WindowGroupSpec) -> WindowGroup:
+    """Map the windows of a shared-memory group created by another process."""
+    check(
+        spec.transport == "shm",
+        "spec.transport",
+        "'shm' (only shared memory attaches)",
+        spec.transport,
+    )
+    sizes = [
+        spec.layout.ffn_window_bytes if spec.topology.is_ffn(r) else spec.layout.attn_window_bytes
+        for r in range(spec.topology.world_size)
+    ]
+    assert spec.token is not None
+    with _lock:
+        check(
+            spec.name not in _groups,
+            "group",
+            "a name not already registered in this process",
+            spec.name,
+        )
+        group = WindowGroup(spec, SharedMemoryTransport(sizes, token=spec.token))
+        _groups[spec.name] = group
+    return group
+
+
+def get_window_group(name: str) -> WindowGroup:
+    group = _groups.get(name)
+    if group is None:
+        raise AFDInputError("group", f"a registered window group, one of {sorted(_groups)}", name)
+    return group
+
+
+def destroy_window_group(name: str) -> None:
+    group = _groups.get(name)
+    if group is not None:
+        group.close()
+
+
+def resolve_address(address: int, argument: str) -> tuple[WindowGroup, int, int]:
+    """(group, rank, byte offset) of a window address made by `WindowGroup.address`."""
+    entry = _handles.get(address >> 32)
+    if entry is None:
+        raise AFDInputError(argument, "a window address from WindowGroup.address()", address)
+    group, rank = entry
+    return group, rank, address & 0xFFFFFFFF
+
+
+def _register_handle(group: WindowGroup, rank: int) -> int:
+    with _lock:
+        handle = next(_next_handle)
+        _handles[handle] = (group, rank)
+    return handle
+
+
+def _unregister(group: WindowGroup) -> None:
+    with _lock:
+        if _groups.get(group.name) is group:
+            del _groups[group.name]
+        for handle in [h for h, (g, _) in _handles.items() if g is group]:
+            del _handles[handle]

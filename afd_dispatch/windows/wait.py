@@ -1,0 +1,68 @@
+"""Waiting on window flags without burning a core, and ordering window stores.
+
+A flag wait polls a few times back to back (a decode step's answer is often already
+there), then sleeps with exponential back-off capped at `MAX_SLEEP_S`. On a 2-core host a
+spinning poller would starve the very process it waits for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from afd_dispatch.errors import AFDTimeoutError
+
+EAGER_POLLS = 4
+FIRST_SLEEP_S = 20e-6
+MAX_SLEEP_S = 1e-3
+
+_fence_lock = threading.Lock()
+
+
+def store_fence() -> None:
+    """Order the window stores before this call ahead of those after it.
+
+    Readers in other processes poll a flag and then read the data it guards, so data must
+    be visible before its flag. Taking and releasing a lock executes an atomic
+    read-modify-write, a full barrier on x86 and on AArch64, and costs well under a
+    microsecond; Python offers no cheaper portable fence.
+    """
+    with _fence_lock:
+        pass
+
+
+class ScheduleStopped(RuntimeError):
+    """The schedule context was stopped (`stop_schedule`) while an op waited on it."""
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    timeout_s: float,
+    describe_missing: Callable[[], str],
+    stopped: Callable[[], bool] | None = None,
+) -> None:
+    """Return once `ready()` is true; raise `AFDTimeoutError` after `timeout_s`.
+
+    `describe_missing()` is called only on expiry and must say who waited and what is
+    still missing. `stopped()`, when given, aborts the wait with `ScheduleStopped`.
+    """
+    if ready():
+        return
+    deadline = time.monotonic() + timeout_s
+    for _ in range(EAGER_POLLS):
+        if ready():
+            return
+    sleep_s = FIRST_SLEEP_S
+    while True:
+        if stopped is not None and stopped():
+            raise ScheduleStopped("the schedule context was stopped while waiting")
+        now = time.monotonic()
+        if now >= deadline:
+            if ready():
+                return
+            raise AFDTimeoutError(f"{describe_missing()} (deadline {timeout_s:g} s passed)")
+        time.sleep(min(sleep_s, deadline - now))
+        if ready():
+            return
+        sleep_s = min(sleep_s * 2, MAX_SLEEP_S)

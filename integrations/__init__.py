@@ -1,0 +1,1 @@
+"""Integrations of afd-dispatch with serving stacks (vLLM plugin, Ray FFN workers)."""

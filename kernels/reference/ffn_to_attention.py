@@ -1,0 +1,68 @@
+"""`npu_ffn_to_attention` on the CPU: each result row goes home, then its flag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from afd_dispatch.contract import check_ffn_to_attention
+from afd_dispatch.errors import check
+from afd_dispatch.windows import get_window_group, store_fence
+
+
+def ffn_to_attention(
+    x: torch.Tensor,
+    session_ids: torch.Tensor,
+    micro_batch_ids: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    actual_token_num: torch.Tensor,
+    group: str,
+    world_size: int,
+    token_info_table_shape: Sequence[int],
+    token_data_shape: Sequence[int],
+    *,
+    attn_rank_table: torch.Tensor | None = None,
+) -> None:
+    call = check_ffn_to_attention(
+        x, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num,
+        world_size, token_info_table_shape, token_data_shape, attn_rank_table,
+    )  # fmt: skip
+    windows = get_window_group(group)
+    topology, layout = windows.topology, windows.layout
+    check(
+        world_size == topology.world_size,
+        "world_size",
+        f"{topology.world_size} (group {group!r})",
+        world_size,
+    )
+    expected = [layout.micro_batches, layout.tokens, layout.slots, layout.hidden]
+    check(
+        [call.micro_batches, call.tokens, call.slots, call.hidden] == expected,
+        "token_data_shape",
+        f"{expected} (group {group!r})",
+        list(token_data_shape),
+    )
+    check(x.dtype == layout.dtype, "x.dtype", f"{layout.dtype} (group {group!r})", x.dtype)
+    n = call.rows
+    sessions = session_ids[:n].to(torch.int64)
+    dest = sessions if attn_rank_table is None else attn_rank_table.to(torch.int64)[sessions]
+    receivers = [int(r) for r in torch.unique(dest)]
+    for r in receivers:
+        check(
+            not topology.is_ffn(r),
+            "destination rank",
+            f"an attention rank of group {group!r}, one of {list(topology.attention_ranks)}",
+            r,
+        )
+    mb, tok, off = (t[:n].to(torch.int64) for t in (micro_batch_ids, token_ids, expert_offsets))
+    picks = []
+    for r in receivers:
+        rows = (dest == r).nonzero().flatten()
+        info, data = windows.attn_views(r)
+        data[mb[rows], tok[rows], off[rows]] = x[rows]
+        picks.append((info, rows))
+    store_fence()  # result rows before the flags that announce them
+    for info, rows in picks:
+        info[mb[rows], tok[rows], off[rows]] = 1
