@@ -118,12 +118,14 @@ class AFDConfig:
         )
 
     def _check_replicas(self) -> None:
+        # Replicas of one expert go to distinct ranks among those not reserved for shared experts.
+        most = self.num_ffn_workers - len(self.shared_expert_ranks)
         replicas = self.expert_replicas
         if _is_int(replicas):
             check(
-                1 <= replicas <= self.num_ffn_workers,  # type: ignore[operator]
+                1 <= replicas <= most,  # type: ignore[operator]
                 "expert_replicas",
-                f"an integer in [1, {self.num_ffn_workers}]",
+                f"an integer in [1, {most}] (FFN ranks without shared experts)",
                 replicas,
             )
             return
@@ -136,10 +138,11 @@ class AFDConfig:
         parsed: dict[int, int] = {}
         for key, count in replicas.items():  # type: ignore[union-attr]
             expert = _parse_expert_key(key)
+            check(expert not in parsed, "expert_replicas", "each expert id once", key)
             check(
-                _is_int(count) and 1 <= count <= self.num_ffn_workers,
+                _is_int(count) and 1 <= count <= most,
                 f"expert_replicas[{key!r}]",
-                f"an integer in [1, {self.num_ffn_workers}]",
+                f"an integer in [1, {most}] (FFN ranks without shared experts)",
                 count,
             )
             parsed[expert] = count
@@ -162,11 +165,15 @@ class AFDConfig:
             f"{len(text.encode())} bytes",
         )
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise AFDInputError(
                 "--afd-config", "valid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}"
             ) from None
+        except (ValueError, RecursionError) as exc:  # over-long integers, deep nesting
+            if isinstance(exc, AFDInputError):
+                raise
+            raise AFDInputError("--afd-config", "valid JSON", str(exc)[:200]) from None
         return cls.from_dict(data)
 
     @classmethod
@@ -253,5 +260,21 @@ def _read_config_file(path: str) -> str:
         f"a file of at most {MAX_CONFIG_BYTES} bytes",
         size,
     )
-    with open(path, encoding="utf-8") as fh:
-        return fh.read(MAX_CONFIG_BYTES + 1)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, a binary file
+        raise AFDInputError(
+            "--afd-config",
+            "a JSON object or the path of a readable UTF-8 file",
+            f"{path!r} ({exc})",
+        ) from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` hook: a key given twice is ambiguous in an untrusted config, not "last wins"."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        check(key not in out, "--afd-config", "each key at most once per object", key)
+        out[key] = value
+    return out

@@ -18,6 +18,7 @@ import torch
 
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import (
+    MAX_TOKENS_PER_MICRO_BATCH,
     MAX_TOPK,
     QUANT_INT8,
     QUANT_MODES,
@@ -76,7 +77,16 @@ def check_attention_to_ffn(
     check(x.dim() == 3 and x.shape[0] == 1, "x.shape", "(1, BS, H)", tuple(x.shape))
     check(x.dtype in TOKEN_DTYPES, "x.dtype", "float16, bfloat16 or float32", x.dtype)
     bs, hidden = int(x.shape[1]), int(x.shape[2])
+    check(
+        0 < bs <= MAX_TOKENS_PER_MICRO_BATCH,
+        "x.shape[1] (BS)",
+        f"0 < BS <= {MAX_TOKENS_PER_MICRO_BATCH}",
+        bs,
+    )
+    check(hidden >= 1, "x.shape[2] (H)", ">= 1", hidden)
     check(quant_mode in QUANT_MODES, "quant_mode", f"one of {list(QUANT_MODES)}", quant_mode)
+    if quant_mode == QUANT_INT8:
+        check(hidden % 32 == 0, "x.shape[2] (H)", "a multiple of 32 when quant_mode == 2", hidden)
     check(sync_flag in (0, 1), "sync_flag", "0 or 1", sync_flag)
     check(moe_expert_num >= 1, "moe_expert_num", ">= 1", moe_expert_num)
     for name, t in (
@@ -197,9 +207,11 @@ def check_ffn_to_attention(
         check(tuple(t.shape) == (rows,), f"{name}.shape", f"(Y={rows},)", tuple(t.shape))
     _scalar(actual_token_num, "actual_token_num")
     m, bs, e = _shape(token_info_table_shape, "token_info_table_shape", 3)
-    _expect_shape(
-        _shape(token_data_shape, "token_data_shape", 4), (m, bs, e, hidden), "token_data_shape"
+    data_shape = _shape(token_data_shape, "token_data_shape", 4)
+    check(
+        data_shape[3] == hidden, "token_data_shape[3] (H)", f"x.shape[1] = {hidden}", data_shape[3]
     )
+    _expect_shape(data_shape, (m, bs, e, hidden), "token_data_shape")
     check(world_size >= 2, "world_size", ">= 2", world_size)
     if attn_rank_table is not None:
         _tensor(attn_rank_table, "attn_rank_table")
@@ -289,9 +301,9 @@ def check_combine_args(
     )
     topk = int(expert_scales.shape[1])
     check(
-        0 < topk <= layout.slots,
+        topk == layout.topk,
         "expert_scales.shape[1] (K)",
-        f"in (0, E={layout.slots}]",
+        f"K = {layout.topk} of this window group (E = {layout.slots} slots)",
         topk,
     )
     _scalar(layer_id, "layer_id")

@@ -26,7 +26,7 @@ def test_config_parses_inline_json_and_files(tmp_path) -> None:
             "num_ffn_workers": 3,
             "micro_batch_num": 3,
             "shared_expert_ranks": [2],
-            "expert_replicas": {"0": 2, "5": 3},
+            "expert_replicas": {"0": 2, "5": 2},
             "quant_mode": "int8",
         }
     )
@@ -35,7 +35,7 @@ def test_config_parses_inline_json_and_files(tmp_path) -> None:
     path.write_text(text)
     assert AFDConfig.from_json(str(path)) == inline
     assert inline.shared_expert_ranks == (2,)
-    assert inline.expert_replicas == {0: 2, 5: 3}
+    assert inline.expert_replicas == {0: 2, 5: 2}
     assert inline.quant_mode_code == 2
     assert inline.world_size == 5
     assert AFDConfig.from_json(inline.to_json()) == inline
@@ -129,3 +129,8 @@ def test_views_cover_the_window_without_overlap() -> None:
     assert int(window[layout.ffn_info_bytes :].sum()) == 0
     data.fill_(1.0)
     assert int(window[: layout.ffn_info_bytes].to(torch.int64).sum()) == 255 * layout.ffn_info_bytes
+
+
+def test_config_replicas_fit_the_ranks_left_for_routed_experts() -> None:
+    with pytest.raises(AFDInputError, match=r"expert_replicas.*\[1, 2\]"):
+        AFDConfig(num_attention_workers=1, num_ffn_workers=3, shared_expert_ranks=(2,), expert_replicas=3)

@@ -8,7 +8,7 @@ import torch
 from afd_dispatch.kernels.reference.quant import quantize_rows
 
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
-from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.errors import check
 from afd_dispatch.layout import FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET, WindowLayout
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence, wait_until
@@ -97,18 +97,40 @@ def slot_experts(ids: torch.Tensor, call: AttentionToFfnCall) -> torch.Tensor:
     return torch.cat([ids.to(torch.int64), shared], dim=1)
 
 
+# The argument each topology / layout field comes from, to name it when a call disagrees.
+_TOPOLOGY_ARGUMENTS = {
+    "num_attention": "ffn_token_info_table_shape[0] (A)",
+    "num_ffn": "world_size",
+    "ffn_start_rank_id": "ffn_start_rank_id",
+}
+_LAYOUT_ARGUMENTS = {
+    "sessions": "ffn_token_info_table_shape[0] (A)",
+    "micro_batches": "attn_token_info_table_shape[0] (M)",
+    "tokens": "x.shape[1] (BS)",
+    "topk": "expert_ids.shape[2] (K)",
+    "shared": "expert_rank_table.shape[1] (moe_expert_num + S)",
+    "hidden": "x.shape[2] (H)",
+    "dtype": "x.dtype",
+    "quant": "quant_mode",
+}
+
+
 def check_group_matches(windows: WindowGroup, topology: RankTopology, layout: WindowLayout) -> None:
     """The op's arguments must describe the windows the group was created with."""
-    if windows.topology != topology:
-        raise AFDInputError(
-            "world_size / table shapes / ffn_start_rank_id",
-            f"group {windows.name!r}'s topology {windows.topology}",
-            topology,
-        )
-    if windows.layout != layout:
-        raise AFDInputError(
-            "op shapes and dtype", f"group {windows.name!r}'s layout {windows.layout}", layout
-        )
+    for fields, want, seen in (
+        (_TOPOLOGY_ARGUMENTS, windows.topology, topology),
+        (_LAYOUT_ARGUMENTS, windows.layout, layout),
+    ):
+        for name, argument in fields.items():
+            expected, value = getattr(want, name), getattr(seen, name)
+            if name == "num_ffn":  # world_size = A + F
+                expected, value = want.world_size, seen.world_size
+            check(
+                value == expected,
+                argument,
+                f"{expected!r}, as in group {windows.name!r} ({name})",
+                value,
+            )
 
 
 def _wait_until_consumed(

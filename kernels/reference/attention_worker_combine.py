@@ -12,7 +12,7 @@ import torch
 from afd_dispatch.kernels.reference import schedule_context as sc
 
 from afd_dispatch.contract import check_combine_args
-from afd_dispatch.errors import check
+from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import token_dtype_code
 from afd_dispatch.windows import WindowGroup, wait_until
 
@@ -83,8 +83,18 @@ def wait_for_results(ctx: torch.Tensor, windows: WindowGroup, rank: int, m: int)
             f"{flags.numel()} slot flags missing: {shown}{more}"
         )
 
+    def ready() -> bool:
+        # A corrupt flag would never turn 1: fail at once instead of at the deadline.
+        if bool(((flags != 0) & (flags != 1)).any()):
+            raise AFDInputError(
+                f"attention rank {rank} window flags (micro-batch {m})",
+                "0 or 1",
+                sorted(set(flags.flatten().tolist())),
+            )
+        return bool((flags == 1).all())
+
     wait_until(
-        lambda: bool((flags == 1).all()),
+        ready,
         windows.timeout_s,
         describe,
         stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0,

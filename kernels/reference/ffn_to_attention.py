@@ -37,12 +37,18 @@ def ffn_to_attention(
         f"{topology.world_size} (group {group!r})",
         world_size,
     )
-    expected = [layout.micro_batches, layout.tokens, layout.slots, layout.hidden]
+    expected = [layout.micro_batches, layout.tokens, layout.slots]
     check(
-        [call.micro_batches, call.tokens, call.slots, call.hidden] == expected,
-        "token_data_shape",
+        [call.micro_batches, call.tokens, call.slots] == expected,
+        "token_info_table_shape",
         f"{expected} (group {group!r})",
-        list(token_data_shape),
+        list(token_info_table_shape),
+    )
+    check(
+        call.hidden == layout.hidden,
+        "x.shape[1] (H)",
+        f"{layout.hidden} (group {group!r})",
+        call.hidden,
     )
     check(x.dtype == layout.dtype, "x.dtype", f"{layout.dtype} (group {group!r})", x.dtype)
     n = call.rows

@@ -132,6 +132,11 @@ def wait_for_micro_batch(ctx: torch.Tensor, windows: WindowGroup, rank: int, m: 
     flags = info[:, m, FLAG_OFFSET]
 
     def ready() -> bool:
+        # A corrupt flag would never turn 1: fail at once instead of at the deadline.
+        if bool(((flags != 0) & (flags != 1)).any()):
+            raise AFDInputError(
+                f"FFN rank {rank} window flags (micro-batch {m})", "0 or 1", flags.tolist()
+            )
         return bool((flags == 1).all())
 
     def describe() -> str:
@@ -143,11 +148,6 @@ def wait_for_micro_batch(ctx: torch.Tensor, windows: WindowGroup, rank: int, m: 
         )
 
     wait_until(ready, windows.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
-    bad = ((flags != 0) & (flags != 1)).nonzero().flatten().tolist()
-    if bad:
-        raise AFDInputError(
-            f"FFN rank {rank} window flags (micro-batch {m})", "0 or 1", flags.tolist()
-        )
 
 
 def _polling_index(ctx: torch.Tensor, micro_batches: int) -> int:
