@@ -47,11 +47,11 @@ def wait_until(
     `describe_missing()` is called only on expiry and must say who waited and what is
     still missing. `stopped()`, when given, aborts the wait with `ScheduleStopped`.
     """
-    if ready():
+    if _ready_then_fence(ready):
         return
     deadline = time.monotonic() + timeout_s
     for _ in range(EAGER_POLLS):
-        if ready():
+        if _ready_then_fence(ready):
             return
     sleep_s = FIRST_SLEEP_S
     while True:
@@ -59,10 +59,19 @@ def wait_until(
             raise ScheduleStopped("the schedule context was stopped while waiting")
         now = time.monotonic()
         if now >= deadline:
-            if ready():
+            if _ready_then_fence(ready):
                 return
             raise AFDTimeoutError(f"{describe_missing()} (deadline {timeout_s:g} s passed)")
         time.sleep(min(sleep_s, deadline - now))
-        if ready():
+        if _ready_then_fence(ready):
             return
         sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
+
+
+def _ready_then_fence(ready: Callable[[], bool]) -> bool:
+    # The reader's half of the protocol: once the flag is seen, the data it guards must not
+    # be read from before it (AArch64 may reorder two loads; x86 does not).
+    if ready():
+        store_fence()
+        return True
+    return False
