@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 from afd_dispatch import (
     RankTopology,
@@ -42,12 +42,7 @@ def run(micro_batches: int = 2, tokens: int = 4, hidden: int = 64, experts: int 
         for _ in range(experts + shared)
     ]  # fmt: skip
     shapes = layout.op_shapes
-    attn_rank = topo.attention_rank(0)
-    attn_ctx = ops.create_schedule_context_holder(
-        1, 1, micro_batches, tokens, layout.slots, experts + shared,
-        layout.a2f_row_bytes, layout.f2a_row_bytes,
-        attention_window=windows.address(attn_rank), attention_window_size=windows.window_bytes(attn_rank),
-    )  # fmt: skip
+    attn_ctx = ops.context_for(windows, topo.attention_rank(0))
     worst = 0.0
     try:
         batches = []
@@ -63,11 +58,7 @@ def run(micro_batches: int = 2, tokens: int = 4, hidden: int = 64, experts: int 
             )  # fmt: skip
         for rank in topo.ffn_ranks:
             hosted = local_experts(table, rank)
-            ctx = ops.create_schedule_context_holder(
-                0, 1, micro_batches, tokens, layout.slots, len(hosted),
-                layout.a2f_row_bytes, layout.f2a_row_bytes,
-                ffn_window=windows.address(rank), ffn_window_size=windows.window_bytes(rank),
-            )  # fmt: skip
+            ctx = ops.context_for(windows, rank, expert_num=len(hosted))
             for _ in range(micro_batches):
                 y, groups, sess, mbs, toks, offs, _, n = ops.npu_ffn_worker_batching(
                     ctx.get_schedule_context_tensor(), len(hosted),
@@ -92,7 +83,8 @@ def run(micro_batches: int = 2, tokens: int = 4, hidden: int = 64, experts: int 
                 token_dtype=token_dtype_code(torch.float32), need_schedule=1,
             )  # fmt: skip
             colocated = sum(
-                w[:, k : k + 1] * torch.stack([swiglu(weights[int(g)], x[t]) for t, g in enumerate(ids[:, k])])
+                w[:, k : k + 1]
+                * torch.stack([swiglu(weights[int(g)], x[t]) for t, g in enumerate(ids[:, k])])
                 for k in range(topk)
             ) + swiglu(weights[experts], x)
             diff = float((y - colocated).abs().max())

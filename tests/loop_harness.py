@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from afd_dispatch.kernels import reference as ref
-from afd_dispatch.kernels.reference import dequantize_rows
 
 from afd_dispatch import WindowGroup, build_expert_rank_table, local_experts
+from afd_dispatch.kernels import reference as ref
+from afd_dispatch.kernels.reference import dequantize_rows
 from afd_dispatch.layout import TOKEN_DTYPE_INT8, token_dtype_code
 
 # expert function: (global expert id, float32 rows (n, H)) -> float32 rows (n, H)

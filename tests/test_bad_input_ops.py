@@ -20,8 +20,6 @@ from typing import Any
 
 import pytest
 import torch
-from afd_dispatch.kernels import reference as ref
-from afd_dispatch.kernels.reference import schedule_context as sc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +33,8 @@ from afd_dispatch import (
     destroy_window_group,
     local_experts,
 )
+from afd_dispatch.kernels import reference as ref
+from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.layout import (
     EMPTY_LOCAL_ID,
     FLAG_OFFSET,

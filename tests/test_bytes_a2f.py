@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from afd_dispatch.kernels.reference import npu_attention_to_ffn
 from expected_bytes import (
     Dims,
     ExpectedAttnWindow,
@@ -38,6 +37,7 @@ from expected_bytes import (
 )
 
 from afd_dispatch import AFDInputError, AFDTimeoutError, WindowGroup
+from afd_dispatch.kernels.reference import npu_attention_to_ffn
 
 A, F = 2, 2
 WORLD_SIZE = A + F

@@ -30,11 +30,6 @@ import struct
 
 import pytest
 import torch
-from afd_dispatch.kernels.reference import (
-    context_for,
-    ffn_worker_scheduler_,
-    npu_ffn_worker_batching,
-)
 from expected_bytes import (
     INT32_MAX,
     Dims,
@@ -50,6 +45,11 @@ from expected_bytes import (
 )
 
 from afd_dispatch import AFDInputError, AFDTimeoutError, WindowGroup
+from afd_dispatch.kernels.reference import (
+    context_for,
+    ffn_worker_scheduler_,
+    npu_ffn_worker_batching,
+)
 
 F = 2
 FFN_RANK = 0

@@ -16,12 +16,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-from afd_dispatch.kernels.reference import (
-    attention_worker_scheduler_,
-    context_for,
-    npu_attention_worker_combine,
-    npu_ffn_to_attention,
-)
 from expected_bytes import (
     Dims,
     ExpectedAttnWindow,
@@ -39,6 +33,12 @@ from expected_bytes import (
 )
 
 from afd_dispatch import AFDInputError, AFDTimeoutError, WindowGroup
+from afd_dispatch.kernels.reference import (
+    attention_worker_scheduler_,
+    context_for,
+    npu_attention_worker_combine,
+    npu_ffn_to_attention,
+)
 
 A, F = 2, 2
 WORLD_SIZE = A + F

@@ -32,7 +32,6 @@ from typing import Any
 
 import pytest
 import torch
-from afd_dispatch.kernels.reference import schedule_context as sc
 from loop_harness import Harness
 
 from afd_dispatch import (
@@ -48,6 +47,7 @@ from afd_dispatch import (
     destroy_window_group,
     get_window_group,
 )
+from afd_dispatch.kernels.reference import schedule_context as sc
 
 SPAWN = mp.get_context("spawn")
 SHM_DIR = "/dev/shm"

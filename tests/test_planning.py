@@ -54,7 +54,9 @@ def test_topology_puts_ffn_ranks_in_one_range(a: int, f: int, start: int) -> Non
     assert sorted([*topo.ffn_ranks, *topo.attention_ranks]) == list(range(a + f))
     sessions = [topo.session_of(r) for r in topo.attention_ranks]
     assert sessions == list(range(a))
-    assert all(topo.attention_rank(s) == r for s, r in zip(sessions, topo.attention_ranks, strict=True))
+    assert all(
+        topo.attention_rank(s) == r for s, r in zip(sessions, topo.attention_ranks, strict=True)
+    )
 
 
 def test_default_topology_has_attention_after_ffn() -> None:
@@ -133,4 +135,6 @@ def test_views_cover_the_window_without_overlap() -> None:
 
 def test_config_replicas_fit_the_ranks_left_for_routed_experts() -> None:
     with pytest.raises(AFDInputError, match=r"expert_replicas.*\[1, 2\]"):
-        AFDConfig(num_attention_workers=1, num_ffn_workers=3, shared_expert_ranks=(2,), expert_replicas=3)
+        AFDConfig(
+            num_attention_workers=1, num_ffn_workers=3, shared_expert_ranks=(2,), expert_replicas=3
+        )

@@ -14,7 +14,7 @@ def test_readme_quick_example_runs() -> None:
     assert blocks, "README has no python example"
     namespace: dict[str, object] = {}
     try:
-        exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(blocks[0], "README.md", "exec"), namespace)
     finally:
         destroy_window_group("g0")
     raw = namespace["raw"]

@@ -32,10 +32,18 @@ EXPECTED = _torch_npu_schemas()
 
 def _describe(schema: torch._C.FunctionSchema) -> list[tuple[object, ...]]:
     args = [
-        (a.name, str(a.type), a.default_value, a.kwarg_only, a.alias_info is not None and a.alias_info.is_write)
+        (
+            a.name,
+            str(a.type),
+            a.default_value,
+            a.kwarg_only,
+            a.alias_info is not None and a.alias_info.is_write,
+        )
         for a in schema.arguments
     ]
-    rets = [(str(r.type), r.alias_info is not None and r.alias_info.is_write) for r in schema.returns]
+    rets = [
+        (str(r.type), r.alias_info is not None and r.alias_info.is_write) for r in schema.returns
+    ]
     return [*args, ("->", *rets)]
 
 
@@ -65,7 +73,9 @@ def test_public_names_are_the_registered_ops(name: str) -> None:
 def test_keyword_only_arguments_are_refused_positionally() -> None:
     # torch_npu puts `scales` behind `*`: passing it positionally must fail as it would there.
     with pytest.raises((TypeError, RuntimeError)):
-        ref.npu_attention_worker_combine(torch.zeros(1024, dtype=torch.int8), torch.zeros(1, 1), torch.zeros(1), 8, 0)
+        ref.npu_attention_worker_combine(
+            torch.zeros(1024, dtype=torch.int8), torch.zeros(1, 1), torch.zeros(1), 8, 0
+        )
 
 
 def test_reference_backend_exports_the_backend_api() -> None:

@@ -6,6 +6,7 @@ Each op is the registered custom op `torch.ops.afd.<name>`, with torch_npu's sch
 """
 
 import torch
+
 from afd_dispatch.kernels.reference import ops as _ops  # noqa: F401  (registers torch.ops.afd)
 from afd_dispatch.kernels.reference.quant import dequantize_rows, quantize_rows
 from afd_dispatch.kernels.reference.schedule_context import (

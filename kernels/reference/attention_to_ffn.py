@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from afd_dispatch.kernels.reference.quant import quantize_rows
 
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
 from afd_dispatch.errors import check
+from afd_dispatch.kernels.reference.quant import quantize_rows
 from afd_dispatch.layout import FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET, WindowLayout
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence, wait_until

@@ -9,10 +9,10 @@ reference adds S >= 0 of them in slot order.
 from __future__ import annotations
 
 import torch
-from afd_dispatch.kernels.reference import schedule_context as sc
 
 from afd_dispatch.contract import check_combine_args
 from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.layout import token_dtype_code
 from afd_dispatch.windows import WindowGroup, wait_until
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from afd_dispatch.kernels.reference import schedule_context as sc
 
 from afd_dispatch.contract import check_batching_args
 from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.layout import (
     EMPTY_ID_THRESHOLD,
     EMPTY_LOCAL_ID,

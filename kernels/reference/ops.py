@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
 from afd_dispatch.kernels.reference.attention_to_ffn import attention_to_ffn
 from afd_dispatch.kernels.reference.attention_worker_combine import (
     attention_worker_combine,
@@ -23,7 +24,6 @@ from afd_dispatch.kernels.reference.ffn_worker_batching import (
     ffn_worker_scheduler_,
 )
 from afd_dispatch.kernels.schemas import TORCH_NPU_SCHEMAS
-
 from afd_dispatch.layout import TOKEN_DTYPE_INT8, dtype_of_code
 
 NAMESPACE = "afd"
