@@ -141,7 +141,8 @@ def validate_expert_rank_table(
         )
     ranks = t[:, 1::2]
     locals_ = t[:, 2::2]
-    used = torch.arange(max_replicas).unsqueeze(0) < counts.unsqueeze(1)
+    # on the table's device: a CPU arange against an NPU table raises a device mismatch
+    used = torch.arange(max_replicas, device=t.device).unsqueeze(0) < counts.unsqueeze(1)
     lo, hi = topology.ffn_ranks.start, topology.ffn_ranks.stop
     bad = (used & ((ranks < lo) | (ranks >= hi))).nonzero()
     if bad.numel():

@@ -1,0 +1,330 @@
+"""The A3 op family, checked on the host and forwarded to torch_npu.
+
+Every op first runs the planning layer's contract (`afd_dispatch.contract`), then the A3
+limits (`afd_dispatch.kernels.npu.a3`), and only then imports torch_npu and calls the op
+with the same arguments, positional and keyword exactly as the caller's schema puts them.
+Bad input so raises `AFDInputError` before anything reaches the device, where the op would
+hang or write past a window instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from afd_dispatch.contract import (
+    check_attention_to_ffn,
+    check_batching_args,
+    check_combine_args,
+    check_ffn_to_attention,
+)
+from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.kernels.npu import a3
+from afd_dispatch.kernels.npu._loader import torch_npu, torch_npu_afd
+from afd_dispatch.kernels.npu.contexts import (
+    SCHEDULE_MODE_ATTENTION,
+    SCHEDULE_MODE_FFN,
+    ContextSizes,
+    context_sizes,
+)
+from afd_dispatch.layout import (
+    MAX_TOKENS_PER_MICRO_BATCH,
+    MAX_TOPK,
+    TOKEN_DTYPE_FP16,
+    TOKEN_DTYPE_INT8,
+    WindowLayout,
+)
+
+
+def npu_attention_to_ffn(
+    x: torch.Tensor,
+    session_id: torch.Tensor,
+    micro_batch_id: torch.Tensor,
+    layer_id: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_rank_table: torch.Tensor,
+    group: str,
+    world_size: int,
+    ffn_token_info_table_shape: Sequence[int],
+    ffn_token_data_shape: Sequence[int],
+    attn_token_info_table_shape: Sequence[int],
+    moe_expert_num: int,
+    *,
+    scales: torch.Tensor | None = None,
+    active_mask: torch.Tensor | None = None,
+    quant_mode: int = 0,
+    sync_flag: int = 0,
+    ffn_start_rank_id: int = 0,
+) -> None:
+    """Send one micro-batch's routed tokens into the FFN ranks' windows (`torch_npu`).
+
+    Checked: the whole contract of `check_attention_to_ffn` (shapes, dtypes, the expert
+    rank table against the topology, the three window shapes; with value checks on also
+    session / micro-batch / layer ids, expert ids and the active-mask prefix), then on A3:
+    x is float16/bfloat16, 1024 <= H <= 8192, `group` names a communicator.
+    """
+    call = check_attention_to_ffn(
+        x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
+        ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape,
+        moe_expert_num, scales, active_mask, quant_mode, sync_flag, ffn_start_rank_id,
+        values=a3.value_checks_enabled(),
+    )  # fmt: skip
+    a3.check_x_dtype(call.layout.dtype)
+    a3.check_hidden(call.layout.hidden, "x.shape[2] (H)")
+    a3.check_group(group)
+    torch_npu().npu_attention_to_ffn(
+        x,
+        session_id,
+        micro_batch_id,
+        layer_id,
+        expert_ids,
+        expert_rank_table,
+        group,
+        world_size,
+        ffn_token_info_table_shape,
+        ffn_token_data_shape,
+        attn_token_info_table_shape,
+        moe_expert_num,
+        scales=scales,
+        active_mask=active_mask,
+        quant_mode=quant_mode,
+        sync_flag=sync_flag,
+        ffn_start_rank_id=ffn_start_rank_id,
+    )
+
+
+def npu_ffn_worker_batching(
+    schedule_context: torch.Tensor,
+    expert_num: int,
+    max_out_shape: Sequence[int],
+    *,
+    token_dtype: int = 0,
+    need_schedule: int = 0,
+    layer_num: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Collect one micro-batch on an FFN rank, sorted by local expert (`torch_npu`).
+
+    Returns (y (Y, H), group_list (expert_num, 2) int64, session_ids, micro_batch_ids,
+    token_ids, expert_offsets (Y,), dynamic_scale (Y,) float32, actual_token_num (1,)
+    int64) with Y = A * BS * E.
+
+    Checked: `schedule_context` is an int8[1024] tensor; `max_out_shape` is [A, BS, E, H]
+    with 1024 <= H <= 8192; token_dtype is 0 (fp16), 1 (bf16) or 2 (int8 + scale) (3, the
+    reference's float32, is refused); `check_batching_args` (expert_num >= 1, need_schedule
+    0/1, layer_num >= 0); H a multiple of 32 with int8. For a context created by this
+    backend also: it is an FFN context, [A, BS, E] equal its session_num,
+    micro_batch_size and selected_expert_num, and its attn_to_ffn_token_size is the size of
+    an H-row of token_dtype rounded up to 512 bytes. fp16 and bf16 rows have the same size,
+    so the two cannot be told apart from the context. `expert_num` (local experts of this
+    rank) is not compared with the context's expert_num, which callers fill in
+    inconsistently (all experts of a layer, or the selected ones).
+    """
+    sizes = context_sizes(schedule_context, SCHEDULE_MODE_FFN)
+    a, bs, e, hidden = a3.check_max_out_shape(max_out_shape)
+    code = a3.check_token_dtype(token_dtype, a3.BATCHING_TOKEN_DTYPES, "npu_ffn_worker_batching")
+    if code == TOKEN_DTYPE_INT8:
+        # the kernel aligns to 32 bytes, which puts the row's scale at byte H only then
+        check(hidden % 32 == 0, "max_out_shape[3] (H)", "a multiple of 32 with int8", hidden)
+    micro_batches = 1
+    if sizes is not None:
+        a, bs, e = sizes.session_num, sizes.micro_batch_size, sizes.selected_expert_num
+        micro_batches = sizes.micro_batch_num
+    layout = _layout(a, micro_batches, bs, e, hidden, code)
+    check_batching_args(
+        layout, expert_num, max_out_shape, token_dtype, need_schedule, layer_num, code
+    )
+    if sizes is not None:
+        lo, hi = a3.a2f_token_size_range(hidden, code)
+        check(
+            lo <= sizes.attn_to_ffn_token_size <= hi,
+            "schedule_context attn_to_ffn_token_size",
+            f"{lo if lo == hi else f'in [{lo}, {hi}]'} bytes for rows of H={hidden} "
+            f"with token_dtype={code} ({a3.BATCHING_TOKEN_DTYPES[code]})",
+            sizes.attn_to_ffn_token_size,
+        )
+    return torch_npu().npu_ffn_worker_batching(
+        schedule_context,
+        expert_num,
+        max_out_shape,
+        token_dtype=token_dtype,
+        need_schedule=need_schedule,
+        layer_num=layer_num,
+    )
+
+
+def npu_ffn_to_attention(
+    x: torch.Tensor,
+    session_ids: torch.Tensor,
+    micro_batch_ids: torch.Tensor,
+    token_ids: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    actual_token_num: torch.Tensor,
+    group: str,
+    world_size: int,
+    token_info_table_shape: Sequence[int],
+    token_data_shape: Sequence[int],
+    *,
+    attn_rank_table: torch.Tensor | None = None,
+) -> None:
+    """Send expert outputs back into the attention ranks' windows (`torch_npu`).
+
+    Checked: the contract of `check_ffn_to_attention` (shapes and dtypes of the five id
+    tensors, token_data_shape == [M, BS, E, H]; with value checks on also actual_token_num
+    and every id of the first actual_token_num rows), then on A3: x is float16/bfloat16,
+    1024 <= H <= 8192, M == 1 (token_info_table_shape[0]), `group` names a communicator.
+    Not checkable here: that `attn_rank_table` (or, without it, the session ids) name
+    attention ranks, since the op does not receive the FFN rank range.
+    """
+    call = check_ffn_to_attention(
+        x, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num,
+        world_size, token_info_table_shape, token_data_shape, attn_rank_table,
+        values=a3.value_checks_enabled(),
+    )  # fmt: skip
+    a3.check_x_dtype(x.dtype)
+    a3.check_hidden(call.hidden, "x.shape[1] (H)")
+    a3.check_f2a_micro_batches(call.micro_batches)
+    a3.check_group(group)
+    torch_npu().npu_ffn_to_attention(
+        x,
+        session_ids,
+        micro_batch_ids,
+        token_ids,
+        expert_offsets,
+        actual_token_num,
+        group,
+        world_size,
+        token_info_table_shape,
+        token_data_shape,
+        attn_rank_table=attn_rank_table,
+    )
+
+
+def npu_attention_worker_combine(
+    schedule_context: torch.Tensor,
+    expert_scales: torch.Tensor,
+    layer_id: torch.Tensor,
+    hidden_size: int,
+    *,
+    token_dtype: int = 0,
+    need_schedule: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and sum the returned expert outputs on an attention rank (`torch_npu`).
+
+    Returns (y (BS, H), next_layer_id (1,)).
+
+    Checked: `schedule_context` is an int8[1024] tensor; token_dtype is 0 (fp16) or 1
+    (bf16); 1024 <= hidden_size <= 8192; `check_combine_args` (expert_scales float32
+    (BS, K), layer_id an int (1,) tensor, need_schedule 0/1). For a context created by this
+    backend also: it is an attention context, BS equals its micro_batch_size, E = K + 1
+    (A3 combines exactly one shared expert) and its ffn_to_attn_token_size is
+    hidden_size * 2 bytes (A3 needs HS == H).
+    """
+    sizes = context_sizes(schedule_context, SCHEDULE_MODE_ATTENTION)
+    code = a3.check_token_dtype(
+        token_dtype, a3.COMBINE_TOKEN_DTYPES, "npu_attention_worker_combine"
+    )
+    hidden = a3.check_int(hidden_size, "hidden_size", 1)
+    a3.check_hidden(hidden, "hidden_size")
+    tokens, topk = _scales_shape(expert_scales)
+    if sizes is not None:
+        check(
+            topk == sizes.selected_expert_num - 1,
+            "expert_scales.shape[1] (K)",
+            f"selected_expert_num - 1 = {sizes.selected_expert_num - 1}: A3 combines exactly "
+            "one shared expert (E = K + 1)",
+            topk,
+        )
+        tokens = sizes.micro_batch_size  # the contract compares expert_scales' BS with it
+    # E = K + 1: one shared expert, the only case A3 combines
+    layout = _layout(1, 1, tokens, topk + 1, hidden, code, shared=1)
+    check_combine_args(
+        layout, expert_scales, layer_id, hidden_size, token_dtype, need_schedule, code
+    )
+    if sizes is not None:
+        _check_f2a_token_size(sizes, hidden)
+    return torch_npu().npu_attention_worker_combine(
+        schedule_context,
+        expert_scales,
+        layer_id,
+        hidden_size,
+        token_dtype=token_dtype,
+        need_schedule=need_schedule,
+    )
+
+
+def ffn_worker_scheduler_(
+    self: torch.Tensor, *, sync_group_size: int = 1, execute_mode: int = 0
+) -> torch.Tensor:
+    """Wait until the micro-batch at the context's polling index is complete (in place).
+
+    The first argument is named `self` as in the torch_npu schema. Checked: an int8[1024]
+    context tensor (an FFN context, when created by this backend), sync_group_size >= 1,
+    execute_mode >= 0; their meaning beyond that is the kernel's.
+    """
+    context_sizes(self, SCHEDULE_MODE_FFN)
+    a3.check_int(sync_group_size, "sync_group_size", 1)
+    a3.check_int(execute_mode, "execute_mode", 0)
+    return torch_npu_afd().ffn_worker_scheduler_(
+        self, sync_group_size=sync_group_size, execute_mode=execute_mode
+    )
+
+
+def attention_worker_scheduler_(self: torch.Tensor) -> torch.Tensor:
+    """Wait until every result of the next micro-batch has arrived (in place).
+
+    The argument is named `self` as in the torch_npu schema. Checked: an int8[1024] context
+    tensor (an attention context, when created by this backend).
+    """
+    context_sizes(self, SCHEDULE_MODE_ATTENTION)
+    return torch_npu_afd().attention_worker_scheduler_(self)
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _layout(
+    sessions: int,
+    micro_batches: int,
+    tokens: int,
+    slots: int,
+    hidden: int,
+    token_dtype: int,
+    shared: int | None = None,
+) -> WindowLayout:
+    """A layout with the sizes batching / combine know, for the contract's checks.
+
+    Only E matters to them, not how it splits into K routed and S shared slots; without a
+    given split the routed part is taken as large as allowed.
+    """
+    if shared is None:
+        shared = max(0, slots - MAX_TOPK)
+    quant = token_dtype == TOKEN_DTYPE_INT8
+    dtype = torch.float16 if token_dtype == TOKEN_DTYPE_FP16 else torch.bfloat16
+    return WindowLayout(
+        sessions, micro_batches, tokens, slots - shared, shared, hidden, dtype, quant
+    )
+
+
+def _scales_shape(expert_scales: object) -> tuple[int, int]:
+    """(BS, K) of an expert_scales argument, each within the op family's limits."""
+    if not isinstance(expert_scales, torch.Tensor) or expert_scales.dim() != 2:
+        seen = (
+            tuple(expert_scales.shape)
+            if isinstance(expert_scales, torch.Tensor)
+            else type(expert_scales).__name__
+        )
+        raise AFDInputError("expert_scales", "a (BS, K) float32 tensor", seen)
+    tokens = a3.check_int(
+        int(expert_scales.shape[0]), "expert_scales.shape[0] (BS)", 1, MAX_TOKENS_PER_MICRO_BATCH
+    )
+    topk = a3.check_int(int(expert_scales.shape[1]), "expert_scales.shape[1] (K)", 1, MAX_TOPK)
+    return tokens, topk
+
+
+def _check_f2a_token_size(sizes: ContextSizes, hidden: int) -> None:
+    want = hidden * a3.ACTIVATION_BYTES
+    check(
+        sizes.ffn_to_attn_token_size == want,
+        "schedule_context ffn_to_attn_token_size",
+        f"hidden_size * 2 = {want} bytes (A3 combine needs HS == H)",
+        sizes.ffn_to_attn_token_size,
+    )

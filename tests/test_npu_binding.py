@@ -1,0 +1,699 @@
+"""The NPU backend forwards every argument to torch_npu, and refuses bad input before it.
+
+torch_npu cannot run here, so a recording stand-in (tests/torch_npu_standin.py) takes its
+place in `sys.modules`. The tests check the calling surface (torch_npu's schemas), that each
+forwarded call carries exactly the caller's arguments, that every contract and A3 check
+fails before the stand-in records anything, the schedule context records, the value-check
+switch, `load_backend("auto")` and that importing the backend never imports torch_npu.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch_npu_standin import (
+    SlottedHolder,
+    TorchNpuStandin,
+    schema_signature,
+)
+
+import afd_dispatch.kernels.npu as npu
+from afd_dispatch import AFDInputError, RankTopology, WindowLayout, build_expert_rank_table
+from afd_dispatch.kernels import BACKEND_API, load_backend
+from afd_dispatch.kernels.schemas import TORCH_NPU_SCHEMAS
+
+# One window group: A = 2 attention ranks after F = 2 FFN ranks, M = 2, BS = 4, K = 2, S = 1.
+A, F, M, BS, K, S, H = 2, 2, 2, 4, 2, 1, 1024
+E = K + S
+ROUTED = 8
+WORLD = A + F
+ROWS = A * BS * E
+FFN_WINDOW, ATTN_WINDOW = 0x7F00_0000_0000, 0x7F10_0000_0000
+WINDOW_SIZE = 64 << 20
+
+
+@pytest.fixture(autouse=True)
+def _no_torch_npu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees a torch_npu it did not install, and value checks start on."""
+    monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
+    monkeypatch.delitem(sys.modules, "torch_npu._afd", raising=False)
+    previous = npu.set_value_checks(True)
+    yield
+    npu.set_value_checks(previous)
+    _HOLDERS.clear()
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch) -> TorchNpuStandin:
+    fake = TorchNpuStandin()
+    fake.install(monkeypatch)
+    return fake
+
+
+# -- arguments of a valid call of each op -----------------------------------------------------
+def a2f_args(
+    hidden: int = H, dtype: torch.dtype = torch.bfloat16, **override: Any
+) -> dict[str, Any]:
+    """Arguments of a valid call, with window shapes that fit x's hidden size and dtype."""
+    gen = torch.Generator().manual_seed(0)
+    table = build_expert_rank_table(RankTopology(A, F), ROUTED, S)
+    layout = WindowLayout(A, M, BS, K, S, hidden, torch.bfloat16)
+    args: dict[str, Any] = {
+        "x": torch.randn(1, BS, hidden, generator=gen).to(dtype),
+        "session_id": torch.tensor([1], dtype=torch.int32),
+        "micro_batch_id": torch.tensor([1], dtype=torch.int32),
+        "layer_id": torch.tensor([5], dtype=torch.int32),
+        "expert_ids": torch.randint(0, ROUTED, (1, BS, K), generator=gen, dtype=torch.int32),
+        "expert_rank_table": table,
+        "group": "hccl_world_group",
+        "world_size": WORLD,
+        "ffn_token_info_table_shape": list(layout.ffn_info_shape),
+        "ffn_token_data_shape": list(layout.ffn_data_shape),
+        "attn_token_info_table_shape": list(layout.attn_info_shape),
+        "moe_expert_num": ROUTED,
+    }
+    args.update(override)
+    return args
+
+
+def f2a_args(
+    hidden: int = H, dtype: torch.dtype = torch.bfloat16, **override: Any
+) -> dict[str, Any]:
+    ids = torch.arange(ROWS, dtype=torch.int32)
+    args: dict[str, Any] = {
+        "x": torch.ones(ROWS, hidden, dtype=dtype),
+        "session_ids": ids % A,
+        "micro_batch_ids": torch.zeros(ROWS, dtype=torch.int32),
+        "token_ids": ids % BS,
+        "expert_offsets": ids % E,
+        "actual_token_num": torch.tensor([ROWS - 3], dtype=torch.int64),
+        "group": "hccl_world_group",
+        "world_size": WORLD,
+        "token_info_table_shape": [1, BS, E],
+        "token_data_shape": [1, BS, E, hidden],
+    }
+    args.update(override)
+    return args
+
+
+def holder_args(mode: int, **override: Any) -> dict[str, Any]:
+    ffn = mode == 0
+    args: dict[str, Any] = {
+        "schedule_mode": mode,
+        "session_num": A,
+        "micro_batch_num": M if ffn else 1,
+        "micro_batch_size": BS,
+        "selected_expert_num": E,
+        "expert_num": ROUTED + S,
+        "attn_to_ffn_token_size": 2 * H,
+        "ffn_to_attn_token_size": 2 * H,
+        "ffn_window": FFN_WINDOW if ffn else 0,
+        "ffn_window_size": WINDOW_SIZE if ffn else 0,
+        "attention_window": 0 if ffn else ATTN_WINDOW,
+        "attention_window_size": 0 if ffn else WINDOW_SIZE,
+    }
+    args.update(override)
+    return args
+
+
+# Holders made by the helpers below. A record lives as long as its holder (as on A3, where
+# the holder owns the context's device workspace), so the tests keep them until the end.
+_HOLDERS: list[Any] = []
+
+
+def _context(standin: TorchNpuStandin, mode: int, override: dict[str, Any]) -> torch.Tensor:
+    holder = npu.create_schedule_context_holder(**holder_args(mode, **override))
+    _HOLDERS.append(holder)
+    standin.calls.clear()
+    ctx: torch.Tensor = holder.get_schedule_context_tensor()
+    return ctx
+
+
+def ffn_context(standin: TorchNpuStandin, **override: Any) -> torch.Tensor:
+    return _context(standin, 0, override)
+
+
+def attention_context(standin: TorchNpuStandin, **override: Any) -> torch.Tensor:
+    return _context(standin, 1, override)
+
+
+def foreign_context() -> torch.Tensor:
+    """A context tensor this backend did not create (made by torch_npu directly)."""
+    return torch.zeros(1024, dtype=torch.int8)
+
+
+def scales(tokens: int = BS, topk: int = K) -> torch.Tensor:
+    return torch.full((tokens, topk), 0.5, dtype=torch.float32)
+
+
+def layer(value: int = 3) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int32)
+
+
+def assert_forwarded(call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The recorded call has exactly these positional and keyword arguments."""
+    assert len(call.args) == len(args), call.args
+    for seen, want in zip(call.args, args, strict=True):
+        if isinstance(want, torch.Tensor):
+            assert seen is want
+        else:
+            assert type(seen) is type(want) and seen == want
+    assert list(call.kwargs) == list(kwargs)
+    for key, want in kwargs.items():
+        if isinstance(want, torch.Tensor) or want is None:
+            assert call.kwargs[key] is want, key
+        else:
+            assert type(call.kwargs[key]) is type(want) and call.kwargs[key] == want, key
+
+
+# -- the calling surface ----------------------------------------------------------------------
+def test_the_backend_exports_every_backend_api_name() -> None:
+    assert set(BACKEND_API) <= set(npu.__all__)
+    for name in BACKEND_API:
+        assert callable(getattr(npu, name)), name
+
+
+def _parameters(signature: inspect.Signature) -> list[tuple[str, Any, Any]]:
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_NPU_SCHEMAS))
+def test_each_op_has_the_torch_npu_calling_convention(name: str) -> None:
+    seen = _parameters(inspect.signature(getattr(npu, name)))
+    assert seen == _parameters(schema_signature(name))
+
+
+def test_create_schedule_context_holder_has_the_reference_signature() -> None:
+    from afd_dispatch.kernels.reference import schedule_context
+
+    want = inspect.signature(schedule_context.create_schedule_context_holder)
+    assert _parameters(inspect.signature(npu.create_schedule_context_holder)) == _parameters(want)
+
+
+# -- torch_npu stays out of the import --------------------------------------------------------
+def test_importing_the_backend_never_imports_torch_npu() -> None:
+    # A fresh interpreter whose import system reports every attempt to find torch_npu.
+    code = textwrap.dedent(
+        """
+        import sys
+
+        attempts = []
+
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch_npu":
+                    attempts.append(name)
+                return None
+
+        sys.meta_path.insert(0, Watch())
+        import afd_dispatch.kernels.npu as npu
+        from afd_dispatch.kernels import load_backend
+
+        assert load_backend("npu") is npu
+        assert "torch_npu" not in sys.modules, "imported"
+        assert attempts == [], attempts
+        print("clean")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "clean"
+
+
+def test_load_backend_auto_picks_reference_without_torch_npu() -> None:
+    assert importlib.util.find_spec("torch_npu") is None
+    assert load_backend("auto").__name__ == "afd_dispatch.kernels.reference"
+
+
+def test_load_backend_auto_picks_npu_with_torch_npu(standin: TorchNpuStandin) -> None:
+    spec = importlib.util.find_spec("torch_npu")
+    assert spec is not None and spec.name == "torch_npu"
+    assert load_backend("auto") is npu
+    assert standin.calls == []  # choosing a backend calls nothing
+
+
+def test_a_valid_call_without_torch_npu_names_the_reference_backend() -> None:
+    with pytest.raises(ModuleNotFoundError, match=r"load_backend\('reference'\)") as info:
+        npu.npu_ffn_to_attention(**f2a_args())
+    assert info.value.name == "torch_npu"
+
+
+def test_bad_input_is_refused_even_without_torch_npu() -> None:
+    with pytest.raises(AFDInputError) as info:
+        npu.npu_ffn_to_attention(**f2a_args(x=torch.ones(ROWS, H, dtype=torch.float32)))
+    assert info.value.argument == "x.dtype"
+
+
+# -- every argument reaches torch_npu as the caller passed it ----------------------------------
+def test_attention_to_ffn_forwards_every_argument(standin: TorchNpuStandin) -> None:
+    a = a2f_args()
+    positional = tuple(a.values())
+    assert npu.npu_attention_to_ffn(*positional) is None
+    (call,) = standin.calls
+    assert call.name == "npu_attention_to_ffn"
+    assert_forwarded(
+        call,
+        positional,
+        {
+            "scales": None,
+            "active_mask": None,
+            "quant_mode": 0,
+            "sync_flag": 0,
+            "ffn_start_rank_id": 0,
+        },
+    )
+
+
+def test_attention_to_ffn_forwards_the_keyword_arguments(standin: TorchNpuStandin) -> None:
+    topology = RankTopology(A, F, ffn_start_rank_id=2)  # attention ranks 0, 1; FFN ranks 2, 3
+    quant = WindowLayout(A, M, BS, K, S, H, torch.float16, quant=True)
+    a = a2f_args(
+        x=torch.randn(1, BS, H).to(torch.float16),
+        expert_rank_table=build_expert_rank_table(topology, ROUTED, S),
+        ffn_token_data_shape=list(quant.ffn_data_shape),
+    )
+    mask = torch.tensor([[True, True, True, False]])
+    smooth = torch.ones(1, ROUTED + S, H, dtype=torch.float32)
+    npu.npu_attention_to_ffn(
+        **a, scales=smooth, active_mask=mask, quant_mode=2, sync_flag=1, ffn_start_rank_id=2
+    )
+    (call,) = standin.calls
+    assert_forwarded(
+        call,
+        tuple(a.values()),
+        {
+            "scales": smooth,
+            "active_mask": mask,
+            "quant_mode": 2,
+            "sync_flag": 1,
+            "ffn_start_rank_id": 2,
+        },
+    )
+
+
+def test_ffn_to_attention_forwards_every_argument(standin: TorchNpuStandin) -> None:
+    a = f2a_args()
+    table = torch.tensor([2, 3], dtype=torch.int32)
+    assert npu.npu_ffn_to_attention(*a.values(), attn_rank_table=table) is None
+    (call,) = standin.calls
+    assert call.name == "npu_ffn_to_attention"
+    assert_forwarded(call, tuple(a.values()), {"attn_rank_table": table})
+
+
+def test_ffn_to_attention_forwards_the_default_rank_table(standin: TorchNpuStandin) -> None:
+    a = f2a_args()
+    npu.npu_ffn_to_attention(**a)
+    assert_forwarded(standin.calls[0], tuple(a.values()), {"attn_rank_table": None})
+
+
+def test_create_schedule_context_holder_forwards_and_records(standin: TorchNpuStandin) -> None:
+    a = holder_args(0)
+    holder = npu.create_schedule_context_holder(*a.values())
+    (call,) = standin.calls
+    assert call.name == "create_schedule_context_holder"
+    assert holder is call.result  # torch_npu's holder, unwrapped
+    windows = ("ffn_window", "ffn_window_size", "attention_window", "attention_window_size")
+    assert_forwarded(
+        call,
+        tuple(v for k, v in a.items() if k not in windows),
+        {k: a[k] for k in windows},
+    )
+    # a new tensor object over the same memory is recognised
+    sizes = npu.recorded_context(holder.get_schedule_context_tensor())
+    assert sizes == npu.ContextSizes(0, A, M, BS, E, ROUTED + S, 2 * H, 2 * H, WINDOW_SIZE)
+
+
+@pytest.mark.parametrize("own_context", [True, False], ids=["recorded", "foreign"])
+def test_ffn_worker_batching_forwards_every_argument(
+    standin: TorchNpuStandin, own_context: bool
+) -> None:
+    ctx = ffn_context(standin) if own_context else foreign_context()
+    shape = [A, BS, E, H]
+    out = npu.npu_ffn_worker_batching(ctx, 5, shape, token_dtype=1, need_schedule=1, layer_num=7)
+    (call,) = standin.calls
+    assert call.name == "npu_ffn_worker_batching"
+    assert_forwarded(call, (ctx, 5, shape), {"token_dtype": 1, "need_schedule": 1, "layer_num": 7})
+    assert out is call.result and len(out) == 8
+    assert out[0].shape == (ROWS, H) and out[0].dtype == torch.bfloat16
+
+
+def test_ffn_worker_batching_forwards_the_defaults(standin: TorchNpuStandin) -> None:
+    ctx = ffn_context(standin)
+    shape = (A, BS, E, H)
+    npu.npu_ffn_worker_batching(ctx, 1, shape)
+    assert_forwarded(
+        standin.calls[0], (ctx, 1, shape), {"token_dtype": 0, "need_schedule": 0, "layer_num": 0}
+    )
+
+
+def test_ffn_worker_batching_takes_int8_rows_of_either_slot_rounding(
+    standin: TorchNpuStandin,
+) -> None:
+    # H = 1440: align512(H + 4) = 1536 (torch_npu's callers), align512(H + 128) = 2048 (HS)
+    for token_size in (1536, 2048):
+        ctx = ffn_context(standin, attn_to_ffn_token_size=token_size)
+        npu.npu_ffn_worker_batching(ctx, 2, [A, BS, E, 1440], token_dtype=2)
+        assert standin.names() == ["npu_ffn_worker_batching"]
+    with pytest.raises(AFDInputError, match="attn_to_ffn_token_size"):
+        npu.npu_ffn_worker_batching(ctx, 2, [A, BS, E, 1440], token_dtype=1)
+
+
+@pytest.mark.parametrize("own_context", [True, False], ids=["recorded", "foreign"])
+def test_attention_worker_combine_forwards_every_argument(
+    standin: TorchNpuStandin, own_context: bool
+) -> None:
+    ctx = attention_context(standin) if own_context else foreign_context()
+    w, lid = scales(), layer(4)
+    y, next_layer = npu.npu_attention_worker_combine(ctx, w, lid, H, token_dtype=1, need_schedule=1)
+    (call,) = standin.calls
+    assert call.name == "npu_attention_worker_combine"
+    assert_forwarded(call, (ctx, w, lid, H), {"token_dtype": 1, "need_schedule": 1})
+    assert (y, next_layer) == call.result
+    assert y.shape == (BS, H) and int(next_layer) == 5
+
+
+def test_attention_worker_combine_forwards_the_defaults(standin: TorchNpuStandin) -> None:
+    ctx = attention_context(standin)
+    w, lid = scales(), layer()
+    npu.npu_attention_worker_combine(ctx, w, lid, H)
+    assert_forwarded(standin.calls[0], (ctx, w, lid, H), {"token_dtype": 0, "need_schedule": 0})
+
+
+def test_the_scheduler_ops_forward_to_torch_npu_afd(standin: TorchNpuStandin) -> None:
+    ffn_ctx = ffn_context(standin)
+    attn_ctx = attention_context(standin)
+    assert npu.ffn_worker_scheduler_(ffn_ctx, sync_group_size=2, execute_mode=1) is ffn_ctx
+    assert npu.ffn_worker_scheduler_(ffn_ctx) is ffn_ctx
+    assert npu.attention_worker_scheduler_(attn_ctx) is attn_ctx
+    assert standin.names() == ["ffn_worker_scheduler_"] * 2 + ["attention_worker_scheduler_"]
+    assert_forwarded(standin.calls[0], (ffn_ctx,), {"sync_group_size": 2, "execute_mode": 1})
+    assert_forwarded(standin.calls[1], (ffn_ctx,), {"sync_group_size": 1, "execute_mode": 0})
+    assert_forwarded(standin.calls[2], (attn_ctx,), {})
+
+
+# -- bad input fails in Python, before torch_npu sees anything ---------------------------------
+Case = tuple[str, Callable[[TorchNpuStandin], object], str]
+
+
+def _a2f(**o: Any) -> Callable[[TorchNpuStandin], object]:
+    return lambda s: npu.npu_attention_to_ffn(**a2f_args(**o))
+
+
+def _f2a(**o: Any) -> Callable[[TorchNpuStandin], object]:
+    return lambda s: npu.npu_ffn_to_attention(**f2a_args(**o))
+
+
+def _batch(*args: Any, ctx: dict[str, Any] | None = None, **kw: Any) -> Callable[..., object]:
+    def call(s: TorchNpuStandin) -> object:
+        context = ffn_context(s, **(ctx or {}))
+        return npu.npu_ffn_worker_batching(context, *args, **kw)
+
+    return call
+
+
+def _combine(*args: Any, ctx: dict[str, Any] | None = None, **kw: Any) -> Callable[..., object]:
+    def call(s: TorchNpuStandin) -> object:
+        context = attention_context(s, **(ctx or {}))
+        return npu.npu_attention_worker_combine(context, *args, **kw)
+
+    return call
+
+
+def _holder(mode: int, **o: Any) -> Callable[[TorchNpuStandin], object]:
+    return lambda s: npu.create_schedule_context_holder(**holder_args(mode, **o))
+
+
+BAD_INPUT: list[Case] = [
+    # npu_attention_to_ffn: A3 limits
+    ("a2f float32 x", _a2f(x=torch.zeros(1, BS, H)), "x.dtype"),
+    ("a2f H below A3", _a2f(hidden=512), "x.shape[2] (H)"),
+    ("a2f H above A3", _a2f(hidden=8448, dtype=torch.float16), "x.shape[2] (H)"),
+    ("a2f empty group", _a2f(group=""), "group"),
+    ("a2f group not str", _a2f(group=7), "group"),
+    # npu_attention_to_ffn: the contract
+    (
+        "a2f data shape",
+        _a2f(ffn_token_data_shape=[A, M, BS, E, H + 128]),
+        "ffn_token_data_shape",
+    ),
+    ("a2f scales without quant", _a2f(scales=torch.ones(1, ROUTED + S, H)), "scales"),
+    (
+        "a2f table dtype",
+        _a2f(expert_rank_table=torch.zeros(1, ROUTED + S, 3)),
+        "expert_rank_table.dtype",
+    ),
+    ("a2f world size", _a2f(world_size=A), "world_size"),
+    # npu_attention_to_ffn: value checks (on by default)
+    ("a2f expert id", _a2f(expert_ids=torch.full((1, BS, K), ROUTED)), "expert_ids"),
+    ("a2f session", _a2f(session_id=torch.tensor([A])), "session_id"),
+    ("a2f micro-batch", _a2f(micro_batch_id=torch.tensor([M])), "micro_batch_id"),
+    ("a2f mask gap", _a2f(active_mask=torch.tensor([[True, False, True, True]])), "active_mask"),
+    # npu_ffn_to_attention
+    ("f2a float32 x", _f2a(x=torch.ones(ROWS, H)), "x.dtype"),
+    ("f2a H below A3", _f2a(hidden=512), "x.shape[1] (H)"),
+    (
+        "f2a M > 1",
+        _f2a(token_info_table_shape=[2, BS, E], token_data_shape=[2, BS, E, H]),
+        "token_info_table_shape[0] (M)",
+    ),
+    ("f2a group", _f2a(group=None), "group"),
+    ("f2a HS != H", _f2a(token_data_shape=[1, BS, E, H + 128]), "token_data_shape[3] (H)"),
+    ("f2a ids dtype", _f2a(token_ids=torch.zeros(ROWS)), "token_ids.dtype"),
+    ("f2a too many rows", _f2a(actual_token_num=torch.tensor([ROWS + 1])), "actual_token_num"),
+    ("f2a token id", _f2a(token_ids=torch.full((ROWS,), BS, dtype=torch.int32)), "token_ids"),
+    ("f2a offset", _f2a(expert_offsets=torch.full((ROWS,), E)), "expert_offsets"),
+    ("f2a rank table", _f2a(attn_rank_table=torch.tensor([2, WORLD])), "attn_rank_table"),
+    # npu_ffn_worker_batching
+    ("batch fp32 code", _batch(1, [A, BS, E, H], token_dtype=3), "token_dtype"),
+    ("batch bool code", _batch(1, [A, BS, E, H], token_dtype=True), "token_dtype"),
+    ("batch A", _batch(1, [A + 1, BS, E, H]), "max_out_shape"),
+    ("batch BS", _batch(1, [A, BS * 2, E, H]), "max_out_shape"),
+    ("batch E", _batch(1, [A, BS, E + 1, H]), "max_out_shape"),
+    ("batch E over 20", _batch(1, [A, BS, 21, H]), "max_out_shape[2] (E)"),
+    ("batch H below A3", _batch(1, [A, BS, E, 512]), "max_out_shape[3] (H)"),
+    ("batch shape length", _batch(1, [A, BS, E]), "max_out_shape"),
+    ("batch expert_num", _batch(0, [A, BS, E, H]), "expert_num"),
+    ("batch need_schedule", _batch(1, [A, BS, E, H], need_schedule=2), "need_schedule"),
+    ("batch layer_num", _batch(1, [A, BS, E, H], layer_num=-1), "layer_num"),
+    (
+        "batch H vs token size",
+        _batch(1, [A, BS, E, 2048]),
+        "schedule_context attn_to_ffn_token_size",
+    ),
+    (
+        "batch int8 vs token size",
+        _batch(1, [A, BS, E, H], token_dtype=2),
+        "schedule_context attn_to_ffn_token_size",
+    ),
+    ("batch int8 H % 32", _batch(1, [A, BS, E, 1040], token_dtype=2), "max_out_shape[3] (H)"),
+    (
+        "batch attention context",
+        lambda s: npu.npu_ffn_worker_batching(attention_context(s), 1, [A, BS, E, H]),
+        "schedule_context",
+    ),
+    (
+        "batch context dtype",
+        lambda s: npu.npu_ffn_worker_batching(torch.zeros(256), 1, [A, BS, E, H]),
+        "schedule_context",
+    ),
+    # npu_attention_worker_combine
+    ("combine int8 code", _combine(scales(), layer(), H, token_dtype=2), "token_dtype"),
+    ("combine fp32 code", _combine(scales(), layer(), H, token_dtype=3), "token_dtype"),
+    ("combine two shared", _combine(scales(topk=K - 1), layer(), H), "expert_scales.shape[1] (K)"),
+    ("combine BS", _combine(scales(tokens=BS + 1), layer(), H), "expert_scales.shape"),
+    ("combine scales dtype", _combine(scales().half(), layer(), H), "expert_scales.dtype"),
+    ("combine scales 1-D", _combine(torch.ones(BS), layer(), H), "expert_scales"),
+    ("combine layer id", _combine(scales(), torch.tensor([[1]]), H), "layer_id.shape"),
+    ("combine H below A3", _combine(scales(), layer(), 512), "hidden_size"),
+    ("combine H float", _combine(scales(), layer(), float(H)), "hidden_size"),
+    (
+        "combine HS != H",
+        _combine(scales(), layer(), 2048),
+        "schedule_context ffn_to_attn_token_size",
+    ),
+    ("combine need_schedule", _combine(scales(), layer(), H, need_schedule=-1), "need_schedule"),
+    (
+        "combine FFN context",
+        lambda s: npu.npu_attention_worker_combine(ffn_context(s), scales(), layer(), H),
+        "schedule_context",
+    ),
+    (
+        "combine K over 16 (foreign)",
+        lambda s: npu.npu_attention_worker_combine(foreign_context(), scales(4, 17), layer(), H),
+        "expert_scales.shape[1] (K)",
+    ),
+    # the scheduler ops
+    (
+        "ffn scheduler group size",
+        lambda s: npu.ffn_worker_scheduler_(ffn_context(s), sync_group_size=0),
+        "sync_group_size",
+    ),
+    (
+        "ffn scheduler mode",
+        lambda s: npu.ffn_worker_scheduler_(ffn_context(s), execute_mode=-1),
+        "execute_mode",
+    ),
+    (
+        "ffn scheduler attention context",
+        lambda s: npu.ffn_worker_scheduler_(attention_context(s)),
+        "schedule_context",
+    ),
+    (
+        "attention scheduler FFN context",
+        lambda s: npu.attention_worker_scheduler_(ffn_context(s)),
+        "schedule_context",
+    ),
+    (
+        "attention scheduler view",
+        lambda s: npu.attention_worker_scheduler_(torch.zeros(2048, dtype=torch.int8)[::2]),
+        "schedule_context",
+    ),
+    # create_schedule_context_holder
+    ("holder mode", _holder(0, schedule_mode=2), "schedule_mode"),
+    (
+        "holder unaligned a2f",
+        _holder(0, attn_to_ffn_token_size=2 * H + 4),
+        "attn_to_ffn_token_size",
+    ),
+    ("holder tiny a2f", _holder(0, attn_to_ffn_token_size=1024), "attn_to_ffn_token_size"),
+    ("holder huge f2a", _holder(0, ffn_to_attn_token_size=16896), "ffn_to_attn_token_size"),
+    ("holder no FFN window", _holder(0, ffn_window=0), "ffn_window"),
+    ("holder small FFN window", _holder(0, ffn_window_size=512), "ffn_window_size"),
+    ("holder no attention window", _holder(1, attention_window_size=0), "attention_window_size"),
+    ("holder attention M", _holder(1, micro_batch_num=2), "micro_batch_num"),
+    ("holder attention E", _holder(1, selected_expert_num=1), "selected_expert_num"),
+    ("holder BS", _holder(0, micro_batch_size=513), "micro_batch_size"),
+    ("holder sessions", _holder(0, session_num=0), "session_num"),
+    ("holder expert_num", _holder(0, expert_num=0), "expert_num"),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "make_call", "argument"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT]
+)
+def test_bad_input_fails_before_torch_npu_is_called(
+    standin: TorchNpuStandin,
+    label: str,
+    make_call: Callable[[TorchNpuStandin], object],
+    argument: str,
+) -> None:
+    with pytest.raises(AFDInputError) as info:
+        make_call(standin)
+    assert info.value.argument == argument, str(info.value)
+    assert standin.calls == [], f"{label}: torch_npu was called"
+
+
+def test_errors_name_the_a3_range_and_the_value(standin: TorchNpuStandin) -> None:
+    with pytest.raises(AFDInputError) as info:
+        npu.npu_attention_to_ffn(**a2f_args(hidden=512))
+    assert "1024 <= H <= 8192" in str(info.value) and "512" in str(info.value)
+    with pytest.raises(AFDInputError) as info:
+        npu.npu_attention_to_ffn(**a2f_args(x=torch.zeros(1, BS, H)))
+    assert "float16 or torch.bfloat16" in str(info.value) and "float32" in str(info.value)
+
+
+# -- the value-check switch ---------------------------------------------------------------------
+class _Watched(torch.Tensor):
+    """A tensor that logs every torch function applied to it, to see who reads its values."""
+
+    seen: list[str] = []  # noqa: RUF012  (shared on purpose: one log per test)
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+_VALUE_READS = {"__int__", "__index__", "__bool__", "item", "tolist", "min", "max", "sum", "all"}
+
+
+def _watched(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(_Watched)
+
+
+@pytest.mark.parametrize("values", [True, False], ids=["checks-on", "checks-off"])
+def test_value_checks_off_reads_no_tensor_contents(standin: TorchNpuStandin, values: bool) -> None:
+    npu.set_value_checks(values)
+    _Watched.seen = []
+    a = a2f_args()
+    for key in ("session_id", "micro_batch_id", "layer_id", "expert_ids"):
+        a[key] = _watched(a[key])
+    mask = _watched(torch.ones(1, BS, dtype=torch.bool))
+    npu.npu_attention_to_ffn(**a, active_mask=mask)
+    b = f2a_args()
+    for key in ("session_ids", "micro_batch_ids", "token_ids", "expert_offsets"):
+        b[key] = _watched(b[key])
+    b["actual_token_num"] = _watched(b["actual_token_num"])
+    npu.npu_ffn_to_attention(**b)
+    reads = _VALUE_READS.intersection(_Watched.seen)
+    assert standin.names() == ["npu_attention_to_ffn", "npu_ffn_to_attention"]
+    if values:
+        assert reads  # the watch sees the reads the checks make...
+    else:
+        assert reads == set(), sorted(reads)  # ...and none when they are off
+
+
+def test_value_checks_off_lets_bad_values_through(standin: TorchNpuStandin) -> None:
+    assert npu.value_checks_enabled()
+    assert npu.set_value_checks(False) is True
+    assert not npu.value_checks_enabled()
+    npu.npu_attention_to_ffn(**a2f_args(expert_ids=torch.full((1, BS, K), ROUTED)))
+    npu.npu_ffn_to_attention(**f2a_args(actual_token_num=torch.tensor([ROWS + 1])))
+    assert standin.names() == ["npu_attention_to_ffn", "npu_ffn_to_attention"]
+    # shapes and dtypes are still checked with value checks off
+    with pytest.raises(AFDInputError, match=r"x\.dtype"):
+        npu.npu_attention_to_ffn(**a2f_args(x=torch.zeros(1, BS, H)))
+    assert len(standin.calls) == 2
+
+
+# -- schedule context records -------------------------------------------------------------------
+def test_a_record_ends_with_its_holder(standin: TorchNpuStandin) -> None:
+    holder = npu.create_schedule_context_holder(**holder_args(0))
+    ctx = holder.get_schedule_context_tensor()
+    standin.calls.clear()
+    wrong = [A + 1, BS, E, H]
+    with pytest.raises(AFDInputError, match="max_out_shape"):
+        npu.npu_ffn_worker_batching(ctx, 1, wrong)
+    del holder
+    gc.collect()
+    # the memory is still alive through `ctx`, but nothing vouches for its sizes any more
+    assert npu.recorded_context(ctx) is None
+    npu.npu_ffn_worker_batching(ctx, 1, wrong)
+    assert standin.names() == ["npu_ffn_worker_batching"]
+
+
+def test_a_holder_without_weak_references_keeps_its_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = TorchNpuStandin(holder_type=SlottedHolder)
+    fake.install(monkeypatch)
+    holder = npu.create_schedule_context_holder(**holder_args(1))
+    ctx = holder.get_schedule_context_tensor()
+    del holder
+    gc.collect()
+    sizes = npu.recorded_context(ctx)
+    assert sizes is not None and sizes.schedule_mode == 1 and sizes.selected_expert_num == E
+
+
+def test_a_foreign_context_gets_only_the_static_checks(standin: TorchNpuStandin) -> None:
+    ctx = foreign_context()
+    assert npu.recorded_context(ctx) is None
+    # sizes no record vouches for are passed on ...
+    npu.npu_ffn_worker_batching(ctx, 1, [3, 7, 5, 2048])
+    npu.npu_attention_worker_combine(ctx, scales(7, 5), layer(), 4096)
+    assert standin.names() == ["npu_ffn_worker_batching", "npu_attention_worker_combine"]
+    # ... the A3 limits are not
+    with pytest.raises(AFDInputError, match="token_dtype"):
+        npu.npu_attention_worker_combine(ctx, scales(7, 5), layer(), 4096, token_dtype=3)
+    assert len(standin.calls) == 2
