@@ -11,6 +11,7 @@ A3 those cost a device-to-host copy per call.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ def check_attention_to_ffn(
     attn_shape = _shape(attn_token_info_table_shape, "attn_token_info_table_shape", 3)
     sessions, micro_batches = info_shape[0], attn_shape[0]
     topology = RankTopology.from_world(world_size, sessions, ffn_start_rank_id)
-    shared = validate_expert_rank_table(expert_rank_table, topology, moe_expert_num)
+    shared = _validated_table(expert_rank_table, topology, moe_expert_num)
     layout = WindowLayout(
         sessions, micro_batches, bs, topk, shared, hidden, x.dtype, quant_mode == QUANT_INT8
     )
@@ -165,6 +166,35 @@ def check_attention_to_ffn(
     return AttentionToFfnCall(
         layout, topology, session, micro_batch, layer, active, moe_expert_num, quant_mode, sync_flag
     )
+
+
+# id(table) -> (weak reference, version, topology, moe_expert_num, S): a table is checked once,
+# not on every call of every layer (on A3 each check is a device-to-host copy).
+_checked_tables: dict[int, tuple[weakref.ref[torch.Tensor], int, RankTopology, int, int]] = {}
+
+
+def _validated_table(table: torch.Tensor, topology: RankTopology, moe_expert_num: int) -> int:
+    if isinstance(table, torch.Tensor):
+        hit = _checked_tables.get(id(table))
+        if hit is not None:
+            ref, version, topo, experts, shared = hit
+            if (
+                ref() is table
+                and version == table._version
+                and (topo, experts) == (topology, moe_expert_num)
+            ):
+                return shared
+    shared = validate_expert_rank_table(table, topology, moe_expert_num)
+    if len(_checked_tables) > 64:
+        _checked_tables.clear()
+    _checked_tables[id(table)] = (
+        weakref.ref(table),
+        table._version,
+        topology,
+        moe_expert_num,
+        shared,
+    )
+    return shared
 
 
 def mask_prefix_length(mask: torch.Tensor) -> int:

@@ -100,7 +100,7 @@ def slot_experts(ids: torch.Tensor, call: AttentionToFfnCall) -> torch.Tensor:
 # The argument each topology / layout field comes from, to name it when a call disagrees.
 _TOPOLOGY_ARGUMENTS = {
     "num_attention": "ffn_token_info_table_shape[0] (A)",
-    "num_ffn": "world_size",
+    "world_size": "world_size",
     "ffn_start_rank_id": "ffn_start_rank_id",
 }
 _LAYOUT_ARGUMENTS = {
@@ -123,8 +123,6 @@ def check_group_matches(windows: WindowGroup, topology: RankTopology, layout: Wi
     ):
         for name, argument in fields.items():
             expected, value = getattr(want, name), getattr(seen, name)
-            if name == "num_ffn":  # world_size = A + F
-                expected, value = want.world_size, seen.world_size
             check(
                 value == expected,
                 argument,
