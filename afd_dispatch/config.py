@@ -21,6 +21,10 @@ QUANT_MODE_CODES = {"none": 0, "int8": 2}
 ROLES = ("attention", "ffn")
 BACKENDS = ("auto", "reference", "npu")
 TRANSPORTS = ("auto", "inproc", "shm", "hccl")
+WINDOW_GROUPS = ("shared", "per_micro_batch")
+_RAY_ADDRESS = re.compile(
+    r"(auto|local|ray://[A-Za-z0-9_.:\[\]-]{1,255}|[A-Za-z0-9_.\[\]-]{1,253}:[0-9]{1,5})"
+)
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -47,6 +51,13 @@ class AFDConfig:
     hccl_buffsize_mb           HCCL_BUFFSIZE the windows must fit, 1..65536
     wait_timeout_s             deadline of every flag wait, (0, 3600]
     startup_timeout_s          deadline for workers to come up, (0, 3600]
+    window_groups              "shared": one group, M micro-batches in it; "per_micro_batch":
+                               one group of M = 1 per micro-batch (what A3's F2A requires)
+    ray_address                null: start a local Ray (the embedded default); "auto",
+                               "host:port" or "ray://host:port": join that cluster
+    ffn_max_restarts           restarts Ray may make of a dead FFN actor, 0..100
+    batch_invariant            expert matmuls independent of batch composition (exact tests)
+    trace                      record per-layer, per-micro-batch spans
     =========================  ==========================================================
     """
 
@@ -66,6 +77,11 @@ class AFDConfig:
     hccl_buffsize_mb: int = DEFAULT_HCCL_BUFFSIZE_MB
     wait_timeout_s: float = 30.0
     startup_timeout_s: float = 120.0
+    window_groups: str = "shared"
+    ray_address: str | None = None
+    ffn_max_restarts: int = 3
+    batch_invariant: bool = False
+    trace: bool = False
     _topology: RankTopology = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +104,20 @@ class AFDConfig:
         _int(self, "hccl_buffsize_mb", 1, 65536)
         _seconds(self, "wait_timeout_s")
         _seconds(self, "startup_timeout_s")
+        _choice(self, "window_groups", WINDOW_GROUPS)
+        check(
+            self.ray_address is None
+            or (
+                isinstance(self.ray_address, str)
+                and _RAY_ADDRESS.fullmatch(self.ray_address) is not None
+            ),
+            "ray_address",
+            'null, "auto", "local", "host:port" or "ray://host:port"',
+            self.ray_address,
+        )
+        _int(self, "ffn_max_restarts", 0, 100)
+        for flag in ("batch_invariant", "trace"):
+            check(isinstance(getattr(self, flag), bool), flag, "true or false", getattr(self, flag))
         topology = RankTopology(
             self.num_attention_workers, self.num_ffn_workers, self.ffn_start_rank_id
         )

@@ -25,11 +25,13 @@ from afd_dispatch.layout import (
     LAYER_OFFSET,
     SLOTS_OFFSET,
     WindowLayout,
+    align512,
 )
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
 
 TRANSPORTS = ("inproc", "shm")
+CONTEXT_STORAGE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,17 @@ class WindowGroup:
 
     def window(self, rank: int) -> torch.Tensor:
         self.topology.role_of(rank)
-        return self._transport.window(rank)
+        return self._transport.window(rank)[: _window_bytes(self.spec, rank)]
+
+    def context_storage(self, rank: int) -> torch.Tensor:
+        """1024 bytes beside `rank`'s window where its schedule context may live.
+
+        A context kept here outlives the process that made it (with shared memory), so a
+        restarted FFN worker resumes at the micro-batch its predecessor was polling.
+        """
+        self.topology.role_of(rank)
+        start = align512(_window_bytes(self.spec, rank))
+        return self._transport.window(rank)[start : start + CONTEXT_STORAGE_BYTES].view(torch.int8)
 
     def ffn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
@@ -100,7 +112,7 @@ class WindowGroup:
         return self._handles[rank] << 32
 
     def window_bytes(self, rank: int) -> int:
-        return self.window(rank).numel()
+        return _window_bytes(self.spec, rank)
 
     def reset(self) -> None:
         """Put every window in its initial state (flags 0, slots empty)."""
@@ -181,12 +193,9 @@ def create_window_group(
         layout.sessions,
     )
     check(timeout_s > 0, "timeout_s", "> 0", timeout_s)
-    sizes = [
-        layout.ffn_window_bytes if topology.is_ffn(r) else layout.attn_window_bytes
-        for r in range(topology.world_size)
-    ]
     with _lock:
         check(name not in _groups, "group", "a name not already registered in this process", name)
+        sizes = _allocation_sizes(topology, layout)
         impl: Transport
         if transport == "shm":
             impl = SharedMemoryTransport(sizes)
@@ -210,10 +219,7 @@ def attach_window_group(spec: WindowGroupSpec) -> WindowGroup:
         "'shm' (only shared memory attaches)",
         spec.transport,
     )
-    sizes = [
-        spec.layout.ffn_window_bytes if spec.topology.is_ffn(r) else spec.layout.attn_window_bytes
-        for r in range(spec.topology.world_size)
-    ]
+    sizes = _allocation_sizes(spec.topology, spec.layout)
     assert spec.token is not None
     with _lock:
         check(
@@ -225,6 +231,22 @@ def attach_window_group(spec: WindowGroupSpec) -> WindowGroup:
         group = WindowGroup(spec, SharedMemoryTransport(sizes, token=spec.token))
         _groups[spec.name] = group
     return group
+
+
+def _window_bytes(spec: WindowGroupSpec, rank: int) -> int:
+    return _role_bytes(spec.topology, spec.layout, rank)
+
+
+def _role_bytes(topology: RankTopology, layout: WindowLayout, rank: int) -> int:
+    return layout.ffn_window_bytes if topology.is_ffn(rank) else layout.attn_window_bytes
+
+
+def _allocation_sizes(topology: RankTopology, layout: WindowLayout) -> list[int]:
+    """Per rank: its window, then (512-aligned) room for one schedule context."""
+    return [
+        align512(_role_bytes(topology, layout, rank)) + CONTEXT_STORAGE_BYTES
+        for rank in range(topology.world_size)
+    ]
 
 
 def get_window_group(name: str) -> WindowGroup:

@@ -57,16 +57,20 @@ def put(ctx: torch.Tensor, field: tuple[int, int], value: int) -> None:
 
 
 def check_context(ctx: torch.Tensor, mode: int) -> None:
-    ok = (
-        isinstance(ctx, torch.Tensor)
-        and ctx.dtype == torch.int8
-        and tuple(ctx.shape) == (CONTEXT_BYTES,)
-        and ctx.is_contiguous()
-    )
-    check(ok, "schedule_context", f"an int8[{CONTEXT_BYTES}] context tensor", _describe(ctx))
+    check_context_storage(ctx)
     seen = get(ctx, SCHEDULE_MODE)
     want = "FFN (0)" if mode == SCHEDULE_MODE_FFN else "attention (1)"
     check(seen == mode, "schedule_context schedule_mode", want, seen)
+
+
+def check_context_storage(storage: torch.Tensor) -> None:
+    ok = (
+        isinstance(storage, torch.Tensor)
+        and storage.dtype == torch.int8
+        and tuple(storage.shape) == (CONTEXT_BYTES,)
+        and storage.is_contiguous()
+    )
+    check(ok, "schedule_context", f"an int8[{CONTEXT_BYTES}] context tensor", _describe(storage))
 
 
 def context_window(ctx: torch.Tensor, mode: int) -> tuple[WindowGroup, int]:
@@ -99,7 +103,10 @@ class ScheduleContextHolder:
         ffn_window_size: int = 0,
         attention_window: int = 0,
         attention_window_size: int = 0,
+        *,
+        storage: torch.Tensor | None = None,
     ) -> None:
+        """`storage` (reference only): int8[1024] memory to keep the context in."""
         check(
             schedule_mode in (SCHEDULE_MODE_FFN, SCHEDULE_MODE_ATTENTION),
             "schedule_mode",
@@ -119,11 +126,20 @@ class ScheduleContextHolder:
         ffn = schedule_mode == SCHEDULE_MODE_FFN
         self._window = ffn_window if ffn else attention_window
         self._window_size = ffn_window_size if ffn else attention_window_size
-        self._ctx = torch.zeros(CONTEXT_BYTES, dtype=torch.int8)
+        if storage is None:
+            storage = torch.zeros(CONTEXT_BYTES, dtype=torch.int8)
+        check_context_storage(storage)
+        self._ctx = storage
 
-    def init(self) -> None:
-        """Check every size against the window's group, then fill the context."""
+    def init(self, resume: bool = False) -> None:
+        """Check every size against the window's group, then fill the context.
+
+        With `resume`, a context already in the storage for the same sizes keeps its FFN
+        polling index / attention micro-batch id (a restarted worker carries on where its
+        predecessor stopped); anything else starts fresh.
+        """
         a = self._args
+        carried = self._carried_position() if resume else None
         mode = a["schedule_mode"]
         ffn = mode == SCHEDULE_MODE_FFN
         name = "ffn_window" if ffn else "attention_window"
@@ -179,6 +195,24 @@ class ScheduleContextHolder:
             put(ctx, ATTN_DATA_BUF_SIZE, layout.attn_window_bytes - layout.attn_data_offset)
             # combine consumes (id + 1) % M, so the first combine takes micro-batch 0 (inferred)
             put(ctx, ATTN_MICRO_BATCH_ID, layout.micro_batches - 1)
+        put(ctx, REF_READY_MICRO_BATCH, 0)
+        if carried is not None:
+            put(ctx, FFN_POLLING_INDEX if ffn else ATTN_MICRO_BATCH_ID, carried)
+
+    def _carried_position(self) -> int | None:
+        ctx, a = self._ctx, self._args
+        fields = (
+            (SCHEDULE_MODE, "schedule_mode"),
+            (SESSION_NUM, "session_num"),
+            (MICRO_BATCH_NUM, "micro_batch_num"),
+            (MICRO_BATCH_SIZE, "micro_batch_size"),
+            (SELECTED_EXPERT_NUM, "selected_expert_num"),
+        )
+        if any(get(ctx, field) != a[key] for field, key in fields):
+            return None
+        ffn = a["schedule_mode"] == SCHEDULE_MODE_FFN
+        position = get(ctx, FFN_POLLING_INDEX if ffn else ATTN_MICRO_BATCH_ID)
+        return position if 0 <= position < a["micro_batch_num"] else None
 
     def get_schedule_context_tensor(self) -> torch.Tensor:
         return self._ctx
@@ -234,12 +268,18 @@ def create_schedule_context_holder(
     return holder
 
 
-def context_for(group: WindowGroup, rank: int, expert_num: int = 1) -> ScheduleContextHolder:
-    """The holder a rank of `group` needs, with every size taken from the group's layout."""
+def context_for(
+    group: WindowGroup, rank: int, expert_num: int = 1, persistent: bool = False
+) -> ScheduleContextHolder:
+    """The holder a rank of `group` needs, with every size taken from the group's layout.
+
+    `persistent=True` keeps the context in the group's memory beside the rank's window
+    (`WindowGroup.context_storage`) and resumes a context found there.
+    """
     layout = group.layout
     ffn = group.topology.is_ffn(rank)
     address, size = group.address(rank), group.window_bytes(rank)
-    return create_schedule_context_holder(
+    holder = ScheduleContextHolder(
         SCHEDULE_MODE_FFN if ffn else SCHEDULE_MODE_ATTENTION,
         layout.sessions,
         layout.micro_batches,
@@ -252,4 +292,7 @@ def context_for(group: WindowGroup, rank: int, expert_num: int = 1) -> ScheduleC
         ffn_window_size=size if ffn else 0,
         attention_window=0 if ffn else address,
         attention_window_size=0 if ffn else size,
+        storage=group.context_storage(rank) if persistent else None,
     )
+    holder.init(resume=persistent)
+    return holder
