@@ -1,0 +1,513 @@
+"""`MoESpec`: what AFD needs to know of an MoE model, read from its Hugging Face config.json.
+
+config.json comes with a downloaded model and is untrusted input: an unknown architecture,
+a missing key that fixes a tensor shape, or a value out of range raises `AFDInputError`
+naming the key (`config['n_routed_experts']`), what is allowed and the value seen.
+
+Keys that only change behaviour default as the architecture's transformers config class
+defaults them (so a config transformers loads reads the same here); keys that fix tensor
+shapes (sizes, expert counts) must be present, because a wrong default there would load
+wrong-shaped weights or silently skip experts. Keys AFD does not use are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.layout import MAX_TOPK
+
+ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+# Which tensor names hold the experts (see `afd_dispatch.runtime.checkpoint`). DeepSeek V2
+# and V3 name their expert weights alike.
+WEIGHT_SCHEMES = {
+    "qwen3_moe": "qwen3_moe",
+    "qwen2_moe": "qwen2_moe",
+    "mixtral": "mixtral",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
+}
+# Shared slots each architecture can have: Qwen2-MoE always one (gated), DeepSeek one
+# unless n_shared_experts is 0 or null, Qwen3-MoE and Mixtral none.
+SHARED_SLOTS = {
+    "qwen3_moe": (0,),
+    "qwen2_moe": (1,),
+    "mixtral": (0,),
+    "deepseek_v2": (0, 1),
+    "deepseek_v3": (0, 1),
+}
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+MAX_HIDDEN_SIZE = 1 << 16
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1 << 16
+MAX_INTERMEDIATE_SIZE = 1 << 20
+MAX_ROUTED_SCALING = 1000.0
+MAX_JSON_BYTES = 1 << 20  # a config.json is a few KiB
+
+# The expert count's key, then the aliases transformers' `attribute_map` also accepts.
+# transformers 5.19 itself writes Qwen3-MoE's count as `num_local_experts`, while the
+# configs published with Qwen3 models say `num_experts`.
+_EXPERT_COUNT_KEYS = {
+    "qwen3_moe": ("num_experts", "num_local_experts"),
+    "qwen2_moe": ("num_experts",),
+    "mixtral": ("num_local_experts", "num_experts"),
+    "deepseek_v2": ("n_routed_experts", "num_experts"),
+    "deepseek_v3": ("n_routed_experts", "num_local_experts"),
+}
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The MoE structure of a model, as the AFD runtime uses it. Checked at construction.
+
+    Experts are SwiGLU MLPs: `down(silu(gate(x)) * up(x))`. `moe_layers` are the decoder
+    layer indices (0-based, in `[0, num_layers)`; DeepSeek's multi-token-prediction layers
+    are not decoder layers) whose MLP is an MoE block. A model has at most one shared
+    *slot* in the AFD expert table: DeepSeek's `n_shared_experts` shared experts are
+    stored and computed as one MLP of `moe_intermediate_size * n_shared_experts`, and
+    Qwen2-MoE's one shared expert is scaled by `sigmoid(shared_expert_gate(x))`.
+
+    Routing (done on the attention side, recorded here so both sides agree): scores are
+    `scoring_func(router logits)`; `topk_method` "greedy" takes the top `topk` of all
+    experts, "group_limited_greedy" (DeepSeek-V2) and "noaux_tc" (DeepSeek-V3) first keep
+    the best `topk_group` of `n_group` equal expert groups; "noaux_tc" ranks by score plus
+    the per-expert `e_score_correction_bias` but weighs by the score. Weights are then
+    renormalised to sum to 1 if `norm_topk_prob`, and multiplied by
+    `routed_scaling_factor`. `n_group == topk_group == 1` when routing has no groups.
+
+    `dtype` is the model's stated dtype (`dtype` / `torch_dtype` of config.json), None
+    when the config states none.
+    """
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    topk: int
+    moe_intermediate_size: int
+    num_shared_experts: int = 0
+    shared_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        check(
+            self.architecture in ARCHITECTURES,
+            "architecture",
+            f"one of {list(ARCHITECTURES)}",
+            self.architecture,
+        )
+        _int_field(self, "hidden_size", 1, MAX_HIDDEN_SIZE)
+        _int_field(self, "num_layers", 1, MAX_LAYERS)
+        if isinstance(self.moe_layers, list):
+            object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+        layers = self.moe_layers
+        check(
+            isinstance(layers, tuple)
+            and len(layers) >= 1
+            and all(_is_int(x) and 0 <= x < self.num_layers for x in layers)
+            and list(layers) == sorted(set(layers)),
+            "moe_layers",
+            f"a non-empty ascending tuple of distinct layer indices in [0, {self.num_layers})",
+            layers,
+        )
+        _int_field(self, "num_experts", 1, MAX_EXPERTS)
+        _int_field(self, "topk", 1, min(MAX_TOPK, self.num_experts))
+        _int_field(self, "moe_intermediate_size", 1, MAX_INTERMEDIATE_SIZE)
+        check(
+            self.num_shared_experts in SHARED_SLOTS[self.architecture]
+            and _is_int(self.num_shared_experts),
+            "num_shared_experts",
+            f"one of {list(SHARED_SLOTS[self.architecture])} for {self.architecture}",
+            self.num_shared_experts,
+        )
+        if self.num_shared_experts:
+            _int_field(self, "shared_intermediate_size", 1, MAX_INTERMEDIATE_SIZE)
+        else:
+            _int_field(self, "shared_intermediate_size", 0, 0)
+        for name in ("shared_expert_gate", "norm_topk_prob"):
+            check(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
+        gated = self.architecture == "qwen2_moe"
+        check(
+            self.shared_expert_gate == gated,
+            "shared_expert_gate",
+            f"{gated} for {self.architecture} (only Qwen2-MoE gates its shared expert)",
+            self.shared_expert_gate,
+        )
+        value = self.routed_scaling_factor
+        check(
+            _is_number(value) and math.isfinite(value) and 0 < value <= MAX_ROUTED_SCALING,
+            "routed_scaling_factor",
+            f"a number in (0, {MAX_ROUTED_SCALING:g}]",
+            value,
+        )
+        check(
+            self.scoring_func in SCORING_FUNCS,
+            "scoring_func",
+            f"one of {list(SCORING_FUNCS)}",
+            self.scoring_func,
+        )
+        check(
+            self.topk_method in TOPK_METHODS,
+            "topk_method",
+            f"one of {list(TOPK_METHODS)}",
+            self.topk_method,
+        )
+        _check_groups(self.num_experts, self.topk, self.topk_method, self.n_group, self.topk_group)
+        check(
+            self.dtype is None or self.dtype in DTYPES.values(),
+            "dtype",
+            f"None or one of {list(DTYPES.values())}",
+            self.dtype,
+        )
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def weight_scheme(self) -> str:
+        """The tensor naming scheme of the checkpoint's expert weights (`WEIGHT_SCHEMES`)."""
+        return WEIGHT_SCHEMES[self.architecture]
+
+    @property
+    def score_correction_bias(self) -> bool:
+        """Whether the router has DeepSeek-V3's `e_score_correction_bias` (per expert)."""
+        return self.topk_method == "noaux_tc"
+
+    # -- parsing ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> MoESpec:
+        """Read `config.json` from a model directory (or the path of the file itself)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        return cls.from_hf_config(read_json_object(path, "config.json", MAX_JSON_BYTES))
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> MoESpec:
+        """Build the spec from a parsed config.json (a dict); see the module docstring."""
+        check(
+            isinstance(config, Mapping),
+            "config",
+            "a JSON object (the parsed config.json)",
+            type(config).__name__,
+        )
+        keys = _Keys(config)
+        arch = config.get("model_type")
+        check(
+            isinstance(arch, str) and arch in ARCHITECTURES,
+            "config['model_type']",
+            f"one of {list(ARCHITECTURES)}",
+            arch,
+        )
+        hidden = keys.integer("hidden_size", 1, MAX_HIDDEN_SIZE)
+        layers = keys.integer("num_hidden_layers", 1, MAX_LAYERS)
+        # The FFN ranks compute SwiGLU experts; another activation would be silently wrong.
+        keys.choice("hidden_act", ("silu",), default="silu")
+        experts = keys.expert_count(_EXPERT_COUNT_KEYS[arch])
+        topk = keys.integer("num_experts_per_tok", 1, min(MAX_TOPK, experts))
+        if arch == "mixtral":
+            fields = _mixtral(keys, layers)
+        elif arch in ("qwen3_moe", "qwen2_moe"):
+            fields = _qwen(keys, arch, layers)
+        else:
+            fields = _deepseek(keys, arch, layers, experts, topk)
+        return cls(
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_experts=experts,
+            topk=topk,
+            dtype=_dtype(config),
+            **fields,
+        )
+
+
+# -- per architecture ----------------------------------------------------------------------
+def _mixtral(keys: _Keys, layers: int) -> dict[str, Any]:
+    # Every layer is sparse; the router always renormalises its top-k softmax weights.
+    return {
+        "moe_layers": tuple(range(layers)),
+        "moe_intermediate_size": keys.integer("intermediate_size", 1, MAX_INTERMEDIATE_SIZE),
+        "norm_topk_prob": True,
+    }
+
+
+def _qwen(keys: _Keys, arch: str, layers: int) -> dict[str, Any]:
+    step = keys.integer("decoder_sparse_step", 1, MAX_LAYERS, default=1)
+    dense = set(keys.layer_list("mlp_only_layers", layers))
+    # transformers and vLLM: layer l is sparse unless listed, and only every step-th layer
+    moe_layers = tuple(x for x in range(layers) if x not in dense and (x + 1) % step == 0)
+    check(
+        len(moe_layers) > 0,
+        "config['decoder_sparse_step'] / config['mlp_only_layers']",
+        f"at least one MoE layer among num_hidden_layers={layers}",
+        {"decoder_sparse_step": step, "mlp_only_layers": sorted(dense)},
+    )
+    fields: dict[str, Any] = {
+        "moe_layers": moe_layers,
+        "moe_intermediate_size": keys.integer("moe_intermediate_size", 1, MAX_INTERMEDIATE_SIZE),
+        "norm_topk_prob": keys.boolean("norm_topk_prob", default=False),
+    }
+    if arch == "qwen2_moe":
+        fields["num_shared_experts"] = 1
+        fields["shared_intermediate_size"] = keys.integer(
+            "shared_expert_intermediate_size", 1, MAX_INTERMEDIATE_SIZE
+        )
+        fields["shared_expert_gate"] = True
+    return fields
+
+
+def _deepseek(keys: _Keys, arch: str, layers: int, experts: int, topk: int) -> dict[str, Any]:
+    v3 = arch == "deepseek_v3"
+    inter = keys.integer("moe_intermediate_size", 1, MAX_INTERMEDIATE_SIZE)
+    # null is how a config says "no shared experts" (vLLM builds none then)
+    shared = keys.integer("n_shared_experts", 0, 64, allow_null=True)
+    first_dense = keys.integer("first_k_dense_replace", 0, layers - 1, default=3 if v3 else 0)
+    # DeepSeek's own modeling code and vLLM read it; transformers assumes 1
+    freq = keys.integer("moe_layer_freq", 1, MAX_LAYERS, default=1)
+    moe_layers = tuple(x for x in range(first_dense, layers) if x % freq == 0)
+    check(
+        len(moe_layers) > 0,
+        "config['first_k_dense_replace'] / config['moe_layer_freq']",
+        f"at least one MoE layer among num_hidden_layers={layers}",
+        {"first_k_dense_replace": first_dense, "moe_layer_freq": freq},
+    )
+    # transformers implements V3 routing only as sigmoid scores with the correction bias and
+    # group-limited selection, and V2 routing only as softmax scores.
+    if v3:
+        method = keys.choice("topk_method", ("noaux_tc",), default="noaux_tc")
+        scoring = keys.choice("scoring_func", ("sigmoid",), default="sigmoid")
+    else:
+        methods = ("greedy", "group_limited_greedy")
+        method = keys.choice("topk_method", methods, default="greedy")
+        scoring = keys.choice("scoring_func", ("softmax",), default="softmax")
+    if method == "greedy":
+        n_group = topk_group = 1  # any n_group / topk_group in the config is unused
+    else:
+        n_group = keys.integer("n_group", 1, experts, default=8 if v3 else None)
+        topk_group = keys.integer("topk_group", 1, n_group, default=4 if v3 else None)
+        try:
+            _check_groups(experts, topk, method, n_group, topk_group)
+        except AFDInputError as exc:
+            raise AFDInputError(
+                "config['n_group'] / config['topk_group']",
+                exc.allowed,
+                {"n_group": n_group, "topk_group": topk_group, "num_experts_per_tok": topk},
+            ) from None
+    return {
+        "moe_layers": moe_layers,
+        "moe_intermediate_size": inter,
+        "num_shared_experts": 1 if shared else 0,
+        "shared_intermediate_size": inter * shared,
+        "norm_topk_prob": keys.boolean("norm_topk_prob", default=v3),
+        "routed_scaling_factor": keys.number(
+            "routed_scaling_factor", MAX_ROUTED_SCALING, default=2.5 if v3 else 1.0
+        ),
+        "scoring_func": scoring,
+        "topk_method": method,
+        "n_group": n_group,
+        "topk_group": topk_group,
+    }
+
+
+def _check_groups(experts: int, topk: int, method: str, n_group: Any, topk_group: Any) -> None:
+    if method == "greedy":
+        check(n_group == 1, "n_group", "1 (greedy routing has no expert groups)", n_group)
+        check(topk_group == 1, "topk_group", "1 (greedy routing has no expert groups)", topk_group)
+        return
+    check(
+        _is_int(n_group) and 1 <= n_group <= experts and experts % n_group == 0,
+        "n_group",
+        f"a divisor of num_experts={experts}",
+        n_group,
+    )
+    per_group = experts // n_group
+    check(
+        _is_int(topk_group) and 1 <= topk_group <= n_group,
+        "topk_group",
+        f"an integer in [1, n_group={n_group}]",
+        topk_group,
+    )
+    check(
+        topk <= topk_group * per_group,
+        "topk_group",
+        f"enough groups for topk={topk}: topk_group * {per_group} experts per group >= topk",
+        topk_group,
+    )
+    # noaux_tc scores a group by the sum of its two best experts
+    check(
+        method != "noaux_tc" or per_group >= 2,
+        "n_group",
+        f"at most num_experts / 2 = {experts // 2} (noaux_tc ranks groups by their top 2)",
+        n_group,
+    )
+
+
+def _dtype(config: Mapping[str, Any]) -> torch.dtype | None:
+    # transformers 5 writes `dtype`, older versions `torch_dtype`; a config may carry both.
+    seen = {k: config[k] for k in ("dtype", "torch_dtype") if config.get(k) is not None}
+    for key, value in seen.items():
+        check(
+            isinstance(value, str) and value in DTYPES,
+            f"config[{key!r}]",
+            f"one of {list(DTYPES)}",
+            value,
+        )
+    check(
+        len(set(seen.values())) <= 1,
+        "config['dtype'] / config['torch_dtype']",
+        "the same dtype when both are given",
+        seen,
+    )
+    return DTYPES[next(iter(seen.values()))] if seen else None
+
+
+class _Keys:
+    """Typed reads of config.json keys; every error names the key."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+
+    def _get(self, key: str, default: Any, allow_null: bool = False) -> Any:
+        present = key in self.config and (allow_null or self.config[key] is not None)
+        if present:
+            return self.config[key]
+        check(default is not None, f"config[{key!r}]", "present (a required key)", None)
+        return default
+
+    def integer(
+        self, key: str, lo: int, hi: int, default: int | None = None, allow_null: bool = False
+    ) -> int:
+        value = self._get(key, default, allow_null)
+        if value is None and allow_null:
+            return 0
+        check(
+            _is_int(value) and lo <= value <= hi,
+            f"config[{key!r}]",
+            f"an integer in [{lo}, {hi}]",
+            value,
+        )
+        return int(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        check(isinstance(value, bool), f"config[{key!r}]", "true or false", value)
+        return bool(value)
+
+    def number(self, key: str, hi: float, default: float) -> float:
+        value = self._get(key, default)
+        check(
+            _is_number(value) and math.isfinite(value) and 0 < value <= hi,
+            f"config[{key!r}]",
+            f"a number in (0, {hi:g}]",
+            value,
+        )
+        return float(value)
+
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self._get(key, default)
+        check(
+            isinstance(value, str) and value in allowed,
+            f"config[{key!r}]",
+            f"one of {list(allowed)}",
+            value,
+        )
+        return str(value)
+
+    def layer_list(self, key: str, layers: int) -> list[int]:
+        value = self._get(key, [])
+        check(
+            isinstance(value, list)
+            and len(value) <= layers
+            and all(_is_int(x) and 0 <= x < layers for x in value),
+            f"config[{key!r}]",
+            f"a list of layer indices in [0, {layers})",
+            value,
+        )
+        return list(value)
+
+    def expert_count(self, keys: tuple[str, ...]) -> int:
+        given = [k for k in keys if self.config.get(k) is not None]
+        check(
+            len(given) > 0,
+            f"config[{keys[0]!r}]",
+            "present (a required key: the number of routed experts)",
+            None,
+        )
+        counts = {k: self.integer(k, 1, MAX_EXPERTS) for k in given}
+        check(
+            len(set(counts.values())) == 1,
+            " / ".join(f"config[{k!r}]" for k in given),
+            "the same expert count under each name",
+            counts,
+        )
+        return counts[given[0]]
+
+
+# -- small helpers -------------------------------------------------------------------------
+def read_json_object(path: str, argument: str, max_bytes: int) -> dict[str, Any]:
+    """Read a JSON object from an untrusted file of at most `max_bytes` bytes.
+
+    Unreadable files, oversize files, invalid JSON, a top-level value that is not an object
+    and keys given twice in one object all raise `AFDInputError(argument, ...)`.
+    """
+    try:
+        size = os.stat(path).st_size
+        check(size <= max_bytes, argument, f"a file of at most {max_bytes} bytes", size)
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(max_bytes + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AFDInputError(argument, "a readable UTF-8 JSON file", f"{path!r} ({exc})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys(argument))
+    except json.JSONDecodeError as exc:
+        raise AFDInputError(
+            argument, "valid JSON", f"{path!r}: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # over-long integers, deep nesting
+        if isinstance(exc, AFDInputError):
+            raise
+        raise AFDInputError(argument, "valid JSON", f"{path!r}: {str(exc)[:200]}") from None
+    check(isinstance(data, dict), argument, "a JSON object", type(data).__name__)
+    return data  # type: ignore[no-any-return]
+
+
+def _unique_keys(argument: str) -> Any:
+    # A key given twice is ambiguous in an untrusted file, not "last wins".
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            check(key not in out, argument, "each key at most once per object", key)
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_field(spec: MoESpec, name: str, lo: int, hi: int) -> None:
+    value = getattr(spec, name)
+    check(_is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
