@@ -32,3 +32,7 @@ def check(condition: bool, argument: str, allowed: str, value: Any) -> None:
     """Raise `AFDInputError(argument, allowed, value)` unless `condition` holds."""
     if not condition:
         raise AFDInputError(argument, allowed, value)
+
+
+class AFDHandshakeError(RuntimeError):
+    """The attention side and an FFN worker disagree on a parameter both must share."""

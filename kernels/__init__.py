@@ -24,6 +24,7 @@ BACKEND_API = (
     "ffn_worker_scheduler_",
     "attention_worker_scheduler_",
     "create_schedule_context_holder",
+    "last_batched_layer",
 )
 BACKENDS = ("auto", "reference", "npu")
 

@@ -33,6 +33,7 @@ from afd_dispatch.kernels.npu.contexts import (
 from afd_dispatch.kernels.npu.ops import (
     attention_worker_scheduler_,
     ffn_worker_scheduler_,
+    last_batched_layer,
     npu_attention_to_ffn,
     npu_attention_worker_combine,
     npu_ffn_to_attention,
@@ -44,6 +45,7 @@ __all__ = [
     "attention_worker_scheduler_",
     "create_schedule_context_holder",
     "ffn_worker_scheduler_",
+    "last_batched_layer",
     "npu_attention_to_ffn",
     "npu_attention_worker_combine",
     "npu_ffn_to_attention",

@@ -328,3 +328,17 @@ def _check_f2a_token_size(sizes: ContextSizes, hidden: int) -> None:
         f"hidden_size * 2 = {want} bytes (A3 combine needs HS == H)",
         sizes.ffn_to_attn_token_size,
     )
+
+
+def last_batched_layer(schedule_context: torch.Tensor) -> int:
+    """Not available on A3 yet: see below.
+
+    On A3 the layer ids of a batched micro-batch land in device memory that the context's
+    FFN area points at (`layer_ids_buf`, written by `ffn_worker_scheduler_`); reading it
+    needs an accessor torch_npu does not expose in 2.14. The runtime's FFN loop needs this
+    id to pick the layer's experts, so on A3 it must come from the integration.
+    """
+    raise NotImplementedError(
+        "last_batched_layer: torch_npu 2.14 exposes no accessor for the context's "
+        "layer_ids_buf; use the reference backend or track layers in the integration"
+    )

@@ -13,6 +13,7 @@ from afd_dispatch.kernels.reference.schedule_context import (
     ScheduleContextHolder,
     context_for,
     create_schedule_context_holder,
+    last_batched_layer,
 )
 
 npu_attention_to_ffn = torch.ops.afd.npu_attention_to_ffn
@@ -29,6 +30,7 @@ __all__ = [
     "create_schedule_context_holder",
     "dequantize_rows",
     "ffn_worker_scheduler_",
+    "last_batched_layer",
     "npu_attention_to_ffn",
     "npu_attention_worker_combine",
     "npu_ffn_to_attention",

@@ -63,6 +63,12 @@ def check_context(ctx: torch.Tensor, mode: int) -> None:
     check(seen == mode, "schedule_context schedule_mode", want, seen)
 
 
+def last_batched_layer(schedule_context: torch.Tensor) -> int:
+    """The layer id the last `npu_ffn_worker_batching` on this FFN context collected."""
+    check_context(schedule_context, SCHEDULE_MODE_FFN)
+    return get(schedule_context, REF_LAST_LAYER_ID)
+
+
 def check_context_storage(storage: torch.Tensor) -> None:
     ok = (
         isinstance(storage, torch.Tensor)

@@ -1,0 +1,203 @@
+"""The attention side: one rank's end of the AFD link, and the MoE layer built on it.
+
+`AttentionEndpoint` sends micro-batch slots and later receives their results, in the
+same cyclic order the FFN side serves them. `AFDMoELayer` is what a model calls in place
+of its MoE block: route, split into micro-batches, exchange, done.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from afd_dispatch.errors import check
+from afd_dispatch.kernels import load_backend
+from afd_dispatch.layout import token_dtype_code
+from afd_dispatch.runtime.contexts import rank_contexts
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.routing import RouterSpec, route
+from afd_dispatch.runtime.trace import Tracer
+
+
+class AttentionEndpoint:
+    """Attention rank `session`'s sends and receives, one micro-batch slot at a time.
+
+    Contract: slots are sent and received in cyclic order 0, 1, .., M-1, 0, ..; at most
+    M slots are in flight; every attention rank of the deployment sends the same sequence
+    of (layer, slot), since FFN ranks batch each slot across all sessions.
+    """
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        session: int,
+        ops: ModuleType | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.deployment = deployment
+        self.session = session
+        self.rank = deployment.topology.attention_rank(session)
+        self.ops = ops if ops is not None else load_backend(deployment.config.backend)
+        self.tracer = tracer or Tracer(f"attention {session}", enabled=deployment.config.trace)
+        self._contexts = rank_contexts(deployment, self.ops, self.rank)
+        layout = deployment.layout
+        m, bs, k, h = deployment.micro_batches, layout.tokens, layout.topk, layout.hidden
+        self._x = [torch.zeros(1, bs, h, dtype=layout.dtype) for _ in range(m)]
+        self._ids = [torch.zeros(1, bs, k, dtype=torch.int32) for _ in range(m)]
+        self._mask = [torch.zeros(1, bs, dtype=torch.bool) for _ in range(m)]
+        self._scales = [torch.zeros(bs, k, dtype=torch.float32) for _ in range(m)]
+        self._in_flight: list[tuple[int, int] | None] = [None] * m  # (tokens, layer)
+        self._next_send = 0
+        self._next_receive = 0
+        self._session_t = torch.tensor([session], dtype=torch.int32)
+        self._mb_t = [torch.tensor([c.micro_batch], dtype=torch.int32) for c in deployment.channels]
+        self._shapes = layout.op_shapes
+        self._token_dtype = token_dtype_code(layout.dtype)
+
+    def send(
+        self,
+        micro_batch: int,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> None:
+        """Send n <= BS tokens: hidden (n, H), top-k ids and weights (n, K)."""
+        layout = self.deployment.layout
+        n = hidden.shape[0]
+        check(
+            micro_batch == self._next_send,
+            "micro_batch",
+            f"{self._next_send} (cyclic send order)",
+            micro_batch,
+        )
+        check(
+            self._in_flight[micro_batch] is None,
+            "micro_batch",
+            "a slot whose result was received",
+            micro_batch,
+        )
+        check(n <= layout.tokens, "hidden.shape[0]", f"<= BS = {layout.tokens}", n)
+        check(
+            tuple(topk_ids.shape) == (n, layout.topk)
+            and tuple(topk_weights.shape) == (n, layout.topk),
+            "topk_ids / topk_weights shape",
+            f"({n}, K={layout.topk})",
+            (tuple(topk_ids.shape), tuple(topk_weights.shape)),
+        )
+        x, ids, mask, scales = (
+            t[micro_batch] for t in (self._x, self._ids, self._mask, self._scales)
+        )
+        x[0, :n] = hidden
+        ids[0, :n] = topk_ids
+        ids[0, n:] = 0
+        mask[0, :n] = True
+        mask[0, n:] = False
+        scales[:n] = topk_weights
+        scales[n:] = 0
+        channel = self.deployment.channels[micro_batch]
+        cfg = self.deployment.config
+        with self.tracer.span("send", layer, micro_batch):
+            self.ops.npu_attention_to_ffn(
+                x, self._session_t, self._mb_t[micro_batch],
+                torch.tensor([layer], dtype=torch.int32), ids, self.deployment.table,
+                channel.group, self.deployment.topology.world_size,
+                self._shapes["ffn_token_info_table_shape"], self._shapes["ffn_token_data_shape"],
+                self._shapes["attn_token_info_table_shape"], self.deployment.spec.num_experts,
+                active_mask=mask, quant_mode=cfg.quant_mode_code, sync_flag=cfg.sync_flag,
+                ffn_start_rank_id=self.deployment.topology.ffn_start_rank_id,
+            )  # fmt: skip
+        self.tracer.count("tokens_sent_total", n)
+        self._in_flight[micro_batch] = (n, layer)
+        self._next_send = (micro_batch + 1) % len(self._in_flight)
+
+    def receive(self, micro_batch: int) -> torch.Tensor:
+        """Wait for slot `micro_batch`'s results and return its (n, H) MoE output."""
+        check(
+            micro_batch == self._next_receive,
+            "micro_batch",
+            f"{self._next_receive} (results come back in send order)",
+            micro_batch,
+        )
+        pending = self._in_flight[micro_batch]
+        check(pending is not None, "micro_batch", "a slot that was sent", micro_batch)
+        assert pending is not None
+        n, layer = pending
+        ctx = self._contexts[self.deployment.channels[micro_batch].group]
+        with self.tracer.span("combine", layer, micro_batch):
+            y, _ = self.ops.npu_attention_worker_combine(
+                ctx.get_schedule_context_tensor(), self._scales[micro_batch],
+                torch.tensor([layer], dtype=torch.int32), self.deployment.layout.hidden,
+                token_dtype=self._token_dtype, need_schedule=1,
+            )  # fmt: skip
+        self._in_flight[micro_batch] = None
+        self._next_receive = (micro_batch + 1) % len(self._in_flight)
+        return y[:n]
+
+    def exchange(
+        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One MoE layer for all T tokens: ceil(T / (M*BS)) rounds of M slots, padded.
+
+        Every round sends all M slots (empty ones too), so every attention rank sends the
+        same sequence as long as all present the same number of rounds.
+        """
+        check(
+            all(p is None for p in self._in_flight),
+            "exchange",
+            "no micro-batch in flight (use send/receive for pipelining)",
+            "slots in flight",
+        )
+        m, bs = self.deployment.micro_batches, self.deployment.layout.tokens
+        t = hidden.shape[0]
+        per_slot = max(1, min(bs, -(-t // m)))  # spread tokens evenly over the slots
+        rounds = max(1, -(-t // (per_slot * m)))
+        out = torch.empty(t, hidden.shape[1], dtype=self.deployment.layout.dtype)
+        bounds = [min(t, i * per_slot) for i in range(rounds * m + 1)]
+        for i in range(rounds * m):
+            if i >= m:
+                j = i - m
+                out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
+            lo, hi = bounds[i], bounds[i + 1]
+            self.send(i % m, layer, hidden[lo:hi], topk_ids[lo:hi], topk_weights[lo:hi])
+        for j in range(max(0, rounds * m - m), rounds * m):
+            out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
+        return out
+
+
+class AFDMoELayer:
+    """The MoE block of one layer on an attention rank: router here, experts elsewhere.
+
+    [router] -> [dispatch: npu_attention_to_ffn] -> (experts on FFN ranks)
+             -> [combine: npu_attention_worker_combine]
+    Routed weights come out of the router already renormalised and scaled; the shared
+    expert is added (unweighted, gated on the FFN side where the model gates it) by combine.
+    """
+
+    def __init__(self, endpoint: AttentionEndpoint, layer: int, router: RouterSpec) -> None:
+        self.endpoint = endpoint
+        self.layer = layer
+        self.router = router
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        router_logits: torch.Tensor | None = None,
+        *,
+        topk_ids: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        score_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if topk_ids is None or topk_weights is None:
+            check(
+                router_logits is not None,
+                "router_logits",
+                "a tensor, or topk_ids + topk_weights",
+                None,
+            )
+            assert router_logits is not None
+            topk_ids, topk_weights = route(router_logits, self.router, score_bias)
+        return self.endpoint.exchange(self.layer, hidden, topk_ids, topk_weights.to(torch.float32))
+
+    __call__ = forward

@@ -1,0 +1,138 @@
+"""One AFD deployment, planned: config + model -> topology, window layout, expert table.
+
+Both roles build their `Deployment` from the same config and model, and compare
+`ProtocolParams` at startup, so a worker started with another config or model is refused
+before any window is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.layout import WindowLayout
+from afd_dispatch.placement import build_expert_rank_table, local_experts
+from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.topology import RankTopology
+from afd_dispatch.windows import WindowGroup, create_window_group
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where micro-batch slot m travels: a window group and the micro-batch id inside it."""
+
+    group: str
+    micro_batch: int
+
+
+@dataclass(frozen=True)
+class ProtocolParams:
+    """Everything both roles must agree on before the first window write."""
+
+    groups: tuple[str, ...]
+    world_size: int
+    num_attention: int
+    ffn_start_rank_id: int
+    micro_batches: int
+    tokens: int
+    hidden: int
+    topk: int
+    shared: int
+    num_experts: int
+    moe_layers: tuple[int, ...]
+    dtype: str
+    quant_mode: int
+    table_shape: tuple[int, ...]
+    table_digest: str
+
+    def check_matches(self, other: ProtocolParams, mine: str, theirs: str) -> None:
+        """Raise `AFDHandshakeError` naming every field that differs, with both values."""
+        pairs = [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)]
+        diffs = [f"{n}: {mine} has {a!r}, {theirs} has {b!r}" for n, a, b in pairs if a != b]
+        if diffs:
+            raise AFDHandshakeError(f"{mine} and {theirs} disagree: " + "; ".join(diffs))
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Deployment:
+    """The plan both roles derive from (`AFDConfig`, `MoESpec`)."""
+
+    def __init__(self, config: AFDConfig, spec: MoESpec, dtype: torch.dtype | None = None) -> None:
+        self.config = config
+        self.spec = spec
+        self.dtype = dtype or spec.dtype or torch.bfloat16
+        self.topology: RankTopology = config.topology
+        self.table = build_expert_rank_table(
+            self.topology,
+            spec.num_experts,
+            spec.num_shared_experts,
+            config.expert_replicas,
+            config.shared_expert_ranks,
+        )
+        m = config.micro_batch_num
+        per_micro_batch = config.window_groups == "per_micro_batch"
+        self.layout = WindowLayout(
+            sessions=config.num_attention_workers,
+            micro_batches=1 if per_micro_batch else m,
+            tokens=config.max_tokens_per_micro_batch,
+            topk=spec.topk,
+            shared=spec.num_shared_experts,
+            hidden=spec.hidden_size,
+            dtype=self.dtype,
+            quant=config.quant_mode_code == 2,
+        )
+        self.layout.check_hccl_buffsize(config.hccl_buffsize_mb)
+        if per_micro_batch:
+            self.channels = [Channel(f"{config.group}.mb{i}", 0) for i in range(m)]
+        else:
+            self.channels = [Channel(config.group, i) for i in range(m)]
+        self.group_names = list(dict.fromkeys(c.group for c in self.channels))
+
+    @property
+    def micro_batches(self) -> int:
+        return self.config.micro_batch_num
+
+    def hosted(self, rank: int) -> dict[int, int]:
+        """{local id: global expert row} of FFN `rank`."""
+        return local_experts(self.table, rank)
+
+    def params(self) -> ProtocolParams:
+        return ProtocolParams(
+            groups=tuple(self.group_names),
+            world_size=self.topology.world_size,
+            num_attention=self.topology.num_attention,
+            ffn_start_rank_id=self.topology.ffn_start_rank_id,
+            micro_batches=self.micro_batches,
+            tokens=self.layout.tokens,
+            hidden=self.layout.hidden,
+            topk=self.layout.topk,
+            shared=self.layout.shared,
+            num_experts=self.spec.num_experts,
+            moe_layers=tuple(self.spec.moe_layers),
+            dtype=str(self.dtype),
+            quant_mode=self.config.quant_mode_code,
+            table_shape=tuple(self.table.shape),
+            table_digest=hashlib.sha256(self.table.numpy().tobytes()).hexdigest()[:16],
+        )
+
+    def create_windows(self, transport: str = "shm") -> list[WindowGroup]:
+        """Allocate the window groups (reference backend; on A3, HCCL owns the windows)."""
+        groups: list[WindowGroup] = []
+        try:
+            for name in self.group_names:
+                groups.append(
+                    create_window_group(
+                        name, self.topology, self.layout, transport, self.config.wait_timeout_s
+                    )
+                )
+        except BaseException:
+            for g in groups:
+                g.close()
+            raise
+        return groups

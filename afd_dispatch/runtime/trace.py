@@ -1,0 +1,120 @@
+"""Where the time goes: spans per layer and micro-batch, and counters a server can publish.
+
+Spans are taken with `time.monotonic_ns()`, CLOCK_MONOTONIC on Linux, which every process
+on one host shares, so spans from attention ranks and FFN actors line up in one timeline.
+`write_chrome_trace` writes the Chrome/Perfetto "trace event" JSON format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Span:
+    process: str  # "attention 0", "FFN 2"
+    name: str  # "send", "wait", "combine", "batch", "experts", "return", ...
+    start_ns: int
+    end_ns: int
+    layer: int = -1
+    micro_batch: int = -1
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+@dataclass
+class Tracer:
+    """Collects spans and counters of one process role (thread-safe, cheap when disabled)."""
+
+    process: str
+    enabled: bool = True
+    max_spans: int = 200_000  # a long-running server keeps the newest spans only
+    spans: list[Span] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @contextmanager
+    def span(self, name: str, layer: int = -1, micro_batch: int = -1) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        start = time.monotonic_ns()
+        try:
+            yield
+        finally:
+            end = time.monotonic_ns()
+            with self._lock:
+                if len(self.spans) >= self.max_spans:
+                    del self.spans[: self.max_spans // 2]
+                self.spans.append(Span(self.process, name, start, end, layer, micro_batch))
+                self.counters[f"{name}_seconds_total"] += (end - start) / 1e9
+
+    def count(self, name: str, value: float = 1.0) -> None:
+        with self._lock:
+            self.counters[name] += value
+
+    def snapshot(self) -> tuple[list[Span], dict[str, float]]:
+        with self._lock:
+            return list(self.spans), dict(self.counters)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.spans.clear()
+
+
+def chrome_trace(spans: Iterable[Span]) -> dict[str, Any]:
+    """Spans as a Chrome/Perfetto trace: one track ("process") per rank."""
+    spans = sorted(spans, key=lambda s: s.start_ns)
+    pids: dict[str, int] = {}
+    events: list[dict[str, Any]] = []
+    for s in spans:
+        if s.process not in pids:
+            pids[s.process] = len(pids) + 1
+            events.append(
+                {"ph": "M", "name": "process_name", "pid": pids[s.process], "tid": 0,
+                 "args": {"name": s.process}}
+            )  # fmt: skip
+        events.append(
+            {
+                "ph": "X",
+                "name": s.name if s.layer < 0 else f"{s.name} L{s.layer} mb{s.micro_batch}",
+                "cat": s.name,
+                "pid": pids[s.process],
+                "tid": 0,
+                "ts": s.start_ns / 1000,
+                "dur": s.duration_ns / 1000,
+                "args": {"layer": s.layer, "micro_batch": s.micro_batch},
+            }
+        )
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(path: str | os.PathLike[str], spans: Iterable[Span]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(chrome_trace(spans), fh)
+
+
+def prometheus_lines(counters: Mapping[str, Mapping[str, float]], prefix: str = "afd_") -> str:
+    """Counters of several processes ({process: {name: value}}) in Prometheus text format."""
+    by_name: dict[str, list[tuple[str, float]]] = defaultdict(list)
+    for process, values in counters.items():
+        for name, value in values.items():
+            by_name[name].append((process, value))
+    lines = []
+    for name in sorted(by_name):
+        metric = prefix + "".join(c if c.isalnum() else "_" for c in name)
+        lines.append(f"# TYPE {metric} counter")
+        for process, value in sorted(by_name[name]):
+            label = process.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{metric}{{process="{label}"}} {value:.9g}')
+    return "\n".join(lines) + "\n"

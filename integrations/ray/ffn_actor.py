@@ -1,0 +1,78 @@
+"""The Ray actor hosting one FFN rank: attach windows, load experts, serve until stopped.
+
+Everything happens in `__init__`, so when Ray restarts a dead actor (same arguments) the
+new process re-attaches the windows, reloads its experts from the checkpoint and resumes
+polling where the old one stopped (its schedule contexts live beside its windows).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.ffn_worker import FFNWorker, load_banks
+from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.runtime.trace import Span, Tracer
+from afd_dispatch.windows import WindowGroupSpec, attach_window_group, get_window_group
+
+
+class FFNWorkerActor:
+    def __init__(
+        self,
+        config_json: str,
+        model_path: str,
+        rank: int,
+        window_specs: list[WindowGroupSpec],
+        dtype: str,
+    ) -> None:
+        config = AFDConfig.from_json(config_json)
+        spec = MoESpec.from_pretrained(model_path)
+        self.deployment = Deployment(config, spec, getattr(torch, dtype.removeprefix("torch.")))
+        self.rank = rank
+        for window in window_specs:
+            try:
+                get_window_group(window.name)
+            except ValueError:
+                attach_window_group(window)
+        banks = load_banks(model_path, self.deployment, rank, config.batch_invariant)
+        self.worker = FFNWorker(
+            self.deployment, rank, banks, tracer=Tracer(f"FFN {rank}", enabled=config.trace)
+        )
+        self._thread = threading.Thread(target=self.worker.run, name=f"afd-ffn-{rank}", daemon=True)
+        self._thread.start()
+
+    def params(self) -> dict[str, Any]:
+        return self.deployment.params().to_dict()
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "restarted": _was_restarted(),
+            "serving": self._thread.is_alive(),
+        }
+
+    def trace(self) -> tuple[list[Span], dict[str, float]]:
+        return self.worker.tracer.snapshot()
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self._thread.join(timeout=self.deployment.config.wait_timeout_s)
+
+
+def _was_restarted() -> bool:
+    import warnings
+
+    import ray
+
+    with warnings.catch_warnings():  # Ray 2.60 warns from inside its own property
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
