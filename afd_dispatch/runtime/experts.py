@@ -29,6 +29,8 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.
     vector and scalar code with the tensor's length).
     """
     n = x.shape[0]
+    if n == 0:  # no tile at all (an empty micro-batch): nothing to make invariant
+        return fn(x)
     pad = (-n) % TILE_ROWS
     if pad:
         x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from types import ModuleType
 
@@ -24,6 +25,7 @@ import torch
 from afd_dispatch.errors import AFDTimeoutError, check
 from afd_dispatch.kernels import load_backend
 from afd_dispatch.kernels.reference.quant import dequantize_rows
+from afd_dispatch.kernels.reference.schedule_context import batched_micro_batches
 from afd_dispatch.layout import TOKEN_DTYPE_INT8, token_dtype_code
 from afd_dispatch.runtime.checkpoint import load_routed_experts, load_shared_expert
 from afd_dispatch.runtime.contexts import rank_contexts
@@ -79,7 +81,7 @@ class FFNWorker:
         self.expert_num = max(1, len(self.hosted))
         self._contexts = rank_contexts(deployment, self.ops, rank, self.expert_num, persistent=True)
         self._sources = [self._contexts[c.group] for c in deployment.channels]
-        self._cursor = 0
+        self._cursor = self._resume_position()
         layout = deployment.layout
         self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
         self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
@@ -90,13 +92,30 @@ class FFNWorker:
         self._shapes = layout.op_shapes
         self._stop = threading.Event()
 
+    def _resume_position(self) -> int:
+        """The slot to serve first: 0 on fresh windows, else where a predecessor stopped.
+
+        Slots are served cyclically, so the micro-batches batched so far on this rank's
+        (persistent) contexts, summed over the window groups, give the next slot. With
+        one shared group that is its polling index; with a group per micro-batch each
+        group's polling index is always 0, and only the count tells which group is next.
+        """
+        served = sum(
+            batched_micro_batches(holder.get_schedule_context_tensor())
+            for holder in self._contexts.values()
+        )
+        return served % len(self._sources)
+
     def serve_one(self) -> int:
         """Serve the next micro-batch slot; return the rows served. Raises on timeout."""
         micro_batch = self._cursor
         channel = self.deployment.channels[micro_batch]
         ctx = self._sources[micro_batch].get_schedule_context_tensor()
         layout = self.deployment.layout
-        with self.tracer.span("batch", -1, micro_batch):
+        # The "batch" span (waiting included) is recorded once the window has named its
+        # layer; a wait that ends without a batch (deadline, stop) is recorded as layer -1.
+        batch_start = time.monotonic_ns()
+        try:
             y, groups, sessions, mbs, tokens, offsets, scales, count = (
                 self.ops.npu_ffn_worker_batching(
                     ctx,
@@ -106,8 +125,13 @@ class FFNWorker:
                     need_schedule=1,
                 )
             )
+        except BaseException:
+            self.tracer.record("batch", batch_start, time.monotonic_ns(), -1, micro_batch)
+            raise
+        batch_end = time.monotonic_ns()
         self._cursor = (micro_batch + 1) % len(self._sources)
         layer = int(self.ops.last_batched_layer(ctx))
+        self.tracer.record("batch", batch_start, batch_end, layer, micro_batch)
         bank = self.banks.get(layer)
         check(
             bank is not None,

@@ -44,6 +44,14 @@ class RouterSpec:
             f"in [1, {self.n_group}]",
             self.topk_group,
         )
+        # Group-limited choice is DeepSeek-V3's (sigmoid scores, groups ranked by their two
+        # best experts); softmax routing would silently ignore the groups.
+        check(
+            self.n_group == 1 or self.scoring_func == "sigmoid",
+            "n_group",
+            '1 with scoring_func "softmax" (group-limited routing is sigmoid / noaux_tc only)',
+            self.n_group,
+        )
 
 
 def route(

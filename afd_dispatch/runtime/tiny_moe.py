@@ -192,7 +192,7 @@ class TinyMoEModel:
         state.keys[layer], state.values[layer] = keys, values
         scores = torch.einsum("nhd,nthd->nht", q.float(), keys.float()) / math.sqrt(d)
         attn = torch.einsum("nht,nthd->nhd", scores.softmax(-1), values.float()).to(c.dtype)
-        h = h + attn.reshape(n, -1) @ w[p + "self_attn.o_proj.weight"].T
+        h = h + attn.reshape(n, heads * d) @ w[p + "self_attn.o_proj.weight"].T  # n may be 0
         state.residual = h
         y = _rms_norm(h, w[p + "post_attention_layernorm.weight"])
         ids, weights = route(y @ w[p + "mlp.gate.weight"].T, self.router)

@@ -52,12 +52,20 @@ class Tracer:
         try:
             yield
         finally:
-            end = time.monotonic_ns()
-            with self._lock:
-                if len(self.spans) >= self.max_spans:
-                    del self.spans[: self.max_spans // 2]
-                self.spans.append(Span(self.process, name, start, end, layer, micro_batch))
-                self.counters[f"{name}_seconds_total"] += (end - start) / 1e9
+            self.record(name, start, time.monotonic_ns(), layer, micro_batch)
+
+    def record(
+        self, name: str, start_ns: int, end_ns: int, layer: int = -1, micro_batch: int = -1
+    ) -> None:
+        """Add a span measured by the caller (`time.monotonic_ns()`), for work whose layer
+        is known only once it is done; adds to "<name>_seconds_total" like `span`."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if len(self.spans) >= self.max_spans:
+                del self.spans[: self.max_spans // 2]
+            self.spans.append(Span(self.process, name, start_ns, end_ns, layer, micro_batch))
+            self.counters[f"{name}_seconds_total"] += (end_ns - start_ns) / 1e9
 
     def count(self, name: str, value: float = 1.0) -> None:
         with self._lock:
@@ -70,6 +78,49 @@ class Tracer:
     def clear(self) -> None:
         with self._lock:
             self.spans.clear()
+
+
+def merge(tracers: Iterable[Tracer]) -> tuple[list[Span], dict[str, dict[str, float]]]:
+    """The spans of several tracers in start order, and their counters by process (what
+    `write_chrome_trace` and `prometheus_lines` take); tracers of one process add up."""
+    spans: list[Span] = []
+    counters: dict[str, dict[str, float]] = {}
+    for tracer in tracers:
+        s, c = tracer.snapshot()
+        spans.extend(s)
+        mine = counters.setdefault(tracer.process, {})
+        for name, value in c.items():
+            mine[name] = mine.get(name, 0.0) + value
+    spans.sort(key=lambda sp: sp.start_ns)
+    return spans, counters
+
+
+def overlap_ns(a: Iterable[Span], b: Iterable[Span]) -> int:
+    """How long some span of `a` and some span of `b` are open at the same time, in ns.
+
+    Each set is first reduced to the union of its intervals, so time is counted once however
+    many spans of a set cover it. 0: the two sets never run at once (touching ends included).
+    """
+    union_a, union_b = _union(a), _union(b)
+    total, i, j = 0, 0, 0
+    while i < len(union_a) and j < len(union_b):
+        (a0, a1), (b0, b1) = union_a[i], union_b[j]
+        total += max(0, min(a1, b1) - max(a0, b0))
+        if a1 <= b1:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _union(spans: Iterable[Span]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted((s.start_ns, s.end_ns) for s in spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def chrome_trace(spans: Iterable[Span]) -> dict[str, Any]:
@@ -112,9 +163,11 @@ def prometheus_lines(counters: Mapping[str, Mapping[str, float]], prefix: str = 
             by_name[name].append((process, value))
     lines = []
     for name in sorted(by_name):
-        metric = prefix + "".join(c if c.isalnum() else "_" for c in name)
+        metric = prefix + "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
         lines.append(f"# TYPE {metric} counter")
         for process, value in sorted(by_name[name]):
-            label = process.replace("\\", "\\\\").replace('"', '\\"')
-            lines.append(f'{metric}{{process="{label}"}} {value:.9g}')
+            label = process.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            # repr: the shortest text that reads back as the same double (".9g" froze a
+            # counter past 1e9 for increments under 10)
+            lines.append(f'{metric}{{process="{label}"}} {float(value)!r}')
     return "\n".join(lines) + "\n"

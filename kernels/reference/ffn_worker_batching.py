@@ -99,6 +99,7 @@ def ffn_worker_batching(
     rows[:, FLAG_OFFSET] = 0
     sc.put(ctx, sc.FFN_POLLING_INDEX, (m + 1) % layout.micro_batches)
     sc.put(ctx, sc.REF_LAST_LAYER_ID, layer)
+    sc.put(ctx, sc.REF_BATCHED_COUNT, sc.get(ctx, sc.REF_BATCHED_COUNT) + 1)
     sc.put(ctx, sc.REF_READY_MICRO_BATCH, 0)
     sc.put(ctx, sc.FFN_OUT_NUM, n)
     actual = torch.tensor([n], dtype=torch.int64)

@@ -3,9 +3,10 @@
 Its byte layout is torch_npu's packed `ScheduleContext` struct (common area at 0, control
 at 128, attention area at 256, FFN area at 384), so a context can be inspected the same way
 on both backends. Window "addresses" are reference window addresses
-(`WindowGroup.address`). Two reference-only fields live in the struct's reserved tail
-(bytes 640..): the layer id of the last batched micro-batch, and a marker that the
-scheduler op found a micro-batch ready.
+(`WindowGroup.address`). Three reference-only fields live in the struct's reserved tail
+(bytes 640..): the layer id of the last batched micro-batch, a marker that the scheduler
+op found a micro-batch ready, and how many micro-batches this context has batched (carried
+over on resume, so a restarted FFN worker can tell which window group it serves next).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ FFN_POLLING_INDEX = (416, 8)
 FFN_OUT_NUM = (576, 4)
 REF_LAST_LAYER_ID = (640, 4)
 REF_READY_MICRO_BATCH = (644, 4)  # micro-batch + 1 found ready by the scheduler op, or 0
+REF_BATCHED_COUNT = (648, 8)  # micro-batches batched on this context since it was fresh
 
 
 def get(ctx: torch.Tensor, field: tuple[int, int]) -> int:
@@ -67,6 +69,13 @@ def last_batched_layer(schedule_context: torch.Tensor) -> int:
     """The layer id the last `npu_ffn_worker_batching` on this FFN context collected."""
     check_context(schedule_context, SCHEDULE_MODE_FFN)
     return get(schedule_context, REF_LAST_LAYER_ID)
+
+
+def batched_micro_batches(schedule_context: torch.Tensor) -> int:
+    """How many micro-batches `npu_ffn_worker_batching` has collected on this FFN context
+    (a resumed context keeps counting where its predecessor stopped)."""
+    check_context(schedule_context, SCHEDULE_MODE_FFN)
+    return get(schedule_context, REF_BATCHED_COUNT)
 
 
 def check_context_storage(storage: torch.Tensor) -> None:
@@ -204,6 +213,8 @@ class ScheduleContextHolder:
         put(ctx, REF_READY_MICRO_BATCH, 0)
         if carried is not None:
             put(ctx, FFN_POLLING_INDEX if ffn else ATTN_MICRO_BATCH_ID, carried)
+        else:
+            put(ctx, REF_BATCHED_COUNT, 0)
 
     def _carried_position(self) -> int | None:
         ctx, a = self._ctx, self._args

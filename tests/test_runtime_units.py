@@ -1,0 +1,455 @@
+"""The runtime's parts one at a time: endpoint, MoE layer, router, experts, handshake, worker.
+
+Everything runs in this process over in-process windows; FFN workers that must serve
+concurrently run in threads (`afd_threads`), and every wait and join is bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from afd_threads import RankThread, config, counters_when_served, deployment, ffn_workers
+
+from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
+from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.runtime.attention import AFDMoELayer, AttentionEndpoint
+from afd_dispatch.runtime.checkpoint import SharedExpertWeights
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.experts import ExpertBank, shared_expert, swiglu
+from afd_dispatch.runtime.ffn_worker import FFNWorker
+from afd_dispatch.runtime.routing import RouterSpec, route
+from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
+from afd_dispatch.runtime.trace import Tracer
+
+H = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> TinyMoEModel:
+    return TinyMoEModel(
+        TinyMoEConfig(
+            vocab_size=16,
+            hidden_size=H,
+            num_layers=2,
+            num_heads=2,
+            num_experts=6,
+            topk=2,
+            moe_intermediate_size=16,
+            shared_intermediate_size=24,
+            max_positions=8,
+            seed=5,
+        )
+    )
+
+
+def banks(model: TinyMoEModel) -> dict[int, ExpertBank]:
+    """Every expert of every layer (an FFN rank given more than it hosts still serves)."""
+    return model.expert_banks(True)
+
+
+def colocated(model: TinyMoEModel) -> ColocatedMoE:
+    return ColocatedMoE(banks(model), model.spec.num_shared_experts, torch.float32)
+
+
+def moe_inputs(
+    model: TinyMoEModel, tokens: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, H, generator=g)
+    ids, weights = route(torch.randn(tokens, model.config.num_experts, generator=g), model.router)
+    return x, ids, weights
+
+
+# -- AttentionEndpoint.exchange ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("tokens", "micro_batches", "rounds"),
+    [
+        (21, 2, 3),  # T > M * BS = 8: three rounds of two slots, the last one part-filled
+        (2, 3, 1),  # T < M: one token in slots 0 and 1, slot 2 sent empty
+        (0, 2, 1),  # no tokens at all: every slot sent empty
+    ],
+)
+def test_exchange_equals_colocated(
+    model: TinyMoEModel, tokens: int, micro_batches: int, rounds: int
+) -> None:
+    cfg = config(1, 2, micro_batch_num=micro_batches, max_tokens_per_micro_batch=4, trace=True)
+    reference = colocated(model)
+    with (
+        deployment(cfg, model.spec, torch.float32) as dep,
+        ffn_workers(dep, lambda rank: banks(model)) as workers,
+    ):
+        endpoint = AttentionEndpoint(dep, 0)
+        for layer in model.moe_layers:  # two exchanges: slots keep cycling in order
+            x, ids, weights = moe_inputs(model, tokens, seed=layer)
+            got = endpoint.exchange(layer, x, ids, weights)
+            assert got.shape == (tokens, H)
+            assert torch.equal(got, reference.moe(layer, x, ids, weights))
+        expected = len(model.moe_layers) * rounds * micro_batches
+        counters = counters_when_served(workers, expected)
+    assert [c["micro_batches_served_total"] for c in counters] == [expected] * 2
+
+
+def test_moe_layer_routes_from_logits(model: TinyMoEModel) -> None:
+    """`AFDMoELayer` = route (softmax, or DeepSeek-V3 sigmoid + bias + groups) + exchange."""
+    deepseek = RouterSpec(
+        6, 2, "sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=3, topk_group=2
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, H, generator=g)
+    logits = torch.randn(7, 6, generator=g)
+    bias = torch.randn(6, generator=g)
+    reference = colocated(model)
+    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4)
+    with (
+        deployment(cfg, model.spec, torch.float32) as dep,
+        ffn_workers(dep, lambda rank: banks(model)),
+    ):
+        endpoint = AttentionEndpoint(dep, 0)
+        layer = AFDMoELayer(endpoint, 1, model.router)
+        want = reference.moe(1, x, *route(logits, model.router))
+        assert torch.equal(layer(x, logits), want)
+        # precomputed ids and weights bypass the router (weights taken as float32)
+        ids, weights = route(logits, model.router)
+        assert torch.equal(layer(x, topk_ids=ids, topk_weights=weights.double()), want)
+
+        grouped = AFDMoELayer(endpoint, 0, deepseek)
+        want = reference.moe(0, x, *route(logits, deepseek, bias))
+        assert torch.equal(grouped(x, logits, score_bias=bias), want)
+        with pytest.raises(AFDInputError, match="router_logits"):
+            layer(x)
+
+
+# -- send / receive order ------------------------------------------------------------------
+def test_out_of_order_send_receive_is_refused(model: TinyMoEModel) -> None:
+    """Each refusal names the slot expected, and writes nothing to any window."""
+    x, ids, weights = moe_inputs(model, 3, seed=0)
+    cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        windows = get_window_group(dep.channels[0].group)
+        endpoint = AttentionEndpoint(dep, 0)
+        ffn_rank = dep.topology.ffn_ranks[0]
+
+        def refused(call: Any, match: str) -> None:
+            before = windows.read_window(ffn_rank)
+            with pytest.raises(AFDInputError, match=match):
+                call()
+            assert windows.read_window(ffn_rank) == before
+
+        refused(lambda: endpoint.receive(0), "a slot that was sent")
+        refused(lambda: endpoint.send(1, 0, x, ids, weights), r"0 \(cyclic send order\)")
+        big = torch.zeros(5, H)
+        refused(lambda: endpoint.send(0, 0, big, ids, weights), "BS = 4")
+        refused(lambda: endpoint.send(0, 0, x, ids[:2], weights), "topk_ids")
+
+        endpoint.send(0, 0, x, ids, weights)
+        refused(lambda: endpoint.send(0, 0, x, ids, weights), r"1 \(cyclic send order\)")
+        refused(lambda: endpoint.receive(1), r"0 \(results come back in send order\)")
+        refused(lambda: endpoint.exchange(0, x, ids, weights), "no micro-batch in flight")
+        endpoint.send(1, 0, x, ids, weights)
+        # both slots in flight: slot 0 is next in cyclic order but not yet received
+        refused(lambda: endpoint.send(0, 0, x, ids, weights), "a slot whose result was received")
+
+
+# -- routing --------------------------------------------------------------------------------
+def direct_softmax_topk(
+    logits: torch.Tensor, k: int, normalise: bool, scale: float
+) -> tuple[list[list[int]], torch.Tensor]:
+    ids, rows = [], []
+    for row in logits.tolist():
+        m = max(row)
+        exp = [pow(2.718281828459045, v - m) for v in row]
+        probs = [e / sum(exp) for e in exp]
+        chosen = sorted(range(len(row)), key=lambda e: -probs[e])[:k]
+        w = [probs[e] for e in chosen]
+        if normalise:
+            w = [v / sum(w) for v in w]
+        ids.append(chosen)
+        rows.append([v * scale for v in w])
+    return ids, torch.tensor(rows, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(("normalise", "scale"), [(False, 1.0), (True, 1.0), (True, 2.5)])
+def test_route_softmax_topk(normalise: bool, scale: float) -> None:
+    logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    spec = RouterSpec(8, 3, norm_topk_prob=normalise, routed_scaling_factor=scale)
+    ids, weights = route(logits, spec)
+    want_ids, want_weights = direct_softmax_topk(logits.double(), 3, normalise, scale)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert ids.tolist() == want_ids
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-7)
+    if normalise:  # the scaling factor is folded into the weights combine multiplies by
+        torch.testing.assert_close(weights.sum(-1), torch.full((32,), scale))
+
+
+def direct_deepseek_v3(
+    logits: torch.Tensor, bias: torch.Tensor, k: int, n_group: int, topk_group: int, scale: float
+) -> tuple[list[list[int]], torch.Tensor]:
+    """noaux_tc written out token by token: groups by the sum of their 2 best biased
+    scores, top-k of the biased scores among the kept groups, weights from the unbiased
+    sigmoid scores, renormalised, times the scaling factor."""
+    experts = logits.shape[1]
+    per_group = experts // n_group
+    ids, rows = [], []
+    for row in logits.tolist():
+        score = [1 / (1 + pow(2.718281828459045, -v)) for v in row]
+        biased = [s + b for s, b in zip(score, bias.tolist(), strict=True)]
+        group_score = [
+            sum(sorted(biased[g * per_group : (g + 1) * per_group], reverse=True)[:2])
+            for g in range(n_group)
+        ]
+        kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        candidates = [e for e in range(experts) if e // per_group in kept]
+        chosen = sorted(candidates, key=lambda e: -biased[e])[:k]
+        w = [score[e] for e in chosen]
+        ids.append(chosen)
+        rows.append([v / sum(w) * scale for v in w])
+    return ids, torch.tensor(rows, dtype=torch.float32)
+
+
+def test_route_deepseek_v3_group_limited() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(64, 16, generator=g)
+    bias = 0.5 * torch.randn(16, generator=g)
+    spec = RouterSpec(16, 4, "sigmoid", True, 2.5, n_group=4, topk_group=2)
+    ids, weights = route(logits, spec, bias)
+    want_ids, want_weights = direct_deepseek_v3(logits.double(), bias.double(), 4, 4, 2, 2.5)
+    assert ids.tolist() == want_ids
+    torch.testing.assert_close(weights, want_weights, rtol=1e-6, atol=1e-6)
+    # the groups and the bias both changed some choice (else this would test less)
+    flat = RouterSpec(16, 4, "sigmoid", True, 2.5)
+    assert route(logits, flat, bias)[0].tolist() != want_ids
+    assert route(logits, spec)[0].tolist() != want_ids
+    # softmax routing takes no groups: refused rather than silently ignored
+    with pytest.raises(AFDInputError, match="n_group"):
+        RouterSpec(16, 4, "softmax", n_group=4, topk_group=2)
+
+
+# -- batch invariance of the experts --------------------------------------------------------
+def expert_weights(seed: int, hidden: int = 64, inter: int = 32) -> SharedExpertWeights:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+
+    return SharedExpertWeights(
+        rand(inter, hidden), rand(inter, hidden), rand(hidden, inter), rand(1, hidden)
+    )
+
+
+ROW_COUNTS = (0, 1, 2, 3, 5, 8, 15, 16, 17, 33, 40)
+
+
+def row_results(fn: Any, x: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(what, rows computed in some other batch, the same rows of the 40-row batch)."""
+    full = fn(x)
+    for n in ROW_COUNTS:
+        yield f"first {n} rows", fn(x[:n]), full[:n]
+    for i in (0, 17, 39):
+        yield f"row {i} alone", fn(x[i : i + 1]), full[i : i + 1]
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    yield "permuted", fn(x[perm]), full[perm]
+    others = torch.randn(9, x.shape[1], generator=torch.Generator().manual_seed(1))
+    yield "after 9 other rows", fn(torch.cat([others, x]))[9:], full
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "shared_expert"])
+def test_batch_invariant_experts(kind: str) -> None:
+    w = expert_weights(4)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(5))
+
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        return swiglu(rows, w, True) if kind == "swiglu" else shared_expert(rows, w, True)
+
+    for what, got, want in row_results(fn, x):
+        assert torch.equal(got, want), what
+
+
+# -- the handshake --------------------------------------------------------------------------
+def test_params_equal_for_the_same_plan(model: TinyMoEModel) -> None:
+    keys: dict[str, Any] = {"expert_replicas": {0: 2}, "shared_expert_ranks": (2,)}
+    cfg = config(2, 3, **keys)
+    a, b = Deployment(cfg, model.spec, torch.float32), Deployment(cfg, model.spec, torch.float32)
+    assert a.params() == b.params()
+    a.params().check_matches(b.params(), "attention", "FFN 1")  # no error
+    params = a.params().to_dict()
+    assert params["num_experts"] == 6 and params["shared"] == 1 and params["world_size"] == 5
+
+
+@pytest.mark.parametrize(
+    ("change", "dtype", "fields"),
+    [
+        ({"micro_batch_num": 3}, torch.float32, {"micro_batches": ("2", "3")}),
+        ({"expert_replicas": {0: 2, 1: 2}}, torch.float32, {"table_digest": None}),
+        ({}, torch.bfloat16, {"dtype": ("'torch.float32'", "'torch.bfloat16'")}),
+        (
+            {"max_tokens_per_micro_batch": 8, "quant_mode": "int8"},
+            torch.float32,
+            {"tokens": ("16", "8"), "quant_mode": ("0", "2")},
+        ),
+    ],
+)
+def test_params_mismatch_names_field_and_values(
+    model: TinyMoEModel,
+    change: dict[str, Any],
+    dtype: torch.dtype,
+    fields: dict[str, tuple[str, str] | None],
+) -> None:
+    keys: dict[str, Any] = {
+        "micro_batch_num": 2,
+        "max_tokens_per_micro_batch": 16,
+        "expert_replicas": {0: 2},
+        "shared_expert_ranks": (2,),
+    }
+    base = config(2, 3, **keys)
+    mine = Deployment(base, model.spec, torch.float32).params()
+    theirs = Deployment(dataclasses.replace(base, **change), model.spec, dtype).params()
+    with pytest.raises(AFDHandshakeError) as info:
+        mine.check_matches(theirs, "attention", "FFN 2")
+    message = str(info.value)
+    for name, values in fields.items():
+        if values is None:
+            values = (repr(getattr(mine, name)), repr(getattr(theirs, name)))
+        assert f"{name}: attention has {values[0]}, FFN 2 has {values[1]}" in message
+    named = {part.split(":")[0].strip() for part in message.split(": ", 1)[1].split("; ")}
+    differing = {k for k, v in mine.to_dict().items() if theirs.to_dict()[k] != v}
+    assert named == differing == set(fields)  # every differing field named, and no other
+
+
+# -- the FFN worker -------------------------------------------------------------------------
+def test_worker_stops_promptly_while_idle(model: TinyMoEModel) -> None:
+    cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=60.0)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        worker = FFNWorker(dep, 0, banks(model))
+        thread = RankThread("ffn-0", worker.run)
+        thread.start()
+        try:
+            time.sleep(0.2)  # inside the (60 s) wait for a micro-batch
+            assert thread.is_alive()
+            start = time.monotonic()
+            worker.stop()
+            thread.outcome(timeout_s=2.0)  # returns normally, no exception
+            assert time.monotonic() - start < 1.0
+        finally:
+            worker.stop()
+            thread.join(5.0)
+        # stopped before it ever ran: run() returns at once
+        early = FFNWorker(dep, 0, banks(model))
+        early.stop()
+        again = RankThread("ffn-0-early", early.run)
+        again.start()
+        again.outcome(timeout_s=2.0)
+
+
+def test_worker_keeps_serving_after_idle_deadlines(
+    model: TinyMoEModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deadline passing with no traffic is idleness, not an error: `run` keeps polling."""
+    caplog.set_level(logging.DEBUG, logger="afd_dispatch.runtime.ffn_worker")
+    idle_s = 0.3
+    cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=idle_s)
+    x, ids, weights = moe_inputs(model, 3, seed=9)
+    with (
+        deployment(cfg, model.spec, torch.float32) as dep,
+        ffn_workers(dep, lambda rank: banks(model)) as workers,
+    ):
+        time.sleep(4 * idle_s)  # several deadlines pass with nothing sent
+        (_, thread) = workers[0]
+        assert thread.is_alive() and thread.error is None
+        idle = [r for r in caplog.records if "idle" in r.getMessage()]
+        assert len(idle) >= 2  # the deadlines did pass (logged at debug level)
+        endpoint = AttentionEndpoint(dep, 0)
+        endpoint.send(0, 1, x, ids, weights)
+        got = receive_patiently(endpoint, 0)
+        assert torch.equal(got, colocated(model).moe(1, x, ids, weights))
+
+
+def receive_patiently(
+    endpoint: AttentionEndpoint, slot: int, total_s: float = 15.0
+) -> torch.Tensor:
+    """`receive`, retried over the (short) combine deadline: a loaded CI host may need
+    longer than one deadline to schedule the FFN thread; a timed-out combine changes nothing."""
+    end = time.monotonic() + total_s
+    while True:
+        try:
+            return endpoint.receive(slot)
+        except AFDTimeoutError:
+            if time.monotonic() > end:
+                raise
+
+
+def test_worker_refuses_layer_it_has_no_experts_for(model: TinyMoEModel) -> None:
+    x, ids, weights = moe_inputs(model, 3, seed=1)
+    cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        only_layer_0 = {0: banks(model)[0]}
+        endpoint = AttentionEndpoint(dep, 0)
+        worker = FFNWorker(dep, 0, only_layer_0)
+        endpoint.send(0, 1, x, ids, weights)
+        with pytest.raises(AFDInputError, match=r"layer id from the window.*\[0\].*got 1"):
+            worker.serve_one()
+        # under run() the error ends the loop and reaches whoever joins it
+        endpoint.send(1, 1, x, ids, weights)
+        thread = RankThread("ffn-0", worker.run)
+        thread.start()
+        try:
+            with pytest.raises(AFDInputError, match="layer id from the window"):
+                thread.outcome()
+        finally:
+            worker.stop()
+            thread.join(5.0)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["dropped", "stopped"])
+@pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
+def test_restarted_worker_resumes_at_the_next_micro_batch(
+    model: TinyMoEModel, window_groups: str, stopped: bool
+) -> None:
+    """Serve slot 0, replace the worker by a new one on the same windows: it serves 1."""
+    cfg = config(
+        1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
+        window_groups=window_groups,
+    )  # fmt: skip
+    reference = colocated(model)
+    inputs = [moe_inputs(model, 3, seed=s) for s in range(3)]
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        endpoint = AttentionEndpoint(dep, 0)
+        first = FFNWorker(dep, 0, banks(model))
+        endpoint.send(0, 0, *inputs[0])
+        assert first.serve_one() == 3 * 3  # K routed + 1 shared row per token
+        assert torch.equal(endpoint.receive(0), reference.moe(0, *inputs[0]))
+        if stopped:
+            first.stop()
+        del first
+        gc.collect()
+
+        tracer = Tracer("FFN 0 (restarted)")
+        second = FFNWorker(dep, 0, banks(model), tracer=tracer)
+        endpoint.send(1, 0, *inputs[1])
+        assert second.serve_one() == 9  # slot 1, not a wait on the (empty) slot 0
+        assert torch.equal(endpoint.receive(1), reference.moe(0, *inputs[1]))
+        endpoint.send(0, 1, *inputs[2])  # and then around the cycle again
+        assert second.serve_one() == 9
+        assert torch.equal(endpoint.receive(0), reference.moe(1, *inputs[2]))
+        spans, _ = tracer.snapshot()
+        assert [(s.micro_batch, s.layer) for s in spans if s.name == "experts"] == [(1, 0), (0, 1)]
+
+
+def test_fresh_windows_start_at_slot_zero(model: TinyMoEModel) -> None:
+    """A worker on new windows starts at slot 0 even where a context storage was used
+    before (the windows of a group are zeroed at creation)."""
+    for _ in range(2):
+        cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0)
+        x, ids, weights = moe_inputs(model, 2, seed=0)
+        with deployment(cfg, model.spec, torch.float32) as dep:
+            endpoint = AttentionEndpoint(dep, 0)
+            worker = FFNWorker(dep, 0, banks(model))
+            endpoint.send(0, 0, x, ids, weights)
+            assert worker.serve_one() == 6
+            assert torch.equal(endpoint.receive(0), colocated(model).moe(0, x, ids, weights))
