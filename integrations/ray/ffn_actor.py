@@ -3,6 +3,11 @@
 Everything happens in `__init__`, so when Ray restarts a dead actor (same arguments) the
 new process re-attaches the windows, reloads its experts from the checkpoint and resumes
 polling where the old one stopped (its schedule contexts live beside its windows).
+
+The pool passes the attention side's `ProtocolParams`: an actor whose own plan (from its
+config and checkpoint) differs attaches no window and serves nothing, and the pool's
+handshake refuses it naming the fields. (Attaching first would fail on a differing window
+group with a bare actor-creation error, or poll the windows with the wrong plan.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 import torch
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.ffn_worker import FFNWorker, load_banks
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Span, Tracer
@@ -29,11 +34,16 @@ class FFNWorkerActor:
         rank: int,
         window_specs: list[WindowGroupSpec],
         dtype: str,
+        expected: ProtocolParams | None = None,
     ) -> None:
         config = AFDConfig.from_json(config_json)
         spec = MoESpec.from_pretrained(model_path)
         self.deployment = Deployment(config, spec, getattr(torch, dtype.removeprefix("torch.")))
         self.rank = rank
+        self.worker: FFNWorker | None = None
+        self._thread: threading.Thread | None = None
+        if expected is not None and self.deployment.params() != expected:
+            return  # refused by the pool's handshake, which names the differences
         for window in window_specs:
             try:
                 get_window_group(window.name)
@@ -52,20 +62,23 @@ class FFNWorkerActor:
     def info(self) -> dict[str, Any]:
         import ray
 
+        context = ray.get_runtime_context()
         return {
             "rank": self.rank,
+            "actor_id": context.get_actor_id(),
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": context.get_node_id(),
             "restarted": _was_restarted(),
-            "serving": self._thread.is_alive(),
+            "serving": self._thread is not None and self._thread.is_alive(),
         }
 
     def trace(self) -> tuple[list[Span], dict[str, float]]:
-        return self.worker.tracer.snapshot()
+        return self.worker.tracer.snapshot() if self.worker is not None else ([], {})
 
     def stop(self) -> None:
-        self.worker.stop()
-        self._thread.join(timeout=self.deployment.config.wait_timeout_s)
+        if self.worker is not None and self._thread is not None:
+            self.worker.stop()
+            self._thread.join(timeout=self.deployment.config.wait_timeout_s)
 
 
 def _was_restarted() -> bool:

@@ -78,6 +78,7 @@ class FFNWorkerPool:
             remote = ray.remote(FFNWorkerActor)
             config_json = self.ffn_config.to_json()
             specs = [g.spec for g in self.groups]
+            expected = self.deployment.params()
             for bundle, rank in enumerate(ranks):
                 self.actors[rank] = remote.options(
                     name=None,
@@ -85,7 +86,9 @@ class FFNWorkerPool:
                     max_restarts=cfg.ffn_max_restarts,
                     max_task_retries=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, bundle),
-                ).remote(config_json, self.model_path, rank, specs, str(self.deployment.dtype))
+                ).remote(
+                    config_json, self.model_path, rank, specs, str(self.deployment.dtype), expected
+                )
             self._handshake()
             if not crosses_nodes:
                 self._check_same_node()
