@@ -22,6 +22,7 @@ ROLES = ("attention", "ffn")
 BACKENDS = ("auto", "reference", "npu")
 TRANSPORTS = ("auto", "inproc", "shm", "hccl")
 WINDOW_GROUPS = ("shared", "per_micro_batch")
+SHARED_EXPERTS_ON = ("ffn", "attention")
 _RAY_ADDRESS = re.compile(
     r"(auto|local|ray://[A-Za-z0-9_.:\[\]-]{1,255}|[A-Za-z0-9_.\[\]-]{1,253}:[0-9]{1,5})"
 )
@@ -58,6 +59,9 @@ class AFDConfig:
     ffn_max_restarts           restarts Ray may make of a dead FFN actor, 0..100
     batch_invariant            expert matmuls independent of batch composition (exact tests)
     trace                      record per-layer, per-micro-batch spans
+    shared_experts_on          "ffn": shared experts are slots of the AFD table, hosted on
+                               FFN ranks; "attention": the attention side runs them itself
+                               (what the vLLM plugin does: vLLM computes them in its runner)
     =========================  ==========================================================
     """
 
@@ -82,6 +86,7 @@ class AFDConfig:
     ffn_max_restarts: int = 3
     batch_invariant: bool = False
     trace: bool = False
+    shared_experts_on: str = "ffn"
     _topology: RankTopology = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +110,7 @@ class AFDConfig:
         _seconds(self, "wait_timeout_s")
         _seconds(self, "startup_timeout_s")
         _choice(self, "window_groups", WINDOW_GROUPS)
+        _choice(self, "shared_experts_on", SHARED_EXPERTS_ON)
         check(
             self.ray_address is None
             or (

@@ -7,6 +7,7 @@ before any window is written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import asdict, dataclass, fields
 
@@ -64,6 +65,8 @@ class Deployment:
     """The plan both roles derive from (`AFDConfig`, `MoESpec`)."""
 
     def __init__(self, config: AFDConfig, spec: MoESpec, dtype: torch.dtype | None = None) -> None:
+        if config.shared_experts_on == "attention":
+            spec = dataclasses.replace(spec, num_shared_experts=0)
         self.config = config
         self.spec = spec
         self.dtype = dtype or spec.dtype or torch.bfloat16

@@ -34,7 +34,11 @@ class Span:
 
 @dataclass
 class Tracer:
-    """Collects spans and counters of one process role (thread-safe, cheap when disabled)."""
+    """Collects spans and counters of one process role (thread-safe).
+
+    Counters (including "<span>_seconds_total") are always kept, since a server publishes
+    them; `enabled` only decides whether individual spans are stored for a trace.
+    """
 
     process: str
     enabled: bool = True
@@ -45,9 +49,6 @@ class Tracer:
 
     @contextmanager
     def span(self, name: str, layer: int = -1, micro_batch: int = -1) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
         start = time.monotonic_ns()
         try:
             yield
@@ -59,12 +60,11 @@ class Tracer:
     ) -> None:
         """Add a span measured by the caller (`time.monotonic_ns()`), for work whose layer
         is known only once it is done; adds to "<name>_seconds_total" like `span`."""
-        if not self.enabled:
-            return
         with self._lock:
-            if len(self.spans) >= self.max_spans:
-                del self.spans[: self.max_spans // 2]
-            self.spans.append(Span(self.process, name, start_ns, end_ns, layer, micro_batch))
+            if self.enabled:
+                if len(self.spans) >= self.max_spans:
+                    del self.spans[: self.max_spans // 2]
+                self.spans.append(Span(self.process, name, start_ns, end_ns, layer, micro_batch))
             self.counters[f"{name}_seconds_total"] += (end_ns - start_ns) / 1e9
 
     def count(self, name: str, value: float = 1.0) -> None:

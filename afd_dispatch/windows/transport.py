@@ -13,6 +13,8 @@ import mmap
 import os
 import secrets
 import stat
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -61,6 +63,7 @@ class SharedMemoryTransport:
         self._sizes = list(sizes)
         self._maps: list[mmap.mmap] = []
         self._windows: list[torch.Tensor] = []
+        self._janitor: subprocess.Popen[bytes] | None = None
         try:
             for rank, size in enumerate(self._sizes):
                 self._maps.append(self._open(rank, size))
@@ -70,6 +73,7 @@ class SharedMemoryTransport:
         self._windows = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
         if self.owner:
             atexit.register(self.close)
+            self._janitor = _start_janitor(self.token, len(self._sizes))
 
     def path(self, rank: int) -> str:
         return os.path.join(SHM_DIR, f"afd-{self.token}-{rank}")
@@ -109,6 +113,22 @@ class SharedMemoryTransport:
                     os.unlink(self.path(rank))
             atexit.unregister(self.close)
             self.owner = False
+        if self._janitor is not None:
+            assert self._janitor.stdin is not None
+            self._janitor.stdin.close()
+            self._janitor.wait(timeout=10)
+            self._janitor = None
+
+
+def _start_janitor(token: str, ranks: int) -> subprocess.Popen[bytes]:
+    """A watcher that unlinks the files if this process dies without `close()`."""
+    script = os.path.join(os.path.dirname(__file__), "janitor.py")
+    return subprocess.Popen(
+        [sys.executable, "-S", "-E", script, SHM_DIR, token, str(ranks)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to the owner's group must not kill it first
+    )
 
 
 def _checked_token(token: str) -> str:
