@@ -116,19 +116,19 @@ class SharedMemoryTransport:
         if self._janitor is not None:
             assert self._janitor.stdin is not None
             self._janitor.stdin.close()
-            self._janitor.wait(timeout=10)
             self._janitor = None
 
 
 def _start_janitor(token: str, ranks: int) -> subprocess.Popen[bytes]:
     """A watcher that unlinks the files if this process dies without `close()`."""
     script = os.path.join(os.path.dirname(__file__), "janitor.py")
-    return subprocess.Popen(
+    janitor = subprocess.Popen(
         [sys.executable, "-S", "-E", script, SHM_DIR, token, str(ranks)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        start_new_session=True,  # a Ctrl-C to the owner's group must not kill it first
     )
+    janitor.wait(timeout=30)  # the launcher exits at once; its forked child keeps the pipe
+    return janitor
 
 
 def _checked_token(token: str) -> str:

