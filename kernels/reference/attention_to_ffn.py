@@ -9,11 +9,10 @@ import torch
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
 from afd_dispatch.errors import check
 from afd_dispatch.kernels.reference.quant import quantize_rows
+from afd_dispatch.kernels.reference.rows import COPY_CHUNK_ROWS, copy_rows
 from afd_dispatch.layout import FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET, WindowLayout
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence, wait_until
-
-COPY_CHUNK_ROWS = 64  # rows per gather/scatter chunk: ~1 MB at H = 7168 bf16, cache-sized
 
 
 def attention_to_ffn(
@@ -70,7 +69,7 @@ def attention_to_ffn(
         info, data = views[r]
         positions = (flat_dest == r).nonzero().flatten()
         rows = data[s, m].view(layout.tokens * width, row_elems)
-        _copy_rows(rows, positions, source, positions if per_slot else positions // width, staging)
+        copy_rows(rows, positions, source, positions if per_slot else positions // width, staging)
         info[s, m, SLOTS_OFFSET:].index_copy_(0, positions, flat_local[positions])
     for r in headers:
         views[r][0][s, m, LAYER_OFFSET] = call.layer
@@ -106,25 +105,6 @@ def _source_rows(
     packed[:, : layout.hidden] = q
     packed[:, layout.hidden : layout.hidden + 4] = scale.view(torch.int8).view(-1, 4)
     return packed, per_slot
-
-
-def _copy_rows(
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-    source: torch.Tensor,
-    source_index: torch.Tensor,
-    staging: torch.Tensor,
-) -> None:
-    """rows[positions[i]] = source[source_index[i]], in cache-sized chunks.
-
-    Gathering a chunk into a staging buffer that stays in cache and scattering it from
-    there costs about one pass over the bytes; one big gather-then-scatter costs far more.
-    """
-    for i in range(0, positions.numel(), COPY_CHUNK_ROWS):
-        k = min(COPY_CHUNK_ROWS, positions.numel() - i)
-        chunk = staging[:k]
-        torch.index_select(source, 0, source_index[i : i + k], out=chunk)
-        rows.index_copy_(0, positions[i : i + k], chunk)
 
 
 def slot_experts(ids: torch.Tensor, call: AttentionToFfnCall) -> torch.Tensor:

@@ -45,17 +45,39 @@ def attention_worker_combine(
             need_schedule,
         )
     info, data = windows.attn_views(rank)
-    d = data[m]  # (BS, E, H)
-    acc = torch.zeros(layout.tokens, layout.hidden, dtype=torch.float32)
-    for k in range(topk):
-        acc = acc + d[:, k].to(torch.float32) * expert_scales[:, k : k + 1]
-    for j in range(topk, layout.slots):
-        acc = acc + d[:, j].to(torch.float32)
-    y = acc.to(layout.dtype)
+    y = weighted_sum(data[m], expert_scales, topk, layout.dtype)
     info[m] = 0
     sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     sc.put(ctx, sc.REF_READY_MICRO_BATCH, 0)
     return y, layer_id + 1
+
+
+COMBINE_BLOCK_TOKENS = 32  # a block's float32 accumulator (32 x H) stays in cache
+
+
+def weighted_sum(
+    d: torch.Tensor, scales: torch.Tensor, topk: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """y[t] = round(sum_k float32(d[t, k]) * w[t, k] + sum_shared float32(d[t, j])).
+
+    One multiply and one add per slot, in slot order, never fused; done per block of
+    tokens so the float32 temporaries stay in cache and memory sees one read of `d`.
+    """
+    tokens, slots, hidden = d.shape
+    y = torch.empty(tokens, hidden, dtype=dtype)
+    acc = torch.empty(COMBINE_BLOCK_TOKENS, hidden, dtype=torch.float32)
+    term = torch.empty_like(acc)
+    for lo in range(0, tokens, COMBINE_BLOCK_TOKENS):
+        hi = min(tokens, lo + COMBINE_BLOCK_TOKENS)
+        a, t = acc[: hi - lo], term[: hi - lo]
+        a.zero_()
+        for k in range(slots):
+            t.copy_(d[lo:hi, k])
+            if k < topk:
+                t.mul_(scales[lo:hi, k : k + 1])
+            a.add_(t)
+        y[lo:hi].copy_(a)
+    return y
 
 
 def attention_worker_scheduler_(schedule_context: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from afd_dispatch.contract import check_ffn_to_attention
 from afd_dispatch.errors import check
+from afd_dispatch.kernels.reference.rows import COPY_CHUNK_ROWS, copy_rows
 from afd_dispatch.windows import get_window_group, store_fence
 
 
@@ -63,12 +64,14 @@ def ffn_to_attention(
             r,
         )
     mb, tok, off = (t[:n].to(torch.int64) for t in (micro_batch_ids, token_ids, expert_offsets))
-    picks = []
+    positions = (mb * layout.tokens + tok) * layout.slots + off  # row in the [M, BS, E] grid
+    staging = torch.empty(COPY_CHUNK_ROWS, layout.hidden, dtype=x.dtype)
+    written = []
     for r in receivers:
         rows = (dest == r).nonzero().flatten()
         info, data = windows.attn_views(r)
-        data[mb[rows], tok[rows], off[rows]] = x[rows]
-        picks.append((info, rows))
+        copy_rows(data.view(-1, layout.hidden), positions[rows], x, rows, staging)
+        written.append((info.view(-1), positions[rows]))
     store_fence()  # result rows before the flags that announce them
-    for info, rows in picks:
-        info[mb[rows], tok[rows], off[rows]] = 1
+    for flags, where in written:
+        flags[where] = 1

@@ -76,14 +76,20 @@ def ffn_worker_batching(
     session = picked // (tokens * slots)
     token = picked // slots % tokens
     slot = picked % slots
-    gathered = data[session, m, token, slot]  # (n, HS)
-    y = torch.zeros(capacity, hidden, dtype=layout.a2f_dtype)
-    y[:n] = gathered[:, :hidden]
+    # row of (s, m, t, e) in the window's [A, M, BS, E] grid of HS-element rows
+    window_rows = (session * layout.micro_batches + m) * (tokens * slots) + token * slots + slot
+    data_rows = data.view(-1, layout.row_elems)
+    y = torch.empty(capacity, hidden, dtype=layout.a2f_dtype)
+    y[n:] = 0
     dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
     if layout.quant:
+        gathered = data_rows.index_select(0, window_rows)  # int8 rows: q, then the scale
+        y[:n] = gathered[:, :hidden]
         dynamic_scale[:n] = (
             gathered[:, hidden : hidden + 4].contiguous().view(torch.float32).view(-1)
         )
+    else:
+        torch.index_select(data_rows, 0, window_rows, out=y[:n])
     experts, counts = torch.unique_consecutive(keys, return_counts=True)
     group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
     group_list[: experts.numel(), 0] = experts
