@@ -11,6 +11,8 @@ def main(argv: list[str] | None = None) -> int:
         "serve-demo": "afd_dispatch.integrations.vllm.demo",
         "demo": "afd_dispatch.demo",
         "tiny-model": "afd_dispatch.tiny_hf",
+        "bench": "afd_dispatch.bench.cli",
+        "plan": "afd_dispatch.planner.cli",
     }
     if not argv or argv[0] not in commands:
         print(f"usage: afd-dispatch {{{','.join(commands)}}} [options]", file=sys.stderr)
