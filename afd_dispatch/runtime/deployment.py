@@ -7,7 +7,6 @@ before any window is written.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import asdict, dataclass, fields
 
@@ -65,8 +64,10 @@ class Deployment:
     """The plan both roles derive from (`AFDConfig`, `MoESpec`)."""
 
     def __init__(self, config: AFDConfig, spec: MoESpec, dtype: torch.dtype | None = None) -> None:
-        if config.shared_experts_on == "attention":
-            spec = dataclasses.replace(spec, num_shared_experts=0)
+        # "attention": the attention side runs the shared experts itself, so the AFD table
+        # and the windows carry routed experts only; `spec` still describes the whole model
+        # (a spec with its shared experts removed is no valid spec of e.g. Qwen2-MoE)
+        shared = 0 if config.shared_experts_on == "attention" else spec.num_shared_experts
         self.config = config
         self.spec = spec
         self.dtype = dtype or spec.dtype or torch.bfloat16
@@ -74,7 +75,7 @@ class Deployment:
         self.table = build_expert_rank_table(
             self.topology,
             spec.num_experts,
-            spec.num_shared_experts,
+            shared,
             config.expert_replicas,
             config.shared_expert_ranks,
         )
@@ -85,7 +86,7 @@ class Deployment:
             micro_batches=1 if per_micro_batch else m,
             tokens=config.max_tokens_per_micro_batch,
             topk=spec.topk,
-            shared=spec.num_shared_experts,
+            shared=shared,
             hidden=spec.hidden_size,
             dtype=self.dtype,
             quant=config.quant_mode_code == 2,

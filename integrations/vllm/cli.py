@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import AFDInputError
+from afd_dispatch.errors import AFDInputError, check
 
 ADDITIONAL_CONFIG_KEY = "afd"
 HELP = (
@@ -53,20 +53,34 @@ def checked_config(text: str, engine_args: Any) -> AFDConfig:
     try:
         config = AFDConfig.from_json(text)
         config = server_config(config)
-        sessions = int(getattr(engine_args, "data_parallel_size", 1) or 1)
-        if config.num_attention_workers != sessions:
-            raise AFDInputError(
-                "num_attention_workers",
-                f"{sessions}: this server runs {sessions} attention rank(s) "
-                "(its data-parallel size); each vLLM server is one attention side",
-                config.num_attention_workers,
-            )
+        # One server is one attention rank: data-parallel attention ranks would each need
+        # their own session of one shared deployment, which the plugin does not wire yet.
+        data_parallel = int(getattr(engine_args, "data_parallel_size", 1) or 1)
+        check(data_parallel == 1, "--data-parallel-size", "1 with --afd-config", data_parallel)
+        check(
+            config.num_attention_workers == 1,
+            "num_attention_workers",
+            "1: each vLLM server is one attention rank",
+            config.num_attention_workers,
+        )
+        check(
+            config.transport in ("auto", "shm"),
+            "transport",
+            '"auto" or "shm" (the server\'s windows are shared memory; HCCL windows are '
+            "not wired into the runtime yet)",
+            config.transport,
+        )
         model = getattr(engine_args, "model", None)
-        if model and os.path.isdir(model):
-            from afd_dispatch.runtime.deployment import Deployment
-            from afd_dispatch.runtime.model_spec import MoESpec
+        check(
+            isinstance(model, str) and os.path.isdir(model),
+            "model",
+            "a local checkpoint directory with --afd-config (the FFN workers load from it)",
+            model,
+        )
+        from afd_dispatch.runtime.deployment import Deployment
+        from afd_dispatch.runtime.model_spec import MoESpec
 
-            Deployment(config, MoESpec.from_pretrained(model))  # placement + window sizes
+        Deployment(config, MoESpec.from_pretrained(str(model)))  # placement + window sizes
     except AFDInputError as exc:
         raise SystemExit(f"error: --afd-config: {exc}") from None
     return config

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 START_TIMEOUT_S = 300.0
+GROUP_GRACE_S = 10.0  # for the server's processes to finish after it exits
 
 
 @dataclass
@@ -118,12 +119,40 @@ def wait_ready(server: Server, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
-def stop(server: Server, timeout_s: float = 60.0) -> None:
-    """SIGTERM the server (as a user's Ctrl-C would), SIGKILL its group if it lingers."""
+def stop(server: Server, timeout_s: float = 60.0, grace_s: float = GROUP_GRACE_S) -> None:
+    """SIGINT the server (as a user's Ctrl-C would), SIGKILL its group if it lingers.
+
+    The group gets `grace_s` after the server exits to finish on its own: multiprocessing's
+    resource tracker unlinks the server's leftover `/dev/shm/psm_*` segments (hundreds of
+    MB) only once the server is gone, and a SIGKILL then would leak them.
+    """
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):  # then the group goes below
             server.process.wait(timeout=timeout_s)
+    deadline = time.monotonic() + grace_s
+    while group_running(server.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.process.pid, signal.SIGKILL)
     server.process.wait(timeout=timeout_s)
+
+
+def group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (a zombie, dead but unreaped, does not)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return False  # no procfs: nothing to wait for
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # gone meanwhile
+        state, _ppid, pgrp = stat[stat.rindex(b")") + 2 :].split()[:3]
+        if int(pgrp) == pgid and state != b"Z":
+            return True
+    return False

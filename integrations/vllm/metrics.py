@@ -4,14 +4,17 @@ The counters live in the worker (attention side) and in the FFN actors; `/metric
 served by the API server process. The worker's `CounterPublisher` writes a JSON snapshot
 once a second into a private directory named by `AFD_METRICS_FILE`; the API server's
 collector reads it at each scrape. The API server sets that variable when the plugin
-first loads there, before it starts the engine, whose processes inherit it.
+first loads there, before it starts the engine, whose processes inherit it, and removes
+the directory when it exits.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ def install() -> None:
     if ENV not in os.environ:
         directory = tempfile.mkdtemp(prefix="afd-metrics-")  # 0700, unguessable
         os.environ[ENV] = os.path.join(directory, "counters.json")
+        atexit.register(_remove_directory, directory, os.getpid())
     try:
         from prometheus_client import REGISTRY
     except ImportError:
@@ -40,6 +44,12 @@ def install() -> None:
         isinstance(c, SnapshotCollector) for c in getattr(REGISTRY, "_collector_to_names", {})
     ):
         REGISTRY.register(SnapshotCollector(os.environ[ENV]))
+
+
+def _remove_directory(directory: str, owner: int) -> None:
+    """At the exit of the process that made the directory (not of a forked child)."""
+    if os.getpid() == owner:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class SnapshotCollector:

@@ -112,7 +112,7 @@ def install_method() -> type:
     base = op_registry_oot.get(_METHOD, UnquantizedFusedMoEMethod)
     if issubclass(base, AFDMoEMethodMixin):
         return base
-    afd = type(f"AFD{base.__name__}", (AFDMoEMethodMixin, base), {})
+    afd = type(f"AFD{base.__name__}", (AFDMoEMethodMixin, base), {"__module__": __name__})
     op_registry_oot[_METHOD] = afd
     return afd
 

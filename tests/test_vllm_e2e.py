@@ -1,0 +1,403 @@
+"""`vllm serve MODEL --afd-config ...` end to end on the CPU: a real vLLM server per mode.
+
+For each tiny checkpoint (Qwen3-MoE, and Qwen2-MoE with its gated shared expert; float32,
+built offline), one module-scoped run starts, one after the other (never two at once: each
+takes ~3 GB), a plain colocated `vllm serve` and an AFD one (one attention server, the
+routed experts on two FFN Ray actors, expert 0 replicated on both), sends both the same
+greedy requests and records what the assertions need, stopping every server in `finally`
+(`vllm_server` does). The tests then check:
+
+1. the AFD server's completion and chat token ids equal the colocated server's exactly
+   (several prompts in one batch, one longer than a round of micro-batches);
+2. the AFD server's `/metrics` carries the AFD counters of the attention rank and of both
+   FFN ranks, and over the requests they moved exactly what the requests imply: every
+   token the model ran, once per MoE layer, and top-k rows per token, split over both
+   FFN ranks;
+3. the colocated server has no AFD counters, no Ray and no AFD shared memory;
+4. once a server stops, within a deadline: none of the `/dev/shm` files it had mapped
+   (AFD's windows, vLLM's message queues), none of its processes (for AFD: raylet,
+   gcs_server, the FFN actors ...) and none of its window janitors remain, nor its
+   metrics directory. Other Ray instances, servers and janitors may run on the host: the
+   server's own are the new processes (sets before / during) of its session (it starts in
+   a new one; Ray's processes and the FFN actors stay in it), and the janitors of the
+   `/dev/shm/afd-*` files its processes have mapped.
+
+Each server gets a private short TMPDIR (Ray's session directory and the plugin's metrics
+directory go there), so its leftovers can be told from anything else on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from afd_dispatch.integrations.vllm.launch import Server, vllm_server
+from afd_dispatch.tiny_hf import build_tiny_model
+
+ARCHS = ("qwen3_moe", "qwen2_moe")
+NUM_FFN = 2
+MOE_LAYERS = 2  # both decoder layers of the tiny checkpoints are MoE
+TOP_K = 2
+MICRO_BATCHES, TOKENS_PER_MICRO_BATCH = 2, 64
+AFD_CONFIG = json.dumps(
+    {
+        "num_attention_workers": 1,
+        "num_ffn_workers": NUM_FFN,
+        "micro_batch_num": MICRO_BATCHES,
+        "max_tokens_per_micro_batch": TOKENS_PER_MICRO_BATCH,
+        "expert_replicas": {"0": NUM_FFN},
+    }
+)
+MAX_TOKENS = 16
+PROMPTS = (
+    "the quick brown fox",
+    "hello world",
+    "a small model answers",
+    # longer than one round of micro-batches (M * BS tokens): the exchange takes rounds
+    " ".join(["the lazy dog sleeps while the quick brown fox jumps over it"] * 6),
+)
+CHATS = ("hello", "what does the bird say in the morning?")
+GONE_WITHIN_S = 30.0  # a stopped server's processes and files must be gone by then
+SETTLE_S = 20.0  # counters are published once a second; they settle well within this
+SHM_DIR = "/dev/shm"
+
+
+# -- what one server run leaves to check -----------------------------------------------------
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    name: str
+    cmdline: str
+    sid: int
+
+
+ProcKey = tuple[int, float]  # (pid, create time): a pid reused later is another process
+
+
+@dataclass
+class Run:
+    mode: str
+    start_s: float = 0.0
+    stop_s: float = 0.0
+    completion: dict[str, Any] = field(default_factory=dict)
+    chats: list[dict[str, Any]] = field(default_factory=list)
+    metrics_text: str = ""
+    counters_before: dict[tuple[str, str], float] = field(default_factory=dict)
+    counters_after: dict[tuple[str, str], float] = field(default_factory=dict)
+    own_processes: dict[ProcKey, Proc] = field(default_factory=dict)  # while serving
+    new_shm: set[str] = field(default_factory=set)  # /dev/shm files it mapped, serving
+    left_processes: dict[ProcKey, Proc] = field(default_factory=dict)  # after the deadline
+    left_shm: set[str] = field(default_factory=set)
+    left_metrics_dirs: list[str] = field(default_factory=list)
+
+
+def processes() -> dict[ProcKey, Proc]:
+    """Every live (non-zombie) process on the host."""
+    out: dict[ProcKey, Proc] = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time", "status"]):
+        info = p.info
+        if info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # dead, only not reaped (the container's init may not reap orphans)
+        try:
+            sid = os.getsid(info["pid"])
+        except OSError:
+            continue  # exited meanwhile
+        cmdline = " ".join(info["cmdline"] or [])
+        out[(info["pid"], info["create_time"])] = Proc(
+            info["pid"], info["name"] or "", cmdline, sid
+        )
+    return out
+
+
+def is_ray(proc: Proc) -> bool:
+    return (
+        proc.name in ("raylet", "gcs_server")
+        or proc.cmdline.startswith("ray::")
+        or "/site-packages/ray/" in proc.cmdline
+    )
+
+
+def is_janitor(proc: Proc) -> bool:
+    return "windows/janitor.py" in proc.cmdline
+
+
+_SHM_FILE = re.compile(r"/dev/shm/(\S+)$", re.MULTILINE)  # not "... (deleted)": unlinked
+_AFD_FILE = re.compile(r"afd-([0-9a-f]{32})-[0-9]+")
+
+
+def shm_files() -> set[str]:
+    return set(os.listdir(SHM_DIR))
+
+
+def afd_files(names: set[str]) -> set[str]:
+    return {name for name in names if _AFD_FILE.fullmatch(name)}
+
+
+def mapped_shm(pids: set[int]) -> set[str]:
+    """The `/dev/shm` files that processes `pids` have mapped."""
+    names: set[str] = set()
+    for pid in pids:
+        path = f"/proc/{pid}/maps"
+        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as fh:
+            names |= set(_SHM_FILE.findall(fh.read()))
+    return names
+
+
+def own_processes(
+    before: dict[ProcKey, Proc], server_pid: int, shm: set[str]
+) -> dict[ProcKey, Proc]:
+    """New processes of the server: its session (it runs in its own), and the janitors of
+    its windows (they leave the session on purpose). Other Ray instances, janitors or
+    servers on the host (other users, other tests) are in neither."""
+    tokens = {m.group(1) for name in shm if (m := _AFD_FILE.fullmatch(name))}
+    return {
+        key: proc
+        for key, proc in processes().items()
+        if key not in before
+        and (
+            proc.sid == server_pid or (is_janitor(proc) and any(t in proc.cmdline for t in tokens))
+        )
+    }
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float, period_s: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(period_s)
+    return True
+
+
+# -- /metrics --------------------------------------------------------------------------------
+_SAMPLE = re.compile(r'^(afd_[A-Za-z0-9_]+)\{process="([^"]*)"\} (\S+)$')
+
+
+def afd_counters(text: str) -> dict[tuple[str, str], float]:
+    """{(metric, process label): value} of the AFD samples of a `/metrics` page."""
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            out[(match.group(1), match.group(2))] = float(match.group(3))
+    return out
+
+
+def settled_counters(server: Server) -> dict[tuple[str, str], float]:
+    """The AFD counters once two scrapes, more than a publish period apart, agree."""
+    deadline = time.monotonic() + SETTLE_S
+    previous = afd_counters(server.get_text("/metrics"))
+    while True:
+        time.sleep(1.5)
+        current = afd_counters(server.get_text("/metrics"))
+        if current == previous:
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"AFD counters still moving after {SETTLE_S:g} s: {current}")
+        previous = current
+
+
+def delta(run: Run, metric: str, process: str) -> float:
+    key = (metric, process)
+    assert key in run.counters_after, f"{metric}{{process={process!r}}} not on /metrics"
+    return run.counters_after[key] - run.counters_before.get(key, 0.0)
+
+
+# -- one server run --------------------------------------------------------------------------
+def serve_and_record(model: str, mode: str, log_dir: Path) -> Run:
+    run = Run(mode)
+    before = processes()
+    shm_before = shm_files()
+    private_tmp = tempfile.mkdtemp(prefix="afdt-", dir="/tmp")  # short: Ray's socket paths
+    server_pid = -1
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TMPDIR", private_tmp)
+            start = time.monotonic()
+            config = AFD_CONFIG if mode == "afd" else None
+            with vllm_server(model, str(log_dir / f"vllm-{mode}.log"), config) as server:
+                server_pid = server.process.pid
+                run.start_s = time.monotonic() - start
+                print(f"\n{Path(model).name} {mode}: server ready in {run.start_s:.1f} s")
+                if mode == "afd":
+                    run.counters_before = settled_counters(server)
+                run.completion = server.post(
+                    "/v1/completions",
+                    {
+                        "prompt": list(PROMPTS),
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                        "return_token_ids": True,
+                    },
+                )
+                run.chats = [
+                    server.post(
+                        "/v1/chat/completions",
+                        {
+                            "messages": [{"role": "user", "content": text}],
+                            "max_tokens": MAX_TOKENS,
+                            "temperature": 0,
+                            "return_token_ids": True,
+                        },
+                    )
+                    for text in CHATS
+                ]
+                if mode == "afd":
+                    run.counters_after = settled_counters(server)
+                run.metrics_text = server.get_text("/metrics")
+                session = {p.pid for p in processes().values() if p.sid == server_pid}
+                run.new_shm = mapped_shm(session) - shm_before
+                run.own_processes = own_processes(before, server_pid, run.new_shm)
+                stopping = time.monotonic()
+            run.stop_s = time.monotonic() - stopping
+        own = run.own_processes
+
+        def all_gone() -> bool:
+            now = processes()
+            run.left_processes = {k: p for k, p in now.items() if k in own or p.sid == server_pid}
+            run.left_shm = run.new_shm & shm_files()
+            return not run.left_processes and not run.left_shm
+
+        wait_until(all_gone, GONE_WITHIN_S)
+        run.left_metrics_dirs = sorted(
+            name for name in os.listdir(private_tmp) if name.startswith("afd-metrics-")
+        )
+        print(
+            f"{Path(model).name} {mode}: stopped in {run.stop_s:.1f} s; "
+            f"{len(own)} processes of its own, {len(afd_files(run.new_shm))} AFD shm files "
+            f"of {len(run.new_shm)} in /dev/shm; "
+            f"usage {usage(run)}; AFD counter deltas "
+            f"{ {k: v - run.counters_before.get(k, 0.0) for k, v in run.counters_after.items()} }"
+        )
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+    return run
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Run]:
+    """{"colocated": Run, "afd": Run} of one architecture, servers one after the other."""
+    arch: str = request.param
+    root = tmp_path_factory.mktemp(arch)
+    model = root / f"tiny-{arch}"
+    build_tiny_model(arch, str(model), seed=0, dtype="float32")
+    return {mode: serve_and_record(str(model), mode, root) for mode in ("colocated", "afd")}
+
+
+# -- helpers for the assertions --------------------------------------------------------------
+def choices(response: dict[str, Any]) -> list[dict[str, Any]]:
+    return sorted(response["choices"], key=lambda c: int(c["index"]))
+
+
+def usage(run: Run) -> tuple[int, int, int]:
+    """(prompt tokens, generated tokens, sequences) of all the run's requests."""
+    responses = [run.completion, *run.chats]
+    prompt = sum(int(r["usage"]["prompt_tokens"]) for r in responses)
+    generated = sum(int(r["usage"]["completion_tokens"]) for r in responses)
+    return prompt, generated, sum(len(r["choices"]) for r in responses)
+
+
+# -- 1. tokens -------------------------------------------------------------------------------
+def test_completion_tokens_equal_colocated(runs: dict[str, Run]) -> None:
+    afd, colocated = choices(runs["afd"].completion), choices(runs["colocated"].completion)
+    assert len(afd) == len(colocated) == len(PROMPTS)
+    for i, (a, c) in enumerate(zip(afd, colocated, strict=True)):
+        assert a["prompt_token_ids"] == c["prompt_token_ids"], i
+        assert len(c["token_ids"]) == MAX_TOKENS, (i, c)  # greedy never stops early here
+        assert a["token_ids"] == c["token_ids"], (
+            f"prompt {i}: AFD {a['token_ids']} != colocated {c['token_ids']}"
+        )
+    # the comparison means something: the prompts get different continuations
+    assert len({tuple(c["token_ids"]) for c in colocated}) == len(PROMPTS)
+    # the long prompt needs more than one round of M micro-batches of BS tokens
+    assert len(colocated[-1]["prompt_token_ids"]) > MICRO_BATCHES * TOKENS_PER_MICRO_BATCH
+
+
+def test_chat_tokens_equal_colocated(runs: dict[str, Run]) -> None:
+    for text, afd, colocated in zip(CHATS, runs["afd"].chats, runs["colocated"].chats, strict=True):
+        (a,), (c,) = afd["choices"], colocated["choices"]
+        assert afd["prompt_token_ids"] == colocated["prompt_token_ids"], text
+        assert len(c["token_ids"]) == MAX_TOKENS, (text, c)
+        assert a["token_ids"] == c["token_ids"], (
+            f"chat {text!r}: AFD {a['token_ids']} != colocated {c['token_ids']}"
+        )
+        assert a["message"]["content"] == c["message"]["content"], text
+    replies = [r["choices"][0]["token_ids"] for r in runs["colocated"].chats]
+    assert replies[0] != replies[1]
+
+
+# -- 2. AFD counters -------------------------------------------------------------------------
+def test_afd_counters_on_metrics(runs: dict[str, Run]) -> None:
+    run = runs["afd"]
+    prompt, generated, sequences = usage(run)
+    names = {name for name, _ in afd_counters(run.metrics_text)}
+    assert {"afd_tokens_sent_total", "afd_rows_served_total"} <= names, sorted(names)
+    assert "# TYPE afd_tokens_sent_total counter" in run.metrics_text
+
+    sent = delta(run, "afd_tokens_sent_total", "attention 0")
+    # every token the model ran (prompts, and generated tokens but each sequence's last)
+    ran = prompt + generated - sequences
+    # crosses every MoE layer exactly once: no token lost, none sent twice, no padding
+    assert sent >= prompt + generated, (sent, prompt, generated)
+    assert sent == MOE_LAYERS * ran, (sent, prompt, generated, sequences)
+
+    rows = {rank: delta(run, "afd_rows_served_total", f"FFN {rank}") for rank in range(NUM_FFN)}
+    batches = {
+        rank: delta(run, "afd_micro_batches_served_total", f"FFN {rank}") for rank in range(NUM_FFN)
+    }
+    assert all(r > 0 for r in rows.values()), rows  # both FFN ranks served experts
+    assert all(b > 0 for b in batches.values()), batches
+    # each token goes to its top-k experts, each (token, expert) row to one replica
+    assert sum(rows.values()) == TOP_K * sent, (rows, sent)
+
+
+# -- 3. the colocated server has no AFD ------------------------------------------------------
+def test_colocated_server_has_no_afd(runs: dict[str, Run]) -> None:
+    run = runs["colocated"]
+    assert "vllm:" in run.metrics_text  # the scrape worked
+    assert not re.search(r"^(# (HELP|TYPE) )?afd_", run.metrics_text, re.MULTILINE)
+    assert not [p for p in run.own_processes.values() if is_ray(p)], run.own_processes
+    assert run.new_shm  # vLLM's own message queues: the listing works
+    assert not afd_files(run.new_shm), run.new_shm
+
+
+# -- 4. an AFD server leaves nothing behind --------------------------------------------------
+def test_afd_server_started_ray_and_windows(runs: dict[str, Run]) -> None:
+    """What the cleanup test looks for was there: Ray, its FFN actors, the shm windows."""
+    run = runs["afd"]
+    names = [p.name for p in run.own_processes.values()]
+    cmdlines = [p.cmdline for p in run.own_processes.values()]
+    assert "raylet" in names and "gcs_server" in names, names
+    assert sum("FFNWorkerActor" in c for c in cmdlines) == NUM_FFN, cmdlines
+    windows = afd_files(run.new_shm)
+    assert len(windows) == 1 + NUM_FFN, run.new_shm  # one file per rank of the group
+    assert any(is_janitor(p) for p in run.own_processes.values()), cmdlines
+
+
+def test_afd_server_leaves_nothing(runs: dict[str, Run]) -> None:
+    run = runs["afd"]
+    assert not run.left_shm, f"/dev/shm files left after {GONE_WITHIN_S:g} s: {run.left_shm}"
+    left = {f"{p.pid} {p.name}: {p.cmdline[:120]}" for p in run.left_processes.values()}
+    assert not left, f"processes left after {GONE_WITHIN_S:g} s: {sorted(left)}"
+    assert not run.left_metrics_dirs, run.left_metrics_dirs
+
+
+def test_colocated_server_leaves_nothing(runs: dict[str, Run]) -> None:
+    run = runs["colocated"]
+    assert not run.left_shm, f"/dev/shm files left after {GONE_WITHIN_S:g} s: {run.left_shm}"
+    assert not run.left_processes, run.left_processes
+    assert not run.left_metrics_dirs, run.left_metrics_dirs
