@@ -1,0 +1,320 @@
+"""`bench --level serving`: `vllm serve --afd-config` against colocated `vllm serve`.
+
+Both servers serve the same tiny float32 checkpoint (built offline), one after the other in
+this invocation, and get the same request set: N completion requests sent at once from N
+threads, greedy, `max_tokens` each (the tiny models never stop early). The headline is the
+AFD server's output tokens/s over the colocated server's. Where the AFD time goes comes from
+the AFD counters on the AFD server's `/metrics` (seconds per phase, per process), taken
+before and after the timed rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from afd_dispatch.bench.report import Report, Row, Target, median
+from afd_dispatch.integrations.vllm.launch import Server, vllm_server
+
+TARGET_RATIO = 0.7
+SETTLE_S = 20.0  # counters are published once a second; they settle well within this
+ARCH = "qwen3_moe"
+AFD_CONFIG = {
+    "num_attention_workers": 1,
+    "num_ffn_workers": 2,
+    "micro_batch_num": 2,
+    "max_tokens_per_micro_batch": 64,
+}
+# The attention rank's phases (one process: they add up inside the requests' wall time; combine
+# includes waiting for the FFN ranks) and the FFN ranks' working phases (mean over ranks).
+ATTENTION_PHASES = (
+    ("send_seconds_total", "attention_send"),
+    ("combine_seconds_total", "attention_combine"),
+)
+FFN_PHASES = (("experts_seconds_total", "ffn_experts"), ("return_seconds_total", "ffn_return"))
+# An FFN rank's "batch" span runs from the end of its previous micro-batch, idle time included
+BATCH = "batch_seconds_total"
+_SAMPLE = re.compile(r'^afd_([A-Za-z0-9_]+)\{process="([^"]*)"\} (\S+)$')
+SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing in the morning"
+WORDS = SENTENCE.split()
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    requests: int  # sent at once, one thread each
+    max_tokens: int  # generated per request
+
+
+SHAPES = {
+    "small": ServingShape(requests=4, max_tokens=8),
+    "decode": ServingShape(requests=16, max_tokens=32),
+}
+
+
+@dataclass
+class ServerRun:
+    """What one server did with the request set: every timed round's wall time and tokens."""
+
+    mode: str
+    walls_s: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    counters: dict[tuple[str, str], float] = field(default_factory=dict)  # timed rounds only
+    idle_s: float = 0.0  # from the warm-up's end to the first timed round (counters settling)
+
+    @property
+    def rates(self) -> list[float]:
+        """Output tokens/s of every timed round."""
+        return [t / w for t, w in zip(self.tokens, self.walls_s, strict=True)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return median(self.rates)
+
+    @property
+    def wall_s(self) -> float:
+        return sum(self.walls_s)
+
+
+def prompts(n: int) -> list[str]:
+    """n different prompts of 4..11 words, the same in every run."""
+    return [" ".join(WORDS[i % 5 : i % 5 + 4 + i % 8]) for i in range(n)]
+
+
+def parse_counters(text: str) -> dict[tuple[str, str], float]:
+    """{(counter name without "afd_", process label): value} of a `/metrics` page."""
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            out[(match.group(1), match.group(2))] = float(match.group(3))
+    return out
+
+
+def settled_counters(server: Server) -> dict[tuple[str, str], float]:
+    """The AFD counters once two scrapes, more than a publish period apart, agree."""
+    deadline = time.monotonic() + SETTLE_S
+    previous = parse_counters(server.get_text("/metrics"))
+    while True:
+        time.sleep(1.5)
+        current = parse_counters(server.get_text("/metrics"))
+        if current == previous or time.monotonic() > deadline:
+            return current
+        previous = current
+
+
+def one_round(server: Server, shape: ServingShape) -> tuple[float, int]:
+    """(wall s, completion tokens) of the request set, all requests sent at once."""
+    texts = prompts(shape.requests)
+
+    def ask(prompt: str) -> int:
+        body = {
+            "prompt": prompt,
+            "max_tokens": shape.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        response = server.post("/v1/completions", body, timeout_s=600.0)
+        return int(response["usage"]["completion_tokens"])
+
+    with ThreadPoolExecutor(max_workers=shape.requests) as pool:
+        start = time.perf_counter()
+        tokens = sum(pool.map(ask, texts))
+        wall = time.perf_counter() - start
+    return wall, tokens
+
+
+@contextlib.contextmanager
+def private_tmpdir() -> Iterator[str]:
+    """A short private TMPDIR for one server (Ray's session and socket paths go there)."""
+    path = tempfile.mkdtemp(prefix="afdb-", dir="/tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    try:
+        yield path
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def serve(
+    model: str,
+    mode: str,
+    shape: ServingShape,
+    repeat: int,
+    logs: str,
+    afd_config: str | None = None,
+) -> ServerRun:
+    """Start one server (AFD with `afd_config`, or colocated), warm it up, time `repeat`
+    rounds, stop it."""
+    config = afd_config if mode == "afd" else None
+    run = ServerRun(mode)
+    with (
+        private_tmpdir(),
+        vllm_server(model, os.path.join(logs, f"vllm-{mode}.log"), config) as server,
+    ):
+        one_round(server, ServingShape(requests=2, max_tokens=4))  # first-request paths
+        warm = time.perf_counter()
+        before = settled_counters(server) if mode == "afd" else {}
+        run.idle_s = time.perf_counter() - warm
+        for _ in range(repeat):
+            wall, tokens = one_round(server, shape)
+            run.walls_s.append(wall)
+            run.tokens.append(tokens)
+        if mode == "afd":
+            after = settled_counters(server)
+            run.counters = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return run
+
+
+def _total(run: ServerRun, counter: str, role: str) -> tuple[float, int]:
+    """(sum over the processes of `role`, number of such processes) of one counter."""
+    values = [v for (c, p), v in run.counters.items() if c == counter and p.startswith(role)]
+    return sum(values), len(values)
+
+
+def breakdown(run: ServerRun) -> list[Row]:
+    """Where the AFD server's time went over the timed rounds, from its `/metrics`."""
+    wall = run.wall_s
+    served, ranks = _total(run, "micro_batches_served_total", "FFN")
+    micro_batches = max(1.0, served / max(1, ranks))  # every FFN rank serves every one
+    rows = []
+    attention = 0.0
+    for counter, name in ATTENTION_PHASES:
+        seconds, _ = _total(run, counter, "attention")
+        attention += seconds
+        rows.append(
+            Row(
+                name=name,
+                value=seconds / wall,
+                unit="share of wall",
+                description=f"{counter} of the attention rank / the timed rounds' wall time"
+                + (" (waiting for the FFN ranks included)" if "combine" in counter else ""),
+                metrics={
+                    "seconds": seconds,
+                    "wall_s": wall,
+                    "per_micro_batch_ms": seconds / micro_batches * 1e3,
+                },
+            )
+        )
+    rows.append(
+        Row(
+            name="attention_rest",
+            value=(wall - attention) / wall,
+            unit="share of wall",
+            description="the rest of the wall time: vLLM's own work (attention, sampling, "
+            "scheduling, HTTP) and its waits",
+            metrics={"seconds": wall - attention, "wall_s": wall},
+        )
+    )
+    for counter, name in FFN_PHASES:
+        seconds, ranks = _total(run, counter, "FFN")
+        per_rank = seconds / max(1, ranks)
+        rows.append(
+            Row(
+                name=name,
+                value=per_rank / wall,
+                unit="share of wall",
+                description=f"{counter} of an FFN rank (mean over ranks) / the timed rounds' "
+                "wall time",
+                metrics={
+                    "seconds": per_rank,
+                    "wall_s": wall,
+                    "per_micro_batch_ms": per_rank / micro_batches * 1e3,
+                },
+            )
+        )
+    seconds, ranks = _total(run, BATCH, "FFN")
+    window = run.idle_s + wall
+    rows.append(
+        Row(
+            name="ffn_batch_and_wait",
+            value=seconds / max(1, ranks) / window,
+            unit="share of window",
+            description=f"{BATCH} of an FFN rank (mean): batching and every wait for the "
+            "attention rank, idle time included, over the counters' window (the timed rounds "
+            "and the idle time before them)",
+            metrics={"seconds": seconds / max(1, ranks), "window_s": window},
+        )
+    )
+    sent, _ = _total(run, "tokens_sent_total", "attention")
+    rows_served, _ = _total(run, "rows_served_total", "FFN")
+    rows.append(
+        Row(
+            name="afd_traffic",
+            value=sent / wall,
+            unit="tokens sent/s",
+            description="tokens the attention rank sent to the FFN ranks per second (all "
+            "layers, prefill included), with the rows the FFN ranks served and the "
+            "micro-batches (messages) each FFN rank served",
+            metrics={
+                "tokens_sent": sent,
+                "rows_served": rows_served,
+                "micro_batches": micro_batches,
+            },
+        )
+    )
+    return rows
+
+
+def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
+    """Colocated, then AFD (`afd_config`, a JSON object; default `AFD_CONFIG`)."""
+    from afd_dispatch.config import AFDConfig
+    from afd_dispatch.tiny_hf import build_tiny_model
+
+    afd_config = afd_config or json.dumps(AFD_CONFIG)
+    config = AFDConfig.from_json(afd_config)  # a bad config fails here, before any server
+    shape = SHAPES[shape_name]
+    report = Report("serving", shape_name, repeat)
+    with tempfile.TemporaryDirectory(prefix="afd-bench-serving-") as work:
+        model = os.path.join(work, f"tiny-{ARCH}")
+        build_tiny_model(ARCH, model, seed=0, dtype="float32")
+        runs = {
+            mode: serve(model, mode, shape, repeat, work, afd_config)
+            for mode in ("colocated", "afd")
+        }
+    colocated, afd = runs["colocated"], runs["afd"]
+    report.add(
+        Row(
+            name="afd_vs_colocated",
+            value=afd.tokens_per_s / colocated.tokens_per_s,
+            unit="x",
+            description=(
+                "output tokens/s of vllm serve --afd-config (A="
+                f"{config.num_attention_workers}, F={config.num_ffn_workers} Ray actors, "
+                f"M={config.micro_batch_num}) / "
+                f"colocated vllm serve; tiny {ARCH} float32, {shape.requests} concurrent "
+                f"greedy requests of {shape.max_tokens} tokens; medians of the rounds' "
+                "tokens/s; spread: fastest / slowest round"
+            ),
+            metrics={
+                "colocated_tok_s": colocated.tokens_per_s,
+                "afd_tok_s": afd.tokens_per_s,
+                "colocated_wall_s": colocated.wall_s,
+                "afd_wall_s": afd.wall_s,
+                "extra_wall_s": afd.wall_s - colocated.wall_s,
+                "tokens_per_round": float(afd.tokens[0]),
+                "colocated_spread": max(colocated.rates) / min(colocated.rates),
+                "afd_spread": max(afd.rates) / min(afd.rates),
+            },
+            target=Target(">=", TARGET_RATIO),
+        )
+    )
+    report.rows += breakdown(afd)
+    report.notes.append(
+        "servers run one after the other on this host; shares: phase seconds from the AFD "
+        "server's /metrics (attention send/combine, FFN experts/return) over the timed "
+        "rounds' wall time"
+    )
+    report.notes.append(f"AFD config: {afd_config}")
+    return report
