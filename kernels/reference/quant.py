@@ -15,8 +15,8 @@ import torch
 
 def quantize_rows(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [..., H], scale float32 [...]) of float32 rows [..., H]."""
-    # max |x| in one pass, without materialising |x| (the inf-norm is exact: no rounding)
-    amax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)
+    # max |x| = max(max x, -min x): exact, and cheaper than materialising |x|
+    amax = torch.maximum(xf.amax(dim=-1, keepdim=True), -xf.amin(dim=-1, keepdim=True))
     nonzero = amax > 0
     ds = torch.where(nonzero, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.mul(xf, ds).round_().to(torch.int8)
