@@ -43,7 +43,12 @@ from typing import Any
 import psutil
 import pytest
 
-from afd_dispatch.integrations.vllm.launch import Server, vllm_server
+from afd_dispatch.integrations.vllm.launch import (
+    Server,
+    afd_counters,
+    settled_afd_counters,
+    vllm_server,
+)
 from afd_dispatch.tiny_hf import build_tiny_model
 
 ARCHS = ("qwen3_moe", "qwen2_moe")
@@ -182,31 +187,8 @@ def wait_until(done: Callable[[], bool], timeout_s: float, period_s: float = 0.5
 
 
 # -- /metrics --------------------------------------------------------------------------------
-_SAMPLE = re.compile(r'^(afd_[A-Za-z0-9_]+)\{process="([^"]*)"\} (\S+)$')
-
-
-def afd_counters(text: str) -> dict[tuple[str, str], float]:
-    """{(metric, process label): value} of the AFD samples of a `/metrics` page."""
-    out: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            out[(match.group(1), match.group(2))] = float(match.group(3))
-    return out
-
-
 def settled_counters(server: Server) -> dict[tuple[str, str], float]:
-    """The AFD counters once two scrapes, more than a publish period apart, agree."""
-    deadline = time.monotonic() + SETTLE_S
-    previous = afd_counters(server.get_text("/metrics"))
-    while True:
-        time.sleep(1.5)
-        current = afd_counters(server.get_text("/metrics"))
-        if current == previous:
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"AFD counters still moving after {SETTLE_S:g} s: {current}")
-        previous = current
+    return settled_afd_counters(server, SETTLE_S)
 
 
 def delta(run: Run, metric: str, process: str) -> float:

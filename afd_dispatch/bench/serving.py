@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -22,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from afd_dispatch.bench.report import Report, Row, Target, median
-from afd_dispatch.integrations.vllm.launch import Server, vllm_server
+from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters, vllm_server
 
 TARGET_RATIO = 0.7
 SETTLE_S = 20.0  # counters are published once a second; they settle well within this
@@ -42,7 +41,6 @@ ATTENTION_PHASES = (
 FFN_PHASES = (("experts_seconds_total", "ffn_experts"), ("return_seconds_total", "ffn_return"))
 # An FFN rank's "batch" span runs from the end of its previous micro-batch, idle time included
 BATCH = "batch_seconds_total"
-_SAMPLE = re.compile(r'^afd_([A-Za-z0-9_]+)\{process="([^"]*)"\} (\S+)$')
 SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing in the morning"
 WORDS = SENTENCE.split()
 
@@ -88,26 +86,10 @@ def prompts(n: int) -> list[str]:
     return [" ".join(WORDS[i % 5 : i % 5 + 4 + i % 8]) for i in range(n)]
 
 
-def parse_counters(text: str) -> dict[tuple[str, str], float]:
-    """{(counter name without "afd_", process label): value} of a `/metrics` page."""
-    out: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            out[(match.group(1), match.group(2))] = float(match.group(3))
-    return out
-
-
 def settled_counters(server: Server) -> dict[tuple[str, str], float]:
-    """The AFD counters once two scrapes, more than a publish period apart, agree."""
-    deadline = time.monotonic() + SETTLE_S
-    previous = parse_counters(server.get_text("/metrics"))
-    while True:
-        time.sleep(1.5)
-        current = parse_counters(server.get_text("/metrics"))
-        if current == previous or time.monotonic() > deadline:
-            return current
-        previous = current
+    """{(counter name without "afd_", process): value} once the counters settled."""
+    settled = settled_afd_counters(server, SETTLE_S)
+    return {(name.removeprefix("afd_"), process): v for (name, process), v in settled.items()}
 
 
 def one_round(server: Server, shape: ServingShape) -> tuple[float, int]:

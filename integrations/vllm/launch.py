@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,33 @@ class Server:
     def log_tail(self, lines: int = 60) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:
             return "".join(fh.readlines()[-lines:])
+
+
+_AFD_SAMPLE = re.compile(r'^(afd_[A-Za-z0-9_]+)\{process="([^"]*)"\} (\S+)$')
+
+
+def afd_counters(text: str) -> dict[tuple[str, str], float]:
+    """{(metric, process label): value} of the AFD samples of a `/metrics` page."""
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        match = _AFD_SAMPLE.match(line)
+        if match:
+            out[(match.group(1), match.group(2))] = float(match.group(3))
+    return out
+
+
+def settled_afd_counters(server: Server, settle_s: float = 20.0) -> dict[tuple[str, str], float]:
+    """The AFD counters once two scrapes, more than a publish period apart, agree."""
+    deadline = time.monotonic() + settle_s
+    previous = afd_counters(server.get_text("/metrics"))
+    while True:
+        time.sleep(1.5)  # the worker publishes a snapshot once a second
+        current = afd_counters(server.get_text("/metrics"))
+        if current == previous:
+            return current
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"AFD counters still moving after {settle_s:g} s: {current}")
+        previous = current
 
 
 def free_port() -> int:
