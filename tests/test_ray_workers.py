@@ -86,7 +86,8 @@ def local_ray() -> Iterator[None]:
     """One local Ray for the module (token auth on, Ray's default)."""
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of our own even where another one runs on this host
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

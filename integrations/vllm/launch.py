@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from afd_dispatch.integrations.vllm import metrics
+
 START_TIMEOUT_S = 300.0
 GROUP_GRACE_S = 10.0  # for the server's processes to finish after it exits
 
@@ -109,6 +111,9 @@ def vllm_server(
     """A running server of `model` (AFD with `afd_config`, colocated without)."""
     port = free_port()
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
+    # A process that loaded the plugin (this one, in tests and benches) has its own metrics
+    # snapshot path; the server must make its own, or it would publish another's counters.
+    env.pop(metrics.ENV, None)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             serve_command(model, port, afd_config, extra),
