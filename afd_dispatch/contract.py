@@ -23,6 +23,11 @@ from afd_dispatch.layout import (
     MAX_TOPK,
     QUANT_INT8,
     QUANT_MODES,
+    QUANT_SCALE_BYTES,
+    TOKEN_DTYPE_BF16,
+    TOKEN_DTYPE_FP16,
+    TOKEN_DTYPE_FP32,
+    TOKEN_DTYPE_INT8,
     TOKEN_DTYPES,
     WindowLayout,
 )
@@ -31,6 +36,9 @@ from afd_dispatch.topology import RankTopology
 
 _INT_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
+MAX_COMBINE_TOPK = 64  # expert_scales' K in the combine kernel's tiling
+BATCHING_TOKEN_DTYPES = (TOKEN_DTYPE_FP16, TOKEN_DTYPE_BF16, TOKEN_DTYPE_INT8, TOKEN_DTYPE_FP32)
+COMBINE_TOKEN_DTYPES = (TOKEN_DTYPE_FP16, TOKEN_DTYPE_BF16, TOKEN_DTYPE_FP32)
 
 
 @dataclass(frozen=True)
@@ -116,15 +124,14 @@ def check_attention_to_ffn(
     sessions, micro_batches = info_shape[0], attn_shape[0]
     topology = RankTopology.from_world(world_size, sessions, ffn_start_rank_id)
     shared = _validated_table(expert_rank_table, topology, moe_expert_num)
+    quant = quant_mode == QUANT_INT8
+    data_shape = _shape(ffn_token_data_shape, "ffn_token_data_shape", 5)
     layout = WindowLayout(
-        sessions, micro_batches, bs, topk, shared, hidden, x.dtype, quant_mode == QUANT_INT8
-    )
+        sessions, micro_batches, bs, topk, shared, hidden, x.dtype, quant,
+        attn_to_ffn_token_size=_slot_bytes(data_shape[4], hidden, x.dtype, quant),
+    )  # fmt: skip
     _expect_shape(info_shape, layout.ffn_info_shape, "ffn_token_info_table_shape")
-    _expect_shape(
-        _shape(ffn_token_data_shape, "ffn_token_data_shape", 5),
-        layout.ffn_data_shape,
-        "ffn_token_data_shape",
-    )
+    _expect_shape(data_shape, layout.ffn_data_shape, "ffn_token_data_shape")
     _expect_shape(attn_shape, layout.attn_info_shape, "attn_token_info_table_shape")
     if scales is not None:
         check(quant_mode == QUANT_INT8, "scales", "None when quant_mode == 0", "a tensor")
@@ -166,6 +173,20 @@ def check_attention_to_ffn(
     return AttentionToFfnCall(
         layout, topology, session, micro_batch, layer, active, moe_expert_num, quant_mode, sync_flag
     )
+
+
+def _slot_bytes(row_elems: int, hidden: int, dtype: torch.dtype, quant: bool) -> int:
+    """Bytes of an FFN-window slot of `row_elems` elements (`ffn_token_data_shape[4]`).
+
+    The stride is the caller's: A3's A2F takes it from this shape and does not derive it
+    from H, so any slot that holds the row is valid (H elements; with int8, H values and the
+    float32 scale at byte H).
+    """
+    elem = 1 if quant else dtype.itemsize
+    need = (hidden + QUANT_SCALE_BYTES) if quant else hidden
+    what = f"H = {hidden} plus the 4-byte scale of an int8 row" if quant else f"H = {hidden}"
+    check(row_elems >= need, "ffn_token_data_shape[4] (HS)", f">= {need} ({what})", row_elems)
+    return row_elems * elem
 
 
 # id(table) -> (weak reference, version, topology, moe_expert_num, S): a table is checked once,
@@ -281,41 +302,50 @@ def check_ffn_to_attention(
     return FfnToAttentionCall(m, bs, e, hidden, n)
 
 
-def check_batching_args(
-    layout: WindowLayout,
+def check_batching_call(
+    counts: tuple[int, int, int],
     expert_num: int,
     max_out_shape: Sequence[int],
     token_dtype: int,
     need_schedule: int,
     layer_num: int,
-    token_dtype_expected: int,
-) -> None:
+) -> int:
+    """The arguments of `npu_ffn_worker_batching` against the context's (A, BS, E); return H.
+
+    `max_out_shape` is [A, BS, E, H]: its first three must be the context's, since the
+    kernel strides the window by the context's counts and sizes its outputs by these.
+    """
     check(expert_num >= 1, "expert_num", ">= 1 (local experts of this FFN rank)", expert_num)
-    _expect_shape(
-        _shape(max_out_shape, "max_out_shape", 4),
-        (layout.sessions, layout.tokens, layout.slots, layout.hidden),
+    shape = _shape(max_out_shape, "max_out_shape", 4)
+    check(
+        shape[:3] == tuple(counts),
         "max_out_shape",
+        "[A, BS, E, H] with A, BS, E = {}, {}, {} of the schedule context".format(*counts),
+        list(shape),
     )
     check(
-        token_dtype == token_dtype_expected,
+        token_dtype in BATCHING_TOKEN_DTYPES,
         "token_dtype",
-        f"{token_dtype_expected} for this window group ({_dtype_name(layout)})",
+        f"one of {list(BATCHING_TOKEN_DTYPES)} (fp16, bf16, int8 + scale, float32)",
         token_dtype,
     )
     check(need_schedule in (0, 1), "need_schedule", "0 or 1", need_schedule)
     check(layer_num >= 0, "layer_num", ">= 0", layer_num)
+    return shape[3]
 
 
-def check_combine_args(
-    layout: WindowLayout,
+def check_combine_call(
     expert_scales: torch.Tensor,
     layer_id: torch.Tensor,
     hidden_size: int,
     token_dtype: int,
     need_schedule: int,
-    token_dtype_expected: int,
-) -> int:
-    """Return K, the routed slots the scales weight."""
+) -> tuple[int, int]:
+    """The arguments of `npu_attention_worker_combine`; return (BS, K) of `expert_scales`.
+
+    The kernel takes BS and K from `expert_scales` (K <= 64 in its tiling) and H from
+    `hidden_size`; BS may exceed the 512 tokens A2F sends (ops-transformer combine tiling).
+    """
     _tensor(expert_scales, "expert_scales")
     check(
         expert_scales.dtype == torch.float32,
@@ -324,28 +354,28 @@ def check_combine_args(
         expert_scales.dtype,
     )
     check(
-        expert_scales.dim() == 2 and expert_scales.shape[0] == layout.tokens,
+        expert_scales.dim() == 2 and expert_scales.shape[0] >= 1,
         "expert_scales.shape",
-        f"(BS={layout.tokens}, K)",
+        "(BS, K) with BS >= 1",
         tuple(expert_scales.shape),
     )
     topk = int(expert_scales.shape[1])
     check(
-        topk == layout.topk,
+        1 <= topk <= MAX_COMBINE_TOPK,
         "expert_scales.shape[1] (K)",
-        f"K = {layout.topk} of this window group (E = {layout.slots} slots)",
+        f"in [1, {MAX_COMBINE_TOPK}]",
         topk,
     )
     _scalar(layer_id, "layer_id")
-    check(hidden_size == layout.hidden, "hidden_size", f"H = {layout.hidden}", hidden_size)
+    check(hidden_size >= 1, "hidden_size", ">= 1", hidden_size)
     check(
-        token_dtype == token_dtype_expected,
+        token_dtype in COMBINE_TOKEN_DTYPES,
         "token_dtype",
-        f"{token_dtype_expected} for this window group ({layout.dtype})",
+        f"one of {list(COMBINE_TOKEN_DTYPES)} (fp16, bf16, float32)",
         token_dtype,
     )
     check(need_schedule in (0, 1), "need_schedule", "0 or 1", need_schedule)
-    return topk
+    return int(expert_scales.shape[0]), topk
 
 
 # -- small helpers -------------------------------------------------------------------------

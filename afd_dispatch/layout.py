@@ -7,13 +7,23 @@ FFN window (written by `npu_attention_to_ffn`, read by `npu_ffn_worker_batching`
 
     byte 0                      info  int32 [A, M, 2 + BS*E]
                                       row (s, m) = [flag, layer_id, local id of (t, e) ...]
-    byte align512(info bytes)   data  [A, M, BS, E, HS] of x.dtype, or int8 rows of
-                                      H quantized values + float32 scale at byte H (+ padding)
+    byte align512(info bytes)   data  [A, M, BS, E] slots of attn_to_ffn_token_size bytes:
+                                      H values of x.dtype, or H int8 values + float32 scale
+                                      at byte H, then padding to the slot size
 
 Attention window (written by `npu_ffn_to_attention`, read by `npu_attention_worker_combine`)::
 
     byte 0                      info  int32 [M, BS, E]   1 = result for (m, t, e) arrived
     byte align512(info bytes)   data  [M, BS, E, H] of the result dtype
+
+Row strides. The FFN-window slot size is a parameter, not a function of H: A2F writes slots
+`ffn_token_data_shape[4]` elements apart and batching reads them `attn_to_ffn_token_size`
+bytes apart, from its schedule context (ops-transformer `ffn_wb_get_schedule_context.h`,
+`ffn_wb_gather_out_all.h`). The seed's example uses H + 128 bytes for int8 rows; A3 callers
+use align512(H + 4) (int8) and align512(2H) (16-bit), since torch_npu's holder refuses
+token sizes that are not multiples of 512. Attention-window rows are always H values apart:
+the combine kernel reads them at H * itemsize, and no kernel reads the context's
+`ffn_to_attn_token_size` (ops-transformer `attention_worker_combine_split_bs.h`).
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ ALIGN = 512
 # The empty marker of an info entry, and the consumer's test for "empty".
 EMPTY_LOCAL_ID = 2**31 - 1
 EMPTY_ID_THRESHOLD = 1_000_000
-QUANT_ROW_PADDING = 128  # int8 rows carry H values plus 128 bytes (scale at byte H)
+QUANT_ROW_PADDING = 128  # the seed's int8 slot: H values plus 128 bytes (scale at byte H)
+QUANT_SCALE_BYTES = 4  # the float32 scale stored at byte H of an int8 slot
 FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET = 0, 1, 2  # columns of an FFN info row
 
 MAX_TOKENS_PER_MICRO_BATCH = 512
@@ -64,12 +75,22 @@ def dtype_of_code(code: int) -> torch.dtype:
     raise ValueError(f"token_dtype: expected one of {sorted(_DTYPE_CODES.values())}, got {code}")
 
 
+def a3_attn_to_ffn_token_size(hidden: int, dtype: torch.dtype, quant: bool) -> int:
+    """The FFN-window slot size A3 callers use: align512(H + 4) bytes for int8 rows,
+    align512(H * itemsize) otherwise (torch_npu's batching test and A3 model scripts)."""
+    payload = hidden + QUANT_SCALE_BYTES if quant else hidden * dtype.itemsize
+    return align512(payload)
+
+
 @dataclass(frozen=True)
 class WindowLayout:
     """Shapes and byte offsets of the FFN and attention windows of one window group.
 
     sessions A, micro_batches M, tokens BS (per micro-batch and attention rank),
-    topk K, shared S, hidden H, dtype of the activations, quant (int8 A2F rows).
+    topk K, shared S, hidden H, dtype of the activations, quant (int8 A2F rows), and
+    attn_to_ffn_token_size: bytes of one FFN-window slot (0: the seed's H + 128 for int8
+    rows, H * itemsize otherwise; `a3_attn_to_ffn_token_size` gives A3 callers' size).
+    It must hold the row (H * itemsize, or H + 4 with int8) and a whole number of elements.
     """
 
     sessions: int
@@ -80,6 +101,7 @@ class WindowLayout:
     hidden: int
     dtype: torch.dtype = torch.bfloat16
     quant: bool = False
+    attn_to_ffn_token_size: int = 0
 
     def __post_init__(self) -> None:
         check(self.sessions >= 1, "sessions (A)", ">= 1", self.sessions)
@@ -101,6 +123,19 @@ class WindowLayout:
         if self.quant:
             check(self.hidden % 32 == 0, "hidden (H)", "a multiple of 32 with quant", self.hidden)
         token_dtype_code(self.dtype)
+        if self.attn_to_ffn_token_size == 0:
+            default = (
+                self.hidden + QUANT_ROW_PADDING if self.quant else self.hidden * self.dtype.itemsize
+            )
+            object.__setattr__(self, "attn_to_ffn_token_size", default)
+        size, elem = self.attn_to_ffn_token_size, self.a2f_elem_size
+        check(
+            size >= self.row_payload_bytes and size % elem == 0,
+            "attn_to_ffn_token_size (HS bytes)",
+            f">= {self.row_payload_bytes} bytes (the row{' and its scale' if self.quant else ''})"
+            f" and a multiple of {elem}",
+            size,
+        )
 
     # -- derived sizes -------------------------------------------------------------------
     @property
@@ -110,8 +145,13 @@ class WindowLayout:
 
     @property
     def row_elems(self) -> int:
-        """HS: elements of one A2F data row."""
-        return self.hidden + QUANT_ROW_PADDING if self.quant else self.hidden
+        """HS: elements of one FFN-window slot (`ffn_token_data_shape[4]`)."""
+        return self.attn_to_ffn_token_size // self.a2f_elem_size
+
+    @property
+    def row_payload_bytes(self) -> int:
+        """Bytes of a slot that carry data: H values, or H int8 values and the scale."""
+        return self.hidden + QUANT_SCALE_BYTES if self.quant else self.hidden * self.dtype.itemsize
 
     @property
     def a2f_elem_size(self) -> int:
@@ -122,11 +162,8 @@ class WindowLayout:
         return torch.int8 if self.quant else self.dtype
 
     @property
-    def a2f_row_bytes(self) -> int:
-        return self.row_elems * self.a2f_elem_size
-
-    @property
-    def f2a_row_bytes(self) -> int:
+    def ffn_to_attn_token_size(self) -> int:
+        """Bytes of one attention-window row: H values (the combine kernel's stride)."""
         return self.hidden * self.dtype.itemsize
 
     # -- FFN window ------------------------------------------------------------------------
@@ -149,8 +186,15 @@ class WindowLayout:
 
     @property
     def ffn_data_bytes(self) -> int:
-        a, m, bs, e, hs = self.ffn_data_shape
-        return a * m * bs * e * hs * self.a2f_elem_size
+        a, m, bs, e, _ = self.ffn_data_shape
+        return a * m * bs * e * self.attn_to_ffn_token_size
+
+    @property
+    def ffn_scheduler_buffer_bytes(self) -> tuple[int, int, int, int]:
+        """Bytes of the FFN scheduler's outputs (layer ids, session ids, micro-batch ids:
+        int32 [A] each; expert ids: int32 [A, BS, E]), as torch_npu's holder sizes them."""
+        a = self.sessions
+        return 4 * a, 4 * a, 4 * a, 4 * a * self.tokens * self.slots
 
     @property
     def ffn_window_bytes(self) -> int:

@@ -22,7 +22,9 @@ BACKEND_API = (
     "npu_ffn_to_attention",
     "npu_attention_worker_combine",
     "ffn_worker_scheduler_",
+    "ffn_worker_scheduler",
     "attention_worker_scheduler_",
+    "attention_worker_scheduler",
     "create_schedule_context_holder",
     "last_batched_layer",
 )

@@ -37,7 +37,11 @@ TORCH_NPU_SCHEMAS: dict[str, str] = {
         "ffn_worker_scheduler_(Tensor(a!) self, *, int sync_group_size=1, "
         "int execute_mode=0) -> Tensor(a!)"
     ),
+    "ffn_worker_scheduler": (
+        "ffn_worker_scheduler(Tensor self, *, int sync_group_size=1, int execute_mode=0) -> Tensor"
+    ),
     "attention_worker_scheduler_": "attention_worker_scheduler_(Tensor(a!) self) -> Tensor(a!)",
+    "attention_worker_scheduler": "attention_worker_scheduler(Tensor self) -> Tensor",
 }
 
 OP_FAMILY = (

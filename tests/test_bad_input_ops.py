@@ -270,7 +270,8 @@ A2F_CASES: list[tuple[str, Mutation, str, str]] = [
     ("x-dtype-vs-group", _resize(dtype=torch.float16), "x.dtype", "torch.float16"),
     ("x-H-vs-group", _consistent(hidden=32), "x.shape[2] (H)", "32"),
     ("x-BS-vs-group", _consistent(tokens=3), "x.shape[1] (BS)", "3"),
-    ("x-H-vs-shapes", _resize(h=32), "ffn_token_data_shape", f"{H}]"),
+    # the slot stride HS is the caller's, so a smaller x fits the shapes; the group says H
+    ("x-H-vs-shapes", _resize(h=32), "x.shape[2] (H)", "32"),
     # expert_ids and K
     ("K=0", _resize(k=0), "expert_ids.shape[2] (K)", "0"),
     ("K>moe", _resize(k=MOE + 1), "expert_ids.shape[2] (K)", f"{MOE + 1}"),
@@ -353,8 +354,16 @@ A2F_CASES: list[tuple[str, Mutation, str, str]] = [
             "ffn_token_data_shape",
             _plus_one(LAYOUT.ffn_data_shape, i),
         )
-        for i in range(5)
+        for i in range(4)
     ],
+    # HS is a free stride (>= H), but it must be the one the group's windows were laid out with
+    ("data-4", _shape_arg("ffn_token_data_shape", 4), "ffn_token_data_shape[4] (HS)", f"{H + 1}"),
+    (
+        "data-4-below-H",
+        _shape_arg("ffn_token_data_shape", 4, -1),
+        "ffn_token_data_shape[4] (HS)",
+        f"{H - 1}",
+    ),
     ("data-len", _set(ffn_token_data_shape=[A, M, BS, E]), "ffn_token_data_shape", "[2, 2, 4, 3]"),
     ("data-neg", _set(ffn_token_data_shape=[A, M, BS, -E, H]), "ffn_token_data_shape", f"{-E}"),
     (
@@ -565,7 +574,7 @@ CONTEXT_CASES: list[tuple[str, Mutation, str, str]] = [
     ("ctx-float", _foreign_context("float"), "schedule_context", "torch.float32 (256,)"),
     ("ctx-short", _foreign_context("short"), "schedule_context", "(512,)"),
     ("ctx-strided", _foreign_context("strided"), "schedule_context", "(1024,)"),
-    ("ctx-never-initialized", _foreign_context("zeros"), "schedule_context window", "0"),
+    ("ctx-never-initialized", _foreign_context("zeros"), "schedule_context", "0"),
 ]
 
 BATCHING_CASES: list[tuple[str, Mutation, str, str]] = [
@@ -578,18 +587,19 @@ BATCHING_CASES: list[tuple[str, Mutation, str, str]] = [
             "max_out_shape",
             _plus_one([A, BS, E, H], i),
         )
-        for i in range(4)
+        for i in range(3)
     ],
+    ("max_out-3", _shape_arg("max_out_shape", 3), "max_out_shape[3] (H)", f"{H + 1}"),
     ("max_out-zero", _set(max_out_shape=[A, BS, 0, H]), "max_out_shape", f"[{A}, {BS}, 0, {H}]"),
     ("token_dtype-fp16", _set(token_dtype=TOKEN_DTYPE_FP16), "token_dtype", "0"),
     ("token_dtype-int8", _set(token_dtype=TOKEN_DTYPE_INT8), "token_dtype", "2"),
     ("token_dtype-9", _set(token_dtype=9), "token_dtype", "9"),
     ("need_schedule=2", _set(need_schedule=2), "need_schedule", "2"),
     ("need_schedule=-1", _set(need_schedule=-1), "need_schedule", "-1"),
-    ("need_schedule=0-unscheduled", _set(need_schedule=0), "need_schedule", "0"),
     ("layer_num<0", _set(layer_num=-1), "layer_num", "-1"),
     ("layer_num<=layer", _set(layer_num=LAYER), "window layer id", f"{LAYER}"),
-    ("ctx-attention", _foreign_context("attention"), "schedule_mode", "1"),
+    # batching reads no schedule_mode (as on A3): an attention context has no FFN window
+    ("ctx-attention", _foreign_context("attention"), "ffn.token_info_buf", "0"),
     *CONTEXT_CASES,
 ]
 
@@ -629,13 +639,13 @@ def test_context_of_a_destroyed_group_is_rejected() -> None:
     ctx = args["schedule_context"].clone()
     with pytest.raises(AFDInputError) as info:
         ref.npu_ffn_worker_batching(**args)
-    assert info.value.argument == "schedule_context window"
+    assert info.value.argument == "schedule_context ffn.token_info_buf"
     assert info.value.value == sc.get(ctx, sc.FFN_INFO_BUF)
     assert torch.equal(args["schedule_context"], ctx)
 
 
 SCHEDULER_CASES: list[tuple[str, Mutation, str, str]] = [
-    ("sync_group_size=2", _set(sync_group_size=2), "sync_group_size", "2"),
+    ("sync_group_size=3", _set(sync_group_size=3), "sync_group_size", "3"),
     ("sync_group_size=0", _set(sync_group_size=0), "sync_group_size", "0"),
     ("execute_mode=1", _set(execute_mode=1), "execute_mode", "1"),
     ("ctx-attention", _foreign_context("attention"), "schedule_mode", "1"),
@@ -840,10 +850,10 @@ COMBINE_CASES: list[tuple[str, Mutation, str, str]] = [
     ("token_dtype-fp16", _set(token_dtype=TOKEN_DTYPE_FP16), "token_dtype", "0"),
     ("token_dtype-int8", _set(token_dtype=TOKEN_DTYPE_INT8), "token_dtype", "2"),
     ("need_schedule=2", _set(need_schedule=2), "need_schedule", "2"),
-    ("need_schedule=0-unscheduled", _set(need_schedule=0), "need_schedule", "0"),
-    ("ctx-ffn", _ffn_context, "schedule_mode", "0"),
+    # combine reads no schedule_mode (as on A3): an FFN context has no attention window
+    ("ctx-ffn", _ffn_context, "attention.token_info_buf", "0"),
     ("ctx-float", _foreign_context("float"), "schedule_context", "torch.float32"),
-    ("ctx-zeros", _foreign_context("zeros"), "schedule_mode", "0"),
+    ("ctx-zeros", _foreign_context("zeros"), "schedule_context micro_batch_num", "0"),
 ]
 
 
@@ -896,8 +906,8 @@ def holder_args(world: World, rank: int) -> Args:
         "micro_batch_size": BS,
         "selected_expert_num": E,
         "expert_num": world.expert_num(rank) if ffn else 1,
-        "attn_to_ffn_token_size": lay.a2f_row_bytes,
-        "ffn_to_attn_token_size": lay.f2a_row_bytes,
+        "attn_to_ffn_token_size": lay.attn_to_ffn_token_size,
+        "ffn_to_attn_token_size": lay.ffn_to_attn_token_size,
         "ffn_window": address if ffn else 0,
         "ffn_window_size": size if ffn else 0,
         "attention_window": 0 if ffn else address,
@@ -1063,12 +1073,12 @@ FFN_CONTENT_CASES: list[
     ("layers-disagree", _corrupt_layer, _batching(), "layer ids", f"[{LAYER}, {LAYER + 6}]"),
     ("polling-index", _corrupt_ctx(sc.FFN_POLLING_INDEX, M), _batching(), "polling_index", f"{M}"),
     ("polling-index-neg", _corrupt_ctx(sc.FFN_POLLING_INDEX, -1), _ffn_scheduler, "polling", "-1"),
-    ("ctx-mode", _corrupt_ctx(sc.SCHEDULE_MODE, 5), _batching(), "schedule_mode", "5"),
+    ("ctx-mode", _corrupt_ctx(sc.SCHEDULE_MODE, 5), _ffn_scheduler, "schedule_mode", "5"),
     (
         "ctx-address",
         _corrupt_ctx(sc.FFN_INFO_BUF, BOGUS_ADDRESS),
         _batching(),
-        "window",
+        "ffn.token_info_buf",
         f"{BOGUS_ADDRESS}",
     ),
 ]
@@ -1111,7 +1121,7 @@ ATTN_CONTENT_CASES: list[
         "micro-batch-id",
         _corrupt_ctx(sc.ATTN_MICRO_BATCH_ID, M + 3, ATTN_RANK),
         _combine,
-        "schedule_context micro_batch_id",
+        "schedule_context attention.micro_batch_id",
         f"{M + 3}",
     ),
     (
@@ -1125,7 +1135,7 @@ ATTN_CONTENT_CASES: list[
         "address",
         _corrupt_ctx(sc.ATTN_INFO_BUF, 12345, ATTN_RANK),
         _combine,
-        "schedule_context window",
+        "schedule_context attention.token_info_buf",
         "12345",
     ),
 ]

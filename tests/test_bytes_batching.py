@@ -44,7 +44,7 @@ from expected_bytes import (
     window_group,
 )
 
-from afd_dispatch import AFDInputError, AFDTimeoutError, WindowGroup
+from afd_dispatch import AFDTimeoutError, WindowGroup
 from afd_dispatch.kernels.reference import (
     context_for,
     ffn_worker_scheduler_,
@@ -56,6 +56,7 @@ FFN_RANK = 0
 EXPERT_NUM = 5  # local experts 0..4 on FFN rank 0
 TOKEN_DTYPE_BF16, TOKEN_DTYPE_INT8 = 1, 2
 POLLING_INDEX_AT = 416  # int64 in the schedule context (kernels/reference/schedule_context.py)
+OUT_NUM_AT = 576  # int32: sessions the FFN scheduler published
 DIMS = Dims(A=2, M=2, BS=2, K=2, S=0, H=32)
 QDIMS = Dims(A=2, M=2, BS=2, K=2, S=0, H=32, quant=True)
 LAYER = 4
@@ -213,21 +214,67 @@ def test_waits_for_the_flags_of_all_sessions() -> None:
         assert context_field(ctx, POLLING_INDEX_AT, "<q") == 0
 
 
-def test_need_schedule_0_runs_after_the_scheduler_found_the_micro_batch() -> None:
+def scheduled(window: ExpectedFfnWindow, m: int) -> ExpectedFfnWindow:
+    """What ffn_worker_scheduler_ leaves: ids of micro-batch m 0x7F7F7F7F, flags 0."""
+    after = consumed(window, m)
+    for s in range(DIMS.A):
+        for t in range(DIMS.BS):
+            for e in range(DIMS.E):
+                after.slot(s, m, t, e, 0x7F7F7F7F)
+    return after
+
+
+def test_need_schedule_0_batches_what_the_scheduler_published() -> None:
     with window_group(DIMS, F, torch.bfloat16) as group:
         before = filled_window({0: IDS_MB0}, ready={0})
         load_window(group, FFN_RANK, before)
         ctx = ffn_context(group)
-        with pytest.raises(AFDInputError, match="need_schedule"):
-            batch(ctx, need_schedule=0)  # nobody checked the flags yet
-        assert ffn_worker_scheduler_(ctx) is ctx
-        assert context_field(ctx, POLLING_INDEX_AT, "<q") == 0  # the scheduler only looks
+        # nothing published yet (out_num 0): an empty batch, as on A3, and nothing changes
+        _, group_list, *_, actual = batch(ctx, need_schedule=0)
+        assert actual.tolist() == [0] and group_list.tolist() == [[0, 0]] * EXPERT_NUM
+        assert_windows(group, {**initial_windows(group, DIMS), FFN_RANK: before})
 
-        assert_outputs(batch(ctx, need_schedule=0), 0, SORTED_MB0, GROUP_LIST_MB0)
-        want = initial_windows(group, DIMS)
-        want[FFN_RANK] = consumed(before, 0)
-        assert_windows(group, want)
+        # sync_group_size = A: the sessions move in lockstep with the polling index
+        assert ffn_worker_scheduler_(ctx, sync_group_size=DIMS.A) is ctx
         assert context_field(ctx, POLLING_INDEX_AT, "<q") == 1
+        assert context_field(ctx, OUT_NUM_AT, "<i") == DIMS.A
+        want = initial_windows(group, DIMS)
+        want[FFN_RANK] = scheduled(before, 0)
+        assert_windows(group, want)
+
+        for _ in range(2):  # need_schedule=0 changes nothing, so it can be repeated
+            assert_outputs(batch(ctx, need_schedule=0), 0, SORTED_MB0, GROUP_LIST_MB0)
+            assert_windows(group, want)
+            assert context_field(ctx, POLLING_INDEX_AT, "<q") == 1
+
+
+def test_the_scheduler_publishes_each_session_group_on_its_own() -> None:
+    with window_group(DIMS, F, torch.bfloat16) as group:
+        # session 1 flagged micro-batch 1 only; session 0 flagged both
+        before = filled_window({0: IDS_MB0, 1: IDS_MB1}, ready={0, 1}, flagged_sessions=(0,))
+        for m in (1,):
+            before.header(1, m, flag=1, layer=LAYER)
+        load_window(group, FFN_RANK, before)
+        ctx = ffn_context(group)
+        ffn_worker_scheduler_(ctx)  # sync_group_size 1: every session is its own group
+        # each session publishes its lowest ready micro-batch: session 0 -> 0, session 1 -> 1
+        assert context_field(ctx, OUT_NUM_AT, "<i") == 2
+        assert context_field(ctx, POLLING_INDEX_AT, "<q") == 0  # only lockstep advances it
+        _, _, sessions, mbs, tokens, offsets, _, actual = batch(ctx, need_schedule=0)
+        published = {(s, t, e) for (s, t, e), i in IDS_MB0.items() if s == 0 and i < 1_000_000}
+        published |= {(s, t, e) for (s, t, e) in IDS_MB1 if s == 1}
+        n = int(actual[0])
+        got = {
+            (s, m, t, e)
+            for s, m, t, e in zip(
+                sessions[:n].tolist(),
+                mbs[:n].tolist(),
+                tokens[:n].tolist(),
+                offsets[:n].tolist(),
+                strict=True,
+            )
+        }
+        assert got == {(s, s, t, e) for s, t, e in published}  # session s took micro-batch s
 
 
 # -- int8 rows: y takes the H int8 values, dynamic_scale the float32 at byte H ----------------

@@ -32,8 +32,9 @@ from expected_bytes import (
     window_group,
 )
 
-from afd_dispatch import AFDInputError, AFDTimeoutError, WindowGroup
+from afd_dispatch import AFDTimeoutError, WindowGroup
 from afd_dispatch.kernels.reference import (
+    attention_worker_scheduler,
     attention_worker_scheduler_,
     context_for,
     npu_attention_worker_combine,
@@ -328,16 +329,41 @@ def test_combine_waits_for_every_slot_flag() -> None:
         assert_windows(group, want)
 
 
-def test_need_schedule_0_combines_after_the_scheduler_found_the_micro_batch() -> None:
+def test_need_schedule_0_combines_the_context_micro_batch_as_it_is() -> None:
     with window_group(CYCLE_DIMS, F, torch.bfloat16) as group:
         window = cycle_window()
         load_window(group, CYCLE_RANK, window)
         ctx = context_for(group, CYCLE_RANK).get_schedule_context_tensor()
-        with pytest.raises(AFDInputError, match="need_schedule"):
-            combine(ctx, layer=0, need_schedule=0)
+        want = initial_windows(group, CYCLE_DIMS)
+        want[CYCLE_RANK] = window.copy()
+        # A fresh context's id is M - 1: need_schedule=0 reads that micro-batch, with no
+        # wait, no flag reset and no store (as the A3 kernel does)
+        assert context_field(ctx, ATTN_MICRO_BATCH_ID_AT, "<i") == 1
+        assert y_bytes(combine(ctx, layer=0, need_schedule=0)) == cycle_expected(1)
+        assert_windows(group, want)
+        assert context_field(ctx, ATTN_MICRO_BATCH_ID_AT, "<i") == 1
+
+        # the scheduler waits for (1 + 1) % M = 0, zeroes its flags and makes it current
         assert attention_worker_scheduler_(ctx) is ctx
-        assert y_bytes(combine(ctx, layer=0, need_schedule=0)) == cycle_expected(0)
+        assert context_field(ctx, ATTN_MICRO_BATCH_ID_AT, "<i") == 0
         flag_micro_batch(window, 0, 0)
+        want[CYCLE_RANK] = window
+        assert_windows(group, want)
+        for _ in range(2):
+            assert y_bytes(combine(ctx, layer=0, need_schedule=0)) == cycle_expected(0)
+            assert_windows(group, want)
+
+
+def test_the_non_in_place_scheduler_returns_a_new_context() -> None:
+    with window_group(CYCLE_DIMS, F, torch.bfloat16) as group:
+        window = cycle_window()
+        load_window(group, CYCLE_RANK, window)
+        ctx = context_for(group, CYCLE_RANK).get_schedule_context_tensor()
+        before = ctx.clone()
+        out = attention_worker_scheduler(ctx)
+        assert out is not ctx and torch.equal(ctx, before)  # the input context is unchanged
+        assert context_field(out, ATTN_MICRO_BATCH_ID_AT, "<i") == 0
+        flag_micro_batch(window, 0, 0)  # ... but the window's flags are zeroed
         want = initial_windows(group, CYCLE_DIMS)
         want[CYCLE_RANK] = window
         assert_windows(group, want)

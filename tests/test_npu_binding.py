@@ -29,6 +29,7 @@ from torch_npu_standin import (
 import afd_dispatch.kernels.npu as npu
 from afd_dispatch import AFDInputError, RankTopology, WindowLayout, build_expert_rank_table
 from afd_dispatch.kernels import BACKEND_API, load_backend
+from afd_dispatch.kernels.npu import a3
 from afd_dispatch.kernels.schemas import TORCH_NPU_SCHEMAS
 
 # One window group: A = 2 attention ranks after F = 2 FFN ranks, M = 2, BS = 4, K = 2, S = 1.
@@ -369,6 +370,117 @@ def test_ffn_worker_batching_takes_int8_rows_of_either_slot_rounding(
         npu.npu_ffn_worker_batching(ctx, 2, [A, BS, E, 1440], token_dtype=1)
 
 
+# The token sizes are byte strides (batching reads slot rows attn_to_ffn_token_size bytes
+# apart; torch_npu's holder only wants multiples of 512): every multiple of 512 that holds
+# the row is accepted, not just the two roundings the backend used to take.
+@pytest.mark.parametrize(
+    ("hidden", "token_dtype", "token_size"),
+    [
+        (2880, 2, 3072),  # align512(2880 + 4): int8 at H = 2880 (2880 % 32 == 0)
+        (2880, 1, 6144),  # align512(2 * 2880): 2H = 5760 is not a multiple of 512
+        (7168, 2, 7680),  # align512(7168 + 4): torch_npu's batching test
+        (7168, 2, 7680 + 512),  # any larger stride
+        (7168, 1, 14336),  # 2H
+        (7168, 0, 14336 + 1024),
+        (1440, 2, 1536),
+    ],
+)
+def test_ffn_worker_batching_takes_any_512_multiple_that_holds_the_row(
+    standin: TorchNpuStandin, hidden: int, token_dtype: int, token_size: int
+) -> None:
+    ctx = ffn_context(standin, attn_to_ffn_token_size=token_size)
+    shape = [A, BS, E, hidden]
+    npu.npu_ffn_worker_batching(ctx, 2, shape, token_dtype=token_dtype)
+    (call,) = standin.calls
+    assert_forwarded(
+        call, (ctx, 2, shape), {"token_dtype": token_dtype, "need_schedule": 0, "layer_num": 0}
+    )
+
+
+@pytest.mark.parametrize(
+    ("hidden", "token_dtype", "token_size", "payload"),
+    [
+        (7168, 2, 1536, 7172),  # the smallest size a holder takes, far below H + 4
+        (7168, 2, 7168, 7172),  # a multiple of 512 == H: no room for the scale at byte H
+        (2880, 1, 5632, 5760),  # below 2H
+        (2048, 2, 2048, 2052),
+    ],
+)
+def test_ffn_worker_batching_refuses_a_stride_below_the_row_payload(
+    standin: TorchNpuStandin, hidden: int, token_dtype: int, token_size: int, payload: int
+) -> None:
+    ctx = ffn_context(standin, attn_to_ffn_token_size=token_size)
+    with pytest.raises(AFDInputError) as info:
+        npu.npu_ffn_worker_batching(ctx, 2, [A, BS, E, hidden], token_dtype=token_dtype)
+    assert info.value.argument == "schedule_context attn_to_ffn_token_size"
+    message = str(info.value)
+    assert f"a multiple of 512 bytes >= {payload}" in message and str(token_size) in message
+    assert standin.calls == []
+
+
+def test_the_a2f_token_size_rule_names_the_payload_bound() -> None:
+    # A 1024-byte int8 context for H = 7168 (a holder refuses 1024 already, see BAD_INPUT,
+    # so the rule batching applies to recorded contexts is called directly here).
+    with pytest.raises(AFDInputError) as info:
+        a3.check_a2f_token_size(1024, 7168, 2)
+    assert info.value.argument == "schedule_context attn_to_ffn_token_size"
+    assert ">= 7172" in str(info.value) and "1024" in str(info.value)
+    # the seed's H + 128 = 7296 holds the row but is no multiple of 512
+    with pytest.raises(AFDInputError, match="multiple of 512"):
+        a3.check_a2f_token_size(7296, 7168, 2)
+    a3.check_a2f_token_size(7680, 7168, 2)
+    a3.check_a2f_token_size(3072, 2880, 2)
+    a3.check_a2f_token_size(6144, 2880, 1)
+
+
+def test_the_f2a_token_size_rule() -> None:
+    a3.check_f2a_token_size(6144, 2880)
+    a3.check_f2a_token_size(14336, 7168)
+    a3.check_f2a_token_size(16384, 7168)
+    for bad in (5760, 5632):  # 2H itself is no multiple of 512; below 2H
+        with pytest.raises(AFDInputError) as info:
+            a3.check_f2a_token_size(bad, 2880)
+        assert info.value.argument == "schedule_context ffn_to_attn_token_size"
+        assert ">= hidden_size * 2 = 5760" in str(info.value) and str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("a2f", "f2a"), [(3072, 6144), (6144, 6144), (7680, 14336), (14336, 14336)]
+)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_the_holder_takes_a3_callers_token_sizes(
+    standin: TorchNpuStandin, mode: int, a2f: int, f2a: int
+) -> None:
+    # align512(2880 + 4) = 3072, align512(2 * 2880) = 6144, align512(7168 + 4) = 7680, 2 * 7168
+    ctx = _context(standin, mode, {"attn_to_ffn_token_size": a2f, "ffn_to_attn_token_size": f2a})
+    sizes = npu.recorded_context(ctx)
+    assert sizes is not None
+    assert (sizes.attn_to_ffn_token_size, sizes.ffn_to_attn_token_size) == (a2f, f2a)
+
+
+def test_the_holder_refuses_the_seeds_unaligned_slot_size(standin: TorchNpuStandin) -> None:
+    # the seed's int8 slot H + 128 = 7296 at H = 7168: torch_npu's holder does not round it
+    with pytest.raises(AFDInputError) as info:
+        npu.create_schedule_context_holder(**holder_args(0, attn_to_ffn_token_size=7296))
+    assert info.value.argument == "attn_to_ffn_token_size"
+    assert "a multiple of 512 bytes" in str(info.value) and "7296" in str(info.value)
+    assert standin.calls == []
+
+
+def test_attention_to_ffn_forwards_a_512_aligned_slot_stride(standin: TorchNpuStandin) -> None:
+    # A3 callers' strides: align512(H + 4) bytes = 3072 int8 elements with quant at
+    # H = 2880, align512(2H) bytes = 3072 bf16 elements without; the contract takes HS >= H.
+    hidden = 2880
+    for quant_mode, dtype, stride in ((2, torch.float16, 3072), (0, torch.bfloat16, 3072)):
+        standin.calls.clear()
+        a = a2f_args(hidden=hidden, dtype=dtype)
+        a["ffn_token_data_shape"] = [A, M, BS, E, stride]
+        npu.npu_attention_to_ffn(**a, quant_mode=quant_mode)
+        (call,) = standin.calls
+        assert call.args[9] == [A, M, BS, E, stride]
+        assert call.kwargs["quant_mode"] == quant_mode
+
+
 @pytest.mark.parametrize("own_context", [True, False], ids=["recorded", "foreign"])
 def test_attention_worker_combine_forwards_every_argument(
     standin: TorchNpuStandin, own_context: bool
@@ -390,16 +502,120 @@ def test_attention_worker_combine_forwards_the_defaults(standin: TorchNpuStandin
     assert_forwarded(standin.calls[0], (ctx, w, lid, H), {"token_dtype": 0, "need_schedule": 0})
 
 
+@pytest.mark.parametrize(
+    ("hidden", "token_size"), [(2880, 6144), (2880, 8192), (7168, 14336), (H, 2 * H + 512)]
+)
+def test_attention_worker_combine_takes_any_512_multiple_of_at_least_2h(
+    standin: TorchNpuStandin, hidden: int, token_size: int
+) -> None:
+    # No kernel reads ffn_to_attn_token_size (combine reads rows hidden_size * 2 bytes
+    # apart), so the holder's multiple-of-512 rule and room for a row are all that is asked:
+    # align512(2 * 2880) = 6144 at H = 2880, where 2H = 5760 could not be passed at all.
+    ctx = attention_context(standin, ffn_to_attn_token_size=token_size)
+    w, lid = scales(), layer()
+    npu.npu_attention_worker_combine(ctx, w, lid, hidden, token_dtype=1)
+    (call,) = standin.calls
+    assert_forwarded(call, (ctx, w, lid, hidden), {"token_dtype": 1, "need_schedule": 0})
+    assert call.result[0].shape == (BS, hidden)
+
+
 def test_the_scheduler_ops_forward_to_torch_npu_afd(standin: TorchNpuStandin) -> None:
     ffn_ctx = ffn_context(standin)
     attn_ctx = attention_context(standin)
-    assert npu.ffn_worker_scheduler_(ffn_ctx, sync_group_size=2, execute_mode=1) is ffn_ctx
+    # execute_mode was 1 here: the kernel and aclnn accept only 0, which is now checked
+    assert npu.ffn_worker_scheduler_(ffn_ctx, sync_group_size=2, execute_mode=0) is ffn_ctx
     assert npu.ffn_worker_scheduler_(ffn_ctx) is ffn_ctx
     assert npu.attention_worker_scheduler_(attn_ctx) is attn_ctx
     assert standin.names() == ["ffn_worker_scheduler_"] * 2 + ["attention_worker_scheduler_"]
-    assert_forwarded(standin.calls[0], (ffn_ctx,), {"sync_group_size": 2, "execute_mode": 1})
+    assert_forwarded(standin.calls[0], (ffn_ctx,), {"sync_group_size": 2, "execute_mode": 0})
     assert_forwarded(standin.calls[1], (ffn_ctx,), {"sync_group_size": 1, "execute_mode": 0})
     assert_forwarded(standin.calls[2], (attn_ctx,), {})
+
+
+@pytest.mark.parametrize("own_context", [True, False], ids=["recorded", "foreign"])
+def test_the_non_in_place_schedulers_forward_and_return_a_new_context(
+    standin: TorchNpuStandin, own_context: bool
+) -> None:
+    ffn_ctx = ffn_context(standin) if own_context else foreign_context()
+    attn_ctx = attention_context(standin) if own_context else foreign_context()
+    ffn_ctx[0] = 7  # some content, to see it copied
+    before = ffn_ctx.clone()
+    ffn_out = npu.ffn_worker_scheduler(ffn_ctx, sync_group_size=2)
+    attn_out = npu.attention_worker_scheduler(attn_ctx)
+    assert standin.names() == ["ffn_worker_scheduler", "attention_worker_scheduler"]
+    ffn_call, attn_call = standin.calls
+    assert_forwarded(ffn_call, (ffn_ctx,), {"sync_group_size": 2, "execute_mode": 0})
+    assert_forwarded(attn_call, (attn_ctx,), {})
+    for out, ctx, call in ((ffn_out, ffn_ctx, ffn_call), (attn_out, attn_ctx, attn_call)):
+        assert out is call.result and out is not ctx
+        assert out.data_ptr() != ctx.data_ptr()
+        assert out.dtype == torch.int8 and out.shape == (1024,) and torch.equal(out, ctx)
+    assert torch.equal(ffn_ctx, before)
+
+
+def test_the_non_in_place_schedulers_forward_the_defaults(standin: TorchNpuStandin) -> None:
+    ctx = ffn_context(standin)
+    npu.ffn_worker_scheduler(ctx)
+    assert_forwarded(standin.calls[0], (ctx,), {"sync_group_size": 1, "execute_mode": 0})
+
+
+def test_a_non_in_place_scheduler_result_inherits_the_record(standin: TorchNpuStandin) -> None:
+    ffn_ctx = ffn_context(standin, attn_to_ffn_token_size=7680)
+    out = npu.ffn_worker_scheduler(ffn_ctx)
+    assert npu.recorded_context(out) == npu.recorded_context(ffn_ctx)
+    standin.calls.clear()
+    # so batching on the returned context is checked against the sizes too
+    with pytest.raises(AFDInputError, match="max_out_shape"):
+        npu.npu_ffn_worker_batching(out, 1, [A + 1, BS, E, 7168], token_dtype=2)
+    npu.npu_ffn_worker_batching(out, 1, [A, BS, E, 7168], token_dtype=2)
+    assert standin.names() == ["npu_ffn_worker_batching"]
+    attn_out = npu.attention_worker_scheduler(attention_context(standin))
+    sizes = npu.recorded_context(attn_out)
+    assert sizes is not None and sizes.schedule_mode == 1
+    # the inherited record ends with the returned tensor object, as a holder's with the holder
+    # (a tensor over the same memory that does not keep `out` alive, as `out[:]` would)
+    view = torch.empty(0, dtype=torch.int8).set_(out.untyped_storage(), 0, (1024,), (1,))
+    assert view.data_ptr() == out.data_ptr()
+    standin.calls.clear()  # the recorded calls hold `out` too
+    del out
+    gc.collect()
+    assert npu.recorded_context(view) is None
+    assert npu.recorded_context(ffn_ctx) is not None
+
+
+@pytest.mark.parametrize("op", ["ffn_worker_scheduler_", "ffn_worker_scheduler"])
+@pytest.mark.parametrize("group", [1, 3, 6])
+def test_ffn_scheduler_takes_a_sync_group_size_dividing_session_num(
+    standin: TorchNpuStandin, op: str, group: int
+) -> None:
+    ctx = ffn_context(standin, session_num=6)
+    getattr(npu, op)(ctx, sync_group_size=group)
+    assert_forwarded(standin.calls[0], (ctx,), {"sync_group_size": group, "execute_mode": 0})
+
+
+@pytest.mark.parametrize("op", ["ffn_worker_scheduler_", "ffn_worker_scheduler"])
+@pytest.mark.parametrize("group", [0, 4, 7, True, 2.0])
+def test_ffn_scheduler_refuses_a_sync_group_size_not_dividing_session_num(
+    standin: TorchNpuStandin, op: str, group: object
+) -> None:
+    ctx = ffn_context(standin, session_num=6)
+    with pytest.raises(AFDInputError) as info:
+        getattr(npu, op)(ctx, sync_group_size=group)
+    assert info.value.argument == "sync_group_size"
+    message = str(info.value)
+    assert "[1, session_num=6]" in message and "divides session_num" in message
+    assert str(group) in message
+    assert standin.calls == []
+
+
+def test_ffn_scheduler_on_a_foreign_context_checks_only_the_lower_bound(
+    standin: TorchNpuStandin,
+) -> None:
+    npu.ffn_worker_scheduler_(foreign_context(), sync_group_size=7)
+    assert standin.names() == ["ffn_worker_scheduler_"]
+    with pytest.raises(AFDInputError, match="execute_mode"):
+        npu.ffn_worker_scheduler(foreign_context(), execute_mode=1)
+    assert len(standin.calls) == 1
 
 
 # -- bad input fails in Python, before torch_npu sees anything ---------------------------------
@@ -441,10 +657,11 @@ BAD_INPUT: list[Case] = [
     ("a2f H above A3", _a2f(hidden=8448, dtype=torch.float16), "x.shape[2] (H)"),
     ("a2f empty group", _a2f(group=""), "group"),
     ("a2f group not str", _a2f(group=7), "group"),
-    # npu_attention_to_ffn: the contract
+    # npu_attention_to_ffn: the contract. This case had HS = H + 128 without quant, which
+    # the contract now takes (HS is the caller's stride, >= H); a wrong E is still refused.
     (
         "a2f data shape",
-        _a2f(ffn_token_data_shape=[A, M, BS, E, H + 128]),
+        _a2f(ffn_token_data_shape=[A, M, BS, E + 1, H]),
         "ffn_token_data_shape",
     ),
     ("a2f scales without quant", _a2f(scales=torch.ones(1, ROUTED + S, H)), "scales"),
@@ -491,9 +708,12 @@ BAD_INPUT: list[Case] = [
         _batch(1, [A, BS, E, 2048]),
         "schedule_context attn_to_ffn_token_size",
     ),
+    # This case used H = 1024 int8 rows in a 2048-byte context, refused by the old exact-value
+    # rule; 2048 holds 1024 + 4 bytes and is a valid stride now. An int8 row of H = 7168 in
+    # the smallest context a holder takes (1536 bytes) is below the payload H + 4.
     (
         "batch int8 vs token size",
-        _batch(1, [A, BS, E, H], token_dtype=2),
+        _batch(1, [A, BS, E, 7168], token_dtype=2, ctx={"attn_to_ffn_token_size": 1536}),
         "schedule_context attn_to_ffn_token_size",
     ),
     ("batch int8 H % 32", _batch(1, [A, BS, E, 1040], token_dtype=2), "max_out_shape[3] (H)"),
@@ -517,8 +737,10 @@ BAD_INPUT: list[Case] = [
     ("combine layer id", _combine(scales(), torch.tensor([[1]]), H), "layer_id.shape"),
     ("combine H below A3", _combine(scales(), layer(), 512), "hidden_size"),
     ("combine H float", _combine(scales(), layer(), float(H)), "hidden_size"),
+    # (was "combine HS != H": combine reads rows H apart whatever the context says, so the
+    # context's size only has to hold one row now, and 2048 bytes do not hold 2 * 2048)
     (
-        "combine HS != H",
+        "combine token size < 2H",
         _combine(scales(), layer(), 2048),
         "schedule_context ffn_to_attn_token_size",
     ),
@@ -545,6 +767,46 @@ BAD_INPUT: list[Case] = [
         "execute_mode",
     ),
     (
+        "ffn scheduler loop mode",
+        lambda s: npu.ffn_worker_scheduler_(ffn_context(s), execute_mode=1),
+        "execute_mode",
+    ),
+    (
+        "ffn scheduler group > A",
+        lambda s: npu.ffn_worker_scheduler_(ffn_context(s), sync_group_size=A + 1),
+        "sync_group_size",
+    ),
+    (
+        "ffn scheduler group not dividing A",
+        lambda s: npu.ffn_worker_scheduler_(ffn_context(s, session_num=3), sync_group_size=2),
+        "sync_group_size",
+    ),
+    (
+        "ffn scheduler (copy) group size",
+        lambda s: npu.ffn_worker_scheduler(ffn_context(s), sync_group_size=0),
+        "sync_group_size",
+    ),
+    (
+        "ffn scheduler (copy) loop mode",
+        lambda s: npu.ffn_worker_scheduler(ffn_context(s), execute_mode=1),
+        "execute_mode",
+    ),
+    (
+        "ffn scheduler (copy) attention context",
+        lambda s: npu.ffn_worker_scheduler(attention_context(s)),
+        "schedule_context",
+    ),
+    (
+        "attention scheduler (copy) FFN context",
+        lambda s: npu.attention_worker_scheduler(ffn_context(s)),
+        "schedule_context",
+    ),
+    (
+        "attention scheduler (copy) dtype",
+        lambda s: npu.attention_worker_scheduler(torch.zeros(1024, dtype=torch.int32)),
+        "schedule_context",
+    ),
+    (
         "ffn scheduler attention context",
         lambda s: npu.ffn_worker_scheduler_(attention_context(s)),
         "schedule_context",
@@ -567,6 +829,8 @@ BAD_INPUT: list[Case] = [
         "attn_to_ffn_token_size",
     ),
     ("holder tiny a2f", _holder(0, attn_to_ffn_token_size=1024), "attn_to_ffn_token_size"),
+    ("holder seed's H + 128", _holder(0, attn_to_ffn_token_size=7296), "attn_to_ffn_token_size"),
+    ("holder f2a 2H = 5760", _holder(1, ffn_to_attn_token_size=5760), "ffn_to_attn_token_size"),
     ("holder huge f2a", _holder(0, ffn_to_attn_token_size=16896), "ffn_to_attn_token_size"),
     ("holder no FFN window", _holder(0, ffn_window=0), "ffn_window"),
     ("holder small FFN window", _holder(0, ffn_window_size=512), "ffn_window_size"),

@@ -54,7 +54,9 @@ def test_the_file_holds_the_whole_family() -> None:
         "npu_ffn_to_attention",
         "npu_attention_worker_combine",
         "ffn_worker_scheduler_",
+        "ffn_worker_scheduler",
         "attention_worker_scheduler_",
+        "attention_worker_scheduler",
     }
 
 

@@ -6,6 +6,11 @@ schemas of `kernels.schemas`, and the Python signature of
 `torch_npu._afd.create_schedule_context_holder`), so a call that torch_npu would reject for
 its calling convention fails here too; then it records the call exactly as made
 (positional args, keyword args) and returns tensors of the shapes the real op returns.
+
+The scheduler ops live in `torch_npu._afd`, as torch_npu 2.14 exposes them
+(`torch_npu/utils/_afd_ops.py`, aliases of `torch.ops.npu.*`): the in-place ones return
+their argument, the non-in-place ones a new tensor holding a copy of the context (torch_npu
+copies the 1024 bytes and runs the in-place op on the copy), never the argument itself.
 """
 
 from __future__ import annotations
@@ -122,7 +127,12 @@ class TorchNpuStandin:
             "npu_attention_worker_combine",
         ):
             setattr(self.module, name, self._op(name, schema_signature(name)))
-        for name in ("ffn_worker_scheduler_", "attention_worker_scheduler_"):
+        for name in (
+            "ffn_worker_scheduler_",
+            "ffn_worker_scheduler",
+            "attention_worker_scheduler_",
+            "attention_worker_scheduler",
+        ):
             setattr(self.afd, name, self._op(name, schema_signature(name)))
         self.afd.create_schedule_context_holder = self._op(  # type: ignore[attr-defined]
             "create_schedule_context_holder",
@@ -179,6 +189,12 @@ class TorchNpuStandin:
     def _result_attention_worker_scheduler_(self, a: dict[str, Any]) -> torch.Tensor:
         return a["self"]
 
+    def _result_ffn_worker_scheduler(self, a: dict[str, Any]) -> torch.Tensor:
+        return _context_copy(a["self"])
+
+    def _result_attention_worker_scheduler(self, a: dict[str, Any]) -> torch.Tensor:
+        return _context_copy(a["self"])
+
     def _result_create_schedule_context_holder(self, a: dict[str, Any]) -> _Holder:
         return self.holder_type(dict(a))
 
@@ -190,6 +206,13 @@ def _module(name: str, package: bool) -> ModuleType:
     if package:
         module.__path__ = []
     return module
+
+
+def _context_copy(ctx: torch.Tensor) -> torch.Tensor:
+    """A new context tensor with the same 1024 bytes (torch_npu: empty_like + copy_)."""
+    out = torch.empty_like(ctx, memory_format=torch.contiguous_format)
+    out.copy_(ctx)
+    return out
 
 
 def _ints(shape: Sequence[int]) -> tuple[int, int, int, int]:

@@ -71,9 +71,9 @@ def bytes_moved(op: str, layout: WindowLayout, rows: int) -> int:
     - combine: rows read from the attention window, BS * E * H * elem.
     """
     if op in ("a2f", "a2f_quant", "batching", "batching_quant"):
-        return rows * layout.a2f_row_bytes
+        return rows * layout.attn_to_ffn_token_size
     if op in ("f2a", "combine"):
-        return rows * layout.f2a_row_bytes
+        return rows * layout.ffn_to_attn_token_size
     raise ValueError(f"unknown op {op!r}")
 
 

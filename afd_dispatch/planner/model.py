@@ -667,10 +667,10 @@ def evaluate(
 
     routed_rows = a * bs * k / f_r
     shared_rows = a * bs * s / f_s if f_s else 0.0
-    a2f_in = max(routed_rows, shared_rows) * win.a2f_row_bytes
-    a2f = _link("a2f", max(bs * e * win.a2f_row_bytes, a2f_in), hw)
-    f2a_out = max(routed_rows, shared_rows) * win.f2a_row_bytes
-    f2a = _link("f2a", max(f2a_out, bs * e * win.f2a_row_bytes), hw)
+    a2f_in = max(routed_rows, shared_rows) * win.attn_to_ffn_token_size
+    a2f = _link("a2f", max(bs * e * win.attn_to_ffn_token_size, a2f_in), hw)
+    f2a_out = max(routed_rows, shared_rows) * win.ffn_to_attn_token_size
+    f2a = _link("f2a", max(f2a_out, bs * e * win.ffn_to_attn_token_size), hw)
 
     local = max(1, math.ceil(n / f_r))
     copies = max(1, f_r // n)  # replicas of an expert when F_r > N: sessions split over them
@@ -678,7 +678,7 @@ def evaluate(
         active = float(active_experts_override)
     else:
         active = active_experts(local, n, k, a * bs / copies)
-    common = {"row_bytes": win.a2f_row_bytes, "hidden": h}
+    common = {"row_bytes": win.attn_to_ffn_token_size, "hidden": h}
     ffn = expert_phase(
         "ffn",
         hw,

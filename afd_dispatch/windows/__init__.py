@@ -8,10 +8,21 @@ from afd_dispatch.windows.group import (
     destroy_window_group,
     get_window_group,
     resolve_address,
+    window_of,
+)
+from afd_dispatch.windows.memory import (
+    DEFAULT_TIMEOUT_S,
+    Region,
+    register_memory,
+    registered_memory,
+    resolve,
+    unregister_memory,
 )
 from afd_dispatch.windows.wait import ScheduleStopped, store_fence, wait_until
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "Region",
     "ScheduleStopped",
     "WindowGroup",
     "WindowGroupSpec",
@@ -19,7 +30,12 @@ __all__ = [
     "create_window_group",
     "destroy_window_group",
     "get_window_group",
+    "register_memory",
+    "registered_memory",
+    "resolve",
     "resolve_address",
     "store_fence",
+    "unregister_memory",
     "wait_until",
+    "window_of",
 ]

@@ -5,13 +5,12 @@ its role from the group's `WindowLayout`. A process registers the groups it may 
 the ops look them up by name (`attention_to_ffn`, `ffn_to_attention`) or by window
 address (the schedule context's `ffn_window` / `attention_window`).
 
-A window address is `handle << 32 | byte offset`, where the handle is this process's
-number for (group, rank): the reference's equivalent of a device address.
+A window address is the address of the window's first byte in this process, registered in
+`afd_dispatch.windows.memory` as the reference's equivalent of a device address.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from afd_dispatch.layout import (
     align512,
 )
 from afd_dispatch.topology import RankTopology
+from afd_dispatch.windows.memory import Region, register_memory, resolve, unregister_memory
 from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
 
 TRANSPORTS = ("inproc", "shm")
@@ -55,7 +55,7 @@ class WindowGroup:
     def __init__(self, spec: WindowGroupSpec, transport: Transport) -> None:
         self.spec = spec
         self._transport = transport
-        self._handles: dict[int, int] = {}
+        self._addresses: dict[int, int] = {}
 
     @property
     def name(self) -> str:
@@ -107,9 +107,12 @@ class WindowGroup:
     def address(self, rank: int) -> int:
         """The window address to pass as `ffn_window` / `attention_window`."""
         self.topology.role_of(rank)
-        if rank not in self._handles:
-            self._handles[rank] = _register_handle(self, rank)
-        return self._handles[rank] << 32
+        with _lock:
+            if rank not in self._addresses:
+                self._addresses[rank] = register_memory(
+                    self.window(rank), timeout_s=self.timeout_s, owner=(self, rank)
+                )
+            return self._addresses[rank]
 
     def window_bytes(self, rank: int) -> int:
         return _window_bytes(self.spec, rank)
@@ -169,8 +172,6 @@ class WindowGroup:
 # -- the process-local registries ------------------------------------------------------------
 _lock = threading.Lock()
 _groups: dict[str, WindowGroup] = {}
-_handles: dict[int, tuple[WindowGroup, int]] = {}
-_next_handle = itertools.count(1)
 
 
 def create_window_group(
@@ -263,24 +264,28 @@ def destroy_window_group(name: str) -> None:
 
 
 def resolve_address(address: int, argument: str) -> tuple[WindowGroup, int, int]:
-    """(group, rank, byte offset) of a window address made by `WindowGroup.address`."""
-    entry = _handles.get(address >> 32)
-    if entry is None:
+    """(group, rank, byte offset) of an address inside a window (`WindowGroup.address`)."""
+    region, _ = resolve(address, 1, argument)
+    owner = region.owner
+    if not (isinstance(owner, tuple) and isinstance(owner[0], WindowGroup)):
         raise AFDInputError(argument, "a window address from WindowGroup.address()", address)
-    group, rank = entry
-    return group, rank, address & 0xFFFFFFFF
+    group, rank = owner
+    return group, rank, address - region.start
 
 
-def _register_handle(group: WindowGroup, rank: int) -> int:
-    with _lock:
-        handle = next(_next_handle)
-        _handles[handle] = (group, rank)
-    return handle
+def window_of(region: Region) -> tuple[WindowGroup, int] | None:
+    """(group, rank) when `region` is a window, else None (memory registered by hand)."""
+    owner = region.owner
+    if isinstance(owner, tuple) and isinstance(owner[0], WindowGroup):
+        return owner[0], owner[1]
+    return None
 
 
 def _unregister(group: WindowGroup) -> None:
     with _lock:
         if _groups.get(group.name) is group:
             del _groups[group.name]
-        for handle in [h for h, (g, _) in _handles.items() if g is group]:
-            del _handles[handle]
+        addresses = list(group._addresses.values())
+        group._addresses.clear()
+    for address in addresses:
+        unregister_memory(address)

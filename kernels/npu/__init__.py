@@ -12,10 +12,13 @@ defaults, keyword-only split). What each call checks before it reaches the devic
   512, a window of the chosen mode) and the A3 limits of the ops that use the context; the
   sizes are then recorded under the context tensor's address (`contexts`).
 - `npu_ffn_worker_batching`, `npu_attention_worker_combine`: the contract's argument
-  checks, the A3 token dtypes (no float32 code 3), combine's single shared expert and
-  HS == H, and, for contexts recorded here, every size against the record. A context made
-  elsewhere gets the static checks only.
-- the two scheduler ops: the context tensor's type (and mode, when recorded).
+  checks, the A3 token dtypes (no float32 code 3), combine's single shared expert, and,
+  for contexts recorded here, every size against the record: the token sizes are row
+  strides, any multiple of 512 bytes that holds the row (H + 4 with int8, 2H otherwise).
+  A context made elsewhere gets the static checks only.
+- the four scheduler ops (in place and not): the context tensor's type (and mode, when
+  recorded); for the FFN ones execute_mode == 0 and sync_group_size dividing session_num.
+  The non-in-place ones return a new context tensor, which inherits the record.
 
 Checks that read tensor contents (ids, mask prefix, actual_token_num) cost a device-to-host
 copy on A3; `set_value_checks(False)` turns them off process-wide.
@@ -31,7 +34,9 @@ from afd_dispatch.kernels.npu.contexts import (
     recorded_context,
 )
 from afd_dispatch.kernels.npu.ops import (
+    attention_worker_scheduler,
     attention_worker_scheduler_,
+    ffn_worker_scheduler,
     ffn_worker_scheduler_,
     last_batched_layer,
     npu_attention_to_ffn,
@@ -42,8 +47,10 @@ from afd_dispatch.kernels.npu.ops import (
 
 __all__ = [
     "ContextSizes",
+    "attention_worker_scheduler",
     "attention_worker_scheduler_",
     "create_schedule_context_holder",
+    "ffn_worker_scheduler",
     "ffn_worker_scheduler_",
     "last_batched_layer",
     "npu_attention_to_ffn",

@@ -24,7 +24,6 @@ from afd_dispatch.layout import (
     MAX_SHARED_EXPERTS,
     MAX_TOKENS_PER_MICRO_BATCH,
     MAX_TOPK,
-    QUANT_ROW_PADDING,
     TOKEN_DTYPE_BF16,
     TOKEN_DTYPE_FP16,
     TOKEN_DTYPE_INT8,
@@ -112,26 +111,82 @@ def check_token_dtype(token_dtype: object, allowed: dict[int, str], op: str) -> 
 
 
 # -- sizes in the schedule context -------------------------------------------------------
-def a2f_token_size_range(hidden: int, token_dtype: int) -> tuple[int, int]:
-    """Bytes an FFN window slot may have for rows of `hidden` values of `token_dtype`.
-
-    A3 wants every token size in the schedule context to be a multiple of 512 bytes. An
-    activation row is 2H bytes. A quantized row is H int8 values with the float32 scale at
-    byte H: torch_npu's callers size its slot as align512(H + 4), the contract's layout as
-    H + 128 bytes, so both roundings are accepted.
-    """
+# Row strides on A3, from the hardware sources (see also `afd_dispatch.layout`'s docstring):
+# - npu_attention_to_ffn writes FFN-window slots `ffn_token_data_shape[4]` elements apart
+#   (elements of int8 with quant_mode 2, else of x.dtype); its tiling takes the stride from
+#   that shape and does not compare it with H.
+# - npu_ffn_worker_batching reads them `attn_to_ffn_token_size` BYTES apart, from the schedule
+#   context (ops-transformer ffn_worker_batching `ffn_wb_get_schedule_context.h`,
+#   `ffn_wb_gather_out_all.h`), and the row's payload at the start of each slot: H values of
+#   2 bytes, or H int8 values with the float32 scale at byte H.
+# - npu_attention_worker_combine reads attention-window rows H * 2 bytes apart (ops-transformer
+#   attention_worker_combine kernel, `attention_worker_combine_split_bs.h`); no kernel reads
+#   the context's `ffn_to_attn_token_size`.
+# - torch_npu's holder (`torch_npu/csrc/afd/ScheduleContext.cpp`, CheckParams) refuses token
+#   sizes that are not multiples of 512 bytes; it does not round them and does not compare
+#   them with H.
+def a2f_row_payload(hidden: int, token_dtype: int) -> int:
+    """Bytes of an FFN-window slot that batching reads: H + 4 for int8 rows (H int8 values,
+    then the float32 scale at byte H), 2H for float16/bfloat16 rows."""
     if token_dtype == TOKEN_DTYPE_INT8:
-        return align512(hidden + QUANT_SCALE_BYTES), align512(hidden + QUANT_ROW_PADDING)
-    row = align512(hidden * ACTIVATION_BYTES)
-    return row, row
+        return hidden + QUANT_SCALE_BYTES
+    return hidden * ACTIVATION_BYTES
+
+
+def check_a2f_token_size(value: int, hidden: int, token_dtype: int) -> None:
+    """A recorded context's attn_to_ffn_token_size fits rows of `hidden` values of `token_dtype`.
+
+    Batching reads slot rows `attn_to_ffn_token_size` bytes apart, so any multiple of 512
+    (the holder's rule) that holds the row payload works: align512(H + 4) = 7680 with int8
+    at H = 7168 (A3 callers), align512(2H) with float16/bfloat16, or any larger multiple.
+    The slot size is a stride, not a function of H; the attention side must write the same
+    stride (`ffn_token_data_shape[4]` * element size), which batching cannot see.
+    """
+    payload = a2f_row_payload(hidden, token_dtype)
+    what = (
+        f"H={hidden} int8 values + the float32 scale at byte H"
+        if token_dtype == TOKEN_DTYPE_INT8
+        else f"H={hidden} values of 2 bytes"
+    )
+    check(
+        value % ALIGN == 0 and value >= payload,
+        "schedule_context attn_to_ffn_token_size",
+        f"a multiple of {ALIGN} bytes >= {payload} (the row payload: {what}, "
+        f"token_dtype={token_dtype} ({BATCHING_TOKEN_DTYPES[token_dtype]}))",
+        value,
+    )
+
+
+def check_f2a_token_size(value: int, hidden: int) -> None:
+    """A recorded attention context's ffn_to_attn_token_size suits combine at `hidden`.
+
+    No kernel reads this field: combine reads attention-window rows H * 2 bytes apart
+    (ops-transformer attention_worker_combine kernel), so only torch_npu's holder rule
+    (ScheduleContext.cpp: a multiple of 512) and room for one row (>= 2H) are asked, e.g.
+    6144 = align512(2 * 2880) at H = 2880, where 2H = 5760 itself is not a multiple of 512.
+    """
+    row = hidden * ACTIVATION_BYTES
+    check(
+        value % ALIGN == 0 and value >= row,
+        "schedule_context ffn_to_attn_token_size",
+        f"a multiple of {ALIGN} bytes >= hidden_size * 2 = {row} (combine reads rows "
+        f"hidden_size * 2 bytes apart and never reads this field)",
+        value,
+    )
 
 
 def token_size_bounds() -> tuple[tuple[int, int], tuple[int, int]]:
-    """((lo, hi) of attn_to_ffn_token_size, (lo, hi) of ffn_to_attn_token_size) on A3."""
+    """((lo, hi) of attn_to_ffn_token_size, (lo, hi) of ffn_to_attn_token_size) on A3.
+
+    lo: the smallest multiple of 512 that holds a row at the smallest A3 H (an int8 row for
+    attn_to_ffn_token_size, a 16-bit one for ffn_to_attn_token_size); hi: the largest one
+    needed by a 16-bit row at the largest A3 H. Both sizes are strides that callers round up
+    to 512 bytes, so every multiple of 512 in between is accepted.
+    """
     lo, hi = A3_HIDDEN_RANGE
-    a2f_lo = a2f_token_size_range(lo, TOKEN_DTYPE_INT8)[0]
-    a2f_hi = a2f_token_size_range(hi, TOKEN_DTYPE_FP16)[1]
-    return (a2f_lo, a2f_hi), (lo * ACTIVATION_BYTES, hi * ACTIVATION_BYTES)
+    a2f_lo = align512(a2f_row_payload(lo, TOKEN_DTYPE_INT8))
+    row_hi = align512(a2f_row_payload(hi, TOKEN_DTYPE_FP16))
+    return (a2f_lo, row_hi), (align512(lo * ACTIVATION_BYTES), row_hi)
 
 
 def check_token_size(value: int, argument: str, bounds: tuple[int, int]) -> None:
@@ -140,9 +195,39 @@ def check_token_size(value: int, argument: str, bounds: tuple[int, int]) -> None
         value % ALIGN == 0 and lo <= value <= hi,
         argument,
         f"a multiple of {ALIGN} bytes in [{lo}, {hi}] (rows of "
-        f"{A3_HIDDEN_RANGE[0]} <= H <= {A3_HIDDEN_RANGE[1]})",
+        f"{A3_HIDDEN_RANGE[0]} <= H <= {A3_HIDDEN_RANGE[1]}; torch_npu's holder does not round)",
         value,
     )
+
+
+def check_sync_group_size(value: object, session_num: int | None) -> int:
+    """ffn_worker_scheduler's sync_group_size: sessions published together.
+
+    The aicpu kernel (ops-transformer `ffn_worker_scheduler_aicpu.cpp`) wants it in
+    [1, session_num] and a divisor of session_num (groups are consecutive session ranges).
+    Without a recorded context (session_num None) only the lower bound is checked.
+    """
+    if session_num is None:
+        return check_int(value, "sync_group_size", 1)
+    allowed = f"an integer in [1, session_num={session_num}] that divides session_num"
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not 1 <= value <= session_num
+        or session_num % value != 0
+    ):
+        raise AFDInputError("sync_group_size", allowed, value)
+    return value
+
+
+def check_execute_mode(value: object) -> int:
+    """ffn_worker_scheduler's execute_mode: 0 ("once") is the only mode the aicpu kernel and
+    aclnnInplaceFfnWorkerScheduler accept (1, "loop", is refused by both)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value != 0:
+        raise AFDInputError(
+            "execute_mode", "0 (the only mode the A3 kernel and aclnn accept)", value
+        )
+    return value
 
 
 # -- small argument checks ---------------------------------------------------------------

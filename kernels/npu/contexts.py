@@ -94,6 +94,23 @@ def _remember(context: torch.Tensor, sizes: ContextSizes, holder: object) -> Non
         _records[context.data_ptr()] = record
 
 
+def inherit_record(source: torch.Tensor, copy: object) -> None:
+    """Record `copy`, a new context tensor made from `source` (the non-in-place schedulers'
+    result), with `source`'s sizes, for as long as the `copy` tensor object lives.
+
+    The schedulers change only the polling index / micro-batch id and the published ids,
+    never the sizes, so the copy's sizes are the source's. Nothing happens for a source
+    without a record or a result that is not a separate context tensor.
+    """
+    sizes = recorded_context(source)
+    if sizes is None or not isinstance(copy, torch.Tensor) or copy.data_ptr() == source.data_ptr():
+        return
+    # Keyed by the copy's address and dropped once the copy object is gone: a view of it
+    # taken later is still recognised while the copy lives, and a freed address is never
+    # vouched for.
+    _remember(copy, sizes, copy)
+
+
 def check_context_tensor(schedule_context: object) -> torch.Tensor:
     """The static checks every context argument gets: an int8[1024] contiguous tensor."""
     if (
@@ -150,9 +167,13 @@ def check_holder_args(
     """torch_npu's own host checks of a holder, plus the A3 limits of the ops that use it.
 
     torch_npu rejects these too, but with a log line and a bare failure; checked here they
-    name the argument. Not checked: that the window belongs to a registered HCCL window
-    group, and the data area's size, which depends on how the kernel strides a quantized
-    row (see `a3.a2f_token_size_range`).
+    name the argument. The two token sizes are byte strides: torch_npu's holder
+    (`torch_npu/csrc/afd/ScheduleContext.cpp`, CheckParams) wants multiples of 512 and
+    neither rounds them nor compares them with H, so every multiple of 512 within
+    `a3.token_size_bounds()` is accepted here (align512(H + 4) = 3072 and align512(2H) =
+    6144 at H = 2880; 7680 and 14336 at H = 7168); whether a size holds the rows of a given
+    H is checked by batching and combine against this record. Not checked: that the window
+    belongs to a registered HCCL window group, and the size of its data area.
     """
     mode = a3.check_int(schedule_mode, "schedule_mode", SCHEDULE_MODE_FFN, SCHEDULE_MODE_ATTENTION)
     ffn = mode == SCHEDULE_MODE_FFN
@@ -247,5 +268,6 @@ __all__ = [
     "check_context_tensor",
     "context_sizes",
     "create_schedule_context_holder",
+    "inherit_record",
     "recorded_context",
 ]

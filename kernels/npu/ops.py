@@ -15,8 +15,8 @@ import torch
 
 from afd_dispatch.contract import (
     check_attention_to_ffn,
-    check_batching_args,
-    check_combine_args,
+    check_batching_call,
+    check_combine_call,
     check_ffn_to_attention,
 )
 from afd_dispatch.errors import AFDInputError, check
@@ -25,15 +25,13 @@ from afd_dispatch.kernels.npu._loader import torch_npu, torch_npu_afd
 from afd_dispatch.kernels.npu.contexts import (
     SCHEDULE_MODE_ATTENTION,
     SCHEDULE_MODE_FFN,
-    ContextSizes,
     context_sizes,
+    inherit_record,
 )
 from afd_dispatch.layout import (
     MAX_TOKENS_PER_MICRO_BATCH,
     MAX_TOPK,
-    TOKEN_DTYPE_FP16,
     TOKEN_DTYPE_INT8,
-    WindowLayout,
 )
 
 
@@ -63,6 +61,18 @@ def npu_attention_to_ffn(
     rank table against the topology, the three window shapes; with value checks on also
     session / micro-batch / layer ids, expert ids and the active-mask prefix), then on A3:
     x is float16/bfloat16, 1024 <= H <= 8192, `group` names a communicator.
+
+    Row stride: the A3 op writes FFN-window slots `ffn_token_data_shape[4]` (HS) elements
+    apart (int8 with quant_mode 2, else x.dtype); its tiling takes HS from that shape and
+    does not compare it with H (ops-transformer `mc2/attention_to_ffn` tiling), so the
+    contract's HS >= H (H + 4 bytes with quant) is all that is checked. The FFN side reads
+    the slots `attn_to_ffn_token_size` bytes apart, so HS * element size must equal that
+    context value (a multiple of 512: align512(H + 4) with int8, align512(2H) otherwise);
+    the two ranks' arguments cannot be compared here. Not refused, only noted: with quant the
+    A3 kernel writes H int8 values plus a 128-byte tail (the scale at byte align32(H), then
+    unspecified bytes), so in a slot narrower than H + 128 bytes that tail overlaps the next
+    slot's first bytes. align512(H + 4) is that narrow when H % 512 > 384 (4096 < 4128 at
+    H = 4000); at H = 7168 it is not (7680 >= 7296), nor is the seed's H + 128.
     """
     call = check_attention_to_ffn(
         x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
@@ -111,14 +121,18 @@ def npu_ffn_worker_batching(
 
     Checked: `schedule_context` is an int8[1024] tensor; `max_out_shape` is [A, BS, E, H]
     with 1024 <= H <= 8192; token_dtype is 0 (fp16), 1 (bf16) or 2 (int8 + scale) (3, the
-    reference's float32, is refused); `check_batching_args` (expert_num >= 1, need_schedule
+    reference's float32, is refused); `check_batching_call` (expert_num >= 1, need_schedule
     0/1, layer_num >= 0); H a multiple of 32 with int8. For a context created by this
     backend also: it is an FFN context, [A, BS, E] equal its session_num,
-    micro_batch_size and selected_expert_num, and its attn_to_ffn_token_size is the size of
-    an H-row of token_dtype rounded up to 512 bytes. fp16 and bf16 rows have the same size,
-    so the two cannot be told apart from the context. `expert_num` (local experts of this
-    rank) is not compared with the context's expert_num, which callers fill in
-    inconsistently (all experts of a layer, or the selected ones).
+    micro_batch_size and selected_expert_num, and its attn_to_ffn_token_size (the byte
+    stride the kernel reads slot rows at, ops-transformer `ffn_wb_get_schedule_context.h` /
+    `ffn_wb_gather_out_all.h`) is a multiple of 512 that holds the row payload: H + 4 bytes
+    with int8 (the scale at byte H), 2H with fp16/bf16 (`a3.check_a2f_token_size`). Any
+    larger multiple of 512 is a valid stride too, so the context tells neither fp16 from
+    bf16 nor which stride the attention side writes (it must write this one).
+    `expert_num` (local experts of this rank) is not compared with the context's
+    expert_num, which callers fill in inconsistently (all experts of a layer, or the
+    selected ones).
     """
     sizes = context_sizes(schedule_context, SCHEDULE_MODE_FFN)
     a, bs, e, hidden = a3.check_max_out_shape(max_out_shape)
@@ -126,23 +140,11 @@ def npu_ffn_worker_batching(
     if code == TOKEN_DTYPE_INT8:
         # the kernel aligns to 32 bytes, which puts the row's scale at byte H only then
         check(hidden % 32 == 0, "max_out_shape[3] (H)", "a multiple of 32 with int8", hidden)
-    micro_batches = 1
     if sizes is not None:
         a, bs, e = sizes.session_num, sizes.micro_batch_size, sizes.selected_expert_num
-        micro_batches = sizes.micro_batch_num
-    layout = _layout(a, micro_batches, bs, e, hidden, code)
-    check_batching_args(
-        layout, expert_num, max_out_shape, token_dtype, need_schedule, layer_num, code
-    )
+    check_batching_call((a, bs, e), expert_num, max_out_shape, code, need_schedule, layer_num)
     if sizes is not None:
-        lo, hi = a3.a2f_token_size_range(hidden, code)
-        check(
-            lo <= sizes.attn_to_ffn_token_size <= hi,
-            "schedule_context attn_to_ffn_token_size",
-            f"{lo if lo == hi else f'in [{lo}, {hi}]'} bytes for rows of H={hidden} "
-            f"with token_dtype={code} ({a3.BATCHING_TOKEN_DTYPES[code]})",
-            sizes.attn_to_ffn_token_size,
-        )
+        a3.check_a2f_token_size(sizes.attn_to_ffn_token_size, hidden, code)
     return torch_npu().npu_ffn_worker_batching(
         schedule_context,
         expert_num,
@@ -214,11 +216,16 @@ def npu_attention_worker_combine(
     Returns (y (BS, H), next_layer_id (1,)).
 
     Checked: `schedule_context` is an int8[1024] tensor; token_dtype is 0 (fp16) or 1
-    (bf16); 1024 <= hidden_size <= 8192; `check_combine_args` (expert_scales float32
+    (bf16); 1024 <= hidden_size <= 8192; `check_combine_call` (expert_scales float32
     (BS, K), layer_id an int (1,) tensor, need_schedule 0/1). For a context created by this
     backend also: it is an attention context, BS equals its micro_batch_size, E = K + 1
-    (A3 combines exactly one shared expert) and its ffn_to_attn_token_size is
-    hidden_size * 2 bytes (A3 needs HS == H).
+    (A3 combines exactly one shared expert) and its ffn_to_attn_token_size is a multiple of
+    512 of at least hidden_size * 2 bytes (`a3.check_f2a_token_size`). That field is read
+    by no kernel: the ops-transformer attention_worker_combine kernel reads attention-window
+    rows hidden_size * 2 bytes apart whatever the context says, so the sender must write
+    them H apart (npu_ffn_to_attention's token_data_shape[3] == H, checked there), and the
+    context value only has to pass torch_npu's holder rule (ScheduleContext.cpp: a multiple
+    of 512), e.g. 6144 at H = 2880.
     """
     sizes = context_sizes(schedule_context, SCHEDULE_MODE_ATTENTION)
     code = a3.check_token_dtype(
@@ -235,14 +242,15 @@ def npu_attention_worker_combine(
             "one shared expert (E = K + 1)",
             topk,
         )
-        tokens = sizes.micro_batch_size  # the contract compares expert_scales' BS with it
-    # E = K + 1: one shared expert, the only case A3 combines
-    layout = _layout(1, 1, tokens, topk + 1, hidden, code, shared=1)
-    check_combine_args(
-        layout, expert_scales, layer_id, hidden_size, token_dtype, need_schedule, code
-    )
+        check(
+            tokens == sizes.micro_batch_size,
+            "expert_scales.shape",
+            f"(BS={sizes.micro_batch_size}, K): the context's micro_batch_size",
+            tuple(expert_scales.shape),
+        )
+    check_combine_call(expert_scales, layer_id, hidden_size, code, need_schedule)
     if sizes is not None:
-        _check_f2a_token_size(sizes, hidden)
+        a3.check_f2a_token_size(sizes.ffn_to_attn_token_size, hidden)
     return torch_npu().npu_attention_worker_combine(
         schedule_context,
         expert_scales,
@@ -256,18 +264,38 @@ def npu_attention_worker_combine(
 def ffn_worker_scheduler_(
     self: torch.Tensor, *, sync_group_size: int = 1, execute_mode: int = 0
 ) -> torch.Tensor:
-    """Wait until the micro-batch at the context's polling index is complete (in place).
+    """Publish the next ready micro-batch's sessions in the context (in place).
 
-    The first argument is named `self` as in the torch_npu schema. Checked: an int8[1024]
-    context tensor (an FFN context, when created by this backend), sync_group_size >= 1,
-    execute_mode >= 0; their meaning beyond that is the kernel's.
+    The first argument is named `self` as in the torch_npu schema. Checked (`_ffn_scheduler`):
+    an int8[1024] context tensor (an FFN context, when created by this backend);
+    sync_group_size >= 1, and for a recorded context in [1, session_num] and a divisor of
+    session_num; execute_mode == 0. These are the aicpu kernel's own checks
+    (ops-transformer `ffn_worker_scheduler_aicpu.cpp`; aclnn refuses execute_mode != 0 too),
+    which on the device fail the stream instead of naming the argument.
     """
-    context_sizes(self, SCHEDULE_MODE_FFN)
-    a3.check_int(sync_group_size, "sync_group_size", 1)
-    a3.check_int(execute_mode, "execute_mode", 0)
+    _ffn_scheduler(self, sync_group_size, execute_mode)
     return torch_npu_afd().ffn_worker_scheduler_(
         self, sync_group_size=sync_group_size, execute_mode=execute_mode
     )
+
+
+def ffn_worker_scheduler(
+    self: torch.Tensor, *, sync_group_size: int = 1, execute_mode: int = 0
+) -> torch.Tensor:
+    """`ffn_worker_scheduler_` on a copy of the context: returns the new context tensor.
+
+    torch_npu 2.14 (`npu_native_functions_by_codegen.yaml`; `torch_npu._afd` alias from
+    `torch_npu/utils/_afd_ops.py`) copies the 1024 bytes and runs the in-place op on the
+    copy, so `self` is unchanged but the device buffers both contexts point at (flags,
+    published ids) are modified. Same checks as the in-place op. The returned context
+    inherits `self`'s record while it lives, so batching given it is checked alike.
+    """
+    _ffn_scheduler(self, sync_group_size, execute_mode)
+    out: torch.Tensor = torch_npu_afd().ffn_worker_scheduler(
+        self, sync_group_size=sync_group_size, execute_mode=execute_mode
+    )
+    inherit_record(self, out)
+    return out
 
 
 def attention_worker_scheduler_(self: torch.Tensor) -> torch.Tensor:
@@ -280,30 +308,20 @@ def attention_worker_scheduler_(self: torch.Tensor) -> torch.Tensor:
     return torch_npu_afd().attention_worker_scheduler_(self)
 
 
-# -- helpers -------------------------------------------------------------------------------
-def _layout(
-    sessions: int,
-    micro_batches: int,
-    tokens: int,
-    slots: int,
-    hidden: int,
-    token_dtype: int,
-    shared: int | None = None,
-) -> WindowLayout:
-    """A layout with the sizes batching / combine know, for the contract's checks.
+def attention_worker_scheduler(self: torch.Tensor) -> torch.Tensor:
+    """`attention_worker_scheduler_` on a copy of the context: returns the new context.
 
-    Only E matters to them, not how it splits into K routed and S shared slots; without a
-    given split the routed part is taken as large as allowed.
+    As `ffn_worker_scheduler`: `self` is unchanged, the attention window's flags are
+    zeroed all the same, and the returned context inherits `self`'s record while it lives.
+    Same checks as the in-place op.
     """
-    if shared is None:
-        shared = max(0, slots - MAX_TOPK)
-    quant = token_dtype == TOKEN_DTYPE_INT8
-    dtype = torch.float16 if token_dtype == TOKEN_DTYPE_FP16 else torch.bfloat16
-    return WindowLayout(
-        sessions, micro_batches, tokens, slots - shared, shared, hidden, dtype, quant
-    )
+    context_sizes(self, SCHEDULE_MODE_ATTENTION)
+    out: torch.Tensor = torch_npu_afd().attention_worker_scheduler(self)
+    inherit_record(self, out)
+    return out
 
 
+# -- helpers -------------------------------------------------------------------------------
 def _scales_shape(expert_scales: object) -> tuple[int, int]:
     """(BS, K) of an expert_scales argument, each within the op family's limits."""
     if not isinstance(expert_scales, torch.Tensor) or expert_scales.dim() != 2:
@@ -320,14 +338,11 @@ def _scales_shape(expert_scales: object) -> tuple[int, int]:
     return tokens, topk
 
 
-def _check_f2a_token_size(sizes: ContextSizes, hidden: int) -> None:
-    want = hidden * a3.ACTIVATION_BYTES
-    check(
-        sizes.ffn_to_attn_token_size == want,
-        "schedule_context ffn_to_attn_token_size",
-        f"hidden_size * 2 = {want} bytes (A3 combine needs HS == H)",
-        sizes.ffn_to_attn_token_size,
-    )
+def _ffn_scheduler(context: object, sync_group_size: object, execute_mode: object) -> None:
+    """The checks both FFN scheduler ops run before forwarding."""
+    sizes = context_sizes(context, SCHEDULE_MODE_FFN)
+    a3.check_sync_group_size(sync_group_size, None if sizes is None else sizes.session_num)
+    a3.check_execute_mode(execute_mode)
 
 
 def last_batched_layer(schedule_context: torch.Tensor) -> int:

@@ -21,14 +21,18 @@ npu_ffn_worker_batching = torch.ops.afd.npu_ffn_worker_batching
 npu_ffn_to_attention = torch.ops.afd.npu_ffn_to_attention
 npu_attention_worker_combine = torch.ops.afd.npu_attention_worker_combine
 ffn_worker_scheduler_ = torch.ops.afd.ffn_worker_scheduler_
+ffn_worker_scheduler = torch.ops.afd.ffn_worker_scheduler
 attention_worker_scheduler_ = torch.ops.afd.attention_worker_scheduler_
+attention_worker_scheduler = torch.ops.afd.attention_worker_scheduler
 
 __all__ = [
     "ScheduleContextHolder",
+    "attention_worker_scheduler",
     "attention_worker_scheduler_",
     "context_for",
     "create_schedule_context_holder",
     "dequantize_rows",
+    "ffn_worker_scheduler",
     "ffn_worker_scheduler_",
     "last_batched_layer",
     "npu_attention_to_ffn",

@@ -132,6 +132,7 @@ _LAYOUT_ARGUMENTS = {
     "hidden": "x.shape[2] (H)",
     "dtype": "x.dtype",
     "quant": "quant_mode",
+    "row_elems": "ffn_token_data_shape[4] (HS)",  # after dtype and quant: same element type
 }
 
 

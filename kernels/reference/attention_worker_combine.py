@@ -1,20 +1,106 @@
 """`npu_attention_worker_combine` and `attention_worker_scheduler_` on the CPU.
 
+As on A3, combine reads its window through the context (the attention area's info and data
+addresses, M and the micro-batch id), BS and K from `expert_scales` and H from
+`hidden_size` (ops-transformer `attention_worker_combine`). Result rows sit H values apart
+in `[M, BS, E, H]`. With `need_schedule=1` it consumes micro-batch (id + 1) % M: waits for
+its flags, zeroes them after reading and stores the id; with `need_schedule=0` it reads
+micro-batch `id` as it is (after `attention_worker_scheduler_`, which did the waiting) and
+changes nothing.
+
 The weighted sum follows the kernel's float32 order exactly: acc = 0; acc += d_k * w_k for
 k < K, one multiply and one add each (never fused); then each shared slot added unweighted;
-one rounding to the output dtype at the end. A3 supports exactly one shared expert; the
-reference adds S >= 0 of them in slot order.
+one rounding to the output dtype at the end. A3 has exactly one shared slot (E = K + 1,
+which is what a context without `selected_expert_num` gets); the reference adds the
+E - K >= 0 of a context that sets it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from afd_dispatch.contract import check_combine_args
+from afd_dispatch.contract import check_combine_call
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
-from afd_dispatch.layout import token_dtype_code
-from afd_dispatch.windows import WindowGroup, wait_until
+from afd_dispatch.layout import WindowLayout, dtype_of_code, token_dtype_code
+from afd_dispatch.windows import ScheduleStopped, wait_until
+
+
+@dataclass(frozen=True)
+class AttentionArea:
+    """The attention side of a context for one call: counts and the window's regions."""
+
+    micro_batches: int
+    tokens: int
+    slots: int
+    info: torch.Tensor  # int32 [M, BS, E]
+    data: torch.Tensor  # [M, BS, E, H] of the result dtype
+    timeout_s: float
+    who: str
+
+
+def attention_area(
+    ctx: torch.Tensor, tokens: int, topk: int, hidden: int, dtype: torch.dtype
+) -> AttentionArea:
+    m = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+    slots = sc.get(ctx, sc.SELECTED_EXPERT_NUM) or topk + 1
+    check(
+        topk <= slots <= 2**20,
+        "expert_scales.shape[1] (K)",
+        f"<= the context's selected_expert_num = {slots} (routed slots come first)",
+        topk,
+    )
+    context_tokens = sc.get(ctx, sc.MICRO_BATCH_SIZE)
+    check(
+        context_tokens in (0, tokens),
+        "expert_scales.shape",
+        f"(BS={context_tokens}, K): the context's micro_batch_size",
+        (tokens, topk),
+    )
+    cells = m * tokens * slots
+    info = sc.sized_buffer(ctx, sc.ATTN_INFO_BUF, sc.ATTN_INFO_BUF_SIZE, 4 * cells)
+    data = sc.sized_buffer(
+        ctx, sc.ATTN_DATA_BUF, sc.ATTN_DATA_BUF_SIZE, cells * hidden * dtype.itemsize
+    )
+    address = sc.get(ctx, sc.ATTN_DATA_BUF)
+    check(address % dtype.itemsize == 0, sc.field_name(sc.ATTN_DATA_BUF), "aligned", address)
+    if info.window is not None:
+        group, rank = info.window
+        _check_window(group.layout, topk, hidden, dtype)
+        who = (
+            f"attention rank {rank} (session {group.topology.session_of(rank)}) of group "
+            f"{group.name!r}"
+        )
+    else:
+        who = f"the attention context's window at {sc.get(ctx, sc.ATTN_INFO_BUF):#x}"
+    return AttentionArea(
+        m, tokens, slots,
+        info.data.view(torch.int32).view(m, tokens, slots),
+        data.data.view(dtype).view(m, tokens, slots, hidden),
+        info.timeout_s, who,
+    )  # fmt: skip
+
+
+def _check_window(layout: WindowLayout, topk: int, hidden: int, dtype: torch.dtype) -> None:
+    """A reference window's group knows K, H and the result dtype: the call must agree."""
+    check(
+        topk == layout.topk,
+        "expert_scales.shape[1] (K)",
+        f"K = {layout.topk} of this window group (E = {layout.slots} slots)",
+        topk,
+    )
+    check(
+        hidden == layout.hidden, "hidden_size", f"H = {layout.hidden} of this window group", hidden
+    )
+    code = token_dtype_code(layout.dtype)
+    check(
+        dtype == layout.dtype,
+        "token_dtype",
+        f"{code} for this window group ({layout.dtype})",
+        token_dtype_code(dtype),
+    )
 
 
 def attention_worker_combine(
@@ -27,28 +113,22 @@ def attention_worker_combine(
     need_schedule: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ctx = schedule_context
-    sc.check_context(ctx, sc.SCHEDULE_MODE_ATTENTION)
-    windows, rank = sc.context_window(ctx, sc.SCHEDULE_MODE_ATTENTION)
-    layout = windows.layout
-    topk = check_combine_args(
-        layout, expert_scales, layer_id, hidden_size, token_dtype, need_schedule,
-        token_dtype_code(layout.dtype),
-    )  # fmt: skip
-    m = _next_micro_batch(ctx, layout.micro_batches)
+    sc.check_context_storage(ctx)
+    tokens, topk = check_combine_call(
+        expert_scales, layer_id, hidden_size, token_dtype, need_schedule
+    )
+    dtype = dtype_of_code(token_dtype)
+    area = attention_area(ctx, tokens, topk, hidden_size, dtype)
+    last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, area.micro_batches)
     if need_schedule:
-        wait_for_results(ctx, windows, rank, m)
+        m = (last + 1) % area.micro_batches
+        wait_for_results(ctx, area, m)
     else:
-        check(
-            sc.get(ctx, sc.REF_READY_MICRO_BATCH) == m + 1,
-            "need_schedule",
-            f"1, or 0 after attention_worker_scheduler_ found micro-batch {m} ready",
-            need_schedule,
-        )
-    info, data = windows.attn_views(rank)
-    y = weighted_sum(data[m], expert_scales, topk, layout.dtype)
-    info[m] = 0
-    sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
-    sc.put(ctx, sc.REF_READY_MICRO_BATCH, 0)
+        m = last
+    y = weighted_sum(area.data[m], expert_scales, topk, dtype)
+    if need_schedule:
+        area.info[m] = 0
+        sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return y, layer_id + 1
 
 
@@ -81,27 +161,48 @@ def weighted_sum(
 
 
 def attention_worker_scheduler_(schedule_context: torch.Tensor) -> torch.Tensor:
-    """Wait until every result of the next micro-batch has arrived and mark it ready."""
+    """Wait until every result of micro-batch (id + 1) % M arrived, zero its flags and make
+    it the context's micro-batch id, for `need_schedule=0` combine (ops-transformer
+    `attention_worker_scheduler_aicpu.cpp`). A stopped context returns unchanged."""
     ctx = schedule_context
     sc.check_context(ctx, sc.SCHEDULE_MODE_ATTENTION)
-    windows, rank = sc.context_window(ctx, sc.SCHEDULE_MODE_ATTENTION)
-    m = _next_micro_batch(ctx, windows.layout.micro_batches)
-    wait_for_results(ctx, windows, rank, m)
-    sc.put(ctx, sc.REF_READY_MICRO_BATCH, m + 1)
+    tokens = sc.count_field(ctx, sc.MICRO_BATCH_SIZE)
+    slots = sc.count_field(ctx, sc.SELECTED_EXPERT_NUM)
+    m_num = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+    info = sc.sized_buffer(ctx, sc.ATTN_INFO_BUF, sc.ATTN_INFO_BUF_SIZE, 4 * m_num * tokens * slots)
+    flags = info.data.view(torch.int32).view(m_num, tokens, slots)
+    last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, m_num)
+    m = (last + 1) % m_num
+    who = f"the attention context's window at {sc.get(ctx, sc.ATTN_INFO_BUF):#x}"
+    if info.window is not None:
+        group, rank = info.window
+        who = f"attention rank {rank} of group {group.name!r}"
+    area = AttentionArea(m_num, tokens, slots, flags, flags, info.timeout_s, who)
+    try:
+        wait_for_results(ctx, area, m)
+    except ScheduleStopped:
+        return ctx  # the kernel returns quietly when its run flag is cleared
+    flags[m] = 0
+    sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return ctx
 
 
-def wait_for_results(ctx: torch.Tensor, windows: WindowGroup, rank: int, m: int) -> None:
-    info, _ = windows.attn_views(rank)
-    flags = info[m]
+def attention_worker_scheduler(schedule_context: torch.Tensor) -> torch.Tensor:
+    """`attention_worker_scheduler_` on a copy of the context, which it returns; the flags it
+    zeroes are the window's, as with the in-place op."""
+    sc.check_context_storage(schedule_context)
+    return attention_worker_scheduler_(schedule_context.clone())
+
+
+def wait_for_results(ctx: torch.Tensor, area: AttentionArea, m: int) -> None:
+    flags = area.info[m]
 
     def describe() -> str:
         missing = (flags != 1).nonzero().tolist()
         shown = ", ".join(f"(token {t}, slot {e})" for t, e in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return (
-            f"attention rank {rank} (session {windows.topology.session_of(rank)}) of group "
-            f"{windows.name!r} waited for the results of micro-batch {m}: {len(missing)} of "
+            f"{area.who} waited for the results of micro-batch {m}: {len(missing)} of "
             f"{flags.numel()} slot flags missing: {shown}{more}"
         )
 
@@ -109,26 +210,10 @@ def wait_for_results(ctx: torch.Tensor, windows: WindowGroup, rank: int, m: int)
         # A corrupt flag would never turn 1: fail at once instead of at the deadline.
         if bool(((flags != 0) & (flags != 1)).any()):
             raise AFDInputError(
-                f"attention rank {rank} window flags (micro-batch {m})",
+                f"{area.who}: window flags of micro-batch {m}",
                 "0 or 1",
                 sorted(set(flags.flatten().tolist())),
             )
         return bool((flags == 1).all())
 
-    wait_until(
-        ready,
-        windows.timeout_s,
-        describe,
-        stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0,
-    )
-
-
-def _next_micro_batch(ctx: torch.Tensor, micro_batches: int) -> int:
-    last = sc.get(ctx, sc.ATTN_MICRO_BATCH_ID)
-    check(
-        0 <= last < micro_batches,
-        "schedule_context micro_batch_id",
-        f"in [0, {micro_batches})",
-        last,
-    )
-    return (last + 1) % micro_batches
+    wait_until(ready, area.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)

@@ -1,18 +1,28 @@
-"""`npu_ffn_worker_batching` and `ffn_worker_scheduler_` on the CPU.
+"""`npu_ffn_worker_batching` and `ffn_worker_scheduler_` on the CPU, driven by the context.
 
-Collect micro-batch m (the context's polling index) from all A attention ranks, sort the
-slots stably by local expert id, gather their rows, reset the slots and flags, advance.
-Everything read from the window is checked: a corrupt id or flag raises instead of
-indexing out of bounds.
+As on A3, everything but H, the token dtype and expert_num comes from the schedule context:
+the counts (A, M, BS, E), the slot stride (`attn_to_ffn_token_size` bytes), and the
+addresses of the FFN window's info and data regions and of the scheduler's id buffers
+(ops-transformer `ffn_wb_get_schedule_context.h`, `ffn_wb_gather_out_all.h`).
+
+- `need_schedule=1`: wait until all A sessions flagged micro-batch m (the polling index),
+  take their slots, empty them (ids INT32_MAX, flag 0), advance the polling index.
+- `need_schedule=0`: take the `out_num` sessions `ffn_worker_scheduler_` published (their
+  session, micro-batch and expert ids); change nothing.
+
+Either way the slots' local expert ids (< 1_000_000; the rest are empty) are sorted stably
+and their rows gathered. Everything read from memory is checked: a corrupt id or flag raises
+instead of indexing out of bounds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from afd_dispatch.contract import check_batching_args
+from afd_dispatch.contract import check_batching_call
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.layout import (
@@ -20,11 +30,54 @@ from afd_dispatch.layout import (
     EMPTY_LOCAL_ID,
     FLAG_OFFSET,
     LAYER_OFFSET,
+    QUANT_SCALE_BYTES,
     SLOTS_OFFSET,
     TOKEN_DTYPE_INT8,
+    dtype_of_code,
     token_dtype_code,
 )
-from afd_dispatch.windows import WindowGroup, store_fence, wait_until
+from afd_dispatch.windows import ScheduleStopped, store_fence, wait_until
+
+# What the FFN scheduler leaves in a published slot: every byte 0x7F (ops-transformer
+# `ffn_worker_scheduler_aicpu.cpp`); any id >= 1_000_000 reads as empty.
+SCHEDULED_LOCAL_ID = 0x7F7F7F7F
+
+
+@dataclass(frozen=True)
+class FfnArea:
+    """The FFN side of a context: counts, slot stride and the window's two regions."""
+
+    sessions: int
+    micro_batches: int
+    tokens: int
+    slots: int
+    token_size: int  # bytes between slots
+    info: torch.Tensor  # int32 [A, M, 2 + BS*E]
+    data: torch.Tensor  # uint8 [A*M*BS*E, token_size]
+    timeout_s: float
+    who: str  # names the waiter in errors
+
+
+def ffn_area(ctx: torch.Tensor) -> FfnArea:
+    a = sc.count_field(ctx, sc.SESSION_NUM)
+    m = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+    bs = sc.count_field(ctx, sc.MICRO_BATCH_SIZE)
+    e = sc.count_field(ctx, sc.SELECTED_EXPERT_NUM)
+    token_size = sc.count_field(ctx, sc.ATTN_TO_FFN_TOKEN_SIZE)
+    width = SLOTS_OFFSET + bs * e
+    info = sc.sized_buffer(ctx, sc.FFN_INFO_BUF, sc.FFN_INFO_BUF_SIZE, a * m * width * 4)
+    data = sc.sized_buffer(ctx, sc.FFN_DATA_BUF, sc.FFN_DATA_BUF_SIZE, a * m * bs * e * token_size)
+    if info.window is not None:
+        group, rank = info.window
+        who = f"FFN rank {rank} of group {group.name!r}"
+    else:
+        who = f"the FFN context's window at {sc.get(ctx, sc.FFN_INFO_BUF):#x}"
+    return FfnArea(
+        a, m, bs, e, token_size,
+        info.data.view(torch.int32).view(a, m, width),
+        data.data.view(-1, token_size),
+        info.timeout_s, who,
+    )  # fmt: skip
 
 
 def ffn_worker_batching(
@@ -37,33 +90,48 @@ def ffn_worker_batching(
     layer_num: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     ctx = schedule_context
-    sc.check_context(ctx, sc.SCHEDULE_MODE_FFN)
-    windows, rank = sc.context_window(ctx, sc.SCHEDULE_MODE_FFN)
-    layout = windows.layout
-    expected = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
-    check_batching_args(
-        layout, expert_num, max_out_shape, token_dtype, need_schedule, layer_num, expected
+    sc.check_context_storage(ctx)
+    area = ffn_area(ctx)
+    hidden = check_batching_call(
+        (area.sessions, area.tokens, area.slots), expert_num, max_out_shape, token_dtype,
+        need_schedule, layer_num,
+    )  # fmt: skip
+    _check_window_rows(ctx, hidden, token_dtype)
+    quant = token_dtype == TOKEN_DTYPE_INT8
+    out_dtype = torch.int8 if quant else dtype_of_code(token_dtype)
+    elem = out_dtype.itemsize
+    payload = hidden + QUANT_SCALE_BYTES if quant else hidden * elem
+    check(
+        area.token_size >= payload and area.token_size % elem == 0,
+        sc.field_name(sc.ATTN_TO_FFN_TOKEN_SIZE),
+        f">= {payload} bytes (a row of H = {hidden} with token_dtype {token_dtype}), "
+        f"a multiple of {elem}",
+        area.token_size,
     )
-    m = _polling_index(ctx, layout.micro_batches)
-    if need_schedule:
-        wait_for_micro_batch(ctx, windows, rank, m)
-    else:
-        check(
-            sc.get(ctx, sc.REF_READY_MICRO_BATCH) == m + 1,
-            "need_schedule",
-            f"1, or 0 after ffn_worker_scheduler_ found micro-batch {m} ready",
-            need_schedule,
-        )
+    data_address = sc.get(ctx, sc.FFN_DATA_BUF)
+    check(
+        data_address % elem == 0,
+        sc.field_name(sc.FFN_DATA_BUF),
+        f"{elem}-byte aligned",
+        data_address,
+    )
 
-    info, data = windows.ffn_views(rank)
-    rows = info[:, m]  # (A, 2 + BS*E)
-    layer = _consistent_layer(rows, rank, m, layer_num)
-    ids = rows[:, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
+    per_session = area.tokens * area.slots
+    if need_schedule:
+        m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
+        wait_for_micro_batch(ctx, area, m)
+        rows = area.info[:, m]  # (A, 2 + BS*E)
+        layer = _consistent_layer(area, rows, m, layer_num)
+        ids = rows[:, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
+        sessions = torch.arange(area.sessions, dtype=torch.int64)
+        micro_batches = torch.full((area.sessions,), m, dtype=torch.int64)
+    else:
+        ids, sessions, micro_batches = _published(ctx, area)
     picked = (ids < EMPTY_ID_THRESHOLD).nonzero().flatten()
     keys = ids[picked]
     if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= expert_num):
         raise AFDInputError(
-            f"FFN rank {rank} window, micro-batch {m} local expert ids",
+            f"{area.who}: local expert ids",
             f"in [0, expert_num={expert_num}) or >= {EMPTY_ID_THRESHOLD} (empty)",
             f"min {int(keys.min())}, max {int(keys.max())}",
         )
@@ -71,111 +139,242 @@ def ffn_worker_batching(
     picked = picked[order]
     n = picked.numel()
 
-    tokens, slots, hidden = layout.tokens, layout.slots, layout.hidden
-    capacity = layout.sessions * tokens * slots
-    session = picked // (tokens * slots)
-    token = picked // slots % tokens
-    slot = picked % slots
-    # row of (s, m, t, e) in the window's [A, M, BS, E] grid of HS-element rows
-    window_rows = (session * layout.micro_batches + m) * (tokens * slots) + token * slots + slot
-    data_rows = data.view(-1, layout.row_elems)
+    entry = picked // per_session  # which published session (RECV: the session itself)
+    token = picked // area.slots % area.tokens
+    slot = picked % area.slots
+    session = sessions[entry]
+    micro_batch = micro_batches[entry]
+    window_rows = ((session * area.micro_batches + micro_batch) * area.tokens + token) * area.slots
+    window_rows += slot
+    capacity = area.sessions * per_session
     # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
-    y = torch.empty(capacity, hidden, dtype=layout.a2f_dtype)
+    y = torch.empty(capacity, hidden, dtype=out_dtype)
     dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
-    if layout.quant:
-        gathered = data_rows.index_select(0, window_rows)  # int8 rows: q, then the scale
-        y[:n] = gathered[:, :hidden]
-        dynamic_scale[:n] = (
-            gathered[:, hidden : hidden + 4].contiguous().view(torch.float32).view(-1)
-        )
-    else:
-        torch.index_select(data_rows, 0, window_rows, out=y[:n])
+    rows_of_values = area.data.view(out_dtype)[:, :hidden]  # each slot's first H values
+    torch.index_select(rows_of_values, 0, window_rows, out=y[:n])
+    if quant:
+        scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES].index_select(0, window_rows)
+        dynamic_scale[:n] = scales.view(torch.float32).view(-1)
     experts, counts = torch.unique_consecutive(keys, return_counts=True)
     group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
     group_list[: experts.numel(), 0] = experts
     group_list[: experts.numel(), 1] = counts
     outputs = [torch.zeros(capacity, dtype=torch.int32) for _ in range(4)]
-    for out, values in zip(
-        outputs, (session, torch.full_like(session, m), token, slot), strict=True
-    ):
+    for out, values in zip(outputs, (session, micro_batch, token, slot), strict=True):
         out[:n] = values
 
-    rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
-    store_fence()  # slots are empty again before a sender may see the free flag
-    rows[:, FLAG_OFFSET] = 0
-    sc.put(ctx, sc.FFN_POLLING_INDEX, (m + 1) % layout.micro_batches)
-    sc.put(ctx, sc.REF_LAST_LAYER_ID, layer)
-    sc.put(ctx, sc.REF_BATCHED_COUNT, sc.get(ctx, sc.REF_BATCHED_COUNT) + 1)
-    sc.put(ctx, sc.REF_READY_MICRO_BATCH, 0)
-    sc.put(ctx, sc.FFN_OUT_NUM, n)
+    if need_schedule:
+        rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
+        store_fence()  # slots are empty again before a sender may see the free flag
+        rows[:, FLAG_OFFSET] = 0
+        sc.advance_polling_index(ctx, m, area.micro_batches, layer)
     actual = torch.tensor([n], dtype=torch.int64)
     return (y, group_list, *outputs, dynamic_scale, actual)
+
+
+def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
+    """(slot ids (out_num*BS*E,), session (out_num,), micro-batch (out_num,)) published by
+    `ffn_worker_scheduler_`, each checked against the context's counts."""
+    out_num = sc.get(ctx, sc.FFN_OUT_NUM)
+    check(
+        0 <= out_num <= area.sessions,
+        sc.field_name(sc.FFN_OUT_NUM),
+        f"in [0, session_num={area.sessions}]",
+        out_num,
+    )
+    if out_num == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int32), empty, empty
+    per_session = area.tokens * area.slots
+    ids = _id_buffer(ctx, sc.FFN_EXPERT_IDS_BUF, sc.FFN_EXPERT_IDS_BUF_SIZE, out_num * per_session)
+    sessions = _id_buffer(ctx, sc.FFN_SESSION_IDS_BUF, sc.FFN_SESSION_IDS_BUF_SIZE, out_num)
+    micro_batches = _id_buffer(
+        ctx, sc.FFN_MICRO_BATCH_IDS_BUF, sc.FFN_MICRO_BATCH_IDS_BUF_SIZE, out_num
+    )
+    for name, values, bound in (
+        (sc.FFN_SESSION_IDS_BUF, sessions, area.sessions),
+        (sc.FFN_MICRO_BATCH_IDS_BUF, micro_batches, area.micro_batches),
+    ):
+        lo, hi = int(values.min()), int(values.max())
+        check(lo >= 0 and hi < bound, sc.field_name(name), f"ids in [0, {bound})", values.tolist())
+    return ids, sessions.to(torch.int64), micro_batches.to(torch.int64)
+
+
+def _id_buffer(
+    ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], count: int
+) -> torch.Tensor:
+    return sc.sized_buffer(ctx, field, size_field, 4 * count).data.view(torch.int32).clone()
+
+
+def _check_window_rows(ctx: torch.Tensor, hidden: int, token_dtype: int) -> None:
+    """When the context points at a reference window, its group knows H and the row type."""
+    info = sc.buffer(ctx, sc.FFN_INFO_BUF, 4)
+    if info.window is None:
+        return
+    layout = info.window[0].layout
+    expected = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
+    shown = "int8 + scale" if layout.quant else str(layout.dtype)
+    check(
+        token_dtype == expected,
+        "token_dtype",
+        f"{expected} for this window group ({shown})",
+        token_dtype,
+    )
+    check(
+        hidden == layout.hidden,
+        "max_out_shape[3] (H)",
+        f"H = {layout.hidden} of this window group",
+        hidden,
+    )
 
 
 def ffn_worker_scheduler_(
     schedule_context: torch.Tensor, *, sync_group_size: int = 1, execute_mode: int = 0
 ) -> torch.Tensor:
-    """Wait until the micro-batch at the polling index is complete and mark it ready."""
+    """Collect ready sessions into the context's id buffers for `need_schedule=0` batching.
+
+    As the A3 kernel (ops-transformer `ffn_worker_scheduler_aicpu.cpp`): sessions form
+    groups of `sync_group_size` consecutive ones. With one group, wait until every session
+    flagged micro-batch m (the polling index), publish them all and advance the index.
+    With several, wait until some group has a micro-batch all its sessions flagged; every
+    group then publishes its lowest such micro-batch. Publishing copies a session's layer
+    id, session, micro-batch and slot ids into the next out_num slot of the id buffers and
+    empties its window row (ids 0x7F7F7F7F, flag 0). A stopped context returns with out_num 0.
+    """
     ctx = schedule_context
     sc.check_context(ctx, sc.SCHEDULE_MODE_FFN)
+    area = ffn_area(ctx)
     check(
-        sync_group_size == 1,
+        isinstance(sync_group_size, int)
+        and 1 <= sync_group_size <= area.sessions
+        and area.sessions % sync_group_size == 0,
         "sync_group_size",
-        "1 (the only value the reference models)",
+        f"a divisor of session_num = {area.sessions}",
         sync_group_size,
     )
-    check(
-        execute_mode == 0, "execute_mode", "0 (the only value the reference models)", execute_mode
-    )
-    windows, rank = sc.context_window(ctx, sc.SCHEDULE_MODE_FFN)
-    m = _polling_index(ctx, windows.layout.micro_batches)
-    wait_for_micro_batch(ctx, windows, rank, m)
-    sc.put(ctx, sc.REF_READY_MICRO_BATCH, m + 1)
+    check(execute_mode == 0, "execute_mode", "0 (the only mode A3 runs)", execute_mode)
+    m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
+    per_session = area.tokens * area.slots
+    outputs = [
+        _id_buffer_view(ctx, field, size_field, 4 * count)
+        for (field, size_field), count in zip(
+            sc.FFN_SCHEDULER_BUFFERS,
+            (area.sessions, area.sessions, area.sessions, area.sessions * per_session),
+            strict=True,
+        )
+    ]
+    sc.put(ctx, sc.FFN_OUT_NUM, 0)
+    groups = area.sessions // sync_group_size
+    flags = area.info[:, :, FLAG_OFFSET]  # (A, M)
+    _check_flags(area, flags)
+
+    def ready_groups() -> list[tuple[int, int]]:
+        """(group, lowest micro-batch all its sessions flagged) of every ready group."""
+        if groups == 1:
+            return [(0, m)] if bool((flags[:, m] == 1).all()) else []
+        ready = (flags.view(groups, sync_group_size, -1) == 1).all(dim=1)  # (G, M)
+        return [(g, int(row.nonzero()[0])) for g, row in enumerate(ready) if bool(row.any())]
+
+    def describe() -> str:
+        missing = (flags[:, m] != 1).nonzero().flatten().tolist()
+        return (
+            f"{area.who} waited for micro-batch {m}: header flags missing from sessions {missing}"
+        )
+
+    try:
+        wait_until(
+            lambda: bool(ready_groups()),
+            area.timeout_s,
+            describe,
+            stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0,
+        )
+    except ScheduleStopped:
+        return ctx  # the kernel returns quietly when its run flag is cleared
+    layer_ids, session_ids, micro_batch_ids, expert_ids = outputs
+    out = 0
+    layer = 0
+    for g, mb in ready_groups():
+        for s in range(g * sync_group_size, (g + 1) * sync_group_size):
+            row = area.info[s, mb]
+            if out == 0:
+                layer = int(row[LAYER_OFFSET])
+            layer_ids[out] = row[LAYER_OFFSET]
+            session_ids[out] = s
+            micro_batch_ids[out] = mb
+            expert_ids[out * per_session : (out + 1) * per_session] = row[SLOTS_OFFSET:]
+            row[SLOTS_OFFSET:] = SCHEDULED_LOCAL_ID
+            store_fence()  # the slots are empty before a sender may see the free flag
+            row[FLAG_OFFSET] = 0
+            out += 1
+    sc.put(ctx, sc.FFN_OUT_NUM, out)
+    if groups == 1:
+        sc.advance_polling_index(ctx, m, area.micro_batches, layer)
+    else:
+        sc.put(ctx, sc.REF_LAST_LAYER_ID, layer)
     return ctx
 
 
-def wait_for_micro_batch(ctx: torch.Tensor, windows: WindowGroup, rank: int, m: int) -> None:
-    info, _ = windows.ffn_views(rank)
-    flags = info[:, m, FLAG_OFFSET]
+def ffn_worker_scheduler(
+    schedule_context: torch.Tensor, *, sync_group_size: int = 1, execute_mode: int = 0
+) -> torch.Tensor:
+    """`ffn_worker_scheduler_` on a copy of the 1024-byte context, which it returns; the
+    window and id buffers the context points at change as with the in-place op."""
+    sc.check_context_storage(schedule_context)
+    return ffn_worker_scheduler_(
+        schedule_context.clone(), sync_group_size=sync_group_size, execute_mode=execute_mode
+    )
+
+
+def _id_buffer_view(
+    ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], nbytes: int
+) -> torch.Tensor:
+    return sc.sized_buffer(ctx, field, size_field, nbytes).data.view(torch.int32)
+
+
+def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
+    flags = area.info[:, m, FLAG_OFFSET]
 
     def ready() -> bool:
-        # A corrupt flag would never turn 1: fail at once instead of at the deadline.
-        if bool(((flags != 0) & (flags != 1)).any()):
-            raise AFDInputError(
-                f"FFN rank {rank} window flags (micro-batch {m})", "0 or 1", flags.tolist()
-            )
+        _check_flags(area, flags)
         return bool((flags == 1).all())
 
     def describe() -> str:
         missing = (flags != 1).nonzero().flatten().tolist()
-        ranks = [windows.topology.attention_rank(s) for s in missing]
         return (
-            f"FFN rank {rank} of group {windows.name!r} waited for micro-batch {m}: header "
-            f"flags still missing from sessions {missing} (attention ranks {ranks})"
+            f"{area.who} waited for micro-batch {m}: header flags still missing from "
+            f"sessions {missing}{_attention_ranks(ctx, missing)}"
         )
 
-    wait_until(ready, windows.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
+    wait_until(ready, area.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
 
 
-def _polling_index(ctx: torch.Tensor, micro_batches: int) -> int:
-    m = sc.get(ctx, sc.FFN_POLLING_INDEX)
-    check(0 <= m < micro_batches, "schedule_context polling_index", f"in [0, {micro_batches})", m)
-    return m
+def _attention_ranks(ctx: torch.Tensor, sessions: list[int]) -> str:
+    info = sc.buffer(ctx, sc.FFN_INFO_BUF, 4)
+    if info.window is None:
+        return ""
+    topology = info.window[0].topology
+    return f" (attention ranks {[topology.attention_rank(s) for s in sessions]})"
 
 
-def _consistent_layer(rows: torch.Tensor, rank: int, m: int, layer_num: int) -> int:
+def _check_flags(area: FfnArea, flags: torch.Tensor) -> None:
+    # A corrupt flag would never turn 1: fail at once instead of at the deadline.
+    if bool(((flags != 0) & (flags != 1)).any()):
+        raise AFDInputError(f"{area.who}: window flags", "0 or 1", flags.tolist())
+
+
+def _consistent_layer(area: FfnArea, rows: torch.Tensor, m: int, layer_num: int) -> int:
     layers = rows[:, LAYER_OFFSET]
     layer = int(layers[0])
     check(
         bool((layers == layer).all()),
-        f"FFN rank {rank} window layer ids (micro-batch {m})",
+        f"{area.who}: window layer ids (micro-batch {m})",
         "one layer id from every session",
         layers.tolist(),
     )
     if layer_num > 0:
         check(
             0 <= layer < layer_num,
-            f"FFN rank {rank} window layer id",
+            f"{area.who}: window layer id",
             f"in [0, layer_num={layer_num})",
             layer,
         )

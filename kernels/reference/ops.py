@@ -16,11 +16,13 @@ import torch
 from afd_dispatch.kernels.reference.attention_to_ffn import attention_to_ffn
 from afd_dispatch.kernels.reference.attention_worker_combine import (
     attention_worker_combine,
+    attention_worker_scheduler,
     attention_worker_scheduler_,
 )
 from afd_dispatch.kernels.reference.ffn_to_attention import ffn_to_attention
 from afd_dispatch.kernels.reference.ffn_worker_batching import (
     ffn_worker_batching,
+    ffn_worker_scheduler,
     ffn_worker_scheduler_,
 )
 from afd_dispatch.kernels.schemas import TORCH_NPU_SCHEMAS
@@ -34,7 +36,9 @@ _IMPLS: dict[str, Callable[..., Any]] = {
     "npu_ffn_to_attention": ffn_to_attention,
     "npu_attention_worker_combine": attention_worker_combine,
     "ffn_worker_scheduler_": ffn_worker_scheduler_,
+    "ffn_worker_scheduler": ffn_worker_scheduler,
     "attention_worker_scheduler_": attention_worker_scheduler_,
+    "attention_worker_scheduler": attention_worker_scheduler,
 }
 
 
@@ -84,13 +88,19 @@ def _fake_identity(schedule_context: torch.Tensor, **kwargs: object) -> torch.Te
     return schedule_context
 
 
+def _fake_copy(schedule_context: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    return torch.empty_like(schedule_context)
+
+
 _FAKES: dict[str, Callable[..., Any]] = {
     "npu_attention_to_ffn": _fake_none,
     "npu_ffn_worker_batching": _fake_batching,
     "npu_ffn_to_attention": _fake_none,
     "npu_attention_worker_combine": _fake_combine,
     "ffn_worker_scheduler_": _fake_identity,
+    "ffn_worker_scheduler": _fake_copy,
     "attention_worker_scheduler_": _fake_identity,
+    "attention_worker_scheduler": _fake_copy,
 }
 
 

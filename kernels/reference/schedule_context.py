@@ -1,24 +1,38 @@
-"""The schedule context: a 1024-byte record the batching and combine ops read and advance.
+"""The schedule context: a 1024-byte record the batching, combine and scheduler ops read.
 
 Its byte layout is torch_npu's packed `ScheduleContext` struct (common area at 0, control
-at 128, attention area at 256, FFN area at 384), so a context can be inspected the same way
-on both backends. Window "addresses" are reference window addresses
-(`WindowGroup.address`). Three reference-only fields live in the struct's reserved tail
-(bytes 640..): the layer id of the last batched micro-batch, a marker that the scheduler
-op found a micro-batch ready, and how many micro-batches this context has batched (carried
-over on resume, so a restarted FFN worker can tell which window group it serves next).
+at 128, attention area at 256, FFN area at 384, the FFN scheduler's outputs at 512;
+torch_npu `csrc/afd/ScheduleContext.h`, ops-transformer `attention_ffn_schedule.h`), and
+like the hardware's it holds addresses: of the windows' info and data regions, and of the
+id buffers `ffn_worker_scheduler_` publishes into. Addresses are those of
+`afd_dispatch.windows.memory`, so a context built by hand works as well as one made by a
+holder. Two reference-only fields live in the struct's reserved tail (bytes 640..): the
+layer id of the last micro-batch batched or scheduled, and how many micro-batches this
+context has advanced past (carried over on resume, so a restarted FFN worker can tell which
+window group it serves next).
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
 
 import torch
 
 from afd_dispatch.errors import check
 from afd_dispatch.layout import align512
-from afd_dispatch.windows import WindowGroup, resolve_address
+from afd_dispatch.windows import (
+    WindowGroup,
+    register_memory,
+    resolve,
+    resolve_address,
+    unregister_memory,
+    window_of,
+)
 
 CONTEXT_BYTES = 1024
 SCHEDULE_MODE_FFN, SCHEDULE_MODE_ATTENTION = 0, 1
+FFN_INFO_HEADER_WORDS = 2  # flag, layer id; then BS * E local expert ids
 
 # (byte offset, width in bytes) of the fields we use
 SESSION_NUM = (0, 4)
@@ -40,10 +54,44 @@ FFN_INFO_BUF_SIZE = (392, 8)
 FFN_DATA_BUF = (400, 8)
 FFN_DATA_BUF_SIZE = (408, 8)
 FFN_POLLING_INDEX = (416, 8)
+FFN_LAYER_IDS_BUF = (512, 8)
+FFN_LAYER_IDS_BUF_SIZE = (520, 8)
+FFN_SESSION_IDS_BUF = (528, 8)
+FFN_SESSION_IDS_BUF_SIZE = (536, 8)
+FFN_MICRO_BATCH_IDS_BUF = (544, 8)
+FFN_MICRO_BATCH_IDS_BUF_SIZE = (552, 8)
+FFN_EXPERT_IDS_BUF = (560, 8)
+FFN_EXPERT_IDS_BUF_SIZE = (568, 8)
 FFN_OUT_NUM = (576, 4)
 REF_LAST_LAYER_ID = (640, 4)
-REF_READY_MICRO_BATCH = (644, 4)  # micro-batch + 1 found ready by the scheduler op, or 0
-REF_BATCHED_COUNT = (648, 8)  # micro-batches batched on this context since it was fresh
+REF_BATCHED_COUNT = (648, 8)  # micro-batches this context advanced past since it was fresh
+
+# The FFN scheduler's output buffers, in the order torch_npu's holder lays them out.
+FFN_SCHEDULER_BUFFERS = (
+    (FFN_LAYER_IDS_BUF, FFN_LAYER_IDS_BUF_SIZE),
+    (FFN_SESSION_IDS_BUF, FFN_SESSION_IDS_BUF_SIZE),
+    (FFN_MICRO_BATCH_IDS_BUF, FFN_MICRO_BATCH_IDS_BUF_SIZE),
+    (FFN_EXPERT_IDS_BUF, FFN_EXPERT_IDS_BUF_SIZE),
+)
+_FIELD_NAMES = {
+    SESSION_NUM: "session_num",
+    MICRO_BATCH_NUM: "micro_batch_num",
+    MICRO_BATCH_SIZE: "micro_batch_size",
+    SELECTED_EXPERT_NUM: "selected_expert_num",
+    ATTN_TO_FFN_TOKEN_SIZE: "attn_to_ffn_token_size",
+    ATTN_INFO_BUF: "attention.token_info_buf",
+    ATTN_DATA_BUF: "attention.token_data_buf",
+    ATTN_MICRO_BATCH_ID: "attention.micro_batch_id",
+    FFN_INFO_BUF: "ffn.token_info_buf",
+    FFN_DATA_BUF: "ffn.token_data_buf",
+    FFN_POLLING_INDEX: "ffn.polling_index",
+    FFN_LAYER_IDS_BUF: "ffn.layer_ids_buf",
+    FFN_SESSION_IDS_BUF: "ffn.session_ids_buf",
+    FFN_MICRO_BATCH_IDS_BUF: "ffn.micro_batch_ids_buf",
+    FFN_EXPERT_IDS_BUF: "ffn.expert_ids_buf",
+    FFN_OUT_NUM: "ffn.out_num",
+}
+_MAX_COUNT = 2**20  # any larger session / micro-batch / token / slot count is corrupt
 
 
 def get(ctx: torch.Tensor, field: tuple[int, int]) -> int:
@@ -58,24 +106,76 @@ def put(ctx: torch.Tensor, field: tuple[int, int], value: int) -> None:
     ctx[offset : offset + width].view(dtype)[0] = value
 
 
+def field_name(field: tuple[int, int]) -> str:
+    """How errors name a context field: `schedule_context <torch_npu's field name>`."""
+    return f"schedule_context {_FIELD_NAMES.get(field, str(field))}"
+
+
+def count_field(ctx: torch.Tensor, field: tuple[int, int]) -> int:
+    """A count from the (untrusted) context, checked to be in [1, 2**20]."""
+    value = get(ctx, field)
+    check(1 <= value <= _MAX_COUNT, field_name(field), f"in [1, {_MAX_COUNT}]", value)
+    return value
+
+
+def index_field(ctx: torch.Tensor, field: tuple[int, int], bound: int) -> int:
+    """An index from the (untrusted) context, checked to be in [0, bound)."""
+    value = get(ctx, field)
+    check(0 <= value < bound, field_name(field), f"in [0, {bound})", value)
+    return value
+
+
 def check_context(ctx: torch.Tensor, mode: int) -> None:
+    """The context tensor's type, and its schedule_mode (checked by the scheduler ops)."""
     check_context_storage(ctx)
     seen = get(ctx, SCHEDULE_MODE)
     want = "FFN (0)" if mode == SCHEDULE_MODE_FFN else "attention (1)"
     check(seen == mode, "schedule_context schedule_mode", want, seen)
 
 
+@dataclass(frozen=True)
+class Buffer:
+    """A region a context field points at: its bytes, and the window it belongs to, if any."""
+
+    data: torch.Tensor  # uint8 view of exactly the bytes asked for
+    timeout_s: float
+    window: tuple[WindowGroup, int] | None
+
+
+def buffer(ctx: torch.Tensor, field: tuple[int, int], nbytes: int) -> Buffer:
+    """The `nbytes` that context `field` (an address) points at, resolved in registered memory."""
+    region, data = resolve(get(ctx, field), nbytes, field_name(field))
+    return Buffer(data, region.timeout_s, window_of(region))
+
+
+def sized_buffer(
+    ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], nbytes: int
+) -> Buffer:
+    """Like `buffer`, after checking the context's own size field covers `nbytes`."""
+    size = get(ctx, size_field)
+    check(size >= nbytes, f"{field_name(field)} size", f">= {nbytes} bytes", size)
+    return buffer(ctx, field, nbytes)
+
+
 def last_batched_layer(schedule_context: torch.Tensor) -> int:
-    """The layer id the last `npu_ffn_worker_batching` on this FFN context collected."""
+    """The layer id of the micro-batch the last `npu_ffn_worker_batching` (need_schedule=1)
+    or `ffn_worker_scheduler_` on this FFN context collected (a reference-only field)."""
     check_context(schedule_context, SCHEDULE_MODE_FFN)
     return get(schedule_context, REF_LAST_LAYER_ID)
 
 
 def batched_micro_batches(schedule_context: torch.Tensor) -> int:
-    """How many micro-batches `npu_ffn_worker_batching` has collected on this FFN context
-    (a resumed context keeps counting where its predecessor stopped)."""
+    """How many micro-batches this FFN context's polling index has advanced past (a resumed
+    context keeps counting where its predecessor stopped)."""
     check_context(schedule_context, SCHEDULE_MODE_FFN)
     return get(schedule_context, REF_BATCHED_COUNT)
+
+
+def advance_polling_index(ctx: torch.Tensor, m: int, micro_batches: int, layer: int) -> None:
+    """Record that micro-batch `m` was collected: the next one is polled next."""
+    put(ctx, FFN_POLLING_INDEX, (m + 1) % micro_batches)
+    put(ctx, REF_LAST_LAYER_ID, layer)
+    put(ctx, REF_BATCHED_COUNT, get(ctx, REF_BATCHED_COUNT) + 1)
 
 
 def check_context_storage(storage: torch.Tensor) -> None:
@@ -86,13 +186,6 @@ def check_context_storage(storage: torch.Tensor) -> None:
         and storage.is_contiguous()
     )
     check(ok, "schedule_context", f"an int8[{CONTEXT_BYTES}] context tensor", _describe(storage))
-
-
-def context_window(ctx: torch.Tensor, mode: int) -> tuple[WindowGroup, int]:
-    """(group, rank) of the window a checked context points at."""
-    field = FFN_INFO_BUF if mode == SCHEDULE_MODE_FFN else ATTN_INFO_BUF
-    group, rank, _ = resolve_address(get(ctx, field), "schedule_context window")
-    return group, rank
 
 
 def _describe(ctx: object) -> str:
@@ -168,14 +261,21 @@ class ScheduleContextHolder:
             "micro_batch_num": layout.micro_batches,
             "micro_batch_size": layout.tokens,
             "selected_expert_num": layout.slots,
-            "attn_to_ffn_token_size": layout.a2f_row_bytes,
-            "ffn_to_attn_token_size": layout.f2a_row_bytes,
+            # batching reads FFN-window slots at this stride: it must be the group's exactly
+            "attn_to_ffn_token_size": layout.attn_to_ffn_token_size,
         }
         for key, want in expected.items():
-            # torch_npu's holder rounds token sizes up to 512 bytes; accept both spellings.
-            allowed = {want, align512(want)} if key.endswith("token_size") else {want}
-            shown = " or ".join(str(v) for v in sorted(allowed))
-            check(a[key] in allowed, key, f"{shown} (group {group.name!r})", a[key])
+            check(a[key] == want, key, f"{want} (group {group.name!r})", a[key])
+        # No kernel reads ffn_to_attn_token_size (combine strides by H); torch_npu's holder
+        # wants it a multiple of 512, so both the row size and its 512-rounding are taken.
+        row = layout.ffn_to_attn_token_size
+        allowed = sorted({row, align512(row)})
+        check(
+            a["ffn_to_attn_token_size"] in allowed,
+            "ffn_to_attn_token_size",
+            f"{' or '.join(map(str, allowed))} (group {group.name!r})",
+            a["ffn_to_attn_token_size"],
+        )
         check(a["expert_num"] >= 1, "expert_num", ">= 1", a["expert_num"])
         need = layout.ffn_window_bytes if ffn else layout.attn_window_bytes
         check(
@@ -203,6 +303,8 @@ class ScheduleContextHolder:
             put(ctx, FFN_DATA_BUF, self._window + layout.ffn_data_offset)
             put(ctx, FFN_DATA_BUF_SIZE, layout.ffn_data_bytes)
             put(ctx, FFN_POLLING_INDEX, 0)
+            self._allocate_scheduler_buffers(layout.ffn_scheduler_buffer_bytes, group.timeout_s)
+            put(ctx, FFN_OUT_NUM, 0)
         else:
             put(ctx, ATTN_INFO_BUF, self._window)
             put(ctx, ATTN_INFO_BUF_SIZE, layout.attn_info_bytes)
@@ -210,11 +312,34 @@ class ScheduleContextHolder:
             put(ctx, ATTN_DATA_BUF_SIZE, layout.attn_window_bytes - layout.attn_data_offset)
             # combine consumes (id + 1) % M, so the first combine takes micro-batch 0 (inferred)
             put(ctx, ATTN_MICRO_BATCH_ID, layout.micro_batches - 1)
-        put(ctx, REF_READY_MICRO_BATCH, 0)
         if carried is not None:
             put(ctx, FFN_POLLING_INDEX if ffn else ATTN_MICRO_BATCH_ID, carried)
         else:
             put(ctx, REF_BATCHED_COUNT, 0)
+
+    def _allocate_scheduler_buffers(self, sizes: tuple[int, ...], timeout_s: float) -> None:
+        """Where `ffn_worker_scheduler_` publishes what it collected: like torch_npu's
+        holder, one workspace with each buffer starting 512-byte aligned; the recorded
+        sizes are the unaligned ones. It lives as long as the context tensor, which callers
+        often keep without the holder."""
+        self._release()
+        starts, total = [], 0
+        for size in sizes:
+            starts.append(total)
+            total += align512(size)
+        workspace = torch.zeros(total, dtype=torch.uint8)
+        base = register_memory(workspace, timeout_s=timeout_s)
+        self._workspace = weakref.finalize(self._ctx, unregister_memory, base)
+        for (field, size_field), start, size in zip(
+            FFN_SCHEDULER_BUFFERS, starts, sizes, strict=True
+        ):
+            put(self._ctx, field, base + start)
+            put(self._ctx, size_field, size)
+
+    def _release(self) -> None:
+        finalizer = getattr(self, "_workspace", None)
+        if finalizer is not None:
+            finalizer()
 
     def _carried_position(self) -> int | None:
         ctx, a = self._ctx, self._args
@@ -303,8 +428,8 @@ def context_for(
         layout.tokens,
         layout.slots,
         expert_num,
-        layout.a2f_row_bytes,
-        layout.f2a_row_bytes,
+        layout.attn_to_ffn_token_size,
+        layout.ffn_to_attn_token_size,
         ffn_window=address if ffn else 0,
         ffn_window_size=size if ffn else 0,
         attention_window=0 if ffn else address,
