@@ -66,11 +66,13 @@ def attention_to_ffn(
     width, row_elems = layout.slots, layout.row_elems
     flat_dest = dest.reshape(-1)  # position p = t * E + e, also the row within (s, m)
     flat_local = local.reshape(-1)
-    staging = torch.empty(COPY_CHUNK_ROWS, row_elems, dtype=source.dtype)
+    staging = torch.empty(COPY_CHUNK_ROWS, source.shape[1], dtype=source.dtype)
     for r in receivers:
         info, data = views[r]
         positions = (flat_dest == r).nonzero().flatten()
         rows = data[s, m].view(layout.tokens * width, row_elems)
+        if not layout.quant:  # x's H values start each slot; the rest of it stays untouched
+            rows = rows[:, : layout.hidden]
         copy_rows(rows, positions, source, positions if per_slot else positions // width, staging)
         info[s, m, SLOTS_OFFSET:].index_copy_(0, positions, flat_local[positions])
     for r in headers:
