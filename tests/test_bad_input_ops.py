@@ -851,7 +851,7 @@ COMBINE_CASES: list[tuple[str, Mutation, str, str]] = [
     ("token_dtype-int8", _set(token_dtype=TOKEN_DTYPE_INT8), "token_dtype", "2"),
     ("need_schedule=2", _set(need_schedule=2), "need_schedule", "2"),
     # combine reads no schedule_mode (as on A3): an FFN context has no attention window
-    ("ctx-ffn", _ffn_context, "attention.token_info_buf", "0"),
+    ("ctx-ffn", _ffn_context, "attention.token_data_buf", "0"),
     ("ctx-float", _foreign_context("float"), "schedule_context", "torch.float32"),
     ("ctx-zeros", _foreign_context("zeros"), "schedule_context micro_batch_num", "0"),
 ]

@@ -29,22 +29,32 @@ from afd_dispatch.windows import ScheduleStopped, wait_until
 
 
 @dataclass(frozen=True)
-class AttentionArea:
-    """The attention side of a context for one call: counts and the window's regions."""
+class Flags:
+    """The result flags of an attention window, int32 [M, BS, E], and whom to name."""
 
-    micro_batches: int
-    tokens: int
-    slots: int
-    info: torch.Tensor  # int32 [M, BS, E]
-    data: torch.Tensor  # [M, BS, E, H] of the result dtype
+    cells: torch.Tensor
     timeout_s: float
     who: str
 
 
-def attention_area(
-    ctx: torch.Tensor, tokens: int, topk: int, hidden: int, dtype: torch.dtype
-) -> AttentionArea:
-    m = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+def window_name(buffer: sc.Buffer, ctx: torch.Tensor, field: tuple[int, int]) -> str:
+    if buffer.window is None:
+        return f"the attention context's window at {sc.get(ctx, field):#x}"
+    group, rank = buffer.window
+    return (
+        f"attention rank {rank} (session {group.topology.session_of(rank)}) of group {group.name!r}"
+    )
+
+
+def result_flags(ctx: torch.Tensor, micro_batches: int, tokens: int, slots: int) -> Flags:
+    cells = micro_batches * tokens * slots
+    info = sc.sized_buffer(ctx, sc.ATTN_INFO_BUF, sc.ATTN_INFO_BUF_SIZE, 4 * cells)
+    view = info.data.view(torch.int32).view(micro_batches, tokens, slots)
+    return Flags(view, info.timeout_s, window_name(info, ctx, sc.ATTN_INFO_BUF))
+
+
+def combine_slots(ctx: torch.Tensor, tokens: int, topk: int) -> int:
+    """E of a combine call: the context's selected_expert_num, or A3's K + 1 when unset."""
     slots = sc.get(ctx, sc.SELECTED_EXPERT_NUM) or topk + 1
     check(
         topk <= slots <= 2**20,
@@ -59,28 +69,27 @@ def attention_area(
         f"(BS={context_tokens}, K): the context's micro_batch_size",
         (tokens, topk),
     )
-    cells = m * tokens * slots
-    info = sc.sized_buffer(ctx, sc.ATTN_INFO_BUF, sc.ATTN_INFO_BUF_SIZE, 4 * cells)
+    return slots
+
+
+def result_rows(
+    ctx: torch.Tensor, shape: tuple[int, int, int, int], topk: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The attention window's result rows [M, BS, E, H], H values apart (the kernel's stride)."""
+    m, tokens, slots, hidden = shape
     data = sc.sized_buffer(
-        ctx, sc.ATTN_DATA_BUF, sc.ATTN_DATA_BUF_SIZE, cells * hidden * dtype.itemsize
+        ctx, sc.ATTN_DATA_BUF, sc.ATTN_DATA_BUF_SIZE, m * tokens * slots * hidden * dtype.itemsize
     )
     address = sc.get(ctx, sc.ATTN_DATA_BUF)
-    check(address % dtype.itemsize == 0, sc.field_name(sc.ATTN_DATA_BUF), "aligned", address)
-    if info.window is not None:
-        group, rank = info.window
-        _check_window(group.layout, topk, hidden, dtype)
-        who = (
-            f"attention rank {rank} (session {group.topology.session_of(rank)}) of group "
-            f"{group.name!r}"
-        )
-    else:
-        who = f"the attention context's window at {sc.get(ctx, sc.ATTN_INFO_BUF):#x}"
-    return AttentionArea(
-        m, tokens, slots,
-        info.data.view(torch.int32).view(m, tokens, slots),
-        data.data.view(dtype).view(m, tokens, slots, hidden),
-        info.timeout_s, who,
-    )  # fmt: skip
+    check(
+        address % dtype.itemsize == 0,
+        sc.field_name(sc.ATTN_DATA_BUF),
+        f"{dtype.itemsize}-byte aligned",
+        address,
+    )
+    if data.window is not None:
+        _check_window(data.window[0].layout, topk, hidden, dtype)
+    return data.data.view(dtype).view(shape)
 
 
 def _check_window(layout: WindowLayout, topk: int, hidden: int, dtype: torch.dtype) -> None:
@@ -118,16 +127,19 @@ def attention_worker_combine(
         expert_scales, layer_id, hidden_size, token_dtype, need_schedule
     )
     dtype = dtype_of_code(token_dtype)
-    area = attention_area(ctx, tokens, topk, hidden_size, dtype)
-    last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, area.micro_batches)
+    slots = combine_slots(ctx, tokens, topk)
+    micro_batches = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+    rows = result_rows(ctx, (micro_batches, tokens, slots, hidden_size), topk, dtype)
+    last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, micro_batches)
     if need_schedule:
-        m = (last + 1) % area.micro_batches
-        wait_for_results(ctx, area, m)
-    else:
+        flags = result_flags(ctx, micro_batches, tokens, slots)
+        m = (last + 1) % micro_batches
+        wait_for_results(ctx, flags, m)
+    else:  # the kernel reads no flags then (ops-transformer attention_worker_combine)
         m = last
-    y = weighted_sum(area.data[m], expert_scales, topk, dtype)
+    y = weighted_sum(rows[m], expert_scales, topk, dtype)
     if need_schedule:
-        area.info[m] = 0
+        flags.cells[m] = 0
         sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return y, layer_id + 1
 
@@ -168,21 +180,14 @@ def attention_worker_scheduler_(schedule_context: torch.Tensor) -> torch.Tensor:
     sc.check_context(ctx, sc.SCHEDULE_MODE_ATTENTION)
     tokens = sc.count_field(ctx, sc.MICRO_BATCH_SIZE)
     slots = sc.count_field(ctx, sc.SELECTED_EXPERT_NUM)
-    m_num = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
-    info = sc.sized_buffer(ctx, sc.ATTN_INFO_BUF, sc.ATTN_INFO_BUF_SIZE, 4 * m_num * tokens * slots)
-    flags = info.data.view(torch.int32).view(m_num, tokens, slots)
-    last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, m_num)
-    m = (last + 1) % m_num
-    who = f"the attention context's window at {sc.get(ctx, sc.ATTN_INFO_BUF):#x}"
-    if info.window is not None:
-        group, rank = info.window
-        who = f"attention rank {rank} of group {group.name!r}"
-    area = AttentionArea(m_num, tokens, slots, flags, flags, info.timeout_s, who)
+    micro_batches = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+    flags = result_flags(ctx, micro_batches, tokens, slots)
+    m = (sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, micro_batches) + 1) % micro_batches
     try:
-        wait_for_results(ctx, area, m)
+        wait_for_results(ctx, flags, m)
     except ScheduleStopped:
         return ctx  # the kernel returns quietly when its run flag is cleared
-    flags[m] = 0
+    flags.cells[m] = 0
     sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return ctx
 
@@ -194,26 +199,26 @@ def attention_worker_scheduler(schedule_context: torch.Tensor) -> torch.Tensor:
     return attention_worker_scheduler_(schedule_context.clone())
 
 
-def wait_for_results(ctx: torch.Tensor, area: AttentionArea, m: int) -> None:
-    flags = area.info[m]
+def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
+    cells = flags.cells[m]
 
     def describe() -> str:
-        missing = (flags != 1).nonzero().tolist()
+        missing = (cells != 1).nonzero().tolist()
         shown = ", ".join(f"(token {t}, slot {e})" for t, e in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         return (
-            f"{area.who} waited for the results of micro-batch {m}: {len(missing)} of "
-            f"{flags.numel()} slot flags missing: {shown}{more}"
+            f"{flags.who} waited for the results of micro-batch {m}: {len(missing)} of "
+            f"{cells.numel()} slot flags missing: {shown}{more}"
         )
 
     def ready() -> bool:
         # A corrupt flag would never turn 1: fail at once instead of at the deadline.
-        if bool(((flags != 0) & (flags != 1)).any()):
+        if bool(((cells != 0) & (cells != 1)).any()):
             raise AFDInputError(
-                f"{area.who}: window flags of micro-batch {m}",
+                f"{flags.who}: window flags of micro-batch {m}",
                 "0 or 1",
-                sorted(set(flags.flatten().tolist())),
+                sorted(set(cells.flatten().tolist())),
             )
-        return bool((flags == 1).all())
+        return bool((cells == 1).all())
 
-    wait_until(ready, area.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
+    wait_until(ready, flags.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)

@@ -36,7 +36,7 @@ from afd_dispatch.layout import (
     dtype_of_code,
     token_dtype_code,
 )
-from afd_dispatch.windows import ScheduleStopped, store_fence, wait_until
+from afd_dispatch.windows import ScheduleStopped, WindowGroup, store_fence, wait_until
 
 # What the FFN scheduler leaves in a published slot: every byte 0x7F (ops-transformer
 # `ffn_worker_scheduler_aicpu.cpp`); any id >= 1_000_000 reads as empty.
@@ -52,32 +52,43 @@ class FfnArea:
     tokens: int
     slots: int
     token_size: int  # bytes between slots
-    info: torch.Tensor  # int32 [A, M, 2 + BS*E]
+    info: torch.Tensor | None  # int32 [A, M, 2 + BS*E]; None where the op reads no info
     data: torch.Tensor  # uint8 [A*M*BS*E, token_size]
     timeout_s: float
-    who: str  # names the waiter in errors
+    window: tuple[WindowGroup, int] | None  # the reference window group and rank, if any
+
+    @property
+    def who(self) -> str:
+        """Names the FFN side in errors."""
+        if self.window is None:
+            return "the FFN context's window"
+        group, rank = self.window
+        return f"FFN rank {rank} of group {group.name!r}"
+
+    @property
+    def flags_and_ids(self) -> torch.Tensor:
+        assert self.info is not None, "the info region was not resolved"
+        return self.info
 
 
-def ffn_area(ctx: torch.Tensor) -> FfnArea:
+def ffn_area(ctx: torch.Tensor, with_info: bool) -> FfnArea:
+    """Resolve the context's FFN area. `with_info`: also the info region, which only the
+    polling paths read (need_schedule=0 batching reads the scheduler's id buffers instead,
+    ops-transformer `ffn_wb_get_schedule_context.h`)."""
     a = sc.count_field(ctx, sc.SESSION_NUM)
     m = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
     bs = sc.count_field(ctx, sc.MICRO_BATCH_SIZE)
     e = sc.count_field(ctx, sc.SELECTED_EXPERT_NUM)
     token_size = sc.count_field(ctx, sc.ATTN_TO_FFN_TOKEN_SIZE)
-    width = SLOTS_OFFSET + bs * e
-    info = sc.sized_buffer(ctx, sc.FFN_INFO_BUF, sc.FFN_INFO_BUF_SIZE, a * m * width * 4)
+    info = None
+    if with_info:
+        width = SLOTS_OFFSET + bs * e
+        region = sc.sized_buffer(ctx, sc.FFN_INFO_BUF, sc.FFN_INFO_BUF_SIZE, a * m * width * 4)
+        info = region.data.view(torch.int32).view(a, m, width)
     data = sc.sized_buffer(ctx, sc.FFN_DATA_BUF, sc.FFN_DATA_BUF_SIZE, a * m * bs * e * token_size)
-    if info.window is not None:
-        group, rank = info.window
-        who = f"FFN rank {rank} of group {group.name!r}"
-    else:
-        who = f"the FFN context's window at {sc.get(ctx, sc.FFN_INFO_BUF):#x}"
     return FfnArea(
-        a, m, bs, e, token_size,
-        info.data.view(torch.int32).view(a, m, width),
-        data.data.view(-1, token_size),
-        info.timeout_s, who,
-    )  # fmt: skip
+        a, m, bs, e, token_size, info, data.data.view(-1, token_size), data.timeout_s, data.window
+    )
 
 
 def ffn_worker_batching(
@@ -91,12 +102,12 @@ def ffn_worker_batching(
 ) -> tuple[torch.Tensor, ...]:
     ctx = schedule_context
     sc.check_context_storage(ctx)
-    area = ffn_area(ctx)
+    area = ffn_area(ctx, with_info=bool(need_schedule))
     hidden = check_batching_call(
         (area.sessions, area.tokens, area.slots), expert_num, max_out_shape, token_dtype,
         need_schedule, layer_num,
     )  # fmt: skip
-    _check_window_rows(ctx, hidden, token_dtype)
+    _check_window_rows(area, hidden, token_dtype)
     quant = token_dtype == TOKEN_DTYPE_INT8
     out_dtype = torch.int8 if quant else dtype_of_code(token_dtype)
     elem = out_dtype.itemsize
@@ -120,7 +131,7 @@ def ffn_worker_batching(
     if need_schedule:
         m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
         wait_for_micro_batch(ctx, area, m)
-        rows = area.info[:, m]  # (A, 2 + BS*E)
+        rows = area.flags_and_ids[:, m]  # (A, 2 + BS*E)
         layer = _consistent_layer(area, rows, m, layer_num)
         ids = rows[:, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
         sessions = torch.arange(area.sessions, dtype=torch.int64)
@@ -206,12 +217,11 @@ def _id_buffer(
     return sc.sized_buffer(ctx, field, size_field, 4 * count).data.view(torch.int32).clone()
 
 
-def _check_window_rows(ctx: torch.Tensor, hidden: int, token_dtype: int) -> None:
+def _check_window_rows(area: FfnArea, hidden: int, token_dtype: int) -> None:
     """When the context points at a reference window, its group knows H and the row type."""
-    info = sc.buffer(ctx, sc.FFN_INFO_BUF, 4)
-    if info.window is None:
+    if area.window is None:
         return
-    layout = info.window[0].layout
+    layout = area.window[0].layout
     expected = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
     shown = "int8 + scale" if layout.quant else str(layout.dtype)
     check(
@@ -243,7 +253,7 @@ def ffn_worker_scheduler_(
     """
     ctx = schedule_context
     sc.check_context(ctx, sc.SCHEDULE_MODE_FFN)
-    area = ffn_area(ctx)
+    area = ffn_area(ctx, with_info=True)
     check(
         isinstance(sync_group_size, int)
         and 1 <= sync_group_size <= area.sessions
@@ -265,7 +275,8 @@ def ffn_worker_scheduler_(
     ]
     sc.put(ctx, sc.FFN_OUT_NUM, 0)
     groups = area.sessions // sync_group_size
-    flags = area.info[:, :, FLAG_OFFSET]  # (A, M)
+    info = area.flags_and_ids
+    flags = info[:, :, FLAG_OFFSET]  # (A, M)
     _check_flags(area, flags)
 
     def ready_groups() -> list[tuple[int, int]]:
@@ -295,7 +306,7 @@ def ffn_worker_scheduler_(
     layer = 0
     for g, mb in ready_groups():
         for s in range(g * sync_group_size, (g + 1) * sync_group_size):
-            row = area.info[s, mb]
+            row = info[s, mb]
             if out == 0:
                 layer = int(row[LAYER_OFFSET])
             layer_ids[out] = row[LAYER_OFFSET]
@@ -332,7 +343,7 @@ def _id_buffer_view(
 
 
 def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
-    flags = area.info[:, m, FLAG_OFFSET]
+    flags = area.flags_and_ids[:, m, FLAG_OFFSET]
 
     def ready() -> bool:
         _check_flags(area, flags)
@@ -342,17 +353,16 @@ def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
         missing = (flags != 1).nonzero().flatten().tolist()
         return (
             f"{area.who} waited for micro-batch {m}: header flags still missing from "
-            f"sessions {missing}{_attention_ranks(ctx, missing)}"
+            f"sessions {missing}{_attention_ranks(area, missing)}"
         )
 
     wait_until(ready, area.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
 
 
-def _attention_ranks(ctx: torch.Tensor, sessions: list[int]) -> str:
-    info = sc.buffer(ctx, sc.FFN_INFO_BUF, 4)
-    if info.window is None:
+def _attention_ranks(area: FfnArea, sessions: list[int]) -> str:
+    if area.window is None:
         return ""
-    topology = info.window[0].topology
+    topology = area.window[0].topology
     return f" (attention ranks {[topology.attention_rank(s) for s in sessions]})"
 
 
