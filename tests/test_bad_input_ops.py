@@ -1039,6 +1039,13 @@ def _corrupt_ctx(
     return corrupt
 
 
+def _shift_ctx(field: tuple[int, int], delta: int, rank: int = FFN_RANK) -> Callable[[World], None]:
+    def corrupt(world: World) -> None:
+        sc.put(world.ctx(rank), field, sc.get(world.ctx(rank), field) + delta)
+
+    return corrupt
+
+
 def _batching(expert_num: int | None = None) -> Callable[[World], object]:
     def call(world: World) -> object:
         args = batching_args(world)
@@ -1081,6 +1088,16 @@ FFN_CONTENT_CASES: list[
         "ffn.token_info_buf",
         f"{BOGUS_ADDRESS}",
     ),
+    # a context aimed at a window must describe that window, or rows would be misread
+    ("ctx-M-vs-window", _corrupt_ctx(sc.MICRO_BATCH_NUM, 1), _batching(), "micro_batch_num", "1"),
+    ("ctx-data-moved", _shift_ctx(sc.FFN_DATA_BUF, -128), _batching(), "token_data_buf", "byte"),
+    (
+        "ctx-info-misaligned",
+        _corrupt_ctx(sc.FFN_INFO_BUF, BOGUS_ADDRESS + 2),
+        _ffn_scheduler,
+        "token_info_buf",
+        f"{BOGUS_ADDRESS + 2}",
+    ),
 ]
 
 
@@ -1108,6 +1125,12 @@ def _combine(world: World) -> object:
     return ref.npu_attention_worker_combine(**combine_args(world))
 
 
+def _combine_one_token_less(world: World) -> object:
+    return ref.npu_attention_worker_combine(
+        **{**combine_args(world), "expert_scales": torch.rand(BS - 1, K)}
+    )
+
+
 def _attn_scheduler(world: World) -> object:
     return ref.attention_worker_scheduler_(world.ctx(ATTN_RANK))
 
@@ -1130,6 +1153,21 @@ ATTN_CONTENT_CASES: list[
         _attn_scheduler,
         "micro_batch_id",
         "-1",
+    ),
+    (  # BS comes from expert_scales when the context leaves it 0, but the window says BS
+        "bs-vs-window",
+        _corrupt_ctx(sc.MICRO_BATCH_SIZE, 0, ATTN_RANK),
+        _combine_one_token_less,
+        "micro_batch_size",
+        f"{BS - 1}",
+    ),
+    ("data-moved", _shift_ctx(sc.ATTN_DATA_BUF, -512, ATTN_RANK), _combine, "data_buf", "byte"),
+    (
+        "info-misaligned",
+        _corrupt_ctx(sc.ATTN_INFO_BUF, BOGUS_ADDRESS + 2, ATTN_RANK),
+        _attn_scheduler,
+        "token_info_buf",
+        f"{BOGUS_ADDRESS + 2}",
     ),
     (
         "address",
@@ -1155,3 +1193,19 @@ def test_corrupt_attention_window_or_context_is_rejected(
     results_arrived(world)
     corrupt(world)
     expect_rejected(world, lambda: call(world), argument, shown)
+
+
+@pytest.mark.parametrize("side", ["ffn", "attention"])
+def test_a_stopped_scheduler_publishes_nothing(world: World, side: str) -> None:
+    # The A3 schedulers poll only while the run flag is set: stopped, they change nothing,
+    # even with a micro-batch ready.
+    if side == "ffn":
+        fill_micro_batch(world)
+        rank, scheduler = FFN_RANK, ref.ffn_worker_scheduler_
+    else:
+        results_arrived(world)
+        rank, scheduler = ATTN_RANK, ref.attention_worker_scheduler_
+    world.contexts[rank].stop_schedule()
+    before = world.snapshot()
+    assert scheduler(world.ctx(rank)) is world.ctx(rank)
+    world.assert_unchanged(before)

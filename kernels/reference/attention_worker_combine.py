@@ -49,6 +49,8 @@ def window_name(buffer: sc.Buffer, ctx: torch.Tensor, field: tuple[int, int]) ->
 def result_flags(ctx: torch.Tensor, micro_batches: int, tokens: int, slots: int) -> Flags:
     cells = micro_batches * tokens * slots
     info = sc.sized_buffer(ctx, sc.ATTN_INFO_BUF, sc.ATTN_INFO_BUF_SIZE, 4 * cells)
+    if info.window is not None:
+        sc.check_window_offset(info, sc.ATTN_INFO_BUF, 0)
     view = info.data.view(torch.int32).view(micro_batches, tokens, slots)
     return Flags(view, info.timeout_s, window_name(info, ctx, sc.ATTN_INFO_BUF))
 
@@ -78,17 +80,22 @@ def result_rows(
     """The attention window's result rows [M, BS, E, H], H values apart (the kernel's stride)."""
     m, tokens, slots, hidden = shape
     data = sc.sized_buffer(
-        ctx, sc.ATTN_DATA_BUF, sc.ATTN_DATA_BUF_SIZE, m * tokens * slots * hidden * dtype.itemsize
-    )
-    address = sc.get(ctx, sc.ATTN_DATA_BUF)
-    check(
-        address % dtype.itemsize == 0,
-        sc.field_name(sc.ATTN_DATA_BUF),
-        f"{dtype.itemsize}-byte aligned",
-        address,
+        ctx,
+        sc.ATTN_DATA_BUF,
+        sc.ATTN_DATA_BUF_SIZE,
+        m * tokens * slots * hidden * dtype.itemsize,
+        align=dtype.itemsize,
     )
     if data.window is not None:
-        _check_window(data.window[0].layout, topk, hidden, dtype)
+        layout = data.window[0].layout
+        _check_window(layout, topk, hidden, dtype)
+        for field, seen, want in (
+            (sc.MICRO_BATCH_NUM, m, layout.micro_batches),
+            (sc.MICRO_BATCH_SIZE, tokens, layout.tokens),
+            (sc.SELECTED_EXPERT_NUM, slots, layout.slots),
+        ):
+            check(seen == want, sc.field_name(field), f"{want}, as in the window's group", seen)
+        sc.check_window_offset(data, sc.ATTN_DATA_BUF, layout.attn_data_offset)
     return data.data.view(dtype).view(shape)
 
 
@@ -183,6 +190,8 @@ def attention_worker_scheduler_(schedule_context: torch.Tensor) -> torch.Tensor:
     micro_batches = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
     flags = result_flags(ctx, micro_batches, tokens, slots)
     m = (sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, micro_batches) + 1) % micro_batches
+    if sc.get(ctx, sc.RUN_FLAG) == 0:
+        return ctx  # the kernel polls only while its run flag is set
     try:
         wait_for_results(ctx, flags, m)
     except ScheduleStopped:

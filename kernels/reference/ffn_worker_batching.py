@@ -85,7 +85,28 @@ def ffn_area(ctx: torch.Tensor, with_info: bool) -> FfnArea:
         width = SLOTS_OFFSET + bs * e
         region = sc.sized_buffer(ctx, sc.FFN_INFO_BUF, sc.FFN_INFO_BUF_SIZE, a * m * width * 4)
         info = region.data.view(torch.int32).view(a, m, width)
-    data = sc.sized_buffer(ctx, sc.FFN_DATA_BUF, sc.FFN_DATA_BUF_SIZE, a * m * bs * e * token_size)
+    data = sc.sized_buffer(
+        ctx, sc.FFN_DATA_BUF, sc.FFN_DATA_BUF_SIZE, a * m * bs * e * token_size, align=1
+    )
+    if data.window is not None:  # a hand-built context aimed at a window must match its layout
+        layout = data.window[0].layout
+        for field, seen, want in (
+            (sc.SESSION_NUM, a, layout.sessions),
+            (sc.MICRO_BATCH_NUM, m, layout.micro_batches),
+            (sc.MICRO_BATCH_SIZE, bs, layout.tokens),
+            (sc.SELECTED_EXPERT_NUM, e, layout.slots),
+            (sc.ATTN_TO_FFN_TOKEN_SIZE, token_size, layout.attn_to_ffn_token_size),
+        ):
+            check(seen == want, sc.field_name(field), f"{want}, as in the window's group", seen)
+        sc.check_window_offset(data, sc.FFN_DATA_BUF, layout.ffn_data_offset)
+        if info is not None:
+            sc.check_window_offset(region, sc.FFN_INFO_BUF, 0)
+            check(
+                region.window == data.window,
+                sc.field_name(sc.FFN_INFO_BUF),
+                "the window that ffn.token_data_buf points into",
+                sc.get(ctx, sc.FFN_INFO_BUF),
+            )
     return FfnArea(
         a, m, bs, e, token_size, info, data.data.view(-1, token_size), data.timeout_s, data.window
     )
@@ -273,11 +294,13 @@ def ffn_worker_scheduler_(
             strict=True,
         )
     ]
-    sc.put(ctx, sc.FFN_OUT_NUM, 0)
     groups = area.sessions // sync_group_size
     info = area.flags_and_ids
     flags = info[:, :, FLAG_OFFSET]  # (A, M)
     _check_flags(area, flags)
+    if sc.get(ctx, sc.RUN_FLAG) == 0:
+        return ctx  # the kernel polls only while its run flag is set: nothing is published
+    sc.put(ctx, sc.FFN_OUT_NUM, 0)
 
     def ready_groups() -> list[tuple[int, int]]:
         """(group, lowest micro-batch all its sessions flagged) of every ready group."""

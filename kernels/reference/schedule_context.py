@@ -140,21 +140,39 @@ class Buffer:
     data: torch.Tensor  # uint8 view of exactly the bytes asked for
     timeout_s: float
     window: tuple[WindowGroup, int] | None
+    offset: int  # bytes from the start of the registered tensor (of the window)
 
 
-def buffer(ctx: torch.Tensor, field: tuple[int, int], nbytes: int) -> Buffer:
-    """The `nbytes` that context `field` (an address) points at, resolved in registered memory."""
-    region, data = resolve(get(ctx, field), nbytes, field_name(field))
-    return Buffer(data, region.timeout_s, window_of(region))
+def buffer(ctx: torch.Tensor, field: tuple[int, int], nbytes: int, align: int = 4) -> Buffer:
+    """The `nbytes` that context `field` (an address) points at, resolved in registered
+    memory; the address must be `align`-byte aligned for the values read there."""
+    address = get(ctx, field)
+    check(address % align == 0, field_name(field), f"an address aligned to {align} bytes", address)
+    region, data = resolve(address, nbytes, field_name(field))
+    return Buffer(data, region.timeout_s, window_of(region), address - region.start)
 
 
 def sized_buffer(
-    ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], nbytes: int
+    ctx: torch.Tensor,
+    field: tuple[int, int],
+    size_field: tuple[int, int],
+    nbytes: int,
+    align: int = 4,
 ) -> Buffer:
     """Like `buffer`, after checking the context's own size field covers `nbytes`."""
     size = get(ctx, size_field)
     check(size >= nbytes, f"{field_name(field)} size", f">= {nbytes} bytes", size)
-    return buffer(ctx, field, nbytes)
+    return buffer(ctx, field, nbytes, align)
+
+
+def check_window_offset(buf: Buffer, field: tuple[int, int], expected: int) -> None:
+    """A context field pointing into a reference window must point where the layout puts it."""
+    check(
+        buf.offset == expected,
+        field_name(field),
+        f"the address of byte {expected} of its window (the window layout's region)",
+        f"byte {buf.offset}",
+    )
 
 
 def last_batched_layer(schedule_context: torch.Tensor) -> int:
