@@ -7,14 +7,12 @@ of its MoE block: route, split into micro-batches, exchange, done.
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any
 
 import torch
 
 from afd_dispatch.errors import check
-from afd_dispatch.kernels import load_backend
-from afd_dispatch.layout import token_dtype_code
-from afd_dispatch.runtime.contexts import rank_contexts
+from afd_dispatch.link import AttentionLink, attention_link
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.routing import RouterSpec, route
 from afd_dispatch.runtime.trace import Tracer
@@ -25,22 +23,25 @@ class AttentionEndpoint:
 
     Contract: slots are sent and received in cyclic order 0, 1, .., M-1, 0, ..; at most
     M slots are in flight; every attention rank of the deployment sends the same sequence
-    of (layer, slot), since FFN ranks batch each slot across all sessions.
+    of (layer, slot), since FFN ranks batch each slot across all sessions. The endpoint
+    pads each slot to BS tokens (through the active mask) and talks to the FFN side through
+    an `AttentionLink` (default: the one the deployment's config selects; `ops` is passed
+    to it, e.g. a timed wrapper of the reference ops).
     """
 
     def __init__(
         self,
         deployment: Deployment,
         session: int,
-        ops: ModuleType | None = None,
+        ops: Any = None,
         tracer: Tracer | None = None,
+        link: AttentionLink | None = None,
     ) -> None:
         self.deployment = deployment
         self.session = session
         self.rank = deployment.topology.attention_rank(session)
-        self.ops = ops if ops is not None else load_backend(deployment.config.backend)
+        self.link = link if link is not None else attention_link(deployment, session, ops)
         self.tracer = tracer or Tracer(f"attention {session}", enabled=deployment.config.trace)
-        self._contexts = rank_contexts(deployment, self.ops, self.rank)
         layout = deployment.layout
         m, bs, k, h = deployment.micro_batches, layout.tokens, layout.topk, layout.hidden
         self._x = [torch.zeros(1, bs, h, dtype=layout.dtype) for _ in range(m)]
@@ -50,10 +51,6 @@ class AttentionEndpoint:
         self._in_flight: list[tuple[int, int] | None] = [None] * m  # (tokens, layer)
         self._next_send = 0
         self._next_receive = 0
-        self._session_t = torch.tensor([session], dtype=torch.int32)
-        self._mb_t = [torch.tensor([c.micro_batch], dtype=torch.int32) for c in deployment.channels]
-        self._shapes = layout.op_shapes
-        self._token_dtype = token_dtype_code(layout.dtype)
 
     def send(
         self,
@@ -96,18 +93,8 @@ class AttentionEndpoint:
         mask[0, n:] = False
         scales[:n] = topk_weights
         scales[n:] = 0
-        channel = self.deployment.channels[micro_batch]
-        cfg = self.deployment.config
         with self.tracer.span("send", layer, micro_batch):
-            self.ops.npu_attention_to_ffn(
-                x, self._session_t, self._mb_t[micro_batch],
-                torch.tensor([layer], dtype=torch.int32), ids, self.deployment.table,
-                channel.group, self.deployment.topology.world_size,
-                self._shapes["ffn_token_info_table_shape"], self._shapes["ffn_token_data_shape"],
-                self._shapes["attn_token_info_table_shape"], self.deployment.spec.num_experts,
-                active_mask=mask, quant_mode=cfg.quant_mode_code, sync_flag=cfg.sync_flag,
-                ffn_start_rank_id=self.deployment.topology.ffn_start_rank_id,
-            )  # fmt: skip
+            self.link.send(micro_batch, layer, x, ids, mask)
         self.tracer.count("tokens_sent_total", n)
         self._in_flight[micro_batch] = (n, layer)
         self._next_send = (micro_batch + 1) % len(self._in_flight)
@@ -124,13 +111,8 @@ class AttentionEndpoint:
         check(pending is not None, "micro_batch", "a slot that was sent", micro_batch)
         assert pending is not None
         n, layer = pending
-        ctx = self._contexts[self.deployment.channels[micro_batch].group]
         with self.tracer.span("combine", layer, micro_batch):
-            y, _ = self.ops.npu_attention_worker_combine(
-                ctx.get_schedule_context_tensor(), self._scales[micro_batch],
-                torch.tensor([layer], dtype=torch.int32), self.deployment.layout.hidden,
-                token_dtype=self._token_dtype, need_schedule=1,
-            )  # fmt: skip
+            y = self.link.receive(micro_batch, layer, self._scales[micro_batch])
         self._in_flight[micro_batch] = None
         self._next_receive = (micro_batch + 1) % len(self._in_flight)
         return y[:n]

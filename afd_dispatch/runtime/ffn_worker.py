@@ -1,14 +1,14 @@
 """The FFN side: poll the window, batch per local expert, run the experts, send back.
 
-One `FFNWorker` serves one FFN rank. Its loop is
+One `FFNWorker` serves one FFN rank through its `FFNLink`. Its loop is
 
-    batching (waits for all A sessions of the next micro-batch)
-      -> grouped expert MLPs of that micro-batch's layer
-      -> npu_ffn_to_attention (each row straight home)
+    link.collect(slot)   (waits for all A sessions of the slot: npu_ffn_worker_batching)
+      -> grouped expert MLPs of that slot's layer
+      -> link.give_back  (each row straight home: npu_ffn_to_attention)
 
 Waiting sleeps with back-off (see `afd_dispatch.windows.wait`), so an idle worker costs
-no core. Its schedule contexts live beside its windows, so a restarted worker resumes at
-the micro-batch its predecessor was polling.
+no core. A restarted worker resumes at the slot its predecessor was collecting
+(`FFNLink.resume_slot`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from types import ModuleType
+from typing import Any
 
 import torch
 
 from afd_dispatch.errors import AFDTimeoutError, check
-from afd_dispatch.kernels import load_backend
-from afd_dispatch.kernels.reference.quant import dequantize_rows
-from afd_dispatch.kernels.reference.schedule_context import batched_micro_batches
-from afd_dispatch.layout import TOKEN_DTYPE_INT8, token_dtype_code
+from afd_dispatch.link import FFNLink, ffn_link
 from afd_dispatch.runtime.checkpoint import load_routed_experts, load_shared_expert
-from afd_dispatch.runtime.contexts import rank_contexts
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank, run_groups
 from afd_dispatch.runtime.trace import Tracer
@@ -62,76 +58,51 @@ def load_banks(
 
 
 class FFNWorker:
+    """FFN rank `rank` of `deployment`, hosting `banks` (its experts, per MoE layer).
+
+    `link`: its end of the AFD link (default: the one the deployment's config selects;
+    `ops` is passed to it, e.g. a timed wrapper of the reference ops).
+    """
+
     def __init__(
         self,
         deployment: Deployment,
         rank: int,
         banks: Mapping[int, ExpertBank],
-        ops: ModuleType | None = None,
+        ops: Any = None,
         tracer: Tracer | None = None,
+        link: FFNLink | None = None,
     ) -> None:
         check(deployment.topology.is_ffn(rank), "rank", "an FFN rank", rank)
         self.deployment = deployment
         self.rank = rank
         self.banks = banks
-        self.ops = ops if ops is not None else load_backend(deployment.config.backend)
         self.tracer = tracer or Tracer(f"FFN {rank}", enabled=deployment.config.trace)
         hosted = deployment.hosted(rank)
         self.hosted = [hosted[i] for i in range(len(hosted))]  # local id -> global row
         self.expert_num = max(1, len(self.hosted))
-        self._contexts = rank_contexts(deployment, self.ops, rank, self.expert_num, persistent=True)
-        self._sources = [self._contexts[c.group] for c in deployment.channels]
-        self._cursor = self._resume_position()
+        self.link = link if link is not None else ffn_link(deployment, rank, self.expert_num, ops)
+        self._cursor = self.link.resume_slot()
         layout = deployment.layout
-        self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
-        self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
         self._out = torch.zeros(
             layout.sessions * layout.tokens * layout.slots, layout.hidden, dtype=layout.dtype
         )
-        self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
-        self._shapes = layout.op_shapes
         self._stop = threading.Event()
-
-    def _resume_position(self) -> int:
-        """The slot to serve first: 0 on fresh windows, else where a predecessor stopped.
-
-        Slots are served cyclically, so the micro-batches batched so far on this rank's
-        (persistent) contexts, summed over the window groups, give the next slot. With
-        one shared group that is its polling index; with a group per micro-batch each
-        group's polling index is always 0, and only the count tells which group is next.
-        """
-        served = sum(
-            batched_micro_batches(holder.get_schedule_context_tensor())
-            for holder in self._contexts.values()
-        )
-        return served % len(self._sources)
 
     def serve_one(self) -> int:
         """Serve the next micro-batch slot; return the rows served. Raises on timeout."""
         micro_batch = self._cursor
-        channel = self.deployment.channels[micro_batch]
-        ctx = self._sources[micro_batch].get_schedule_context_tensor()
-        layout = self.deployment.layout
         # The "batch" span (waiting included) is recorded once the window has named its
         # layer; a wait that ends without a batch (deadline, stop) is recorded as layer -1.
         batch_start = time.monotonic_ns()
         try:
-            y, groups, sessions, mbs, tokens, offsets, scales, count = (
-                self.ops.npu_ffn_worker_batching(
-                    ctx,
-                    self.expert_num,
-                    self._max_out,
-                    token_dtype=self._token_dtype,
-                    need_schedule=1,
-                )
-            )
+            batch = self.link.collect(micro_batch)
         except BaseException:
             self.tracer.record("batch", batch_start, time.monotonic_ns(), -1, micro_batch)
             raise
-        batch_end = time.monotonic_ns()
-        self._cursor = (micro_batch + 1) % len(self._sources)
-        layer = int(self.ops.last_batched_layer(ctx))
-        self.tracer.record("batch", batch_start, batch_end, layer, micro_batch)
+        self._cursor = (micro_batch + 1) % len(self.deployment.channels)
+        layer = batch.layer
+        self.tracer.record("batch", batch_start, time.monotonic_ns(), layer, micro_batch)
         bank = self.banks.get(layer)
         check(
             bank is not None,
@@ -140,16 +111,13 @@ class FFNWorker:
             layer,
         )
         assert bank is not None
-        n = int(count[0])
-        rows = dequantize_rows(y[:n], scales[:n]) if layout.quant else y[:n]
+        n = batch.count
         with self.tracer.span("experts", layer, micro_batch):
-            self._out[:n] = run_groups(bank, rows, groups, self.hosted, layout.dtype)
+            self._out[:n] = run_groups(
+                bank, batch.rows, batch.group_list, self.hosted, self.deployment.layout.dtype
+            )
         with self.tracer.span("return", layer, micro_batch):
-            self.ops.npu_ffn_to_attention(
-                self._out, sessions, mbs, tokens, offsets, count, channel.group,
-                self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
-                self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
-            )  # fmt: skip
+            self.link.give_back(micro_batch, batch, self._out)
         self.tracer.count("rows_served_total", n)
         self.tracer.count("micro_batches_served_total")
         return n
@@ -165,7 +133,6 @@ class FFNWorker:
                 break
 
     def stop(self) -> None:
-        """End `run()`: wake a wait in progress through the contexts' run flag."""
+        """End `run()`: wake a wait in progress (`FFNLink.stop`)."""
         self._stop.set()
-        for holder in self._contexts.values():
-            holder.stop_schedule()
+        self.link.stop()

@@ -1,0 +1,136 @@
+"""The reference link: the reference ops over window groups registered in this process.
+
+The windows are `WindowGroup`s this process created (`Deployment.create_windows`) or
+attached from their specs (shared memory, another process's). Each rank keeps one schedule
+context per group; an FFN rank keeps its contexts beside its windows, so a restarted worker
+resumes at the slot its predecessor was collecting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from afd_dispatch.kernels import reference as ref
+from afd_dispatch.kernels.reference.quant import dequantize_rows
+from afd_dispatch.kernels.reference.schedule_context import (
+    ScheduleContextHolder,
+    batched_micro_batches,
+    context_for,
+    last_batched_layer,
+)
+from afd_dispatch.layout import TOKEN_DTYPE_INT8, token_dtype_code
+from afd_dispatch.link.base import AttentionLink, Batch, FFNLink
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.windows import get_window_group
+
+
+def _contexts(
+    deployment: Deployment, rank: int, expert_num: int, persistent: bool
+) -> dict[str, ScheduleContextHolder]:
+    return {
+        name: context_for(get_window_group(name), rank, expert_num, persistent)
+        for name in deployment.group_names
+    }
+
+
+class ReferenceAttentionLink(AttentionLink):
+    """Attention rank `session` of `deployment`. `ops`: the module whose
+    `npu_attention_to_ffn` / `npu_attention_worker_combine` run (default: the reference's;
+    benchmarks pass a timed wrapper of it)."""
+
+    def __init__(self, deployment: Deployment, session: int, ops: Any = None) -> None:
+        self.deployment = deployment
+        self.ops = ops if ops is not None else ref
+        self.rank = deployment.topology.attention_rank(session)
+        self._contexts = _contexts(deployment, self.rank, 1, persistent=False)
+        self._ctx = [
+            self._contexts[c.group].get_schedule_context_tensor() for c in deployment.channels
+        ]
+        self._session = torch.tensor([session], dtype=torch.int32)
+        self._micro_batch = [
+            torch.tensor([c.micro_batch], dtype=torch.int32) for c in deployment.channels
+        ]
+        self._layer = torch.zeros(1, dtype=torch.int32)
+        self._shapes = deployment.layout.op_shapes
+        self._token_dtype = token_dtype_code(deployment.layout.dtype)
+
+    def send(
+        self,
+        slot: int,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        active_mask: torch.Tensor,
+    ) -> None:
+        dep, cfg = self.deployment, self.deployment.config
+        self._layer[0] = layer
+        self.ops.npu_attention_to_ffn(
+            x, self._session, self._micro_batch[slot], self._layer, expert_ids, dep.table,
+            dep.channels[slot].group, dep.topology.world_size,
+            self._shapes["ffn_token_info_table_shape"], self._shapes["ffn_token_data_shape"],
+            self._shapes["attn_token_info_table_shape"], dep.spec.num_experts,
+            active_mask=active_mask, quant_mode=cfg.quant_mode_code, sync_flag=cfg.sync_flag,
+            ffn_start_rank_id=dep.topology.ffn_start_rank_id,
+        )  # fmt: skip
+
+    def receive(self, slot: int, layer: int, expert_scales: torch.Tensor) -> torch.Tensor:
+        self._layer[0] = layer
+        y, _ = self.ops.npu_attention_worker_combine(
+            self._ctx[slot], expert_scales, self._layer, self.deployment.layout.hidden,
+            token_dtype=self._token_dtype, need_schedule=1,
+        )  # fmt: skip
+        return y
+
+
+class ReferenceFFNLink(FFNLink):
+    """FFN rank `rank` of `deployment`, hosting `expert_num` local experts."""
+
+    def __init__(self, deployment: Deployment, rank: int, expert_num: int, ops: Any = None) -> None:
+        self.deployment = deployment
+        self.ops = ops if ops is not None else ref
+        self.rank = rank
+        self.expert_num = expert_num
+        self._contexts = _contexts(deployment, rank, expert_num, persistent=True)
+        self._ctx = [
+            self._contexts[c.group].get_schedule_context_tensor() for c in deployment.channels
+        ]
+        layout = deployment.layout
+        self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
+        self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
+        self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
+        self._shapes = layout.op_shapes
+
+    def collect(self, slot: int) -> Batch:
+        ctx = self._ctx[slot]
+        y, groups, sessions, mbs, tokens, offsets, scales, count = self.ops.npu_ffn_worker_batching(
+            ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype, need_schedule=1
+        )
+        n = int(count[0])
+        quant = self.deployment.layout.quant
+        rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]
+        handle = (sessions, mbs, tokens, offsets, count)
+        return Batch(rows, groups, last_batched_layer(ctx), n, handle)
+
+    def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
+        sessions, mbs, tokens, offsets, count = batch.handle
+        self.ops.npu_ffn_to_attention(
+            out, sessions, mbs, tokens, offsets, count, self.deployment.channels[slot].group,
+            self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
+            self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
+        )  # fmt: skip
+
+    def resume_slot(self) -> int:
+        """Slots are collected cyclically, so the micro-batches batched so far on this rank's
+        persistent contexts, summed over the window groups, give the next slot. With one
+        shared group that is its polling index; with a group per micro-batch each group's
+        polling index is always 0, and only the count tells which group is next."""
+        served = sum(
+            batched_micro_batches(h.get_schedule_context_tensor()) for h in self._contexts.values()
+        )
+        return served % len(self.deployment.channels)
+
+    def stop(self) -> None:
+        for holder in self._contexts.values():
+            holder.stop_schedule()
