@@ -36,9 +36,14 @@ def npu_available() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
-def load_backend(name: str = "auto") -> ModuleType:
-    """The backend module for `name`; "auto" is "npu" where torch_npu exists, else "reference"."""
+def resolve_backend(name: str = "auto") -> str:
+    """ "reference" or "npu": "auto" is "npu" where torch_npu exists, else "reference"."""
     check(name in BACKENDS, "backend", f"one of {list(BACKENDS)}", name)
     if name == "auto":
-        name = "npu" if npu_available() else "reference"
-    return importlib.import_module(f"afd_dispatch.kernels.{name}")
+        return "npu" if npu_available() else "reference"
+    return name
+
+
+def load_backend(name: str = "auto") -> ModuleType:
+    """The backend module for `name` (see `resolve_backend`)."""
+    return importlib.import_module(f"afd_dispatch.kernels.{resolve_backend(name)}")

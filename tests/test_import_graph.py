@@ -21,7 +21,14 @@ CLIENTS = sorted(
         ROOT / "afd_dispatch" / "demo.py",
     ]
 )
-BACKEND_PREFIXES = ("afd_dispatch.kernels", "kernels")
+# the backends themselves, and the function that hands them out; `afd_dispatch.kernels`'s
+# `resolve_backend` (a name, not a module) is fine
+BACKEND_PREFIXES = (
+    "afd_dispatch.kernels.reference",
+    "afd_dispatch.kernels.npu",
+    "afd_dispatch.kernels.load_backend",
+    "kernels.",
+)
 
 
 def imported_modules(path: Path) -> list[str]:

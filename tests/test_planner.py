@@ -19,7 +19,7 @@ import torch
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDInputError
-from afd_dispatch.layout import WindowLayout
+from afd_dispatch.layout import WindowLayout, align512
 from afd_dispatch.planner import cli as plan_cli
 from afd_dispatch.planner.calibration import (
     calibrate,
@@ -154,7 +154,7 @@ def test_a2f_row_bytes_follow_the_window_layout(dsv3: ModelShape) -> None:
     lay = AFDLayout(16, 16, 1, 64)
     bf16 = evaluate(dsv3, A3, BF16, work, lay)
     int8 = evaluate(dsv3, A3, dataclasses.replace(BF16, a2f="int8"), work, lay)
-    # int8 rows carry H + 128 bytes instead of 2H: less to send, smaller windows
+    # int8 slots are align512(H + 4) bytes instead of align512(2H): less to send, smaller windows
     assert int8.budget.a2f.seconds < bf16.budget.a2f.seconds
     assert int8.hccl_buffsize_mb < bf16.hccl_buffsize_mb
     assert int8.budget.f2a.seconds == bf16.budget.f2a.seconds  # results come back in bf16
@@ -189,11 +189,12 @@ def test_hccl_buffsize_matches_window_layout_and_runtime(path: Path, precision: 
     lay = plan.layout
     a, bs, k, h = lay.attention_dies, lay.tokens, shape.moe.topk, shape.hidden
     e = k + plan.shared_slots
-    hs, elem = (h + 128, 1) if precision.a2f == "int8" else (h, 2)
+    # A3 slot strides: align512(H + 4) int8 bytes, or align512(2H) bytes of bf16
+    hs, elem = (align512(h + 4), 1) if precision.a2f == "int8" else (align512(2 * h) // 2, 2)
     # the A3 host check of the spec, for one window group (M = 1 per group on A3)
     by_hand = (a * (2 + bs * e) * 4 + a * bs * e * hs * elem) // 2**20 + 1
     layout = WindowLayout(
-        a, 1, bs, k, plan.shared_slots, h, torch.bfloat16, precision.a2f == "int8"
+        a, 1, bs, k, plan.shared_slots, h, torch.bfloat16, precision.a2f == "int8", hs * elem
     )
     assert plan.hccl_buffsize_mb == layout.hccl_buffsize_mb == by_hand
     # the runtime accepts the planned config, and refuses one MB less

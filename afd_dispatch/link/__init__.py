@@ -9,53 +9,71 @@ plugin use nothing else of the op backends.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from afd_dispatch.errors import check
-from afd_dispatch.kernels import npu_available
 from afd_dispatch.link.base import AttentionLink, Batch, FFNLink
 from afd_dispatch.runtime.deployment import Deployment
+
+if TYPE_CHECKING:
+    from afd_dispatch.link.npu import Rendezvous
 
 __all__ = ["AttentionLink", "Batch", "FFNLink", "attention_link", "ffn_link", "link_kind"]
 
 REFERENCE_TRANSPORTS = ("auto", "inproc", "shm")
+NPU_TRANSPORTS = ("auto", "hccl")
 
 
 def link_kind(deployment: Deployment) -> str:
-    """The implementation the config selects: "reference" (or "npu", on A3)."""
+    """The implementation the config selects: "reference" or "npu" (HCCL windows)."""
     cfg = deployment.config
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "npu" if npu_available() else "reference"
-    if backend == "reference":
-        check(
-            cfg.transport in REFERENCE_TRANSPORTS,
-            "transport",
-            f"one of {list(REFERENCE_TRANSPORTS)} with backend 'reference'",
-            cfg.transport,
-        )
-        return "reference"
+    backend = deployment.backend
+    allowed = REFERENCE_TRANSPORTS if backend == "reference" else NPU_TRANSPORTS
     check(
-        False,
-        "backend",
-        "'reference' here: the NPU link (HCCL windows, torch_npu ops) is not wired yet",
-        backend,
+        cfg.transport in allowed,
+        "transport",
+        f"one of {list(allowed)} with backend {backend!r}",
+        cfg.transport,
     )
-    raise AssertionError("unreachable")
+    return backend
 
 
-def attention_link(deployment: Deployment, session: int, ops: Any = None) -> AttentionLink:
+def attention_link(
+    deployment: Deployment,
+    session: int,
+    ops: Any = None,
+    rendezvous: Rendezvous | None = None,
+) -> AttentionLink:
     """The attention end of `deployment` for `session`. `ops` (reference only): the op
-    module to call, e.g. a timed wrapper of the reference backend."""
-    link_kind(deployment)
+    module to call, e.g. a timed wrapper of the reference backend. `rendezvous` (NPU only):
+    where the ranks meet to set up their communicators."""
+    if link_kind(deployment) == "npu":
+        from afd_dispatch.link.npu import NPUAttentionLink
+
+        return NPUAttentionLink(deployment, session, _needed(rendezvous))
     from afd_dispatch.link.reference import ReferenceAttentionLink
 
     return ReferenceAttentionLink(deployment, session, ops)
 
 
-def ffn_link(deployment: Deployment, rank: int, expert_num: int, ops: Any = None) -> FFNLink:
+def ffn_link(
+    deployment: Deployment,
+    rank: int,
+    expert_num: int,
+    ops: Any = None,
+    rendezvous: Rendezvous | None = None,
+) -> FFNLink:
     """The FFN end of `deployment` for FFN `rank` hosting `expert_num` local experts."""
-    link_kind(deployment)
+    if link_kind(deployment) == "npu":
+        from afd_dispatch.link.npu import NPUFFNLink
+
+        return NPUFFNLink(deployment, rank, expert_num, _needed(rendezvous))
     from afd_dispatch.link.reference import ReferenceFFNLink
 
     return ReferenceFFNLink(deployment, rank, expert_num, ops)
+
+
+def _needed(rendezvous: Rendezvous | None) -> Rendezvous:
+    check(rendezvous is not None, "rendezvous", "a Rendezvous with the NPU link", rendezvous)
+    assert rendezvous is not None
+    return rendezvous

@@ -102,3 +102,9 @@ class FFNLink(ABC):
 
     def close(self) -> None:  # noqa: B027  (optional: most links hold nothing to release)
         """Release what the link holds; idempotent."""
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 rows of int8 `q` (n, H) times their float32 `scale` (n,): A2F's int8 rows
+    dequantized (the scale is 1 / (127 / max|x|), stored at byte H of each slot)."""
+    return q.to(torch.float32) * scale.unsqueeze(-1)

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from afd_dispatch.kernels import reference as ref
-from afd_dispatch.kernels.reference.quant import dequantize_rows
 from afd_dispatch.kernels.reference.schedule_context import (
     ScheduleContextHolder,
     batched_micro_batches,
@@ -21,7 +20,7 @@ from afd_dispatch.kernels.reference.schedule_context import (
     last_batched_layer,
 )
 from afd_dispatch.layout import TOKEN_DTYPE_INT8, token_dtype_code
-from afd_dispatch.link.base import AttentionLink, Batch, FFNLink
+from afd_dispatch.link.base import AttentionLink, Batch, FFNLink, dequantize_rows
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.windows import get_window_group
 

@@ -30,7 +30,11 @@ from typing import Any
 import torch
 
 from afd_dispatch.errors import AFDInputError, check
-from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH, WindowLayout
+from afd_dispatch.layout import (
+    MAX_TOKENS_PER_MICRO_BATCH,
+    WindowLayout,
+    a3_attn_to_ffn_token_size,
+)
 from afd_dispatch.planner.hardware import HardwareProfile
 from afd_dispatch.runtime.model_spec import MAX_JSON_BYTES, MoESpec, read_json_object
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE
@@ -626,8 +630,10 @@ def expert_phase(
 def window_layout(
     shape: ModelShape, precision: Precision, layout: AFDLayout, shared_slots: int
 ) -> WindowLayout:
-    """The layout of one window group, exactly as the runtime's `Deployment` builds it
-    with ``window_groups = "per_micro_batch"`` (A3: one group of M = 1 per micro-batch)."""
+    """The layout of one window group, exactly as the runtime's `Deployment` builds it for
+    A3 (backend "npu", ``window_groups = "per_micro_batch"``: one group of M = 1 per
+    micro-batch, slots of A3 callers' 512-aligned stride)."""
+    quant = precision.a2f == "int8"
     return WindowLayout(
         sessions=layout.attention_dies,
         micro_batches=1,
@@ -636,7 +642,8 @@ def window_layout(
         shared=shared_slots,
         hidden=shape.hidden,
         dtype=torch.bfloat16,
-        quant=precision.a2f == "int8",
+        quant=quant,
+        attn_to_ffn_token_size=a3_attn_to_ffn_token_size(shape.hidden, torch.bfloat16, quant),
     )
 
 

@@ -14,7 +14,8 @@ import torch
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError
-from afd_dispatch.layout import WindowLayout
+from afd_dispatch.kernels import resolve_backend
+from afd_dispatch.layout import WindowLayout, a3_attn_to_ffn_token_size
 from afd_dispatch.placement import build_expert_rank_table, local_experts
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.topology import RankTopology
@@ -81,6 +82,14 @@ class Deployment:
         )
         m = config.micro_batch_num
         per_micro_batch = config.window_groups == "per_micro_batch"
+        self.backend = resolve_backend(config.backend)
+        quant = config.quant_mode_code == 2
+        # On A3 the slot stride must be what torch_npu's holder takes: a multiple of 512.
+        stride = (
+            a3_attn_to_ffn_token_size(spec.hidden_size, self.dtype, quant)
+            if self.backend == "npu"
+            else 0
+        )
         self.layout = WindowLayout(
             sessions=config.num_attention_workers,
             micro_batches=1 if per_micro_batch else m,
@@ -89,7 +98,8 @@ class Deployment:
             shared=shared,
             hidden=spec.hidden_size,
             dtype=self.dtype,
-            quant=config.quant_mode_code == 2,
+            quant=quant,
+            attn_to_ffn_token_size=stride,
         )
         self.layout.check_hccl_buffsize(config.hccl_buffsize_mb)
         if per_micro_batch:

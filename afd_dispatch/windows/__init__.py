@@ -8,6 +8,7 @@ from afd_dispatch.windows.group import (
     destroy_window_group,
     get_window_group,
     resolve_address,
+    window_group_over,
     window_of,
 )
 from afd_dispatch.windows.memory import (
@@ -37,5 +38,6 @@ __all__ = [
     "store_fence",
     "unregister_memory",
     "wait_until",
+    "window_group_over",
     "window_of",
 ]

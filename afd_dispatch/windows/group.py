@@ -234,6 +234,50 @@ def attach_window_group(spec: WindowGroupSpec) -> WindowGroup:
     return group
 
 
+class _GivenWindows:
+    """Windows whose memory someone else owns (e.g. a communicator's registered buffers)."""
+
+    kind = "given"
+
+    def __init__(self, windows: list[torch.Tensor]) -> None:
+        self._windows = windows
+
+    def window(self, rank: int) -> torch.Tensor:
+        return self._windows[rank]
+
+    def close(self) -> None:
+        self._windows = []
+
+
+def window_group_over(
+    name: str,
+    topology: RankTopology,
+    layout: WindowLayout,
+    windows: list[torch.Tensor],
+    timeout_s: float = 30.0,
+) -> WindowGroup:
+    """Register a group named `name` over windows that already exist, one 1-D uint8
+    tensor per rank of `topology` (each at least its role's window bytes), without
+    touching their contents. For a stand-in of a communicator whose windows it maps; the
+    caller keeps owning the memory. `close()` only forgets the group."""
+    check(
+        len(windows) == topology.world_size,
+        "windows",
+        f"one per rank ({topology.world_size})",
+        len(windows),
+    )
+    for rank, w in enumerate(windows):
+        need = _role_bytes(topology, layout, rank)
+        ok = w.dtype == torch.uint8 and w.dim() == 1 and w.numel() >= need
+        check(ok, f"windows[{rank}]", f"a 1-D uint8 tensor of >= {need} bytes", tuple(w.shape))
+    spec = WindowGroupSpec(name, topology, layout, "given", timeout_s)
+    with _lock:
+        check(name not in _groups, "group", "a name not already registered in this process", name)
+        group = WindowGroup(spec, _GivenWindows(list(windows)))
+        _groups[name] = group
+    return group
+
+
 def _window_bytes(spec: WindowGroupSpec, rank: int) -> int:
     return _role_bytes(spec.topology, spec.layout, rank)
 

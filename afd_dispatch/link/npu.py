@@ -1,0 +1,281 @@
+"""The NPU link: HCCL windows and the torch_npu ops, as Atlas A3 runs them.
+
+Per micro-batch slot, one communicator over all A + F ranks (FFN ranks first from
+`ffn_start_rank_id`), because A3's `npu_ffn_to_attention` writes one micro-batch per
+attention window (M = 1). Setting one up, on every rank, in this order:
+
+1. `Rendezvous`: a TCP store (`torch.distributed.TCPStore`) whose keys are prefixed per
+   slot (`PrefixStore("afd_window.mb<i>")`); every rank announces itself and its
+   `ProtocolParams`, and waits for all others until `startup_timeout_s`, naming the
+   missing ranks, or refusing a rank that planned another deployment.
+2. `torch_npu._C._distributed_c10d.ProcessGroupHCCL(store, rank, world_size, options)`
+   (vllm-ascend's stateless HCCL group, `netloader_pg.py`); its name,
+   `get_hccl_comm_name(rank)`, is the ops' `group` argument (afd-plugin's window connector).
+3. `_window_register_and_exchange(window_bytes, peer_ranks)` with the other role's ranks,
+   then `_get_window_mem()`: this rank's window, sized by `WindowLayout` (torch_npu
+   `csrc/distributed/Init.cpp`).
+4. `torch_npu._afd.create_schedule_context_holder(...)` over that window (schedule_mode 0
+   on FFN ranks, 1 on attention ranks) through the checked binding
+   `afd_dispatch.kernels.npu`; slot strides as A3 callers size them
+   (`layout.a3_attn_to_ffn_token_size`, align512(2H)). Then a second barrier: every holder
+   has initialised its window before any rank sends.
+
+Fixed capacity (public A3 reproductions: combine returns stale rows and leaves flags set
+when the token count changes between calls on one context): every send carries all BS
+rows with a full active mask; padding rows repeat valid rows (never all-zero rows, which
+dynamic int8 quantization cannot scale) and get zero combine weights.
+
+Layer ids: an FFN rank reads the layer word of its window's first info row after
+batching (4 bytes; on A3 one device-to-host read per batch). It cannot change before this
+rank's results went back: a session sends a slot again only after it received that slot's
+results from every FFN rank.
+
+Restarts: a restarted FFN process would have to rejoin every communicator, which needs all
+ranks; this link starts at slot 0 and does not resume.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from afd_dispatch.errors import AFDHandshakeError, AFDTimeoutError, check
+from afd_dispatch.kernels import npu as npu_ops
+from afd_dispatch.kernels.npu._loader import torch_npu
+from afd_dispatch.layout import (
+    DEFAULT_HCCL_BUFFSIZE_MB,
+    LAYER_OFFSET,
+    TOKEN_DTYPE_INT8,
+    align512,
+    token_dtype_code,
+)
+from afd_dispatch.link.base import AttentionLink, Batch, FFNLink, dequantize_rows
+from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
+
+STORE_PREFIX = "afd_window"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of a deployment meet: a TCP store served at host:port."""
+
+    host: str
+    port: int
+
+
+def serve_rendezvous(host: str = "127.0.0.1", port: int = 0) -> tuple[Rendezvous, Any]:
+    """Start the TCP store every rank connects to (keep the returned store alive)."""
+    store = torch.distributed.TCPStore(host, port, is_master=True, wait_for_workers=False)
+    return Rendezvous(host, store.port), store
+
+
+@dataclass
+class _Slot:
+    """One slot's communicator on this rank."""
+
+    group: str  # the HCCL communicator name
+    window: torch.Tensor
+    holder: Any
+
+    @property
+    def ctx(self) -> torch.Tensor:
+        context: torch.Tensor = self.holder.get_schedule_context_tensor()
+        return context
+
+
+def _wait_for_all(store: Any, key: str, world: int, timeout_s: float, what: str) -> None:
+    """Every rank set `key/<rank>` within `timeout_s`, or an error naming who did not."""
+    keys = [f"{key}/{r}" for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while not store.check(keys):
+        if time.monotonic() >= deadline:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            raise AFDTimeoutError(
+                f"{what}: ranks {missing} did not arrive within {timeout_s:g} s "
+                "(not started, crashed in start-up, or given another rendezvous address)"
+            )
+        time.sleep(pause)  # a start-up wait: back off, never spin
+        pause = min(pause * 2, 0.1)
+
+
+def _check_buffsize(deployment: Deployment) -> None:
+    """The windows must fit HCCL_BUFFSIZE (MB, the A3 host check), before anything is set up."""
+    raw = os.environ.get("HCCL_BUFFSIZE", str(DEFAULT_HCCL_BUFFSIZE_MB))
+    check(raw.isdigit(), "HCCL_BUFFSIZE", "a whole number of MB", raw)
+    deployment.layout.check_hccl_buffsize(int(raw))
+
+
+def _open_slots(
+    deployment: Deployment, rank: int, rendezvous: Rendezvous, expert_num: int
+) -> list[_Slot]:
+    cfg, layout, topology = deployment.config, deployment.layout, deployment.topology
+    check(
+        cfg.window_groups == "per_micro_batch",
+        "window_groups",
+        '"per_micro_batch" with the NPU link (A3\'s npu_ffn_to_attention takes M = 1)',
+        cfg.window_groups,
+    )
+    _check_buffsize(deployment)
+    timeout = datetime.timedelta(seconds=cfg.startup_timeout_s)
+    world = topology.world_size
+    ffn = topology.is_ffn(rank)
+    peers = list(topology.attention_ranks if ffn else topology.ffn_ranks)
+    client = torch.distributed.TCPStore(
+        rendezvous.host, rendezvous.port, is_master=False, timeout=timeout
+    )
+    mine = deployment.params()
+    hccl = torch_npu()._C._distributed_c10d
+    slots = []
+    for i, channel in enumerate(deployment.channels):
+        store = torch.distributed.PrefixStore(f"{STORE_PREFIX}.mb{i}", client)
+        who = f"rank {rank} at the rendezvous of slot {i} ({rendezvous.host}:{rendezvous.port})"
+        store.set(f"joined/{rank}", json.dumps(mine.to_dict()))
+        _wait_for_all(store, "joined", world, cfg.startup_timeout_s, who)
+        for r in range(world):
+            theirs = ProtocolParams(**_tuples(json.loads(store.get(f"joined/{r}"))))
+            try:
+                mine.check_matches(theirs, f"rank {rank}", f"rank {r}")
+            except AFDHandshakeError as exc:
+                raise AFDHandshakeError(f"slot {i} ({channel.group}): {exc}") from None
+        options = hccl.ProcessGroupHCCL.Options()
+        options._timeout = timeout
+        backend = hccl.ProcessGroupHCCL(store, rank, world, options)
+        group = backend.get_hccl_comm_name(rank)
+        need = layout.ffn_window_bytes if ffn else layout.attn_window_bytes
+        backend._window_register_and_exchange(need, peers)
+        window = backend._get_window_mem()
+        got = window.numel() * window.element_size()
+        check(got >= need, "HCCL window bytes", f">= {need} (the layout's window)", got)
+        holder = npu_ops.create_schedule_context_holder(
+            0 if ffn else 1, layout.sessions, layout.micro_batches, layout.tokens,
+            layout.slots, expert_num, layout.attn_to_ffn_token_size,
+            align512(layout.ffn_to_attn_token_size),
+            ffn_window=window.data_ptr() if ffn else 0, ffn_window_size=got if ffn else 0,
+            attention_window=0 if ffn else window.data_ptr(),
+            attention_window_size=0 if ffn else got,
+        )  # fmt: skip
+        store.set(f"ready/{rank}", "1")
+        _wait_for_all(store, "ready", world, cfg.startup_timeout_s, who)
+        slots.append(_Slot(group, window, holder))
+    return slots
+
+
+def _tuples(params: dict[str, Any]) -> dict[str, Any]:
+    """JSON turned the tuples of `ProtocolParams` into lists; turn them back."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
+class NPUAttentionLink(AttentionLink):
+    """Attention rank `session`: `npu_attention_to_ffn` out, `npu_attention_worker_combine` in."""
+
+    def __init__(self, deployment: Deployment, session: int, rendezvous: Rendezvous) -> None:
+        self.deployment = deployment
+        self.rank = deployment.topology.attention_rank(session)
+        self._slots = _open_slots(deployment, self.rank, rendezvous, 1)
+        self._session = torch.tensor([session], dtype=torch.int32)
+        self._micro_batch = torch.zeros(1, dtype=torch.int32)  # M = 1 per communicator
+        self._layer = torch.zeros(1, dtype=torch.int32)
+        self._full = torch.ones(1, deployment.layout.tokens, dtype=torch.bool)
+        self._shapes = deployment.layout.op_shapes
+        self._token_dtype = token_dtype_code(deployment.layout.dtype)
+
+    def send(
+        self,
+        slot: int,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        active_mask: torch.Tensor,
+    ) -> None:
+        dep, cfg = self.deployment, self.deployment.config
+        n = int(active_mask.sum())
+        _pad_to_capacity(x, expert_ids, n, dep.spec.num_experts)
+        self._layer[0] = layer
+        npu_ops.npu_attention_to_ffn(
+            x, self._session, self._micro_batch, self._layer, expert_ids, dep.table,
+            self._slots[slot].group, dep.topology.world_size,
+            self._shapes["ffn_token_info_table_shape"], self._shapes["ffn_token_data_shape"],
+            self._shapes["attn_token_info_table_shape"], dep.spec.num_experts,
+            active_mask=self._full, quant_mode=cfg.quant_mode_code, sync_flag=cfg.sync_flag,
+            ffn_start_rank_id=dep.topology.ffn_start_rank_id,
+        )  # fmt: skip
+
+    def receive(self, slot: int, layer: int, expert_scales: torch.Tensor) -> torch.Tensor:
+        # Padding rows carry zero weights (the endpoint zeroes scales past its n tokens).
+        self._layer[0] = layer
+        y, _ = npu_ops.npu_attention_worker_combine(
+            self._slots[slot].ctx, expert_scales, self._layer, self.deployment.layout.hidden,
+            token_dtype=self._token_dtype, need_schedule=1,
+        )  # fmt: skip
+        return y
+
+    def close(self) -> None:
+        for s in self._slots:
+            s.holder.stop_schedule()
+
+
+def _pad_to_capacity(x: torch.Tensor, ids: torch.Tensor, n: int, num_experts: int) -> None:
+    """Fill rows n.. of x (1, BS, H) and ids (1, BS, K) in place: valid rows repeated, or,
+    with no valid row, ones routed to experts 0..K-1 (any real expert; weights are 0)."""
+    bs, k = ids.shape[1], ids.shape[2]
+    if n == bs:
+        return
+    if n == 0:
+        x[0].fill_(1)
+        ids[0] = torch.arange(k, dtype=ids.dtype) % num_experts
+        return
+    source = torch.arange(bs - n) % n
+    x[0, n:] = x[0, source]
+    ids[0, n:] = ids[0, source]
+
+
+class NPUFFNLink(FFNLink):
+    """FFN rank `rank`: `npu_ffn_worker_batching` in, `npu_ffn_to_attention` out."""
+
+    def __init__(
+        self, deployment: Deployment, rank: int, expert_num: int, rendezvous: Rendezvous
+    ) -> None:
+        self.deployment = deployment
+        self.rank = rank
+        self.expert_num = expert_num
+        self._slots = _open_slots(deployment, rank, rendezvous, expert_num)
+        layout = deployment.layout
+        self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
+        self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
+        self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
+        self._shapes = layout.op_shapes
+
+    def collect(self, slot: int) -> Batch:
+        s = self._slots[slot]
+        y, groups, sessions, mbs, tokens, offsets, scales, count = (
+            npu_ops.npu_ffn_worker_batching(
+                s.ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype,
+                need_schedule=1,
+            )
+        )  # fmt: skip
+        n = int(count[0])
+        layer = int(s.window[: 4 * (LAYER_OFFSET + 1)].view(torch.int32)[LAYER_OFFSET])
+        rows = dequantize_rows(y[:n], scales[:n]) if self.deployment.layout.quant else y[:n]
+        return Batch(rows, groups, layer, n, (sessions, mbs, tokens, offsets, count))
+
+    def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
+        sessions, mbs, tokens, offsets, count = batch.handle
+        npu_ops.npu_ffn_to_attention(
+            out, sessions, mbs, tokens, offsets, count, self._slots[slot].group,
+            self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
+            self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
+        )  # fmt: skip
+
+    def resume_slot(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        for s in self._slots:
+            s.holder.stop_schedule()
