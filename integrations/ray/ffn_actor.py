@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from afd_dispatch.config import AFDConfig
+from afd_dispatch.link import ffn_link
+from afd_dispatch.link.npu import Rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.ffn_worker import FFNWorker, load_banks
 from afd_dispatch.runtime.model_spec import MoESpec
@@ -35,6 +37,7 @@ class FFNWorkerActor:
         window_specs: list[WindowGroupSpec],
         dtype: str,
         expected: ProtocolParams | None = None,
+        rendezvous: Rendezvous | None = None,
     ) -> None:
         config = AFDConfig.from_json(config_json)
         spec = MoESpec.from_pretrained(model_path)
@@ -50,10 +53,24 @@ class FFNWorkerActor:
             except ValueError:
                 attach_window_group(window)
         banks = load_banks(model_path, self.deployment, rank, config.batch_invariant)
-        self.worker = FFNWorker(
-            self.deployment, rank, banks, tracer=Tracer(f"FFN {rank}", enabled=config.trace)
-        )
-        self._thread = threading.Thread(target=self.worker.run, name=f"afd-ffn-{rank}", daemon=True)
+        tracer = Tracer(f"FFN {rank}", enabled=config.trace)
+        self.error: str | None = None
+        if rendezvous is None:
+            self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer)
+            target = self.worker.run
+        else:
+            # The NPU link's set-up waits for every rank, the attention side's included,
+            # which the pool starts after this constructor returns: set up in the thread.
+            def target() -> None:
+                try:
+                    expert_num = max(1, len(self.deployment.hosted(rank)))
+                    link = ffn_link(self.deployment, rank, expert_num, rendezvous=rendezvous)
+                    self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer, link=link)
+                    self.worker.run()
+                except BaseException as exc:  # reported by info()
+                    self.error = f"{type(exc).__name__}: {exc}"
+
+        self._thread = threading.Thread(target=target, name=f"afd-ffn-{rank}", daemon=True)
         self._thread.start()
 
     def params(self) -> dict[str, Any]:
@@ -70,6 +87,7 @@ class FFNWorkerActor:
             "node_id": context.get_node_id(),
             "restarted": _was_restarted(),
             "serving": self._thread is not None and self._thread.is_alive(),
+            "error": getattr(self, "error", None),
         }
 
     def trace(self) -> tuple[list[Span], dict[str, float]]:

@@ -15,6 +15,7 @@ from typing import Any
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError, AFDTimeoutError
 from afd_dispatch.integrations.ray.ffn_actor import FFNWorkerActor
+from afd_dispatch.link.npu import Rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.trace import Span
 from afd_dispatch.windows import WindowGroup
@@ -41,7 +42,9 @@ class FFNWorkerPool:
     """The FFN actors of a deployment whose windows `groups` this process owns.
 
     `ffn_config` is the config the FFN side runs with (default: the attention side's); the
-    startup handshake refuses any difference in the shared parameters.
+    startup handshake refuses any difference in the shared parameters. With the NPU link
+    (backend "npu") `groups` is empty: each actor sets up its HCCL communicators with the
+    attention ranks at `rendezvous` (`afd_dispatch.link.npu.serve_rendezvous`).
     """
 
     def __init__(
@@ -51,12 +54,14 @@ class FFNWorkerPool:
         groups: list[WindowGroup],
         ffn_config: AFDConfig | None = None,
         num_cpus: float = 1.0,
+        rendezvous: Rendezvous | None = None,
     ) -> None:
         self.deployment = deployment
         self.model_path = model_path
         self.groups = groups
         self.ffn_config = ffn_config or deployment.config
         self.num_cpus = num_cpus
+        self.rendezvous = rendezvous
         self.actors: dict[int, Any] = {}
         self._placement: Any = None
 
@@ -69,7 +74,7 @@ class FFNWorkerPool:
         cfg = self.deployment.config
         ranks = list(self.deployment.topology.ffn_ranks)
         ensure_ray(cfg.ray_address, min_cpus=len(ranks) * self.num_cpus)
-        crosses_nodes = cfg.transport == "hccl"
+        crosses_nodes = self.deployment.backend == "npu"  # HCCL windows cross nodes
         many_nodes = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         strategy = "SPREAD" if crosses_nodes and many_nodes else "PACK"
         self._placement = placement_group(
@@ -89,7 +94,13 @@ class FFNWorkerPool:
                     max_task_retries=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, bundle),
                 ).remote(
-                    config_json, self.model_path, rank, specs, str(self.deployment.dtype), expected
+                    config_json,
+                    self.model_path,
+                    rank,
+                    specs,
+                    str(self.deployment.dtype),
+                    expected,
+                    self.rendezvous,
                 )
             self._handshake()
             if not crosses_nodes:
