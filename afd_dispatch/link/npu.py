@@ -127,9 +127,16 @@ def _open_slots(
     world = topology.world_size
     ffn = topology.is_ffn(rank)
     peers = list(topology.attention_ranks if ffn else topology.ffn_ranks)
-    client = torch.distributed.TCPStore(
-        rendezvous.host, rendezvous.port, is_master=False, timeout=timeout
-    )
+    try:
+        client = torch.distributed.TCPStore(
+            rendezvous.host, rendezvous.port, is_master=False, timeout=timeout
+        )
+    except RuntimeError as exc:  # torch's DistNetworkError: nobody serves the rendezvous
+        raise AFDTimeoutError(
+            f"rank {rank} found no rendezvous at {rendezvous.host}:{rendezvous.port} within "
+            f"{cfg.startup_timeout_s:g} s (the attention side serves it: not started yet, or "
+            f"another address): {exc}"
+        ) from None
     mine = deployment.params()
     hccl = torch_npu()._C._distributed_c10d
     slots = []
@@ -151,8 +158,7 @@ def _open_slots(
         need = layout.ffn_window_bytes if ffn else layout.attn_window_bytes
         backend._window_register_and_exchange(need, peers)
         window = backend._get_window_mem()
-        got = window.numel() * window.element_size()
-        check(got >= need, "HCCL window bytes", f">= {need} (the layout's window)", got)
+        got = check_window(window, need)
         holder = npu_ops.create_schedule_context_holder(
             0 if ffn else 1, layout.sessions, layout.micro_batches, layout.tokens,
             layout.slots, expert_num, layout.attn_to_ffn_token_size,
@@ -165,6 +171,13 @@ def _open_slots(
         _wait_for_all(store, "ready", world, cfg.startup_timeout_s, who)
         slots.append(_Slot(group, window, holder))
     return slots
+
+
+def check_window(window: torch.Tensor, need: int) -> int:
+    """The registered window must hold the layout's `need` bytes; return its byte size."""
+    got = window.numel() * window.element_size()
+    check(got >= need, "HCCL window bytes", f">= {need} (the layout's window)", got)
+    return got
 
 
 def _tuples(params: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,8 @@ window's info table (FFN: flags 0, ids INT32_MAX; attention: zeros).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import afd_dispatch.kernels.reference  # noqa: F401  (registers torch.ops.afd)
@@ -24,7 +26,7 @@ class ScheduleContextHolder:
     def __init__(self, args: dict[str, int]) -> None:
         self._args = args
         self._ctx = torch.zeros(sc.CONTEXT_BYTES, dtype=torch.int8)
-        self._workspace: int | None = None
+        self._workspace: weakref.finalize | None = None
 
     def init(self) -> None:
         a = self._args
@@ -84,7 +86,7 @@ class ScheduleContextHolder:
         total = sum(align512(s) for s in sizes)
         workspace = torch.zeros(total, dtype=torch.uint8)
         base = register_memory(workspace)
-        self._workspace = base
+        self._workspace = weakref.finalize(self, unregister_memory, base)
         at = base
         for (field, size_field), size in zip(sc.FFN_SCHEDULER_BUFFERS, sizes, strict=True):
             sc.put(self._ctx, field, at)
@@ -99,10 +101,6 @@ class ScheduleContextHolder:
 
     def get_schedule_context_info(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._args.items())
-
-    def __del__(self) -> None:
-        if self._workspace is not None:
-            unregister_memory(self._workspace)
 
 
 def create_schedule_context_holder(

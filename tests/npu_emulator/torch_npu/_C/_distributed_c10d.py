@@ -111,7 +111,14 @@ class ProcessGroupHCCL:
         for window in comm.windows.values():
             comm.addresses.append(register_memory(window))
         with _lock:
-            COMMUNICATORS[name] = comm
+            existing = COMMUNICATORS.get(name)
+            if existing is None:
+                COMMUNICATORS[name] = comm
+            else:  # a second rank of the communicator in this process: one view of all
+                for rank, window in comm.windows.items():
+                    existing.windows.setdefault(rank, window)
+                existing.transports += comm.transports
+                existing.addresses += comm.addresses
         self._window = comm.windows[self._rank].view(torch.int8)
 
     def _get_window_mem(self) -> torch.Tensor:
