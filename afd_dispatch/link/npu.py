@@ -146,7 +146,7 @@ def _open_slots(
         store.set(f"joined/{rank}", json.dumps(mine.to_dict()))
         _wait_for_all(store, "joined", world, cfg.startup_timeout_s, who)
         for r in range(world):
-            theirs = ProtocolParams(**_tuples(json.loads(store.get(f"joined/{r}"))))
+            theirs = ProtocolParams.from_dict(json.loads(store.get(f"joined/{r}")))
             try:
                 mine.check_matches(theirs, f"rank {rank}", f"rank {r}")
             except AFDHandshakeError as exc:
@@ -178,11 +178,6 @@ def check_window(window: torch.Tensor, need: int) -> int:
     got = window.numel() * window.element_size()
     check(got >= need, "HCCL window bytes", f">= {need} (the layout's window)", got)
     return got
-
-
-def _tuples(params: dict[str, Any]) -> dict[str, Any]:
-    """JSON turned the tuples of `ProtocolParams` into lists; turn them back."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
 
 
 class NPUAttentionLink(AttentionLink):

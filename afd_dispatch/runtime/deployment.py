@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 
@@ -59,6 +60,14 @@ class ProtocolParams:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ProtocolParams:
+        """The inverse of `to_dict` after a trip through JSON (which makes tuples lists)."""
+        fixed: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+        }
+        return cls(**fixed)
 
 
 class Deployment:

@@ -117,8 +117,8 @@ class FFNWorkerPool:
         refs = {rank: actor.params.remote() for rank, actor in self.actors.items()}
         for rank, ref in refs.items():
             try:
-                theirs = ProtocolParams(
-                    **_tuples(ray.get(ref, timeout=self.deployment.config.startup_timeout_s))
+                theirs = ProtocolParams.from_dict(
+                    ray.get(ref, timeout=self.deployment.config.startup_timeout_s)
                 )
             except ray.exceptions.GetTimeoutError:
                 raise AFDTimeoutError(
@@ -195,7 +195,3 @@ class FFNWorkerPool:
         import ray
 
         ray.kill(self.actors[rank], no_restart=False)
-
-
-def _tuples(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
