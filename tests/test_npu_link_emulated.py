@@ -10,6 +10,7 @@ and the reference link's run; with int8 A2F it equals the reference link's int8 
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import queue
 from pathlib import Path
@@ -77,14 +78,16 @@ def config_json(backend: str, **keys: Any) -> str:
     return json.dumps(cfg)
 
 
-def npu_decode(path: Path, **keys: Any) -> list[list[torch.Tensor]]:
+def npu_decode(
+    path: Path, model_cfg: TinyMoEConfig = MODEL, **keys: Any
+) -> list[list[torch.Tensor]]:
     """Each session's outputs, every rank in its own process on the emulator."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     stop = ctx.Event()
     rendezvous, store = serve_rendezvous()
     cfg = config_json("npu", transport="hccl", **keys)
-    common = (cfg, MODEL, str(path), "bfloat16", rendezvous)
+    common = (cfg, model_cfg, str(path), "bfloat16", rendezvous)
     procs = []
     for s, p in enumerate(prompts()):
         args = ("attention", s, *common, p, STEPS, results, stop, TIMEOUT_S)
@@ -164,3 +167,21 @@ def test_npu_link_int8_equals_the_reference_links_int8(
     for s in range(A):
         for step, (g, r) in enumerate(zip(got[s], reference[s], strict=True)):
             assert torch.equal(g, r), f"session {s} step {step}: int8 NPU link != reference"
+
+
+def test_a_model_without_shared_experts_rides_a_null_shared_slot(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # A3's combine needs one shared slot (E = K + 1): the NPU link carries a null expert
+    # (output 0) there, and the decode still equals the colocated model's.
+    cfg = dataclasses.replace(MODEL, shared_intermediate_size=0)
+    model = TinyMoEModel(cfg)
+    path = tmp_path_factory.mktemp("tiny_npu_no_shared")
+    model.save_pretrained(path)
+    assert model.spec.num_shared_experts == 0
+    got = npu_decode(path, cfg)
+    moe = ColocatedMoE(model.expert_banks(True), 0, torch.bfloat16)
+    for s, p in enumerate(prompts()):
+        want = decode(model, moe, p, STEPS, M)
+        for step, (g, w) in enumerate(zip(got[s], want, strict=True)):
+            assert torch.equal(g, w), f"session {s} step {step}"

@@ -188,13 +188,14 @@ def test_hccl_buffsize_matches_window_layout_and_runtime(path: Path, precision: 
     assert plan is not None
     lay = plan.layout
     a, bs, k, h = lay.attention_dies, lay.tokens, shape.moe.topk, shape.hidden
-    e = k + plan.shared_slots
+    shared = max(plan.shared_slots, 1)  # A3's combine: one shared slot, a null one if none
+    e = k + shared
     # A3 slot strides: align512(H + 4) int8 bytes, or align512(2H) bytes of bf16
     hs, elem = (align512(h + 4), 1) if precision.a2f == "int8" else (align512(2 * h) // 2, 2)
     # the A3 host check of the spec, for one window group (M = 1 per group on A3)
     by_hand = (a * (2 + bs * e) * 4 + a * bs * e * hs * elem) // 2**20 + 1
     layout = WindowLayout(
-        a, 1, bs, k, plan.shared_slots, h, torch.bfloat16, precision.a2f == "int8", hs * elem
+        a, 1, bs, k, shared, h, torch.bfloat16, precision.a2f == "int8", hs * elem
     )
     assert plan.hccl_buffsize_mb == layout.hccl_buffsize_mb == by_hand
     # the runtime accepts the planned config, and refuses one MB less

@@ -664,7 +664,9 @@ def evaluate(
     s = moe.num_shared_experts if f_s else 0  # shared slots sent over A2F
     shared_on_attention = moe.num_shared_experts > 0 and not f_s
     ctx = workload.mean_context
-    win = window_layout(shape, precision, layout, s)
+    # A3's combine needs one shared slot: without one on the FFN side a null slot travels
+    # (as the runtime's NPU link sends it), so the windows always have K + 1 slots.
+    win = window_layout(shape, precision, layout, max(s, 1))
     e = win.slots
 
     attn = attention_phase(shape, hw, precision, ctx, bs, shared_here=shared_on_attention)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.errors import AFDHandshakeError, check
 from afd_dispatch.kernels import resolve_backend
 from afd_dispatch.layout import WindowLayout, a3_attn_to_ffn_token_size
 from afd_dispatch.placement import build_expert_rank_table, local_experts
@@ -82,6 +82,18 @@ class Deployment:
         self.spec = spec
         self.dtype = dtype or spec.dtype or torch.bfloat16
         self.topology: RankTopology = config.topology
+        self.backend = resolve_backend(config.backend)
+        # A3's combine adds exactly one shared slot (E = K + 1): where the FFN side runs no
+        # shared expert, the NPU link carries a null one, whose output is zero.
+        self.null_shared_slot = self.backend == "npu" and shared == 0
+        if self.backend == "npu":
+            check(
+                shared <= 1,
+                "num_shared_experts",
+                "0 or 1 on the FFN side with backend 'npu' (A3 combines one shared slot)",
+                shared,
+            )
+            shared = 1
         self.table = build_expert_rank_table(
             self.topology,
             spec.num_experts,
@@ -91,7 +103,6 @@ class Deployment:
         )
         m = config.micro_batch_num
         per_micro_batch = config.window_groups == "per_micro_batch"
-        self.backend = resolve_backend(config.backend)
         quant = config.quant_mode_code == 2
         # On A3 the slot stride must be what torch_npu's holder takes: a multiple of 512.
         stride = (

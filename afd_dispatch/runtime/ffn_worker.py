@@ -24,7 +24,11 @@ import torch
 
 from afd_dispatch.errors import AFDTimeoutError, check
 from afd_dispatch.link import FFNLink, ffn_link
-from afd_dispatch.runtime.checkpoint import load_routed_experts, load_shared_expert
+from afd_dispatch.runtime.checkpoint import (
+    SharedExpertWeights,
+    load_routed_experts,
+    load_shared_expert,
+)
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank, run_groups
 from afd_dispatch.runtime.trace import Tracer
@@ -48,13 +52,22 @@ def load_banks(
     for layer in spec.moe_layers:
         routed = load_routed_experts(path, spec, layer, routed_ids, deployment.dtype)
         shared = {}
-        if shared_ids:
+        if shared_ids and deployment.null_shared_slot:
+            shared = {j: null_expert(spec.hidden_size, deployment.dtype) for j in shared_ids}
+        elif shared_ids:
             weights = load_shared_expert(path, spec, layer, deployment.dtype)
             check(weights is not None, "checkpoint", f"a shared expert for layer {layer}", path)
             assert weights is not None
             shared = {j: weights for j in shared_ids}
         banks[layer] = ExpertBank(spec.num_experts, routed, shared, batch_invariant)
     return banks
+
+
+def null_expert(hidden: int, dtype: torch.dtype) -> SharedExpertWeights:
+    """An expert whose output is exactly zero (intermediate size 1, zero weights): the
+    shared slot A3's combine needs where the model, or the FFN side, has no shared expert."""
+    zeros = torch.zeros(1, hidden, dtype=dtype)
+    return SharedExpertWeights(zeros, zeros.clone(), torch.zeros(hidden, 1, dtype=dtype))
 
 
 class FFNWorker:
