@@ -149,11 +149,13 @@ def build_config(arch: str, dtype: str = "float32", shape: TinyShape = SHAPE) ->
 
 
 # -- weights --------------------------------------------------------------------------------
-def build_model(arch: str, seed: int = 0, dtype: str = "float32") -> Any:
+def build_model(
+    arch: str, seed: int = 0, dtype: str = "float32", shape: TinyShape = SHAPE
+) -> Any:
     """The tiny `arch` model with this module's seeded weights (see the module docstring)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    config = build_config(arch, dtype)
+    config = build_config(arch, dtype, shape)
     torch.manual_seed(seed)  # transformers' own init, overwritten below
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     init_weights(model, seed)
@@ -285,9 +287,14 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> Any:
 
 # -- the checkpoint -------------------------------------------------------------------------
 def build_tiny_model(
-    arch: str, out: str | os.PathLike[str], seed: int = 0, dtype: str = "float32"
+    arch: str,
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    dtype: str = "float32",
+    shape: TinyShape = SHAPE,
 ) -> Path:
     """Write the tiny `arch` checkpoint and tokenizer into `out` (created; must be empty).
+    `shape`: its sizes (e.g. a hidden size A3's op limits accept, 1024 <= H <= 8192).
 
     Nothing is downloaded. Returns `out` as a `Path`.
     """
@@ -298,7 +305,7 @@ def build_tiny_model(
         raise FileExistsError(f"{path} exists and is not an empty directory")
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_model(arch, seed, dtype)
+    model = build_model(arch, seed, dtype, shape)
     model.save_pretrained(path)  # default: the per-expert tensor names of published models
     tokenizer.save_pretrained(path)
     return path

@@ -10,6 +10,7 @@ from typing import Any
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.kernels import resolve_backend
 
 ADDITIONAL_CONFIG_KEY = "afd"
 HELP = (
@@ -63,11 +64,14 @@ def checked_config(text: str, engine_args: Any) -> AFDConfig:
             "1: each vLLM server is one attention rank",
             config.num_attention_workers,
         )
+        npu = resolve_backend(config.backend) == "npu"
+        transports = ("auto", "hccl") if npu else ("auto", "shm")
         check(
-            config.transport in ("auto", "shm"),
+            config.transport in transports,
             "transport",
-            '"auto" or "shm" (the server\'s windows are shared memory; HCCL windows are '
-            "not wired into the runtime yet)",
+            " or ".join(f'"{t}"' for t in transports)
+            + f" with backend {'npu' if npu else 'reference'} (HCCL windows on the NPU link, "
+            "shared memory on the reference one)",
             config.transport,
         )
         model = getattr(engine_args, "model", None)

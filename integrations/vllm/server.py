@@ -18,6 +18,8 @@ from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import check
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.integrations.vllm import metrics
+from afd_dispatch.link import attention_link
+from afd_dispatch.link.npu import serve_rendezvous
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.model_spec import MoESpec
@@ -39,11 +41,28 @@ class AttentionServer:
         self.config = config
         self.deployment = Deployment(config, MoESpec.from_pretrained(model_path), dtype)
         self.tracer = Tracer("attention 0", enabled=config.trace)
-        self.groups = self.deployment.create_windows("shm")
+        npu = self.deployment.backend == "npu"
+        # The NPU link's ranks meet at a TCP store this process serves; the reference
+        # link's windows are shared memory this process owns.
+        self.groups = [] if npu else self.deployment.create_windows("shm")
+        self._rendezvous_store: Any = None
         self.pool: FFNWorkerPool | None = None
         try:
-            self.pool = FFNWorkerPool(self.deployment, model_path, self.groups).start()
-            self.endpoint = AttentionEndpoint(self.deployment, 0, tracer=self.tracer)
+            link = None
+            rendezvous = None
+            if npu:
+                rendezvous, self._rendezvous_store = serve_rendezvous(_rendezvous_host(config))
+            self.pool = FFNWorkerPool(
+                self.deployment, model_path, self.groups, rendezvous=rendezvous
+            ).start()
+            if rendezvous is not None:
+                log.info(
+                    "AFD: NPU link: HCCL communicators set up at %s:%d",
+                    rendezvous.host,
+                    rendezvous.port,
+                )
+                link = attention_link(self.deployment, 0, rendezvous=rendezvous)
+            self.endpoint = AttentionEndpoint(self.deployment, 0, tracer=self.tracer, link=link)
         except BaseException:
             self.close()
             raise
@@ -86,6 +105,16 @@ class AttentionServer:
         for group in self.groups:
             group.close()
         self.groups = []
+
+
+def _rendezvous_host(config: AFDConfig) -> str:
+    """Where FFN actors reach this process: loopback with the embedded Ray, else this node's
+    address in the Ray cluster."""
+    if config.ray_address in (None, "local"):
+        return "127.0.0.1"
+    import ray.util
+
+    return str(ray.util.get_node_ip_address())
 
 
 def start(config: AFDConfig, model_path: str, dtype: torch.dtype) -> AttentionServer:

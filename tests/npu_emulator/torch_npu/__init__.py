@@ -4,7 +4,8 @@ Tests put `tests/npu_emulator` on `sys.path` (and on PYTHONPATH of processes the
 so `import torch_npu` finds this package. It implements exactly what
 `afd_dispatch.link.npu` calls, each as torch_npu 2.14 spells it:
 
-- the PrivateUse1 backend renamed "npu" (torch_npu's `_init/registry/backend.py`);
+- the PrivateUse1 backend renamed "npu" (torch_npu's `_init/registry/backend.py`), with a
+  `torch.npu` device module that reports no device (`torch_npu.npu`);
 - `torch_npu._C._distributed_c10d.ProcessGroupHCCL` with `Options`, `get_hccl_comm_name`,
   `_window_register_and_exchange`, `_get_window_mem` (torch_npu `csrc/distributed/Init.cpp`);
 - `torch_npu._afd.create_schedule_context_holder` and the holder's methods
@@ -21,8 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from torch_npu import npu
+
 if torch._C._get_privateuse1_backend_name() != "npu":
     torch.utils.rename_privateuse1_backend("npu")
+if not hasattr(torch, "npu"):
+    torch._register_device_module("npu", npu)
 
 from torch_npu import _C, _afd
 from torch_npu._ops import (
@@ -35,6 +40,7 @@ from torch_npu._ops import (
 __all__ = [
     "_C",
     "_afd",
+    "npu",
     "npu_attention_to_ffn",
     "npu_attention_worker_combine",
     "npu_ffn_to_attention",

@@ -10,6 +10,7 @@ combine read everything through the schedule context, as on A3.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 
@@ -22,6 +23,16 @@ from afd_dispatch.windows import WindowGroup, get_window_group, window_group_ove
 from torch_npu._C._distributed_c10d import communicator
 
 _lock = threading.Lock()
+# Tests that run the emulator in processes they do not control (a vLLM server, Ray actors)
+# name a file here; every op call appends "<op> <pid>" to it.
+CALL_LOG = "TORCH_NPU_EMULATOR_CALL_LOG"
+
+
+def _record(op: str) -> None:
+    path = os.environ.get(CALL_LOG)
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{op} {os.getpid()}\n")
 
 
 def _group_over(
@@ -66,6 +77,7 @@ def npu_attention_to_ffn(
     sync_flag: int = 0,
     ffn_start_rank_id: int = 0,
 ) -> None:
+    _record("npu_attention_to_ffn")
     sessions = ffn_token_info_table_shape[0]
     shared = expert_rank_table.shape[1] - moe_expert_num
     quant = quant_mode == 2
@@ -98,6 +110,7 @@ def npu_ffn_to_attention(
     *,
     attn_rank_table: torch.Tensor | None = None,
 ) -> None:
+    _record("npu_ffn_to_attention")
     if attn_rank_table is None:
         raise RuntimeError("torch_npu emulator: npu_ffn_to_attention needs attn_rank_table")
     attention = sorted(int(r) for r in attn_rank_table)
@@ -124,6 +137,7 @@ def npu_ffn_worker_batching(
     need_schedule: int = 0,
     layer_num: int = 0,
 ) -> tuple[torch.Tensor, ...]:
+    _record("npu_ffn_worker_batching")
     result: tuple[torch.Tensor, ...] = torch.ops.afd.npu_ffn_worker_batching(
         schedule_context, expert_num, max_out_shape, token_dtype=token_dtype,
         need_schedule=need_schedule, layer_num=layer_num,
@@ -140,6 +154,7 @@ def npu_attention_worker_combine(
     token_dtype: int = 0,
     need_schedule: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _record("npu_attention_worker_combine")
     y, next_layer = torch.ops.afd.npu_attention_worker_combine(
         schedule_context, expert_scales, layer_id, hidden_size, token_dtype=token_dtype,
         need_schedule=need_schedule,
