@@ -26,7 +26,6 @@ BACKEND_API = (
     "attention_worker_scheduler_",
     "attention_worker_scheduler",
     "create_schedule_context_holder",
-    "last_batched_layer",
 )
 BACKENDS = ("auto", "reference", "npu")
 

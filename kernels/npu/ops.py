@@ -343,17 +343,3 @@ def _ffn_scheduler(context: object, sync_group_size: object, execute_mode: objec
     sizes = context_sizes(context, SCHEDULE_MODE_FFN)
     a3.check_sync_group_size(sync_group_size, None if sizes is None else sizes.session_num)
     a3.check_execute_mode(execute_mode)
-
-
-def last_batched_layer(schedule_context: torch.Tensor) -> int:
-    """Not available on A3 yet: see below.
-
-    On A3 the layer ids of a batched micro-batch land in device memory that the context's
-    FFN area points at (`layer_ids_buf`, written by `ffn_worker_scheduler_`); reading it
-    needs an accessor torch_npu does not expose in 2.14. The runtime's FFN loop needs this
-    id to pick the layer's experts, so on A3 it must come from the integration.
-    """
-    raise NotImplementedError(
-        "last_batched_layer: torch_npu 2.14 exposes no accessor for the context's "
-        "layer_ids_buf; use the reference backend or track layers in the integration"
-    )
