@@ -149,9 +149,7 @@ def build_config(arch: str, dtype: str = "float32", shape: TinyShape = SHAPE) ->
 
 
 # -- weights --------------------------------------------------------------------------------
-def build_model(
-    arch: str, seed: int = 0, dtype: str = "float32", shape: TinyShape = SHAPE
-) -> Any:
+def build_model(arch: str, seed: int = 0, dtype: str = "float32", shape: TinyShape = SHAPE) -> Any:
     """The tiny `arch` model with this module's seeded weights (see the module docstring)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 

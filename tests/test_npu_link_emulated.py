@@ -5,7 +5,9 @@ HCCL communicator per micro-batch slot through a TCP rendezvous, register their 
 make their schedule contexts through torch_npu's holder and decode a tiny Qwen2-MoE-like
 model with H = 2880 (2H = 5760 is not a multiple of 512: slots are align512 strides) in
 bf16, M = 2. The result equals the colocated model bit for bit (batch-invariant experts)
-and the reference link's run; with int8 A2F it equals the reference link's int8 run.
+and the reference link's run; with int8 A2F it equals the reference link's int8 run and
+the colocated model fed int8-rounded inputs. A model without shared experts rides a null
+shared slot.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 from afd_threads import RankThread, deployment, ffn_workers, outcomes
 from npu_ranks import run_rank
+from test_runtime_decode import Int8Inputs
 
 from afd_dispatch import AFDConfig
 from afd_dispatch.link.npu import serve_rendezvous
@@ -164,9 +167,14 @@ def test_npu_link_int8_equals_the_reference_links_int8(
     model, path = checkpoint
     got = npu_decode(path, quant_mode="int8")
     reference = reference_decode(model, path, quant_mode="int8")
+    # and exactly the colocated model fed what int8 A2F delivers (q * scale per token row),
+    # the int8 bound of tests/test_runtime_decode.py
+    moe = ColocatedMoE(model.expert_banks(True), model.spec.num_shared_experts, torch.bfloat16)
+    want = [decode(model, Int8Inputs(moe), p, STEPS, M) for p in prompts()]
     for s in range(A):
-        for step, (g, r) in enumerate(zip(got[s], reference[s], strict=True)):
+        for step, (g, r, w) in enumerate(zip(got[s], reference[s], want[s], strict=True)):
             assert torch.equal(g, r), f"session {s} step {step}: int8 NPU link != reference"
+            assert torch.equal(g, w), f"session {s} step {step}: int8 NPU link != colocated"
 
 
 def test_a_model_without_shared_experts_rides_a_null_shared_slot(

@@ -17,6 +17,7 @@ import pytest
 import torch
 from npu_ranks import EMULATOR
 from test_npu_link_emulated import MODEL, PROMPT_LEN, STEPS, config_json, prompts
+from test_runtime_decode import Int8Inputs
 
 from afd_dispatch import AFDConfig
 from afd_dispatch.integrations.ray import FFNWorkerPool
@@ -59,12 +60,13 @@ def emulated_ray() -> Iterator[None]:
             del sys.modules[name]
 
 
+@pytest.mark.parametrize("quant_mode", ["none", "int8"])
 def test_ffn_actors_over_the_npu_link_decode_like_colocated(
-    emulated_ray: None, tmp_path: Path
+    emulated_ray: None, tmp_path: Path, quant_mode: str
 ) -> None:
     model = TinyMoEModel(MODEL)
     model.save_pretrained(tmp_path)
-    config = AFDConfig.from_json(config_json("npu", transport="hccl"))
+    config = AFDConfig.from_json(config_json("npu", transport="hccl", quant_mode=quant_mode))
     deployment = Deployment(config, MoESpec.from_pretrained(tmp_path), torch.bfloat16)
     rendezvous, store = serve_rendezvous()
     sessions = prompts()
@@ -91,8 +93,9 @@ def test_ffn_actors_over_the_npu_link_decode_like_colocated(
     assert errors == [], errors
     assert all(i["error"] is None and i["serving"] for i in info.values()), info
     moe = ColocatedMoE(model.expert_banks(True), model.spec.num_shared_experts, torch.bfloat16)
+    colocated = Int8Inputs(moe) if quant_mode == "int8" else moe  # int8: q * scale inputs
     for s, p in enumerate(sessions):
-        want = decode(model, moe, p, STEPS, deployment.micro_batches)
+        want = decode(model, colocated, p, STEPS, deployment.micro_batches)
         assert len(outputs[s]) == PROMPT_LEN + STEPS
         for step, (g, w) in enumerate(zip(outputs[s], want, strict=True)):
             assert torch.equal(g, w), f"session {s} step {step}"
