@@ -65,7 +65,8 @@ class Batch:
     rows (n, H) in the deployment's activation dtype, or float32 for int8 rows (already
     dequantized: q * scale);
     group_list (expert_num, 2) int64 (local expert id, row count) pairs in ascending id
-    order, then zeros; layer: the MoE layer the rows belong to; count: n. `handle` is the
+    order, then zeros; layer: the MoE layer the rows belong to (-1 allowed when count is 0);
+    count: n. `handle` is the
     implementation's own record of where each row goes back (session, micro-batch, token,
     slot); callers pass it back untouched.
     """

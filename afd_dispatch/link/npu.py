@@ -25,10 +25,11 @@ when the token count changes between calls on one context): every send carries a
 rows with a full active mask; padding rows repeat valid rows (never all-zero rows, which
 dynamic int8 quantization cannot scale) and get zero combine weights.
 
-Layer ids: an FFN rank reads the layer word of its window's first info row after
-batching (4 bytes; on A3 one device-to-host read per batch). It cannot change before this
-rank's results went back: a session sends a slot again only after it received that slot's
-results from every FFN rank.
+Layer ids: after batching, an FFN rank reads the layer word of the info row of a session
+that has rows in the batch (4 bytes; on A3 one device-to-host read per batch). That word
+cannot change before this rank's results went back: the session sends this slot again only
+after it received these rows' results. (Another session's may: one whose tokens all went to
+other FFN ranks can be on the next layer already.)
 
 Restarts: a restarted FFN process would have to rejoin every communicator, which needs all
 ranks; this link starts at slot 0 and does not resume.
@@ -82,6 +83,7 @@ class _Slot:
     group: str  # the HCCL communicator name
     window: torch.Tensor
     holder: Any
+    process_group: Any  # kept alive: torch_npu deregisters the window when it is freed
 
     @property
     def ctx(self) -> torch.Tensor:
@@ -122,6 +124,13 @@ def _open_slots(
         '"per_micro_batch" with the NPU link (A3\'s npu_ffn_to_attention takes M = 1)',
         cfg.window_groups,
     )
+    check(
+        cfg.sync_flag == 0,
+        "sync_flag",
+        "0 with the NPU link (batching waits for a header from every session; with 1 a "
+        "rank that gets no slot gets no header)",
+        cfg.sync_flag,
+    )
     _check_buffsize(deployment)
     timeout = datetime.timedelta(seconds=cfg.startup_timeout_s)
     world = topology.world_size
@@ -152,7 +161,7 @@ def _open_slots(
             except AFDHandshakeError as exc:
                 raise AFDHandshakeError(f"slot {i} ({channel.group}): {exc}") from None
         options = hccl.ProcessGroupHCCL.Options()
-        options._timeout = timeout
+        options._timeout = datetime.timedelta(seconds=cfg.wait_timeout_s)
         backend = hccl.ProcessGroupHCCL(store, rank, world, options)
         group = backend.get_hccl_comm_name(rank)
         need = layout.ffn_window_bytes if ffn else layout.attn_window_bytes
@@ -169,7 +178,7 @@ def _open_slots(
         )  # fmt: skip
         store.set(f"ready/{rank}", "1")
         _wait_for_all(store, "ready", world, cfg.startup_timeout_s, who)
-        slots.append(_Slot(group, window, holder))
+        slots.append(_Slot(group, window, holder, backend))
     return slots
 
 
@@ -202,6 +211,7 @@ class NPUAttentionLink(AttentionLink):
         expert_ids: torch.Tensor,
         active_mask: torch.Tensor,
     ) -> None:
+        # Pads x and expert_ids in place: they are the endpoint's staging buffers.
         dep, cfg = self.deployment, self.deployment.config
         n = int(active_mask.sum())
         _pad_to_capacity(x, expert_ids, n, dep.spec.num_experts)
@@ -227,6 +237,7 @@ class NPUAttentionLink(AttentionLink):
     def close(self) -> None:
         for s in self._slots:
             s.holder.stop_schedule()
+        self._slots = []  # frees the process groups, which deregister the windows
 
 
 def _pad_to_capacity(x: torch.Tensor, ids: torch.Tensor, n: int, num_experts: int) -> None:
@@ -259,6 +270,7 @@ class NPUFFNLink(FFNLink):
         self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
         self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
         self._shapes = layout.op_shapes
+        self._info_width = layout.ffn_info_shape[2]  # int32 words of one session's info row
 
     def collect(self, slot: int) -> Batch:
         s = self._slots[slot]
@@ -269,9 +281,20 @@ class NPUFFNLink(FFNLink):
             )
         )  # fmt: skip
         n = int(count[0])
-        layer = int(s.window[: 4 * (LAYER_OFFSET + 1)].view(torch.int32)[LAYER_OFFSET])
+        # The layer word of a session with rows in this batch: it cannot send this slot
+        # again before these rows' results went back, so its header still holds this
+        # batch's layer (another session, whose tokens all went elsewhere, may be on the
+        # next layer already). No rows: no experts run, the layer does not matter.
+        layer = self.batch_layer(slot, sessions, n)
         rows = dequantize_rows(y[:n], scales[:n]) if self.deployment.layout.quant else y[:n]
         return Batch(rows, groups, layer, n, (sessions, mbs, tokens, offsets, count))
+
+    def batch_layer(self, slot: int, sessions: torch.Tensor, count: int) -> int:
+        """The layer of a batch of `count` rows whose sessions are `sessions` (-1 if empty)."""
+        if count == 0:
+            return -1
+        word = int(sessions[0]) * self._info_width + LAYER_OFFSET
+        return int(self._slots[slot].window[4 * word : 4 * word + 4].view(torch.int32)[0])
 
     def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
         sessions, mbs, tokens, offsets, count = batch.handle
@@ -287,3 +310,7 @@ class NPUFFNLink(FFNLink):
     def stop(self) -> None:
         for s in self._slots:
             s.holder.stop_schedule()
+
+    def close(self) -> None:
+        self.stop()
+        self._slots = []  # frees the process groups, which deregister the windows

@@ -116,6 +116,9 @@ class FFNWorker:
         self._cursor = (micro_batch + 1) % len(self.deployment.channels)
         layer = batch.layer
         self.tracer.record("batch", batch_start, time.monotonic_ns(), layer, micro_batch)
+        if batch.count == 0:  # no session routed a token here: nothing to run or send
+            self.tracer.count("micro_batches_served_total")
+            return 0
         bank = self.banks.get(layer)
         check(
             bank is not None,

@@ -55,6 +55,7 @@ class FFNWorkerActor:
         banks = load_banks(model_path, self.deployment, rank, config.batch_invariant)
         tracer = Tracer(f"FFN {rank}", enabled=config.trace)
         self.error: str | None = None
+        self._stopping = False
         if rendezvous is None:
             self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer)
             target = self.worker.run
@@ -65,6 +66,9 @@ class FFNWorkerActor:
                 try:
                     expert_num = max(1, len(self.deployment.hosted(rank)))
                     link = ffn_link(self.deployment, rank, expert_num, rendezvous=rendezvous)
+                    if self._stopping:  # stop() came while the link was being set up
+                        link.close()
+                        return
                     self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer, link=link)
                     self.worker.run()
                 except BaseException as exc:  # reported by info()
@@ -94,6 +98,7 @@ class FFNWorkerActor:
         return self.worker.tracer.snapshot() if self.worker is not None else ([], {})
 
     def stop(self) -> None:
+        self._stopping = True
         if self.worker is not None and self._thread is not None:
             self.worker.stop()
             self._thread.join(timeout=self.deployment.config.wait_timeout_s)

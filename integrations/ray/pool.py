@@ -90,7 +90,8 @@ class FFNWorkerPool:
                 self.actors[rank] = remote.options(
                     name=None,
                     num_cpus=self.num_cpus,
-                    max_restarts=cfg.ffn_max_restarts,
+                    # A restarted actor cannot rejoin the NPU link's communicators
+                    max_restarts=0 if self.deployment.backend == "npu" else cfg.ffn_max_restarts,
                     max_task_retries=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, bundle),
                 ).remote(

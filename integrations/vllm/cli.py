@@ -65,6 +65,12 @@ def checked_config(text: str, engine_args: Any) -> AFDConfig:
             config.num_attention_workers,
         )
         npu = resolve_backend(config.backend) == "npu"
+        check(
+            not npu or config.window_groups == "per_micro_batch",
+            "window_groups",
+            '"per_micro_batch" with backend npu (A3\'s npu_ffn_to_attention takes M = 1)',
+            config.window_groups,
+        )
         transports = ("auto", "hccl") if npu else ("auto", "shm")
         check(
             config.transport in transports,

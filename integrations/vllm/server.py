@@ -96,6 +96,9 @@ class AttentionServer:
     def close(self) -> None:
         if getattr(self, "_metrics", None) is not None:
             self._metrics.close()
+        endpoint = getattr(self, "endpoint", None)
+        if endpoint is not None:
+            endpoint.link.close()
         if self.pool is not None:
             try:
                 self.pool.stop()
@@ -105,6 +108,7 @@ class AttentionServer:
         for group in self.groups:
             group.close()
         self.groups = []
+        self._rendezvous_store = None
 
 
 def _rendezvous_host(config: AFDConfig) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ class Communicator:
     windows: dict[int, torch.Tensor] = field(default_factory=dict)  # rank -> uint8 window
     transports: list[SharedMemoryTransport] = field(default_factory=list)
     addresses: list[int] = field(default_factory=list)
+    groups: int = 0  # ProcessGroupHCCL objects of this process that registered a window here
 
     def close(self) -> None:
         for address in self.addresses:
@@ -108,8 +110,10 @@ class ProcessGroupHCCL:
             mapped = SharedMemoryTransport([int(size)], token=token)
             comm.transports.append(mapped)
             comm.windows[peer] = mapped.window(0)
+        # the emulated ops wait (on flags in these windows) as long as the group's timeout
+        timeout_s = self._options._timeout.total_seconds()
         for window in comm.windows.values():
-            comm.addresses.append(register_memory(window))
+            comm.addresses.append(register_memory(window, timeout_s=timeout_s))
         with _lock:
             existing = COMMUNICATORS.get(name)
             if existing is None:
@@ -119,7 +123,12 @@ class ProcessGroupHCCL:
                     existing.windows.setdefault(rank, window)
                 existing.transports += comm.transports
                 existing.addresses += comm.addresses
+                comm = existing
+            comm.groups += 1
         self._window = comm.windows[self._rank].view(torch.int8)
+        # As torch_npu's destructor deregisters the window: when the group object goes, so
+        # does this process's view of the communicator (once its last group here goes).
+        weakref.finalize(self, _release, name)
 
     def _get_window_mem(self) -> torch.Tensor:
         if self._window is None:
@@ -128,6 +137,18 @@ class ProcessGroupHCCL:
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"torch_npu emulator: ProcessGroupHCCL.{name} is not emulated")
+
+
+def _release(name: str) -> None:
+    with _lock:
+        comm = COMMUNICATORS.get(name)
+        if comm is None:
+            return
+        comm.groups -= 1
+        if comm.groups > 0:
+            return
+        del COMMUNICATORS[name]
+    comm.close()
 
 
 def close_all() -> None:
