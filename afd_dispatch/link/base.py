@@ -27,7 +27,12 @@ import torch
 
 
 class AttentionLink(ABC):
-    """One attention rank's end: send a slot's routed tokens, receive its combined result."""
+    """One attention rank's end: send a slot's routed tokens, receive its combined result.
+
+    `device`: where the tensors handed to `send` / `receive` must live (the windows').
+    """
+
+    device: torch.device = torch.device("cpu")
 
     @abstractmethod
     def send(
@@ -79,7 +84,12 @@ class Batch:
 
 
 class FFNLink(ABC):
-    """One FFN rank's end: collect the next slot from all sessions, give its results back."""
+    """One FFN rank's end: collect the next slot from all sessions, give its results back.
+
+    `device`: where `collect`'s rows live and `give_back`'s outputs must (the windows').
+    """
+
+    device: torch.device = torch.device("cpu")
 
     @abstractmethod
     def collect(self, slot: int) -> Batch:

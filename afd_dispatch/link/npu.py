@@ -196,10 +196,14 @@ class NPUAttentionLink(AttentionLink):
         self.deployment = deployment
         self.rank = deployment.topology.attention_rank(session)
         self._slots = _open_slots(deployment, self.rank, rendezvous, 1)
-        self._session = torch.tensor([session], dtype=torch.int32)
-        self._micro_batch = torch.zeros(1, dtype=torch.int32)  # M = 1 per communicator
-        self._layer = torch.zeros(1, dtype=torch.int32)
-        self._full = torch.ones(1, deployment.layout.tokens, dtype=torch.bool)
+        # torch_npu's ops take device tensors: everything the link passes lives where the
+        # windows do (the host, on the emulator)
+        self.device = device = self._slots[0].window.device
+        self._session = torch.tensor([session], dtype=torch.int32, device=device)
+        self._micro_batch = torch.zeros(1, dtype=torch.int32, device=device)  # M = 1 each
+        self._layer = torch.zeros(1, dtype=torch.int32, device=device)
+        self._full = torch.ones(1, deployment.layout.tokens, dtype=torch.bool, device=device)
+        self._table = deployment.table.to(device)
         self._shapes = deployment.layout.op_shapes
         self._token_dtype = token_dtype_code(deployment.layout.dtype)
 
@@ -217,7 +221,7 @@ class NPUAttentionLink(AttentionLink):
         _pad_to_capacity(x, expert_ids, n, dep.spec.num_experts)
         self._layer[0] = layer
         npu_ops.npu_attention_to_ffn(
-            x, self._session, self._micro_batch, self._layer, expert_ids, dep.table,
+            x, self._session, self._micro_batch, self._layer, expert_ids, self._table,
             self._slots[slot].group, dep.topology.world_size,
             self._shapes["ffn_token_info_table_shape"], self._shapes["ffn_token_data_shape"],
             self._shapes["attn_token_info_table_shape"], dep.spec.num_experts,
@@ -265,10 +269,13 @@ class NPUFFNLink(FFNLink):
         self.rank = rank
         self.expert_num = expert_num
         self._slots = _open_slots(deployment, rank, rendezvous, expert_num)
+        self.device = self._slots[0].window.device
         layout = deployment.layout
         self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
         self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
-        self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
+        self._attn_ranks = torch.tensor(
+            deployment.topology.attention_ranks, dtype=torch.int32, device=self.device
+        )
         self._shapes = layout.op_shapes
         self._info_width = layout.ffn_info_shape[2]  # int32 words of one session's info row
 

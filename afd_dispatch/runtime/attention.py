@@ -44,10 +44,11 @@ class AttentionEndpoint:
         self.tracer = tracer or Tracer(f"attention {session}", enabled=deployment.config.trace)
         layout = deployment.layout
         m, bs, k, h = deployment.micro_batches, layout.tokens, layout.topk, layout.hidden
-        self._x = [torch.zeros(1, bs, h, dtype=layout.dtype) for _ in range(m)]
-        self._ids = [torch.zeros(1, bs, k, dtype=torch.int32) for _ in range(m)]
-        self._mask = [torch.zeros(1, bs, dtype=torch.bool) for _ in range(m)]
-        self._scales = [torch.zeros(bs, k, dtype=torch.float32) for _ in range(m)]
+        on = self.link.device  # staging lives where the link's ops read it
+        self._x = [torch.zeros(1, bs, h, dtype=layout.dtype, device=on) for _ in range(m)]
+        self._ids = [torch.zeros(1, bs, k, dtype=torch.int32, device=on) for _ in range(m)]
+        self._mask = [torch.zeros(1, bs, dtype=torch.bool, device=on) for _ in range(m)]
+        self._scales = [torch.zeros(bs, k, dtype=torch.float32, device=on) for _ in range(m)]
         self._in_flight: list[tuple[int, int] | None] = [None] * m  # (tokens, layer)
         self._next_send = 0
         self._next_receive = 0

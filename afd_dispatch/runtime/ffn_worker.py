@@ -98,7 +98,10 @@ class FFNWorker:
         self._cursor = self.link.resume_slot()
         layout = deployment.layout
         self._out = torch.zeros(
-            layout.sessions * layout.tokens * layout.slots, layout.hidden, dtype=layout.dtype
+            layout.sessions * layout.tokens * layout.slots,
+            layout.hidden,
+            dtype=layout.dtype,
+            device=self.link.device,
         )
         self._stop = threading.Event()
 
