@@ -57,8 +57,7 @@ def run_rank(
             link.close()
         else:
             banks = load_banks(model_path, dep, index, True)
-            expert_num = max(1, len(dep.hosted(index)))
-            link = ffn_link(dep, index, expert_num, rendezvous=rendezvous)
+            link = ffn_link(dep, index, rendezvous=rendezvous)
             worker = FFNWorker(dep, index, banks, link=link)
             import threading
 

@@ -94,7 +94,7 @@ def test_a_missing_peer_times_out_naming_its_rank_and_the_rendezvous(
         if role == "attention":
             attention_link(dep, 0, rendezvous=rendezvous)
         else:
-            ffn_link(dep, 0, 1, rendezvous=rendezvous)
+            ffn_link(dep, 0, rendezvous=rendezvous)
     elapsed = time.monotonic() - start
     message = str(info.value)
     assert f"ranks [{missing}] did not arrive" in message, message
@@ -115,7 +115,7 @@ def test_a_too_small_hccl_buffsize_is_refused_before_connecting(
     monkeypatch.setenv("HCCL_BUFFSIZE", "1")
     for make in (
         lambda rv: attention_link(dep, 0, rendezvous=rv),
-        lambda rv: ffn_link(dep, 0, 1, rendezvous=rv),
+        lambda rv: ffn_link(dep, 0, rendezvous=rv),
     ):
         start = time.monotonic()
         with pytest.raises(AFDInputError) as info:
@@ -163,7 +163,7 @@ def test_sides_with_different_layouts_are_refused_naming_the_field_and_both_valu
     )
     ffn = RankThread(
         "ffn",
-        lambda: ffn_link(deployment(max_tokens_per_micro_batch=8), 0, 1, rendezvous=rendezvous),
+        lambda: ffn_link(deployment(max_tokens_per_micro_batch=8), 0, rendezvous=rendezvous),
     )
     start = time.monotonic()
     for thread in (attention, ffn):
@@ -197,7 +197,7 @@ def test_shared_window_groups_are_refused_with_the_npu_backend(torch_npu: Module
     dep = deployment(window_groups="shared", micro_batch_num=2)
     for make in (
         lambda: attention_link(dep, 0, rendezvous=nobody_listening()),
-        lambda: ffn_link(dep, 0, 1, rendezvous=nobody_listening()),
+        lambda: ffn_link(dep, 0, rendezvous=nobody_listening()),
     ):
         start = time.monotonic()
         with pytest.raises(AFDInputError) as info:
@@ -217,7 +217,7 @@ def test_a_reference_transport_is_refused_with_the_npu_backend(
     for make in (
         lambda: link_kind(dep),
         lambda: attention_link(dep, 0, rendezvous=nobody_listening()),
-        lambda: ffn_link(dep, 0, 1, rendezvous=nobody_listening()),
+        lambda: ffn_link(dep, 0, rendezvous=nobody_listening()),
     ):
         with pytest.raises(AFDInputError) as info:
             make()
@@ -232,7 +232,7 @@ def test_a_reference_transport_is_refused_with_the_npu_backend(
 # -- 6. no rendezvous ------------------------------------------------------------------------------
 def test_a_missing_rendezvous_is_refused_naming_it(torch_npu: ModuleType) -> None:
     dep = deployment()
-    for make in (lambda: attention_link(dep, 0), lambda: ffn_link(dep, 0, 1)):
+    for make in (lambda: attention_link(dep, 0), lambda: ffn_link(dep, 0)):
         with pytest.raises(AFDInputError) as info:
             make()
         assert info.value.argument == "rendezvous"

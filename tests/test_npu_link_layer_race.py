@@ -54,7 +54,7 @@ def test_the_layer_comes_from_a_session_in_the_batch(torch_npu: ModuleType) -> N
         links[key] = (
             attention_link(dep, i, rendezvous=rendezvous)
             if role == "a"
-            else ffn_link(dep, i, max(1, len(dep.hosted(i))), rendezvous=rendezvous)
+            else ffn_link(dep, i, rendezvous=rendezvous)
         )
 
     keys = [("a", 0), ("a", 1), ("f", 0), ("f", 1)]

@@ -2,7 +2,7 @@
 
     from afd_dispatch.link import attention_link, ffn_link
 
-`attention_link(deployment, session)` and `ffn_link(deployment, rank, expert_num)` build the
+`attention_link(deployment, session)` and `ffn_link(deployment, rank)` build the
 implementation the deployment's config names. The runtime, the Ray actors and the vLLM
 plugin use nothing else of the op backends.
 """
@@ -59,11 +59,11 @@ def attention_link(
 def ffn_link(
     deployment: Deployment,
     rank: int,
-    expert_num: int,
     ops: Any = None,
     rendezvous: Rendezvous | None = None,
 ) -> FFNLink:
-    """The FFN end of `deployment` for FFN `rank` hosting `expert_num` local experts."""
+    """The FFN end of `deployment` for FFN `rank` (its local experts from the expert table)."""
+    expert_num = deployment.local_expert_num(rank)
     if link_kind(deployment) == "npu":
         from afd_dispatch.link.npu import NPUFFNLink
 

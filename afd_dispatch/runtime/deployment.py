@@ -136,6 +136,10 @@ class Deployment:
         """{local id: global expert row} of FFN `rank`."""
         return local_experts(self.table, rank)
 
+    def local_expert_num(self, rank: int) -> int:
+        """The `expert_num` of FFN `rank`'s batching: its local experts (at least 1)."""
+        return max(1, len(self.hosted(rank)))
+
     def params(self) -> ProtocolParams:
         return ProtocolParams(
             groups=tuple(self.group_names),

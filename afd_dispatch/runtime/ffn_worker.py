@@ -93,8 +93,7 @@ class FFNWorker:
         self.tracer = tracer or Tracer(f"FFN {rank}", enabled=deployment.config.trace)
         hosted = deployment.hosted(rank)
         self.hosted = [hosted[i] for i in range(len(hosted))]  # local id -> global row
-        self.expert_num = max(1, len(self.hosted))
-        self.link = link if link is not None else ffn_link(deployment, rank, self.expert_num, ops)
+        self.link = link if link is not None else ffn_link(deployment, rank, ops)
         self._cursor = self.link.resume_slot()
         layout = deployment.layout
         self._out = torch.zeros(

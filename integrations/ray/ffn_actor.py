@@ -64,8 +64,7 @@ class FFNWorkerActor:
             # which the pool starts after this constructor returns: set up in the thread.
             def target() -> None:
                 try:
-                    expert_num = max(1, len(self.deployment.hosted(rank)))
-                    link = ffn_link(self.deployment, rank, expert_num, rendezvous=rendezvous)
+                    link = ffn_link(self.deployment, rank, rendezvous=rendezvous)
                     if self._stopping:  # stop() came while the link was being set up
                         link.close()
                         return

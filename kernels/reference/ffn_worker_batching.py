@@ -218,10 +218,14 @@ def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
         empty = torch.zeros(0, dtype=torch.int64)
         return torch.zeros(0, dtype=torch.int32), empty, empty
     per_session = area.tokens * area.slots
-    ids = _id_buffer(ctx, sc.FFN_EXPERT_IDS_BUF, sc.FFN_EXPERT_IDS_BUF_SIZE, out_num * per_session)
-    sessions = _id_buffer(ctx, sc.FFN_SESSION_IDS_BUF, sc.FFN_SESSION_IDS_BUF_SIZE, out_num)
-    micro_batches = _id_buffer(
-        ctx, sc.FFN_MICRO_BATCH_IDS_BUF, sc.FFN_MICRO_BATCH_IDS_BUF_SIZE, out_num
+    # copies: the scheduler may overwrite its buffers once this op returns
+    ids, sessions, micro_batches = (
+        _int32_buffer(ctx, field, size_field, 4 * count).clone()
+        for field, size_field, count in (
+            (sc.FFN_EXPERT_IDS_BUF, sc.FFN_EXPERT_IDS_BUF_SIZE, out_num * per_session),
+            (sc.FFN_SESSION_IDS_BUF, sc.FFN_SESSION_IDS_BUF_SIZE, out_num),
+            (sc.FFN_MICRO_BATCH_IDS_BUF, sc.FFN_MICRO_BATCH_IDS_BUF_SIZE, out_num),
+        )
     )
     for name, values, bound in (
         (sc.FFN_SESSION_IDS_BUF, sessions, area.sessions),
@@ -230,12 +234,6 @@ def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
         lo, hi = int(values.min()), int(values.max())
         check(lo >= 0 and hi < bound, sc.field_name(name), f"ids in [0, {bound})", values.tolist())
     return ids, sessions.to(torch.int64), micro_batches.to(torch.int64)
-
-
-def _id_buffer(
-    ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], count: int
-) -> torch.Tensor:
-    return sc.sized_buffer(ctx, field, size_field, 4 * count).data.view(torch.int32).clone()
 
 
 def _check_window_rows(area: FfnArea, hidden: int, token_dtype: int) -> None:
@@ -287,7 +285,7 @@ def ffn_worker_scheduler_(
     m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
     per_session = area.tokens * area.slots
     outputs = [
-        _id_buffer_view(ctx, field, size_field, 4 * count)
+        _int32_buffer(ctx, field, size_field, 4 * count)
         for (field, size_field), count in zip(
             sc.FFN_SCHEDULER_BUFFERS,
             (area.sessions, area.sessions, area.sessions, area.sessions * per_session),
@@ -359,7 +357,7 @@ def ffn_worker_scheduler(
     )
 
 
-def _id_buffer_view(
+def _int32_buffer(
     ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], nbytes: int
 ) -> torch.Tensor:
     return sc.sized_buffer(ctx, field, size_field, nbytes).data.view(torch.int32)
