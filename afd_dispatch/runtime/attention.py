@@ -17,6 +17,9 @@ from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.routing import RouterSpec, route
 from afd_dispatch.runtime.trace import Tracer
 
+# More rounds than any batch vLLM schedules needs (its token budget over M * BS >= 1).
+MAX_ROUNDS = 1 << 16
+
 
 class AttentionEndpoint:
     """Attention rank `session`'s sends and receives, one micro-batch slot at a time.
@@ -118,13 +121,24 @@ class AttentionEndpoint:
         self._next_receive = (micro_batch + 1) % len(self._in_flight)
         return y[:n]
 
+    def rounds_for(self, tokens: int) -> int:
+        """Rounds of M slots that `tokens` tokens need (at least one, even for none)."""
+        capacity = self.deployment.micro_batches * self.deployment.layout.tokens
+        return max(1, -(-tokens // capacity))
+
     def exchange(
-        self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        rounds: int | None = None,
     ) -> torch.Tensor:
-        """One MoE layer for all T tokens: ceil(T / (M*BS)) rounds of M slots, padded.
+        """One MoE layer for all T tokens: `rounds` rounds of M slots, tokens spread evenly.
 
         Every round sends all M slots (empty ones too), so every attention rank sends the
-        same sequence as long as all present the same number of rounds.
+        same sequence of (layer, slot) as long as all pass the same `rounds`: data-parallel
+        ranks pass `rounds_for` of the largest T among them (default: this rank's own T).
         """
         check(
             all(p is None for p in self._in_flight),
@@ -132,19 +146,27 @@ class AttentionEndpoint:
             "no micro-batch in flight (use send/receive for pipelining)",
             "slots in flight",
         )
-        m, bs = self.deployment.micro_batches, self.deployment.layout.tokens
+        m = self.deployment.micro_batches
         t = hidden.shape[0]
-        per_slot = max(1, min(bs, -(-t // m)))  # spread tokens evenly over the slots
-        rounds = max(1, -(-t // (per_slot * m)))
+        needed = self.rounds_for(t)
+        rounds = needed if rounds is None else rounds
+        check(
+            needed <= rounds <= MAX_ROUNDS,
+            "rounds",
+            f"[{needed}, {MAX_ROUNDS}] for {t} tokens",
+            rounds,
+        )
+        slots = rounds * m
+        per_slot = -(-t // slots)  # <= BS, since rounds >= needed
         out = torch.empty(t, hidden.shape[1], dtype=self.deployment.layout.dtype)
-        bounds = [min(t, i * per_slot) for i in range(rounds * m + 1)]
-        for i in range(rounds * m):
+        bounds = [min(t, i * per_slot) for i in range(slots + 1)]
+        for i in range(slots):
             if i >= m:
                 j = i - m
                 out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
             lo, hi = bounds[i], bounds[i + 1]
             self.send(i % m, layer, hidden[lo:hi], topk_ids[lo:hi], topk_weights[lo:hi])
-        for j in range(max(0, rounds * m - m), rounds * m):
+        for j in range(max(0, slots - m), slots):
             out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
         return out
 

@@ -10,9 +10,11 @@ Entry point (group `vllm.general_plugins`): `register`. vLLM calls it in every p
   that is registered (vLLM's own, or an out-of-tree one such as vllm-ascend's) is
   replaced by a subclass that keeps the router here, allocates no expert weights and
   sends the experts' work to the FFN ranks.
-- `server`: the worker's AFD side: windows, FFN Ray actors, the attention endpoint; it
-  stops the actors when the worker exits.
-- `metrics`: AFD counters on the server's `/metrics`.
+- `owner`: the deployment's shared half (windows, FFN Ray actors), made once per server
+  by the process that launches the engine cores (`compat` hooks that launch); every
+  data-parallel rank attaches to it.
+- `server`: a worker's AFD side: attention session = its data-parallel rank.
+- `metrics`: AFD counters on the server's `/metrics`, labelled by session and FFN rank.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from afd_dispatch.integrations.vllm import cli, metrics, moe
+    from afd_dispatch.integrations.vllm import cli, compat, metrics, moe
 
     cli.install()
     moe.install_model_hook()
     metrics.install()
+    compat.install_engine_launch_hook()

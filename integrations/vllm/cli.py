@@ -10,6 +10,7 @@ from typing import Any
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.integrations.vllm import afd_plugin_keys
 from afd_dispatch.kernels import resolve_backend
 
 ADDITIONAL_CONFIG_KEY = "afd"
@@ -36,11 +37,11 @@ def install() -> None:
 
     def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
         engine_args = original_from(cls, args)
+        extra = dict(engine_args.additional_config or {})
         text = getattr(args, "afd_config", None)
-        if text:
-            config = checked_config(text, engine_args)
-            extra = dict(engine_args.additional_config or {})
-            extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()
+        if text or ADDITIONAL_CONFIG_KEY in extra:
+            config = checked_config(text, extra.get(ADDITIONAL_CONFIG_KEY), engine_args)
+            extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()  # other projects' keys stay
             engine_args.additional_config = extra
         return engine_args
 
@@ -49,21 +50,19 @@ def install() -> None:
     EngineArgs._afd_patched = True  # type: ignore[attr-defined]
 
 
-def checked_config(text: str, engine_args: Any) -> AFDConfig:
-    """Parse `--afd-config` and check it against this server; exit with a clear message."""
+def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDConfig:
+    """`--afd-config` and/or `--additional-config '{"afd": ...}'`, checked against this
+    server; exit with one clear message, before any engine or worker starts."""
+    flag = "--afd-config" if text else afd_plugin_keys.FLAG
     try:
-        config = AFDConfig.from_json(text)
-        config = server_config(config)
-        # One server is one attention rank: data-parallel attention ranks would each need
-        # their own session of one shared deployment, which the plugin does not wire yet.
-        data_parallel = int(getattr(engine_args, "data_parallel_size", 1) or 1)
-        check(data_parallel == 1, "--data-parallel-size", "1 with --afd-config", data_parallel)
-        check(
-            config.num_attention_workers == 1,
-            "num_attention_workers",
-            "1: each vLLM server is one attention rank",
-            config.num_attention_workers,
-        )
+        given = {} if not text else AFDConfig.read_json(text)
+        values = {} if not text else AFDConfig.from_dict(given).to_dict()
+        if additional is not None:
+            # only the keys --afd-config sets itself: its defaults must not clash
+            own = {k: values[k] for k in given}
+            values = afd_plugin_keys.merge(own, afd_plugin_keys.translate(additional))
+        config = server_config(AFDConfig.from_dict(values))
+        _check_parallel(config, engine_args)
         npu = resolve_backend(config.backend) == "npu"
         check(
             not npu or config.window_groups == "per_micro_batch",
@@ -84,7 +83,7 @@ def checked_config(text: str, engine_args: Any) -> AFDConfig:
         check(
             isinstance(model, str) and os.path.isdir(model),
             "model",
-            "a local checkpoint directory with --afd-config (the FFN workers load from it)",
+            "a local checkpoint directory with AFD (the FFN workers load from it)",
             model,
         )
         from afd_dispatch.runtime.deployment import Deployment
@@ -92,8 +91,43 @@ def checked_config(text: str, engine_args: Any) -> AFDConfig:
 
         Deployment(config, MoESpec.from_pretrained(str(model)))  # placement + window sizes
     except AFDInputError as exc:
-        raise SystemExit(f"error: --afd-config: {exc}") from None
+        raise SystemExit(f"error: {flag}: {exc}") from None
     return config
+
+
+def _check_parallel(config: AFDConfig, engine_args: Any) -> None:
+    """Data-parallel rank s is attention session s: one engine per session, on one host
+    for shared-memory windows, started by vLLM's own (multiprocessing) DP launcher."""
+    data_parallel = int(getattr(engine_args, "data_parallel_size", 1) or 1)
+    check(
+        data_parallel == config.num_attention_workers,
+        "--data-parallel-size",
+        f"num_attention_workers = {config.num_attention_workers} (each data-parallel rank "
+        "is one attention session)",
+        data_parallel,
+    )
+    for name, flag in (
+        ("tensor_parallel_size", "--tensor-parallel-size"),
+        ("pipeline_parallel_size", "--pipeline-parallel-size"),
+    ):
+        size = int(getattr(engine_args, name, 1) or 1)
+        check(size == 1, flag, "1 with AFD (one worker per attention session)", size)
+    backend = getattr(engine_args, "data_parallel_backend", "mp") or "mp"
+    check(
+        backend == "mp",
+        "--data-parallel-backend",
+        '"mp" with AFD (the deployment owner starts where vLLM spawns the engines)',
+        backend,
+    )
+    local = getattr(engine_args, "data_parallel_size_local", None)
+    if resolve_backend(config.backend) != "npu":
+        check(
+            local is None or int(local) == data_parallel,
+            "--data-parallel-size-local",
+            f"{data_parallel} (all DP ranks on one host: shared-memory windows; "
+            "backend npu crosses hosts)",
+            local,
+        )
 
 
 def server_config(config: AFDConfig) -> AFDConfig:

@@ -1,11 +1,18 @@
 """AFD counters on the vLLM server's `/metrics`.
 
-The counters live in the worker (attention side) and in the FFN actors; `/metrics` is
-served by the API server process. The worker's `CounterPublisher` writes a JSON snapshot
-once a second into a private directory named by `AFD_METRICS_FILE`; the API server's
-collector reads it at each scrape. The API server sets that variable when the plugin
-first loads there, before it starts the engine, whose processes inherit it, and removes
-the directory when it exits.
+The counters live in the workers (one attention session per data-parallel rank) and in
+the FFN actors; `/metrics` is served by the API server processes. Each worker, and the
+deployment's owner for the FFN actors, has a `CounterPublisher` that writes a JSON
+snapshot once a second into a private directory named by `AFD_METRICS_DIR`, one file per
+publisher; the collector reads them all at each scrape. Attention counters are labelled
+`session`, FFN counters `ffn_rank`. The first process that loads the plugin (the one that
+runs `vllm serve`) sets that variable before it starts anything, so every process it
+starts inherits it, and removes the directory when it exits.
+
+With several API servers (vLLM's default with data-parallel ranks) `/metrics` serves only
+prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`), so one publisher,
+session 0's, also mirrors every snapshot into multiprocess counters
+(`MultiprocessExporter`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
-ENV = "AFD_METRICS_FILE"
+ENV = "AFD_METRICS_DIR"
+SUFFIX = ".json"
 PUBLISH_PERIOD_S = 1.0
 PREFIX = "afd_"
 
@@ -34,16 +42,21 @@ def install() -> None:
     """In every process: agree on the snapshot file; where prometheus serves, collect it."""
     if ENV not in os.environ:
         directory = tempfile.mkdtemp(prefix="afd-metrics-")  # 0700, unguessable
-        os.environ[ENV] = os.path.join(directory, "counters.json")
+        os.environ[ENV] = directory
         atexit.register(_remove_directory, directory, os.getpid())
     try:
         from prometheus_client import REGISTRY
     except ImportError:
         return
+    register_collector(REGISTRY)
+
+
+def register_collector(registry: Any) -> None:
+    """Add the AFD collector to a prometheus `registry` once."""
     if not any(
-        isinstance(c, SnapshotCollector) for c in getattr(REGISTRY, "_collector_to_names", {})
+        isinstance(c, SnapshotCollector) for c in getattr(registry, "_collector_to_names", {})
     ):
-        REGISTRY.register(SnapshotCollector(os.environ[ENV]))
+        registry.register(SnapshotCollector(os.environ[ENV]))
 
 
 def _remove_directory(directory: str, owner: int) -> None:
@@ -52,41 +65,106 @@ def _remove_directory(directory: str, owner: int) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class SnapshotCollector:
-    """A prometheus collector yielding the counters of the latest snapshot."""
+def labels(process: str) -> tuple[str, str]:
+    """The label of a tracer's process name: "attention 3" -> session 3, "FFN 1" -> ffn_rank 1."""
+    role, _, rank = process.rpartition(" ")
+    return ("session" if role == "attention" else "ffn_rank" if role == "FFN" else "process"), (
+        rank if role in ("attention", "FFN") else process
+    )
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+
+class SnapshotCollector:
+    """A prometheus collector yielding the counters of the latest snapshots in a directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """{process: {counter: value}} over every publisher's file."""
+        out: dict[str, dict[str, float]] = {}
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if n.endswith(SUFFIX))
+        except OSError:
+            return out  # no AFD in this server (or not started yet)
+        for name in names:
+            try:
+                with open(os.path.join(self.directory, name), encoding="utf-8") as fh:
+                    values = json.load(fh)
+                out |= {str(p): {str(k): float(v) for k, v in c.items()} for p, c in values.items()}
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue  # being replaced, or not ours: the next scrape reads it
+        return out
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily
 
-        try:
-            with open(self.path, encoding="utf-8") as fh:
-                snapshot = json.load(fh)
-        except (OSError, ValueError):
-            return  # no AFD in this server (or not started yet)
-        by_name: dict[str, list[tuple[str, float]]] = {}
-        for process, values in snapshot.items():
+        by_name: dict[str, list[tuple[tuple[str, str], float]]] = {}
+        for process, values in self.snapshot().items():
             for name, value in values.items():
-                by_name.setdefault(name, []).append((process, float(value)))
+                by_name.setdefault(name, []).append((labels(process), value))
         for name, samples in sorted(by_name.items()):
-            metric = PREFIX + "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
-            family = CounterMetricFamily(metric, f"AFD {name}", labels=["process"])
-            for process, value in samples:
-                family.add_metric([process], value)
+            metric = metric_name(name)
+            keys = sorted({key for (key, _), _ in samples})
+            family = CounterMetricFamily(metric, f"AFD {name}", labels=keys)
+            for (key, value_label), value in samples:
+                family.add_metric([value_label if k == key else "" for k in keys], value)
             yield family
 
     def describe(self) -> list[Any]:
         return []  # names are known only at scrape time
 
 
-class CounterPublisher:
-    """Writes `source.counters()` to the snapshot file every `PUBLISH_PERIOD_S`."""
+def metric_name(name: str) -> str:
+    return PREFIX + "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
 
-    def __init__(self, source: _HasCounters) -> None:
+
+def multiprocess() -> bool:
+    """Whether prometheus_client in this process writes multiprocess files (it decides
+    when it is imported, from `PROMETHEUS_MULTIPROC_DIR`)."""
+    from prometheus_client import values
+
+    return values.ValueClass is not values.MutexValue
+
+
+class MultiprocessExporter:
+    """Mirrors the snapshot directory into multiprocess counters (run in one process only:
+    prometheus sums a counter over the processes that wrote it).
+
+    A counter that went down (an FFN actor restarted and counts from zero) is held until it
+    passes its last value: counters never decrease.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.collector = SnapshotCollector(directory)
+        self._counters: dict[str, tuple[str, Any]] = {}  # name -> (label, Counter)
+        self._last: dict[tuple[str, str], float] = {}
+
+    def export(self) -> None:
+        from prometheus_client import Counter
+
+        for process, values in self.collector.snapshot().items():
+            key, label = labels(process)
+            for name, value in values.items():
+                if name not in self._counters:
+                    counter = Counter(metric_name(name), f"AFD {name}", [key], registry=None)
+                    self._counters[name] = (key, counter)
+                counter_key, counter = self._counters[name]
+                delta = value - self._last.get((name, label), 0.0)
+                if counter_key == key and delta > 0:
+                    counter.labels(label).inc(delta)
+                    self._last[(name, label)] = value
+
+
+class CounterPublisher:
+    """Writes `source.counters()` to `<AFD_METRICS_DIR>/<name>.json` every `PUBLISH_PERIOD_S`."""
+
+    def __init__(self, source: _HasCounters, name: str, export_all: bool = False) -> None:
         self.source = source
-        self.path = os.environ.get(ENV)
+        directory = os.environ.get(ENV)
+        self.path = os.path.join(directory, name + SUFFIX) if directory else None
+        self.exporter = (
+            MultiprocessExporter(directory) if directory and export_all and multiprocess() else None
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.path:
@@ -106,6 +184,8 @@ class CounterPublisher:
             with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
                 json.dump(snapshot, fh)
             os.replace(tmp, self.path)
+            if self.exporter is not None:
+                self.exporter.export()
         except Exception as exc:  # metrics must never take the server down
             log.debug("AFD metrics snapshot failed: %s", exc)
 

@@ -48,6 +48,13 @@ class AFDMoEMethodMixin:
         return False  # vLLM's router runs here and hands us top-k ids and weights
 
     @property
+    def supports_internal_mk(self) -> bool:
+        # AFD is the dispatch and the combine: with data-parallel ranks, vLLM's runner must
+        # not all-gather every rank's tokens first (its naive DP path); each rank is a
+        # session of its own. Version-checked in `compat`.
+        return True
+
+    @property
     def topk_indices_dtype(self) -> torch.dtype | None:
         return None
 
@@ -79,7 +86,7 @@ def vllm_moe(
     vLLM compiles the model with torch.compile; as a custom op the exchange (window writes,
     flag waits) is one node of the graph that runs eagerly, never traced into.
     """
-    return server.current().moe(layer, x, topk_ids, topk_weights)
+    return server.current().moe(layer, x, topk_ids, topk_weights, _dp_max_tokens())
 
 
 @vllm_moe.register_fake
@@ -87,6 +94,22 @@ def _(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layer: int
 ) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+def _dp_max_tokens() -> int | None:
+    """The most tokens any data-parallel rank runs in this forward (None without DP).
+
+    Every DP rank must send the same number of exchange rounds per MoE layer; vLLM's DP
+    metadata carries each rank's token count (all-reduced once per forward).
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().dp_metadata
+    if metadata is None:
+        return None
+    return int(metadata.num_tokens_across_dp_cpu.max())
 
 
 def _layer_index(layer: torch.nn.Module) -> int:
@@ -130,7 +153,8 @@ def install_model_hook() -> None:
         if config is None:
             return original(self, vllm_config, model_config, prefix)
         method = install_method()
-        server.start(config, str(model_config.model), model_config.dtype)
+        session = int(vllm_config.parallel_config.data_parallel_rank)
+        server.start(config, str(model_config.model), model_config.dtype, session)
         model = original(self, vllm_config, model_config, prefix)
         check_every_moe_layer_uses(model, method)
         return model

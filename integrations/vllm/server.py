@@ -1,7 +1,8 @@
-"""The AFD side of one vLLM worker: windows, FFN actors and the attention endpoint.
+"""The AFD side of one vLLM worker: one attention session of the deployment.
 
 One `AttentionServer` per worker process, made when the model is built and closed when
 the process exits. Its `moe` is what the patched MoE method calls for every MoE layer.
+vLLM's data-parallel rank s is session s.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import torch
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import check
-from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.integrations.vllm import metrics
+from afd_dispatch.integrations.vllm.owner import Attachment, DeploymentOwner
 from afd_dispatch.link import attention_link
-from afd_dispatch.link.npu import serve_rendezvous
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Tracer
+from afd_dispatch.windows import WindowGroup
 
 log = logging.getLogger(__name__)
 _server: AttentionServer | None = None
@@ -31,102 +32,119 @@ _lock = threading.Lock()
 
 
 class AttentionServer:
-    def __init__(self, config: AFDConfig, model_path: str, dtype: torch.dtype) -> None:
+    """Attention rank `session` of a deployment: its endpoint, and its counters published.
+
+    With an `attachment` the deployment belongs to a `DeploymentOwner` in the process that
+    launched this engine (all DP ranks share it); without one, this process owns it.
+    """
+
+    def __init__(
+        self,
+        config: AFDConfig,
+        model_path: str,
+        dtype: torch.dtype,
+        session: int = 0,
+        attachment: Attachment | None = None,
+    ) -> None:
         check(
             os.path.isdir(model_path),
             "model",
             "a local checkpoint directory (AFD workers load from it)",
             model_path,
         )
+        check(
+            0 <= session < config.num_attention_workers,
+            "data-parallel rank",
+            f"[0, {config.num_attention_workers}) (num_attention_workers)",
+            session,
+        )
         self.config = config
-        self.deployment = Deployment(config, MoESpec.from_pretrained(model_path), dtype)
-        self.tracer = Tracer("attention 0", enabled=config.trace)
-        npu = self.deployment.backend == "npu"
-        # The NPU link's ranks meet at a TCP store this process serves; the reference
-        # link's windows are shared memory this process owns.
-        self.groups = [] if npu else self.deployment.create_windows("shm")
-        self._rendezvous_store: Any = None
-        self.pool: FFNWorkerPool | None = None
+        self.session = session
+        self.owner: DeploymentOwner | None = None
+        self.groups: list[WindowGroup] = []  # attached here, closed here
+        self.tracer = Tracer(f"attention {session}", enabled=config.trace)
+        self._metrics: metrics.CounterPublisher | None = None
         try:
-            link = None
-            rendezvous = None
-            if npu:
-                rendezvous, self._rendezvous_store = serve_rendezvous(_rendezvous_host(config))
-            self.pool = FFNWorkerPool(
-                self.deployment, model_path, self.groups, rendezvous=rendezvous
-            ).start()
-            if rendezvous is not None:
-                log.info(
-                    "AFD: NPU link: HCCL communicators set up at %s:%d",
-                    rendezvous.host,
-                    rendezvous.port,
+            if attachment is None:
+                check(
+                    config.num_attention_workers == 1,
+                    "num_attention_workers",
+                    "1 where no process launched the engines (data-parallel ranks share "
+                    "a deployment that the engines' launcher owns)",
+                    config.num_attention_workers,
                 )
-                link = attention_link(self.deployment, 0, rendezvous=rendezvous)
-            self.endpoint = AttentionEndpoint(self.deployment, 0, tracer=self.tracer, link=link)
+                self.owner = DeploymentOwner(config, model_path, dtype)
+                self.deployment = self.owner.deployment
+                rendezvous = self.owner.rendezvous
+            else:
+                self.deployment = Deployment(config, MoESpec.from_pretrained(model_path), dtype)
+                self.groups, rendezvous = attachment.attach(self.deployment)
+            link = None
+            if rendezvous is not None:
+                link = attention_link(self.deployment, session, rendezvous=rendezvous)
+            self.endpoint = AttentionEndpoint(
+                self.deployment, session, tracer=self.tracer, link=link
+            )
         except BaseException:
             self.close()
             raise
-        self._metrics = metrics.CounterPublisher(self)
-        log.info(
-            "AFD: %d FFN actors serving %s, %d micro-batches of <= %d tokens",
-            len(self.pool.actors),
-            model_path,
-            config.micro_batch_num,
-            config.max_tokens_per_micro_batch,
-        )
+        self._metrics = metrics.CounterPublisher(self, f"attention-{session}", session == 0)
+        log.info("AFD: data-parallel rank %d is attention session %d", session, session)
 
     def moe(
-        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        layer: int,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        dp_max_tokens: int | None = None,
     ) -> torch.Tensor:
-        """The routed experts' weighted sum for one MoE layer (shared experts excluded)."""
+        """The routed experts' weighted sum for one MoE layer (shared experts excluded).
+
+        `dp_max_tokens`: the most tokens any data-parallel rank runs in this forward; all
+        ranks then send the same number of rounds.
+        """
+        rounds = None
+        if dp_max_tokens is not None:
+            rounds = self.endpoint.rounds_for(max(dp_max_tokens, x.shape[0]))
         out = self.endpoint.exchange(
             layer,
             x.to(self.deployment.dtype),
             topk_ids.to(torch.int32),
             topk_weights.to(torch.float32),
+            rounds,
         )
         return out.to(x.dtype)
 
     def counters(self) -> dict[str, dict[str, float]]:
         counters = {self.tracer.process: self.tracer.snapshot()[1]}
-        if self.pool is not None:
-            counters |= self.pool.traces()[1]
+        if self.owner is not None:
+            counters |= self.owner.counters()
         return counters
 
     def close(self) -> None:
-        if getattr(self, "_metrics", None) is not None:
+        if self._metrics is not None:
             self._metrics.close()
+            self._metrics = None
         endpoint = getattr(self, "endpoint", None)
         if endpoint is not None:
             endpoint.link.close()
-        if self.pool is not None:
-            try:
-                self.pool.stop()
-            except Exception as exc:  # the process is going away; say so, don't mask it
-                log.warning("AFD: stopping FFN actors failed: %s", exc)
-            self.pool = None
+        if self.owner is not None:
+            self.owner.close()
+            self.owner = None
         for group in self.groups:
             group.close()
         self.groups = []
-        self._rendezvous_store = None
 
 
-def _rendezvous_host(config: AFDConfig) -> str:
-    """Where FFN actors reach this process: loopback with the embedded Ray, else this node's
-    address in the Ray cluster."""
-    if config.ray_address in (None, "local"):
-        return "127.0.0.1"
-    import ray.util
-
-    return str(ray.util.get_node_ip_address())
-
-
-def start(config: AFDConfig, model_path: str, dtype: torch.dtype) -> AttentionServer:
-    """The process's server, made once."""
+def start(
+    config: AFDConfig, model_path: str, dtype: torch.dtype, session: int = 0
+) -> AttentionServer:
+    """The process's server, made once; it joins the deployment its launcher owns, if any."""
     global _server
     with _lock:
         if _server is None:
-            _server = AttentionServer(config, model_path, dtype)
+            _server = AttentionServer(config, model_path, dtype, session, Attachment.from_env())
             atexit.register(stop)
         return _server
 

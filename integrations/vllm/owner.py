@@ -1,0 +1,171 @@
+"""The deployment's shared half: its windows and its FFN pool, one per `vllm serve`.
+
+Every data-parallel rank of a server is one AFD session, and all of them talk to the same
+FFN ranks. So the windows (or, on A3, the rendezvous of the HCCL communicators) and the
+FFN Ray actors are made once, by `DeploymentOwner`, in the process that launches vLLM's
+engine cores, before it launches them. The engines learn where to attach from an
+`Attachment` the owner leaves in their environment (inherited, never on the command line):
+on one host that needs no lookup and no wait. The owner stops the pool and removes the
+windows when that process exits; if it is killed, Ray ends the actors it owns and each
+window group's janitor unlinks the files.
+
+A process that builds a model without an owner (vLLM with multiprocessing off, or an
+offline `LLM`) owns a deployment of its own; that needs one attention rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.errors import AFDHandshakeError, AFDInputError
+from afd_dispatch.integrations.ray import FFNWorkerPool
+from afd_dispatch.link.npu import Rendezvous, serve_rendezvous
+from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
+from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.windows import WindowGroup, WindowGroupSpec, attach_window_group
+
+log = logging.getLogger(__name__)
+ENV = "AFD_ATTACHMENT"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What an attention rank needs to join the owner's deployment (JSON in `ENV`).
+
+    `windows` maps each window group name to its shared-memory token (a secret: the files
+    are owner-only, and the names unguessable); `rendezvous` is where the NPU link's ranks
+    meet; `params` is the owner's plan, which the rank's own plan must equal.
+    """
+
+    owner_pid: int
+    params: dict[str, Any]
+    windows: dict[str, str] = field(default_factory=dict)
+    rendezvous: tuple[str, int] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> Attachment | None:
+        text = os.environ.get(ENV)
+        if not text:
+            return None
+        try:
+            values = json.loads(text)
+            rendezvous = values.get("rendezvous")
+            return cls(
+                owner_pid=int(values["owner_pid"]),
+                params=dict(values["params"]),
+                windows={str(k): str(v) for k, v in dict(values["windows"]).items()},
+                rendezvous=None if rendezvous is None else (str(rendezvous[0]), int(rendezvous[1])),
+            )
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise AFDInputError(ENV, "the JSON a DeploymentOwner wrote", f"{exc}") from None
+
+    def attach(self, deployment: Deployment) -> tuple[list[WindowGroup], Rendezvous | None]:
+        """Check `deployment` against the owner's plan, then map its windows.
+
+        Raises `AFDHandshakeError` naming every field that differs.
+        """
+        ProtocolParams.from_dict(self.params).check_matches(
+            deployment.params(), f"the deployment owner (pid {self.owner_pid})", "this rank"
+        )
+        groups: list[WindowGroup] = []
+        try:
+            for name in deployment.group_names:
+                if name not in self.windows:
+                    raise AFDHandshakeError(
+                        f"the deployment owner (pid {self.owner_pid}) made no window group "
+                        f"{name!r} (it made {sorted(self.windows)})"
+                    )
+                spec = WindowGroupSpec(
+                    name,
+                    deployment.topology,
+                    deployment.layout,
+                    "shm",
+                    deployment.config.wait_timeout_s,
+                    self.windows[name],
+                )
+                groups.append(attach_window_group(spec))
+        except BaseException:
+            for group in groups:
+                group.close()
+            raise
+        rendezvous = None if self.rendezvous is None else Rendezvous(*self.rendezvous)
+        return groups, rendezvous
+
+
+class DeploymentOwner:
+    """Windows (reference link) or rendezvous (NPU link), and the FFN actors, of one server."""
+
+    def __init__(self, config: AFDConfig, model_path: str, dtype: torch.dtype) -> None:
+        self.config = config
+        self.deployment = Deployment(config, MoESpec.from_pretrained(model_path), dtype)
+        npu = self.deployment.backend == "npu"
+        # The NPU link's ranks meet at a TCP store this process serves; the reference
+        # link's windows are shared memory this process owns.
+        self.groups = [] if npu else self.deployment.create_windows("shm")
+        self.rendezvous: Rendezvous | None = None
+        self._store: Any = None
+        self.pool: FFNWorkerPool | None = None
+        try:
+            if npu:
+                self.rendezvous, self._store = serve_rendezvous(_rendezvous_host(config))
+            self.pool = FFNWorkerPool(
+                self.deployment, model_path, self.groups, rendezvous=self.rendezvous
+            ).start()
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "AFD: %d FFN actors serving %s for %d attention ranks, %d micro-batches of <= %d "
+            "tokens",
+            len(self.pool.actors),
+            model_path,
+            config.num_attention_workers,
+            config.micro_batch_num,
+            config.max_tokens_per_micro_batch,
+        )
+
+    def attachment(self) -> Attachment:
+        return Attachment(
+            owner_pid=os.getpid(),
+            params=self.deployment.params().to_dict(),
+            windows={g.name: str(g.spec.token) for g in self.groups},
+            rendezvous=None
+            if self.rendezvous is None
+            else (self.rendezvous.host, self.rendezvous.port),
+        )
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """The FFN ranks' counters, {"FFN r": {name: value}}."""
+        return {} if self.pool is None else self.pool.traces()[1]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            try:
+                self.pool.stop()
+            except Exception as exc:  # the process is going away; say so, don't mask it
+                log.warning("AFD: stopping FFN actors failed: %s", exc)
+            self.pool = None
+        for group in self.groups:
+            group.close()
+        self.groups = []
+        self._store = None
+
+
+def _rendezvous_host(config: AFDConfig) -> str:
+    """Where FFN actors and attention ranks reach the owner: loopback with the embedded
+    Ray, else this node's address in the Ray cluster."""
+    if config.ray_address in (None, "local"):
+        return "127.0.0.1"
+    import ray.util
+
+    return str(ray.util.get_node_ip_address())
