@@ -47,6 +47,10 @@ MAX_TOPK = 16
 MAX_SHARED_EXPERTS = 4
 A3_HIDDEN_RANGE = (1024, 8192)
 DEFAULT_HCCL_BUFFSIZE_MB = 200
+# The FFN journal (reference backend): header words, then per-row fields
+JOURNAL_HEADER_WORDS = 4  # state (JOURNAL_EMPTY / JOURNAL_BATCHED), slot, layer, count
+JOURNAL_ROW_FIELDS = 5  # session, micro-batch, token, slot, local expert id
+JOURNAL_EMPTY, JOURNAL_BATCHED = 0, 1
 
 QUANT_NONE = 0
 QUANT_INT8 = 2
@@ -188,6 +192,27 @@ class WindowLayout:
     def ffn_data_bytes(self) -> int:
         a, m, bs, e, _ = self.ffn_data_shape
         return a * m * bs * e * self.attn_to_ffn_token_size
+
+    # -- FFN journal (reference backend only: crash recovery, nothing of A3's) -------------
+    @property
+    def ffn_journal_bytes(self) -> int:
+        """int32 header [state, slot, layer, count], then [5, A*BS*E] per-row (session,
+        micro-batch, token, slot, local expert id) of the micro-batch an FFN rank batched
+        and has not yet given back."""
+        rows = self.sessions * self.tokens * self.slots
+        return 4 * (JOURNAL_HEADER_WORDS + JOURNAL_ROW_FIELDS * rows)
+
+    def ffn_journal_views(self, storage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(header int32 [4], rows int32 [5, A*BS*E]) over an FFN rank's journal storage."""
+        check(
+            storage.dtype == torch.uint8 and storage.numel() == self.ffn_journal_bytes,
+            "journal storage",
+            f"{self.ffn_journal_bytes} uint8 bytes",
+            (storage.dtype, storage.numel()),
+        )
+        words = storage.view(torch.int32)
+        rows = words[JOURNAL_HEADER_WORDS:].view(JOURNAL_ROW_FIELDS, -1)
+        return words[:JOURNAL_HEADER_WORDS], rows
 
     @property
     def ffn_scheduler_buffer_bytes(self) -> tuple[int, int, int, int]:

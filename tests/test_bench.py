@@ -182,7 +182,8 @@ def test_loop_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Two real vLLM servers (colocated, then AFD), smallest request set, one round."""
+    """Three real vLLM servers (colocated, AFD, AFD with two DP ranks), smallest request
+    set, one round."""
     pytest.importorskip("vllm")
     data = run_level("serving", tmp_path, 1, capsys)
     rows = rows_by_name(data)
@@ -194,6 +195,12 @@ def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert close(m["afd_tok_s"], m["tokens_per_round"] / m["afd_wall_s"])  # one round
     assert m["colocated_spread"] == m["afd_spread"] == 1.0  # fastest / slowest of one round
     assert close(m["extra_wall_s"], m["afd_wall_s"] - m["colocated_wall_s"])
+    dp2 = rows["afd_dp2_vs_colocated"]  # two attention ranks: vllm serve --data-parallel-size 2
+    d = dp2["metrics"]
+    assert d["afd_dp2_tok_s"] > 0 and d["afd_dp2_spread"] == 1.0
+    assert close(dp2["value"], d["afd_dp2_tok_s"] / m["colocated_tok_s"])
+    assert close(d["afd_dp2_vs_afd"], d["afd_dp2_tok_s"] / m["afd_tok_s"])
+    assert close(d["afd_dp2_tok_s"], m["tokens_per_round"] / d["afd_dp2_wall_s"])
     shares = ("attention_send", "attention_combine", "attention_rest", "ffn_experts", "ffn_return")
     for name in shares:
         row = rows[name]

@@ -28,12 +28,9 @@ import json
 import os
 import random
 import re
-import selectors
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -46,6 +43,7 @@ import ray
 import torch
 from ray._private.state import GlobalState
 from ray._raylet import GcsClientOptions  # type: ignore[attr-defined]
+from ray_cluster import ray_env, ray_head, read_line, wait_for
 
 from afd_dispatch import AFDConfig, AFDTimeoutError
 from afd_dispatch.errors import AFDHandshakeError
@@ -74,7 +72,7 @@ GONE_WITHIN_S = 30.0  # killed actors must be DEAD in Ray and their processes go
 
 # 3(b): the deadline under test and how late its error may come (the kill delay, the decode
 # before the fault and one back-off sleep on a busy host: a hang bound, not a speed test)
-FAULT_TIMEOUT_S = 8.0
+FAULT_TIMEOUT_S = WAIT_TIMEOUT_S  # a restart (Ray worker start, torch import, experts) fits
 LATE_BY_AT_MOST_S = 10.0
 FAULT_TRIALS = int(os.environ.get("AFD_FAULT_TRIALS", "4"))
 FAULT_STEPS = 6
@@ -263,14 +261,6 @@ def process_gone(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:g} s: {what()}")
-        time.sleep(0.1)
 
 
 def assert_actors_gone(gcs: GcsView, actor_ids: set[str], pids: set[int]) -> None:
@@ -535,13 +525,13 @@ def _kill_after(
     return killer, hook
 
 
-def test_actor_killed_mid_decode_finishes_right_or_times_out(
+def test_actor_killed_mid_decode_finishes_right(
     local_ray: None, heavy: tuple[TinyMoEModel, str]
 ) -> None:
     """Each trial: after a random decode step of attention rank 0 plus a random delay, one
     FFN actor is killed (Ray restarts it) while the decode goes on. Each attention rank's
-    run must end bit-identical to the colocated run or with an `AFDTimeoutError` describing
-    its wait, within the deadline; nothing else (no wrong result, no hang) is allowed."""
+    run must end bit-identical to the colocated run, within the deadline: a micro-batch the
+    victim had collected but not given back is redone by its successor (the FFN journal)."""
     model, path = heavy
     rng = random.Random(20261127)
     total_steps = PROMPT_LEN + FAULT_STEPS
@@ -574,16 +564,10 @@ def test_actor_killed_mid_decode_finishes_right_or_times_out(
             assert outcome.elapsed_s < FAULT_TIMEOUT_S + LATE_BY_AT_MOST_S, (
                 f"{label}: ended after {outcome.elapsed_s:.1f} s"
             )
-            if outcome.error is None:
-                assert outcome.hidden is not None
-                assert identical(outcome.hidden, expected[session]), f"{label}: WRONG result"
-                seen.append(f"{label}: identical after {outcome.elapsed_s:.2f} s")
-            else:
-                assert isinstance(outcome.error, AFDTimeoutError), f"{label}: {outcome.error!r}"
-                assert _timeout_names_the_wait(outcome.error, deployment, session), (
-                    f"{label}: {outcome.error}"
-                )
-                seen.append(f"{label}: after {outcome.elapsed_s:.2f} s {outcome.error}")
+            assert outcome.error is None, f"{label}: {outcome.error!r}"
+            assert outcome.hidden is not None
+            assert identical(outcome.hidden, expected[session]), f"{label}: WRONG result"
+            seen.append(f"{label}: identical after {outcome.elapsed_s:.2f} s")
     print("\n".join(["", *seen]))
 
 
@@ -614,71 +598,7 @@ print(json.dumps({
 }), flush=True)
 time.sleep(600)  # a driver that would keep its actors; the test SIGKILLs it
 """
-HEAD_START_S = 90.0
 DRIVER_START_S = 150.0
-
-
-def _env() -> dict[str, str]:
-    """This process's environment, token authentication on (never turned off here)."""
-    return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
-
-
-@contextlib.contextmanager
-def ray_head() -> Iterator[str]:
-    """A separate Ray head (`ray start --head --block`), its GCS address; torn down after.
-
-    `--block` keeps `ray start` in the foreground as the parent of the head's processes:
-    SIGTERM to it (our child, by pid) stops exactly this head, where `ray stop` would stop
-    every Ray of this user on the host. A short private --temp-dir keeps its sockets apart.
-    """
-    cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    assert cli is not None, "the `ray` command of this environment"
-    temp = tempfile.mkdtemp(prefix="afdray", dir="/tmp")
-    log_path = Path(temp, "head.log")
-    with open(log_path, "wb") as log:
-        head = subprocess.Popen(
-            [cli, "start", "--head", "--port=0", "--num-cpus=4", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
-            stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
-        )  # fmt: skip
-    try:
-        address_file = Path(temp, "ray_current_cluster")  # written once the head is up
-        wait_for(
-            lambda: (
-                head.poll() is not None
-                or (address_file.exists() and address_file.read_text().strip() != "")
-            ),
-            HEAD_START_S,
-            lambda: f"ray start --head: {log_path.read_text()[-2000:]}",
-        )
-        assert head.poll() is None, f"ray start --head exited: {log_path.read_text()[-2000:]}"
-        yield address_file.read_text().strip()
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=45)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):  # anything left in its process group
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout_s: float, stderr: Path) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    buf = b""
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            assert left > 0, f"driver said nothing in {timeout_s:g} s: {stderr.read_text()[-3000:]}"
-            if sel.select(left):
-                chunk = os.read(proc.stdout.fileno(), 65536)
-                assert chunk, f"driver exited ({proc.wait()}): {stderr.read_text()[-3000:]}"
-                buf += chunk
-    return buf.split(b"\n", 1)[0].decode()
 
 
 def test_sigkilled_driver_leaves_no_actor_alive(
@@ -693,7 +613,7 @@ def test_sigkilled_driver_leaves_no_actor_alive(
             with open(stderr, "wb") as err:
                 driver = subprocess.Popen(
                     [sys.executable, "-c", DRIVER, address, path, f"orphan{uuid.uuid4().hex[:8]}"],
-                    stdout=subprocess.PIPE, stderr=err, env=_env(),
+                    stdout=subprocess.PIPE, stderr=err, env=ray_env(),
                 )  # fmt: skip
             try:
                 report = json.loads(read_line(driver, DRIVER_START_S, stderr))

@@ -441,6 +441,50 @@ def test_restarted_worker_resumes_at_the_next_micro_batch(
         assert [(s.micro_batch, s.layer) for s in spans if s.name == "experts"] == [(1, 0), (0, 1)]
 
 
+@pytest.mark.parametrize("quant_mode", ["none", "int8"])
+@pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
+def test_worker_that_died_after_collecting_is_redone_by_its_successor(
+    model: TinyMoEModel, window_groups: str, quant_mode: str
+) -> None:
+    """A worker collects slot 1 (the window's flags are consumed) and dies before giving it
+    back: its successor on the same windows serves slot 1 from the journal first, with the
+    same result an undisturbed worker gives, then goes on around the cycle."""
+    cfg = config(
+        1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
+        window_groups=window_groups, quant_mode=quant_mode,
+    )  # fmt: skip
+    inputs = [moe_inputs(model, 3, seed=s) for s in range(3)]
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        endpoint = AttentionEndpoint(dep, 0)
+        first = FFNWorker(dep, 0, banks(model))
+        endpoint.send(0, 0, *inputs[0])
+        first.serve_one()
+        undisturbed = endpoint.receive(0)
+        endpoint.send(1, 0, *inputs[0])
+        assert first.link.collect(1).count == 9  # collected, never given back: it "dies"
+        del first
+        gc.collect()
+
+        tracer = Tracer("FFN 0 (restarted)")
+        second = FFNWorker(dep, 0, banks(model), tracer=tracer)
+        assert second.serve_one() == 9  # slot 1 again, from the journal: no flag to wait for
+        assert torch.equal(endpoint.receive(1), undisturbed)
+        endpoint.send(0, 1, *inputs[2])  # the cycle goes on: slot 0, then 1
+        assert second.serve_one() == 9
+        endpoint.receive(0)
+        endpoint.send(1, 1, *inputs[1])
+        assert second.serve_one() == 9
+        endpoint.receive(1)
+        third = FFNWorker(dep, 0, banks(model))  # everything was given back: nothing to redo
+        assert third.link.pending() is None
+        spans, _ = tracer.snapshot()
+        assert [(s.micro_batch, s.layer) for s in spans if s.name == "experts"] == [
+            (1, 0),
+            (0, 1),
+            (1, 1),
+        ]
+
+
 def test_fresh_windows_start_at_slot_zero(model: TinyMoEModel) -> None:
     """A worker on new windows starts at slot 0 even where a context storage was used
     before (the windows of a group are zeroed at creation)."""

