@@ -579,3 +579,20 @@ def test_afd_method_dispatches_and_combines_itself(registry: dict[str, Any]) -> 
         method: Any = UnquantizedFusedMoEMethod(moe_config())
     assert plain.supports_internal_mk is False  # vLLM's own, before its kernel is made
     assert method.supports_internal_mk is True
+
+
+def test_moe_layers_are_local_while_an_afd_model_is_built(vllm_cpu: None) -> None:
+    """With DP 3 vLLM would flatten TP over the DP ranks (tp 3: an intermediate size of 64
+    is refused; `tests/test_vllm_dp.py` serves that case); inside `moe_layers_local` a MoE
+    layer gets the no-parallel layout whatever it asks for."""
+    from vllm.config import ParallelConfig
+    from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
+
+    from afd_dispatch.integrations.vllm import compat
+
+    parallel = ParallelConfig(data_parallel_size=3)
+    before = fused_moe_layer.make_parallel_config
+    with compat.moe_layers_local():
+        local = fused_moe_layer.make_parallel_config(1, 3, 1, False, parallel)
+    assert (local.tp_size, local.dp_size, local.ep_size, local.use_ep) == (1, 1, 1, False)
+    assert fused_moe_layer.make_parallel_config is before  # restored

