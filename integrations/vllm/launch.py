@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from afd_dispatch.integrations.vllm import metrics
+from afd_dispatch.integrations.vllm import metrics, owner
 
 START_TIMEOUT_S = 300.0
 GROUP_GRACE_S = 10.0  # for the server's processes to finish after it exits
@@ -126,6 +126,7 @@ def vllm_server(
     # A process that loaded the plugin (this one, in tests and benches) has its own metrics
     # snapshot path; the server must make its own, or it would publish another's counters.
     env.pop(metrics.ENV, None)
+    env.pop(owner.ENV, None)  # nor join a deployment this process's environment names
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             serve_command(model, port, afd_config, extra),
