@@ -84,8 +84,12 @@ def local_ray() -> Iterator[None]:
     """One local Ray for the module (token auth on, Ray's default)."""
     started = not ray.is_initialized()
     if started:
-        # "local": a Ray of our own even where another one runs on this host
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of our own even where another one runs on this host. Its processes
+        # inherit OMP_NUM_THREADS = every core, as from vLLM's engine launcher (which sets
+        # it): the actors must still run one torch thread per CPU Ray gives them.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OMP_NUM_THREADS", str(max(2, os.cpu_count() or 2)))
+            ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -348,6 +352,9 @@ def test_decode_through_ray_actors_equals_colocated(
     for rank, i in info.items():
         assert i["rank"] == rank and i["serving"] and not i["restarted"]
         assert i["node_id"] == here
+        # one torch thread per CPU Ray gave the actor (the pool's default: 1), however many
+        # cores the host has: more would spin against the attention side's threads
+        assert i["torch_threads"] == 1, i
     for session, outcome in enumerate(outcomes):
         assert outcome.error is None, f"session {session}: {outcome.error!r}"
         assert outcome.hidden is not None
