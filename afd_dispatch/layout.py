@@ -47,10 +47,11 @@ MAX_TOPK = 16
 MAX_SHARED_EXPERTS = 4
 A3_HIDDEN_RANGE = (1024, 8192)
 DEFAULT_HCCL_BUFFSIZE_MB = 200
-# The FFN journal (reference backend): header words, then per-row fields
-JOURNAL_HEADER_WORDS = 4  # state (JOURNAL_EMPTY / JOURNAL_BATCHED), slot, layer, count
+# The FFN journal (reference backend): header words, per-row fields, then a copy of one
+# micro-batch's info rows
+JOURNAL_HEADER_WORDS = 6  # state, slot, layer, count, batched count before, micro-batch
 JOURNAL_ROW_FIELDS = 5  # session, micro-batch, token, slot, local expert id
-JOURNAL_EMPTY, JOURNAL_BATCHED = 0, 1
+JOURNAL_EMPTY, JOURNAL_BATCHED, JOURNAL_COLLECTING = 0, 1, 2
 
 QUANT_NONE = 0
 QUANT_INT8 = 2
@@ -196,14 +197,22 @@ class WindowLayout:
     # -- FFN journal (reference backend only: crash recovery, nothing of A3's) -------------
     @property
     def ffn_journal_bytes(self) -> int:
-        """int32 header [state, slot, layer, count], then [5, A*BS*E] per-row (session,
-        micro-batch, token, slot, local expert id) of the micro-batch an FFN rank batched
-        and has not yet given back."""
+        """An FFN rank's journal: int32 header [state, slot, layer, count, batched count
+        before, micro-batch]; [5, A*BS*E] per-row (session, micro-batch, token, slot, local
+        expert id) of the batch it collected and has not given back; a copy of the info
+        rows [A, 2 + BS*E] of the micro-batch it is collecting."""
         rows = self.sessions * self.tokens * self.slots
-        return 4 * (JOURNAL_HEADER_WORDS + JOURNAL_ROW_FIELDS * rows)
+        return 4 * (
+            JOURNAL_HEADER_WORDS
+            + JOURNAL_ROW_FIELDS * rows
+            + self.ffn_info_shape[0] * self.ffn_info_shape[2]
+        )
 
-    def ffn_journal_views(self, storage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(header int32 [4], rows int32 [5, A*BS*E]) over an FFN rank's journal storage."""
+    def ffn_journal_views(
+        self, storage: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(header int32 [6], rows int32 [5, A*BS*E], info copy int32 [A, 2 + BS*E]) over an
+        FFN rank's journal storage."""
         check(
             storage.dtype == torch.uint8 and storage.numel() == self.ffn_journal_bytes,
             "journal storage",
@@ -211,8 +220,12 @@ class WindowLayout:
             (storage.dtype, storage.numel()),
         )
         words = storage.view(torch.int32)
-        rows = words[JOURNAL_HEADER_WORDS:].view(JOURNAL_ROW_FIELDS, -1)
-        return words[:JOURNAL_HEADER_WORDS], rows
+        a, _, width = self.ffn_info_shape
+        n = JOURNAL_ROW_FIELDS * self.sessions * self.tokens * self.slots
+        header = words[:JOURNAL_HEADER_WORDS]
+        rows = words[JOURNAL_HEADER_WORDS : JOURNAL_HEADER_WORDS + n].view(JOURNAL_ROW_FIELDS, -1)
+        info = words[JOURNAL_HEADER_WORDS + n :].view(a, width)
+        return header, rows, info
 
     @property
     def ffn_scheduler_buffer_bytes(self) -> tuple[int, int, int, int]:

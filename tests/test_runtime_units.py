@@ -441,14 +441,30 @@ def test_restarted_worker_resumes_at_the_next_micro_batch(
         assert [(s.micro_batch, s.layer) for s in spans if s.name == "experts"] == [(1, 0), (0, 1)]
 
 
+def die_while_collecting(worker: FFNWorker, slot: int, when: str) -> None:
+    """Leave `worker`'s link as a process killed at `when` of collecting `slot` would."""
+    link: Any = worker.link
+    if when == "after_collect":  # collected and journaled; never given back
+        assert link.collect(slot).count == 9
+        return
+    link._before_batching(slot)  # the info rows are copied; then it dies...
+    if when == "inside_collect":  # ...once batching consumed the slot, before the journal
+        ctx = link._ctx[slot]
+        link.ops.npu_ffn_worker_batching(
+            ctx, link.expert_num, link._max_out, token_dtype=link._token_dtype, need_schedule=1
+        )
+
+
+@pytest.mark.parametrize("when", ["before_batching", "inside_collect", "after_collect"])
 @pytest.mark.parametrize("quant_mode", ["none", "int8"])
 @pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
-def test_worker_that_died_after_collecting_is_redone_by_its_successor(
-    model: TinyMoEModel, window_groups: str, quant_mode: str
+def test_worker_that_died_while_collecting_is_redone_by_its_successor(
+    model: TinyMoEModel, window_groups: str, quant_mode: str, when: str
 ) -> None:
-    """A worker collects slot 1 (the window's flags are consumed) and dies before giving it
-    back: its successor on the same windows serves slot 1 from the journal first, with the
-    same result an undisturbed worker gives, then goes on around the cycle."""
+    """A worker dies while collecting slot 1: before batching consumed the window's flags,
+    after it did but before the journal recorded the batch, or after collecting (never
+    given back). Its successor on the same windows serves slot 1 first, with the result an
+    undisturbed worker gives, then goes on around the cycle."""
     cfg = config(
         1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
         window_groups=window_groups, quant_mode=quant_mode,
@@ -461,13 +477,13 @@ def test_worker_that_died_after_collecting_is_redone_by_its_successor(
         first.serve_one()
         undisturbed = endpoint.receive(0)
         endpoint.send(1, 0, *inputs[0])
-        assert first.link.collect(1).count == 9  # collected, never given back: it "dies"
+        die_while_collecting(first, 1, when)
         del first
         gc.collect()
 
         tracer = Tracer("FFN 0 (restarted)")
         second = FFNWorker(dep, 0, banks(model), tracer=tracer)
-        assert second.serve_one() == 9  # slot 1 again, from the journal: no flag to wait for
+        assert second.serve_one() == 9  # slot 1 again
         assert torch.equal(endpoint.receive(1), undisturbed)
         endpoint.send(0, 1, *inputs[2])  # the cycle goes on: slot 0, then 1
         assert second.serve_one() == 9

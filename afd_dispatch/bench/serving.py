@@ -139,9 +139,11 @@ def serve(
 ) -> ServerRun:
     """Start one server (AFD with `afd_config`, as many data-parallel ranks as its
     attention workers; colocated without), warm it up, time `repeat` rounds, stop it."""
+    from afd_dispatch.config import AFDConfig
+
     extra: tuple[str, ...] = ()
     if afd_config is not None:
-        ranks = json.loads(afd_config)["num_attention_workers"]
+        ranks = AFDConfig.from_json(afd_config).num_attention_workers
         extra = ("--data-parallel-size", str(ranks)) if ranks > 1 else ()
     run = ServerRun(mode)
     log = os.path.join(logs, f"vllm-{mode}.log")
@@ -258,7 +260,7 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
     afd_config = afd_config or json.dumps(AFD_CONFIG)
     config = AFDConfig.from_json(afd_config)  # a bad config fails here, before any server
     # the same deployment with two attention ranks: vLLM's data-parallel ranks 0 and 1
-    dp2_config = json.dumps({**json.loads(afd_config), "num_attention_workers": 2})
+    dp2_config = json.dumps({**config.to_dict(), "num_attention_workers": 2})
     AFDConfig.from_json(dp2_config)
     shape = SHAPES[shape_name]
     report = Report("serving", shape_name, repeat)

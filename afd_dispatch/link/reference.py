@@ -14,6 +14,8 @@ import torch
 
 from afd_dispatch.errors import check
 from afd_dispatch.kernels import reference as ref
+from afd_dispatch.kernels.reference import schedule_context as sc
+from afd_dispatch.kernels.reference.ffn_worker_batching import ffn_area, wait_for_micro_batch
 from afd_dispatch.kernels.reference.schedule_context import (
     ScheduleContextHolder,
     batched_micro_batches,
@@ -22,6 +24,7 @@ from afd_dispatch.kernels.reference.schedule_context import (
 )
 from afd_dispatch.layout import (
     JOURNAL_BATCHED,
+    JOURNAL_COLLECTING,
     JOURNAL_EMPTY,
     TOKEN_DTYPE_INT8,
     token_dtype_code,
@@ -116,6 +119,7 @@ class ReferenceFFNLink(FFNLink):
 
     def collect(self, slot: int) -> Batch:
         ctx = self._ctx[slot]
+        self._before_batching(slot)
         y, groups, sessions, mbs, tokens, offsets, scales, count = self.ops.npu_ffn_worker_batching(
             ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype, need_schedule=1
         )
@@ -124,7 +128,10 @@ class ReferenceFFNLink(FFNLink):
         rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]
         handle = (sessions, mbs, tokens, offsets, count)
         batch = Batch(rows, groups, last_batched_layer(ctx), n, handle)
-        self._journal(slot, batch)
+        if n:
+            self._journal(slot, batch)
+        else:  # an empty batch is never given back: nothing to redo either
+            self._journals[self.deployment.channels[slot].group][0][0] = JOURNAL_EMPTY
         return batch
 
     def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
@@ -136,15 +143,32 @@ class ReferenceFFNLink(FFNLink):
         )  # fmt: skip
         self._journals[self.deployment.channels[slot].group][0][0] = JOURNAL_EMPTY
 
+    def _before_batching(self, slot: int) -> None:
+        """Wait (as batching would) until every session flagged the micro-batch the context
+        polls, and copy its info rows into the journal: if this process dies once batching
+        has consumed them but before `_journal`, a successor puts them back."""
+        ctx = self._ctx[slot]
+        area = ffn_area(ctx, with_info=True)
+        m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
+        wait_for_micro_batch(ctx, area, m)
+        assert area.info is not None
+        header, _, info = self._journals[self.deployment.channels[slot].group]
+        header[0] = JOURNAL_EMPTY
+        store_fence()
+        info.copy_(area.info[:, m])
+        header[1:] = torch.tensor([slot, 0, 0, batched_micro_batches(ctx), m], dtype=torch.int32)
+        store_fence()  # the copy is whole before it counts
+        header[0] = JOURNAL_COLLECTING
+
     def _journal(self, slot: int, batch: Batch) -> None:
         """Record `batch` (where each row came from, its expert) before any expert runs."""
-        header, rows = self._journals[self.deployment.channels[slot].group]
+        header, rows, _ = self._journals[self.deployment.channels[slot].group]
         n = batch.count
         sessions, mbs, tokens, offsets, _ = batch.handle
         experts = batch.group_list[:, 0].repeat_interleave(batch.group_list[:, 1])
         for field, values in enumerate((sessions, mbs, tokens, offsets, experts)):
             rows[field, :n] = values[:n]
-        header[1:] = torch.tensor([slot, batch.layer, n], dtype=torch.int32)
+        header[1:4] = torch.tensor([slot, batch.layer, n], dtype=torch.int32)
         store_fence()  # the record is whole before it counts
         header[0] = JOURNAL_BATCHED
 
@@ -153,10 +177,19 @@ class ReferenceFFNLink(FFNLink):
         journal and the window's rows (which stay until the attention side has every
         result of that slot, so they are still there)."""
         channels = self.deployment.channels
-        for name, (header, rows) in self._journals.items():
-            if int(header[0]) != JOURNAL_BATCHED:
-                continue
-            slot, layer, n = (int(v) for v in header[1:])
+        for name in self.deployment.group_names:
+            self._undo_consumed(name)
+        batched = [name for name, (header, _, _) in self._journals.items() if int(header[0])]
+        check(
+            len(batched) <= 1,
+            f"journals of FFN rank {self.rank}",
+            "at most one micro-batch batched and not given back (one is served at a time)",
+            batched,
+        )
+        for name in batched:
+            header, rows, _ = self._journals[name]
+            check(int(header[0]) == JOURNAL_BATCHED, "journal state", "0 or 1", int(header[0]))
+            slot, layer, n = (int(v) for v in header[1:4])
             mine = [i for i, c in enumerate(channels) if c.group == name]
             check(slot in mine, f"journal slot of group {name!r}", f"one of {mine}", slot)
             layout = self.deployment.layout
@@ -183,6 +216,22 @@ class ReferenceFFNLink(FFNLink):
             count = torch.tensor([n], dtype=torch.int64)
             return slot, Batch(batch_rows, group_list, layer, n, (*handle, count))
         return None
+
+    def _undo_consumed(self, name: str) -> None:
+        """A predecessor died while collecting from group `name`: if batching had consumed
+        the micro-batch (the context's count moved), put its info rows back and rewind the
+        context, so that it is collected again; either way the journal is cleared."""
+        header, _, info = self._journals[name]
+        if int(header[0]) != JOURNAL_COLLECTING:
+            return
+        slot, before, m = int(header[1]), int(header[4]), int(header[5])
+        ctx = self._ctx[slot]
+        if batched_micro_batches(ctx) == before + 1:
+            window_info, _ = get_window_group(name).ffn_views(self.rank)
+            window_info[:, m] = info
+            sc.put(ctx, sc.FFN_POLLING_INDEX, m)
+            sc.put(ctx, sc.REF_BATCHED_COUNT, before)
+        header[0] = JOURNAL_EMPTY
 
     def resume_slot(self) -> int:
         """Slots are collected cyclically, so the micro-batches batched so far on this rank's

@@ -94,10 +94,12 @@ class FFNWorker:
         hosted = deployment.hosted(rank)
         self.hosted = [hosted[i] for i in range(len(hosted))]  # local id -> global row
         self.link = link if link is not None else ffn_link(deployment, rank, ops)
-        self._cursor = self.link.resume_slot()
-        # a predecessor died between collecting a slot and giving it back: redo that first
+        # A predecessor died while collecting or before giving a slot back: `pending` first
+        # puts back what it consumed, or hands over what it collected, to redo first.
         self._pending = self.link.pending()
-        if self._pending is not None:
+        if self._pending is None:
+            self._cursor = self.link.resume_slot()
+        else:
             self._cursor = self._pending[0]
             log.warning("FFN rank %d redoes micro-batch slot %d", rank, self._cursor)
         layout = deployment.layout

@@ -62,7 +62,7 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
             own = {k: values[k] for k in given}
             values = afd_plugin_keys.merge(own, afd_plugin_keys.translate(additional))
         config = server_config(AFDConfig.from_dict(values))
-        _check_parallel(config, engine_args)
+        check_parallel(config, engine_args)
         npu = resolve_backend(config.backend) == "npu"
         check(
             not npu or config.window_groups == "per_micro_batch",
@@ -95,10 +95,14 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
     return config
 
 
-def _check_parallel(config: AFDConfig, engine_args: Any) -> None:
-    """Data-parallel rank s is attention session s: one engine per session, on one host
-    for shared-memory windows, started by vLLM's own (multiprocessing) DP launcher."""
-    data_parallel = int(getattr(engine_args, "data_parallel_size", 1) or 1)
+def check_parallel(config: AFDConfig, parallel: Any) -> None:
+    """Data-parallel rank s is attention session s: one engine per session, started by
+    vLLM's own (multiprocessing) DP launcher; with shared-memory windows all on one host.
+
+    `parallel`: vLLM's `EngineArgs` (the command line) or `ParallelConfig` (in the process
+    that launches the engines); both name these settings alike.
+    """
+    data_parallel = int(getattr(parallel, "data_parallel_size", 1) or 1)
     check(
         data_parallel == config.num_attention_workers,
         "--data-parallel-size",
@@ -110,30 +114,43 @@ def _check_parallel(config: AFDConfig, engine_args: Any) -> None:
         ("tensor_parallel_size", "--tensor-parallel-size"),
         ("pipeline_parallel_size", "--pipeline-parallel-size"),
     ):
-        size = int(getattr(engine_args, name, 1) or 1)
+        size = int(getattr(parallel, name, 1) or 1)
         check(size == 1, flag, "1 with AFD (one worker per attention session)", size)
-    backend = getattr(engine_args, "data_parallel_backend", "mp") or "mp"
+    backend = getattr(parallel, "data_parallel_backend", "mp") or "mp"
     check(
         backend == "mp",
         "--data-parallel-backend",
         '"mp" with AFD (the deployment owner starts where vLLM spawns the engines)',
         backend,
     )
-    local = getattr(engine_args, "data_parallel_size_local", None)
-    if local is None or int(local) == data_parallel:
+    # settings that put DP ranks outside this one `vllm serve` / host: (flag, value, default)
+    defaults = (
+        ("--data-parallel-size-local", "data_parallel_size_local", (None, data_parallel)),
+        ("--data-parallel-start-rank", "data_parallel_start_rank", (None, 0)),
+        ("--data-parallel-rank", "data_parallel_rank", (None, 0)),
+        ("--data-parallel-external-lb", "data_parallel_external_lb", (None, False)),
+        ("--nnodes", "nnodes", (None, 1)),
+    )
+    spread = [
+        (flag, getattr(parallel, name, None))
+        for flag, name, usual in defaults
+        if getattr(parallel, name, None) not in usual
+    ]
+    if not spread:
         return
+    flag, value = spread[0]
     check(
         resolve_backend(config.backend) == "npu",
-        "--data-parallel-size-local",
-        f"{data_parallel} with backend reference (its windows are shared memory of one "
-        "host; backend npu crosses hosts)",
-        local,
+        flag,
+        "its default with backend reference (its windows are shared memory, which one "
+        "vllm serve owns on one host; backend npu crosses hosts)",
+        value,
     )
     check(
         config.ray_address not in (None, "local"),
         "ray_address",
-        'a Ray cluster every node joins ("auto", "host:port") with data-parallel '
-        "ranks on several nodes (the FFN actors and the deployment are found there)",
+        f'a Ray cluster every node joins ("auto", "host:port") with {flag} (the FFN actors '
+        "and the deployment are found there)",
         config.ray_address,
     )
 

@@ -30,7 +30,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from afd_dispatch.integrations.vllm import metrics, server
+from afd_dispatch.errors import AFDInputError
+from afd_dispatch.integrations.vllm import cli, metrics, server
 from afd_dispatch.integrations.vllm.owner import ENV, DeploymentOwner, find_attachment
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,31 @@ def _start_owner(config: Any, vllm_config: Any, start_index: int) -> None:
     """Where DP rank 0 is launched, own the deployment (windows, FFN actors, their
     counters); on other nodes, find it in the Ray cluster. The engines inherit where."""
     global _owner, _joined
+    parallel = vllm_config.parallel_config
+    model = vllm_config.model_config
+    # vLLM's DP master address and port: the same on every node of this server
+    key = f"{parallel.data_parallel_master_ip}:{parallel.data_parallel_rpc_port}"
     with _owner_lock:
-        if _owner is not None or _joined:
-            return  # engines launched again by this process join the same deployment
+        if _owner is not None:
+            # engines launched again by this process join the same deployment, if it is one
+            same = (_owner.config, _owner.model_path, _owner.dtype, _owner.key)
+            if same != (config, str(model.model), model.dtype, key):
+                raise RuntimeError(
+                    "AFD: this process already owns a deployment of another model or config "
+                    f"({_owner.model_path}); one AFD deployment per process"
+                )
+            return
+        if _joined:
+            return
+        try:  # as the command line checked it, now with vLLM's resolved settings
+            cli.check_parallel(config, parallel)
+        except AFDInputError as exc:
+            raise RuntimeError(f"AFD: {exc}") from None
         if start_index != 0:  # a --headless node: the CLI allowed it for the NPU link only
-            os.environ[ENV] = find_attachment(config).to_json()  # replaces any inherited one
+            os.environ[ENV] = find_attachment(config, key).to_json()  # replaces any inherited
             _joined = True
             return
-        model = vllm_config.model_config
-        _owner = DeploymentOwner(config, str(model.model), model.dtype)
+        _owner = DeploymentOwner(config, str(model.model), model.dtype, key)
         publisher = metrics.CounterPublisher(_owner, "ffn")
         os.environ[ENV] = _owner.attachment().to_json()  # the engines inherit it
         atexit.register(_stop_owner, publisher)

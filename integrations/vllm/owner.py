@@ -69,6 +69,8 @@ class Attachment:
     def from_json(cls, text: str) -> Attachment:
         try:
             values = json.loads(text)
+            if not isinstance(values, dict):
+                raise TypeError(f"a JSON object, not {type(values).__name__}")
             rendezvous = values.get("rendezvous")
             return cls(
                 owner_pid=int(values["owner_pid"]),
@@ -80,20 +82,23 @@ class Attachment:
             raise AFDInputError(ENV, "the JSON a DeploymentOwner wrote", f"{exc}") from None
 
     def attach(self, deployment: Deployment) -> tuple[list[WindowGroup], Rendezvous | None]:
-        """Check `deployment` against the owner's plan, then map its windows.
+        """Check `deployment` against the owner's plan, then map its windows (reference
+        link) or hand over the rendezvous (NPU link: HCCL owns the windows).
 
-        Raises `AFDHandshakeError` naming every field that differs.
+        Raises `AFDHandshakeError` naming every field that differs, or what is missing.
         """
-        ProtocolParams.from_dict(self.params).check_matches(
-            deployment.params(), f"the deployment owner (pid {self.owner_pid})", "this rank"
-        )
+        owner = f"the deployment owner (pid {self.owner_pid})"
+        ProtocolParams.from_dict(self.params).check_matches(deployment.params(), owner, "this rank")
+        if deployment.backend == "npu":
+            if self.rendezvous is None:
+                raise AFDHandshakeError(f"{owner} serves no rendezvous for the NPU link")
+            return [], Rendezvous(*self.rendezvous)
         groups: list[WindowGroup] = []
         try:
             for name in deployment.group_names:
                 if name not in self.windows:
                     raise AFDHandshakeError(
-                        f"the deployment owner (pid {self.owner_pid}) made no window group "
-                        f"{name!r} (it made {sorted(self.windows)})"
+                        f"{owner} made no window group {name!r} (it made {sorted(self.windows)})"
                     )
                 spec = WindowGroupSpec(
                     name,
@@ -108,15 +113,21 @@ class Attachment:
             for group in groups:
                 group.close()
             raise
-        rendezvous = None if self.rendezvous is None else Rendezvous(*self.rendezvous)
-        return groups, rendezvous
+        return groups, None
 
 
 class DeploymentOwner:
     """Windows (reference link) or rendezvous (NPU link), and the FFN actors, of one server."""
 
-    def __init__(self, config: AFDConfig, model_path: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: AFDConfig, model_path: str, dtype: torch.dtype, key: str = ""
+    ) -> None:
+        """`key` tells this server's deployment from others on the same Ray cluster (vLLM's
+        DP master address and port: every node of one server knows them)."""
         self.config = config
+        self.key = key
+        self.model_path = model_path
+        self.dtype = dtype
         self.deployment = Deployment(config, MoESpec.from_pretrained(model_path), dtype)
         npu = self.deployment.backend == "npu"
         # The NPU link's ranks meet at a TCP store this process serves; the reference
@@ -133,7 +144,7 @@ class DeploymentOwner:
                 self.deployment, model_path, self.groups, rendezvous=self.rendezvous
             ).start()
             if npu and on_cluster(config):
-                self._directory = publish_attachment(config, self.attachment())
+                self._directory = publish_attachment(config, self.attachment(), key)
         except BaseException:
             self.close()
             raise
@@ -194,8 +205,8 @@ def on_cluster(config: AFDConfig) -> bool:
     return config.ray_address not in (None, "local")
 
 
-def directory_name(config: AFDConfig) -> str:
-    return f"deployment.{config.group}"
+def directory_name(config: AFDConfig, key: str = "") -> str:
+    return f"deployment.{config.group}" + (f".{key}" if key else "")
 
 
 class DeploymentDirectory:
@@ -208,24 +219,31 @@ class DeploymentDirectory:
         return self.attachment_json
 
 
-def publish_attachment(config: AFDConfig, attachment: Attachment) -> Any:
+def publish_attachment(config: AFDConfig, attachment: Attachment, key: str = "") -> Any:
     """Start the named directory actor, owned by this process: it lives as long as the
     returned handle does (Ray collects a non-detached actor with its last handle), and dies
     with this process."""
     import ray
 
-    name = directory_name(config)
-    actor: Any = (
-        ray.remote(DeploymentDirectory)
-        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
-        .remote(attachment.to_json())
-    )
+    name = directory_name(config, key)
+    try:
+        actor: Any = (
+            ray.remote(DeploymentDirectory)
+            .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0)
+            .remote(attachment.to_json())
+        )
+    except ValueError as exc:  # Ray: the name is taken
+        raise AFDInputError(
+            "group",
+            f"a name no other AFD deployment on this Ray cluster uses ({exc})",
+            config.group,
+        ) from None
     ray.get(actor.attachment.remote(), timeout=config.startup_timeout_s)
     log.info("AFD: deployment %r published in Ray namespace %r", name, NAMESPACE)
     return actor
 
 
-def find_attachment(config: AFDConfig) -> Attachment:
+def find_attachment(config: AFDConfig, key: str = "") -> Attachment:
     """The attachment the owner of `config`'s deployment published in the Ray cluster.
 
     Polls (sleeping) for at most `startup_timeout_s`; `AFDTimeoutError` names the actor,
@@ -236,15 +254,16 @@ def find_attachment(config: AFDConfig) -> Attachment:
     from afd_dispatch.integrations.ray import ensure_ray
 
     ensure_ray(config.ray_address)
-    name = directory_name(config)
+    name = directory_name(config, key)
     deadline = time.monotonic() + config.startup_timeout_s
     while True:
         try:
             actor = ray.get_actor(name, namespace=NAMESPACE)
-            text = ray.get(actor.attachment.remote(), timeout=config.startup_timeout_s)
+            left = max(0.1, deadline - time.monotonic())
+            text = ray.get(actor.attachment.remote(), timeout=left)
             break
-        except ValueError:  # not (yet) there
-            pass
+        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            pass  # not there (yet), or its owner is going away: look again until the deadline
         if time.monotonic() > deadline:
             raise AFDTimeoutError(
                 f"no AFD deployment {name!r} (Ray namespace {NAMESPACE!r}) in the Ray cluster "

@@ -105,8 +105,21 @@ class AttentionServer:
         ranks then send the same number of rounds.
         """
         rounds = None
-        if dp_max_tokens is not None:
-            rounds = self.endpoint.rounds_for(max(dp_max_tokens, x.shape[0]))
+        if self.deployment.topology.num_attention > 1:  # every session must send as many
+            check(
+                dp_max_tokens is not None,
+                "vLLM's data-parallel token counts (forward context dp_metadata)",
+                "present with several attention sessions (they agree the exchange rounds)",
+                None,
+            )
+            assert dp_max_tokens is not None
+            check(
+                x.shape[0] <= dp_max_tokens,
+                "tokens of this data-parallel rank",
+                f"<= {dp_max_tokens}, the most of any rank in vLLM's DP metadata",
+                x.shape[0],
+            )
+            rounds = self.endpoint.rounds_for(dp_max_tokens)
         out = self.endpoint.exchange(
             layer,
             x.to(self.deployment.dtype),
@@ -164,8 +177,13 @@ def stop() -> None:
 
 
 def config_from(vllm_config: Any) -> AFDConfig | None:
-    from afd_dispatch.integrations.vllm.cli import ADDITIONAL_CONFIG_KEY
+    from afd_dispatch.integrations.vllm import afd_plugin_keys
+    from afd_dispatch.integrations.vllm.cli import ADDITIONAL_CONFIG_KEY, server_config
 
     extra = getattr(vllm_config, "additional_config", None) or {}
     values = extra.get(ADDITIONAL_CONFIG_KEY)
-    return None if values is None else AFDConfig.from_dict(values)
+    if values is None:
+        return None
+    # also where no command line ran (an offline LLM(additional_config=...)): afd-plugin's
+    # keys translated, the server's settings applied, as `cli.checked_config` does
+    return server_config(AFDConfig.from_dict(afd_plugin_keys.translate(values)))
