@@ -145,6 +145,11 @@ BAD_CONFIGS: dict[str, Bad] = {
         ),
         DP2 + additional({"num_attention_workers": 3}),
     ),
+    "dp_ranks_on_another_host_with_shared_memory": Bad(
+        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1}),
+        ("--data-parallel-size-local: expected its default with backend reference", "got 1"),
+        (*DP2, "--data-parallel-size-local", "1"),
+    ),
     "tensor_parallel": Bad(
         config(),
         ("--tensor-parallel-size: expected 1 with AFD", "got 2"),

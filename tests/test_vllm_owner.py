@@ -98,7 +98,23 @@ def test_a_rank_with_another_plan_is_refused_naming_the_fields(spec: MoESpec) ->
     assert "made no window group 'afd' (it made ['other'])" in str(refused.value)
 
 
-@pytest.mark.parametrize("text", ["{", '{"owner_pid": 1}', '{"owner_pid": "x", "params": {}}'])
+def test_an_npu_rank_gets_the_rendezvous_and_no_windows(spec: MoESpec) -> None:
+    """On the NPU link HCCL owns the windows: the owner hands over where ranks meet."""
+    npu = {"backend": "npu", "window_groups": "per_micro_batch"}
+    owner = deployment(spec, **npu)
+    attachment = Attachment(1234, owner.params().to_dict(), {}, ("10.0.0.7", 29500))
+    groups, rendezvous = Attachment.from_json(attachment.to_json()).attach(deployment(spec, **npu))
+    assert groups == [] and rendezvous is not None
+    assert (rendezvous.host, rendezvous.port) == ("10.0.0.7", 29500)
+    without = dataclasses.replace(attachment, rendezvous=None)
+    with pytest.raises(AFDHandshakeError) as refused:
+        without.attach(deployment(spec, **npu))
+    assert "serves no rendezvous for the NPU link" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["{", '{"owner_pid": 1}', '{"owner_pid": "x", "params": {}}', "[]", '"x"']
+)
 def test_a_malformed_attachment_names_the_variable(text: str) -> None:
     with pytest.raises(AFDInputError) as refused:
         Attachment.from_json(text)
