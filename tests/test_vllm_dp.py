@@ -10,7 +10,8 @@ run one after the other (each takes several GB), each recording what its tests a
   rank 0 while rank 1 idles (rank 1 runs vLLM's dummy batches, sending empty micro-batches);
   one long prompt on rank 0 alongside short decodes on rank 1 (different numbers of
   exchange rounds, agreed from vLLM's DP token counts); an FFN actor SIGKILLed while 16
-  requests run (Ray restarts it; every request completes);
+  requests of 160 tokens run (Ray restarts it; every request completes, and the kill
+  landed before the last one did);
 - AFD, A:F = 3:2: 16 concurrent requests; then one engine core is SIGKILLed: the server
   goes down by itself, and nothing of it is left (FFN actors, Ray, windows, janitors).
 
@@ -42,6 +43,8 @@ from afd_dispatch.tiny_hf import build_tiny_model
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 12
+LOAD = 160  # tokens per request of the load an FFN actor is killed under
+KILL_AFTER_S = 1.5
 SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing at dawn"
 WORDS = SENTENCE.split()
 PROMPTS = tuple(" ".join(WORDS[i % 7 : i % 7 + 2 + i % 9]) + f" {i}" for i in range(16))
@@ -90,16 +93,17 @@ def complete(
 
 
 def concurrently(
-    server: Server, jobs: Mapping[str, tuple[str, int | None]]
+    server: Server, jobs: Mapping[str, tuple[str, int | None, int]]
 ) -> dict[str, list[int]]:
-    """{label: tokens} of requests {label: (prompt, DP rank or None)} sent all at once."""
+    """{label: tokens} of requests {label: (prompt, DP rank or None, max_tokens)} sent all
+    at once."""
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {k: pool.submit(complete, server, p, r) for k, (p, r) in jobs.items()}
+        futures = {k: pool.submit(complete, server, *job) for k, job in jobs.items()}
         return {k: f.result() for k, f in futures.items()}
 
 
-def spread() -> dict[str, tuple[str, int | None]]:
-    return {f"p{i}": (p, None) for i, p in enumerate(PROMPTS)}
+def spread(max_tokens: int = MAX_TOKENS) -> dict[str, tuple[str, int | None, int]]:
+    return {f"p{i}": (p, None, max_tokens) for i, p in enumerate(PROMPTS)}
 
 
 def run_server(
@@ -148,6 +152,7 @@ def colocated(model: str, logs: Path) -> dict[str, list[int]]:
     def scenario(server: Server, record: Record) -> None:
         record.tokens = concurrently(server, spread())
         record.tokens["long"] = complete(server, LONG)
+        record.tokens |= {f"decode/{k}": v for k, v in concurrently(server, spread(LOAD)).items()}
 
     tokens = run_server(model, logs / "colocated.log", None, (), scenario).tokens
     assert len({tuple(t) for t in tokens.values()}) == len(tokens)  # the prompts differ
@@ -191,6 +196,14 @@ def test_a2f1_leaves_nothing(a2f1: Record) -> None:
 
 
 # -- A:F = 2:3, a replicated expert ----------------------------------------------------------
+def running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def ffn_actor_pids(server: Server) -> set[int]:
     return {
         p.pid
@@ -203,29 +216,39 @@ def ffn_actor_pids(server: Server) -> set[int]:
 def a2f3(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
     def scenario(server: Server, record: Record) -> None:
         record.tokens = {f"spread/{k}": v for k, v in concurrently(server, spread()).items()}
-        burst = {f"p{i}": (PROMPTS[i], 0) for i in range(8)}  # all on rank 0, rank 1 idle
+        burst = {f"p{i}": (PROMPTS[i], 0, MAX_TOKENS) for i in range(8)}  # rank 1 idles
         record.tokens |= {f"burst/{k}": v for k, v in concurrently(server, burst).items()}
-        mixed = {"long": (LONG, 0)} | {f"p{i}": (PROMPTS[i], 1) for i in range(8, 16)}
+        mixed = {"long": (LONG, 0, MAX_TOKENS)}
+        mixed |= {f"p{i}": (PROMPTS[i], 1, MAX_TOKENS) for i in range(8, 16)}
         record.tokens |= {f"mixed/{k}": v for k, v in concurrently(server, mixed).items()}
 
-        # an FFN actor SIGKILLed while 16 requests run: Ray restarts it, all complete
+        # an FFN actor SIGKILLed while 16 long decodes run: Ray restarts it, all complete
         actors = ffn_actor_pids(server)
         record.notes["actors"] = len(actors)
         victim = min(actors)
         killed = threading.Event()
+        killed_at: list[float] = []
 
         def kill_soon() -> None:
-            time.sleep(2.0)  # the requests are being served by then
+            time.sleep(KILL_AFTER_S)  # the decodes are under way by then
+            killed_at.append(time.monotonic())
             os.kill(victim, signal.SIGKILL)
             killed.set()
 
         killer = threading.Thread(target=kill_soon)
         killer.start()
-        record.tokens |= {f"kill/{k}": v for k, v in concurrently(server, spread()).items()}
+        load = concurrently(server, spread(LOAD))
+        done_at = time.monotonic()
+        record.tokens |= {f"decode/{k}": v for k, v in load.items()}
         killer.join()
-        record.notes["killed_before_done"] = killed.is_set()
-        record.notes["victim_alive"] = psutil.pid_exists(victim)
+        record.notes["killed_under_load_s"] = done_at - killed_at[0]  # > 0: before the end
+        record.notes["killed"] = killed.is_set()
+        # Ray reaps the victim and renames its successor's process in its own time
+        record.notes["restarted"] = wait_until(
+            lambda: not running(victim) and len(ffn_actor_pids(server)) == 3, GONE_WITHIN_S
+        )
         record.notes["actors_after"] = len(ffn_actor_pids(server))
+        record.notes["victim_alive"] = running(victim)
 
     extra = {"expert_replicas": {"0": 3}}
     return run_server(model, logs / "a2f3.log", afd_config(2, 3, **extra), dp(2), scenario)
@@ -233,8 +256,10 @@ def a2f3(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
 
 def test_a2f3_tokens_equal_colocated(a2f3: Record, colocated: dict[str, list[int]]) -> None:
     for label, tokens in a2f3.tokens.items():
-        if label.startswith(("spread/", "burst/", "kill/")):
+        if label.startswith(("spread/", "burst/")):
             assert tokens == colocated[label.split("/")[1]], label
+        elif label.startswith("decode/"):  # the load the FFN actor was killed under
+            assert tokens == colocated[label], label
     assert sum(label.startswith("spread/") for label in a2f3.tokens) == len(PROMPTS)
 
 
@@ -253,11 +278,14 @@ def test_a2f3_long_prompt_beside_short_decodes(
 
 def test_a2f3_ffn_actor_killed_under_load(a2f3: Record, colocated: dict[str, list[int]]) -> None:
     assert a2f3.notes["actors"] == 3
-    assert a2f3.notes["killed_before_done"]
+    assert a2f3.notes["killed"]
+    assert a2f3.notes["killed_under_load_s"] > 0, a2f3.notes  # the decodes were running
+    assert a2f3.notes["restarted"], a2f3.notes  # the victim is gone, a successor serves
     assert not a2f3.notes["victim_alive"]
-    assert a2f3.notes["actors_after"] == 3  # restarted
-    kill = [label for label in a2f3.tokens if label.startswith("kill/")]
-    assert len(kill) == len(PROMPTS)  # every request completed, with the right tokens (above)
+    assert a2f3.notes["actors_after"] == 3
+    load = [label for label in a2f3.tokens if label.startswith("decode/")]
+    assert len(load) == len(PROMPTS)  # every request completed, with the right tokens (above)
+    assert all(len(a2f3.tokens[label]) == LOAD for label in load)
 
 
 def test_a2f3_leaves_nothing(a2f3: Record) -> None:
