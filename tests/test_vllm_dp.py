@@ -163,15 +163,17 @@ def dp(size: int) -> tuple[str, ...]:
     return ("--data-parallel-size", str(size))
 
 
+def spread_counted(server: Server, record: Record) -> None:
+    """The 16 prompts at once (vLLM spreads them over the ranks), AFD counters around."""
+    record.counters_before = settled_afd_counters(server, SETTLE_S)
+    record.tokens = concurrently(server, spread())
+    record.counters_after = settled_afd_counters(server, SETTLE_S)
+
+
 # -- A:F = 2:1 -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def a2f1(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
-    def scenario(server: Server, record: Record) -> None:
-        record.counters_before = settled_afd_counters(server, SETTLE_S)
-        record.tokens = concurrently(server, spread())
-        record.counters_after = settled_afd_counters(server, SETTLE_S)
-
-    return run_server(model, logs / "a2f1.log", afd_config(2, 1), dp(2), scenario)
+    return run_server(model, logs / "a2f1.log", afd_config(2, 1), dp(2), spread_counted)
 
 
 def test_a2f1_tokens_equal_colocated(a2f1: Record, colocated: dict[str, list[int]]) -> None:
@@ -297,9 +299,7 @@ def test_a2f3_leaves_nothing(a2f3: Record) -> None:
 @pytest.fixture(scope="module")
 def a3f2(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
     def scenario(server: Server, record: Record) -> None:
-        record.counters_before = settled_afd_counters(server, SETTLE_S)
-        record.tokens = concurrently(server, spread())
-        record.counters_after = settled_afd_counters(server, SETTLE_S)
+        spread_counted(server, record)
         engines = [
             p.pid
             for p in processes().values()

@@ -40,16 +40,14 @@ from typing import Any
 
 import pytest
 from server_leftovers import (
+    Footprint,
     Proc,
     ProcKey,
     afd_files,
     is_janitor,
     is_ray,
-    mapped_shm,
-    own_processes,
     processes,
     shm_files,
-    wait_until,
 )
 
 from afd_dispatch.integrations.vllm.launch import (
@@ -158,20 +156,14 @@ def serve_and_record(model: str, mode: str, log_dir: Path) -> Run:
                 if mode == "afd":
                     run.counters_after = settled_counters(server)
                 run.metrics_text = server.get_text("/metrics")
-                session = {p.pid for p in processes().values() if p.sid == server_pid}
-                run.new_shm = mapped_shm(session) - shm_before
-                run.own_processes = own_processes(before, server_pid, run.new_shm)
+                footprint = Footprint.while_serving(before, shm_before, server_pid)
+                run.new_shm, run.own_processes = footprint.new_shm, footprint.own_processes
                 stopping = time.monotonic()
             run.stop_s = time.monotonic() - stopping
+        footprint.wait_gone(server_pid, GONE_WITHIN_S)
+        run.left_processes = footprint.left_processes or {}
+        run.left_shm = footprint.left_shm or set()
         own = run.own_processes
-
-        def all_gone() -> bool:
-            now = processes()
-            run.left_processes = {k: p for k, p in now.items() if k in own or p.sid == server_pid}
-            run.left_shm = run.new_shm & shm_files()
-            return not run.left_processes and not run.left_shm
-
-        wait_until(all_gone, GONE_WITHIN_S)
         run.left_metrics_dirs = sorted(
             name for name in os.listdir(private_tmp) if name.startswith("afd-metrics-")
         )
