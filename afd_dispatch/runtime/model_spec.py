@@ -23,6 +23,7 @@ import torch
 
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import MAX_TOPK
+from afd_dispatch.runtime.routing import RouterSpec
 
 ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Which tensor names hold the experts (see `afd_dispatch.runtime.checkpoint`). DeepSeek V2
@@ -45,6 +46,10 @@ SHARED_SLOTS = {
 }
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# Architectures whose router fixes norm_topk_prob: Mixtral always renormalises its top-k;
+# transformers' DeepSeek-V2 router never does (it drops the key), while vLLM would honour a
+# true one, so only false means the same routing in both.
+_FIXED_NORM = {"mixtral": True, "deepseek_v2": False}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 MAX_HIDDEN_SIZE = 1 << 16
@@ -82,8 +87,9 @@ class MoESpec:
     experts, "group_limited_greedy" (DeepSeek-V2) and "noaux_tc" (DeepSeek-V3) first keep
     the best `topk_group` of `n_group` equal expert groups; "noaux_tc" ranks by score plus
     the per-expert `e_score_correction_bias` but weighs by the score. Weights are then
-    renormalised to sum to 1 if `norm_topk_prob`, and multiplied by
-    `routed_scaling_factor`. `n_group == topk_group == 1` when routing has no groups.
+    renormalised to sum to 1 if `norm_topk_prob` (at every K, K = 1 included), and
+    multiplied by `routed_scaling_factor`. `n_group == topk_group == 1` when routing has no
+    groups. `router_spec()` hands these fields to `afd_dispatch.runtime.routing.route`.
 
     `dtype` is the model's stated dtype (`dtype` / `torch_dtype` of config.json), None
     when the config states none.
@@ -171,6 +177,13 @@ class MoESpec:
             self.topk_method,
         )
         _check_groups(self.num_experts, self.topk, self.topk_method, self.n_group, self.topk_group)
+        fixed = _FIXED_NORM.get(self.architecture)
+        check(
+            fixed is None or self.norm_topk_prob == fixed,
+            "norm_topk_prob",
+            f"{fixed} for {self.architecture}",
+            self.norm_topk_prob,
+        )
         check(
             self.dtype is None or self.dtype in DTYPES.values(),
             "dtype",
@@ -188,6 +201,19 @@ class MoESpec:
     def score_correction_bias(self) -> bool:
         """Whether the router has DeepSeek-V3's `e_score_correction_bias` (per expert)."""
         return self.topk_method == "noaux_tc"
+
+    def router_spec(self) -> RouterSpec:
+        """The routing fields as the `RouterSpec` that `route()` takes."""
+        return RouterSpec(
+            num_experts=self.num_experts,
+            topk=self.topk,
+            scoring_func=self.scoring_func,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            topk_method=self.topk_method,
+        )
 
     # -- parsing ---------------------------------------------------------------------------
     @classmethod
@@ -298,7 +324,17 @@ def _deepseek(keys: _Keys, arch: str, layers: int, experts: int, topk: int) -> d
         method = keys.choice("topk_method", methods, default="greedy")
         scoring = keys.choice("scoring_func", ("softmax",), default="softmax")
     if method == "greedy":
-        n_group = topk_group = 1  # any n_group / topk_group in the config is unused
+        # transformers' greedy router ignores the groups, but vLLM's DeepSeek MoE applies
+        # n_group / topk_group whatever topk_method says: only "no groups" routes alike.
+        for key in ("n_group", "topk_group"):
+            value = keys.config.get(key)
+            check(
+                value is None or (_is_int(value) and value == 1),
+                f"config[{key!r}]",
+                "1 or null with topk_method 'greedy'",
+                value,
+            )
+        n_group = topk_group = 1
     else:
         n_group = keys.integer("n_group", 1, experts, default=8 if v3 else None)
         topk_group = keys.integer("topk_group", 1, n_group, default=4 if v3 else None)
@@ -310,12 +346,21 @@ def _deepseek(keys: _Keys, arch: str, layers: int, experts: int, topk: int) -> d
                 exc.allowed,
                 {"n_group": n_group, "topk_group": topk_group, "num_experts_per_tok": topk},
             ) from None
+    norm = keys.boolean("norm_topk_prob", default=v3)
+    if not v3:
+        check(
+            not norm,
+            "config['norm_topk_prob']",
+            "false for deepseek_v2 (transformers never renormalises V2's top-k weights, vLLM"
+            " would: they agree only on false)",
+            norm,
+        )
     return {
         "moe_layers": moe_layers,
         "moe_intermediate_size": inter,
         "num_shared_experts": 1 if shared else 0,
         "shared_intermediate_size": inter * shared,
-        "norm_topk_prob": keys.boolean("norm_topk_prob", default=v3),
+        "norm_topk_prob": norm,
         "routed_scaling_factor": keys.number(
             "routed_scaling_factor", MAX_ROUTED_SCALING, default=2.5 if v3 else 1.0
         ),

@@ -114,7 +114,8 @@ class TinyMoEModel:
                 self._expert(p + "mlp.shared_expert.", c.shared_intermediate_size, rand)
                 self.weights[p + "mlp.shared_expert_gate.weight"] = rand(1, h)
         self.spec = MoESpec.from_hf_config(c.hf_config())
-        self.router = RouterSpec(c.num_experts, c.topk, norm_topk_prob=c.norm_topk_prob)
+        # routed as the config it writes says, through the same reader a real model takes
+        self.router: RouterSpec = self.spec.router_spec()
 
     def _expert(self, prefix: str, inter: int, rand: object) -> None:
         h = self.config.hidden_size
