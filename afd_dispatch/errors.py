@@ -1,7 +1,12 @@
-"""The two ways an AFD call fails: bad input, and a peer that never answered."""
+"""The two ways an AFD call fails: bad input, and a peer that never answered.
+
+These errors cross process boundaries (spawned ranks, Ray actors), so each must survive a
+pickle round trip with its type, message and attributes.
+"""
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 
@@ -18,6 +23,14 @@ class AFDInputError(ValueError):
         self.allowed = allowed
         self.value = value
         super().__init__(f"{argument}: expected {allowed}, got {value!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles as `type(*args)`, and `args` holds only the message, which
+        # this __init__ cannot take: unpickling raised TypeError, and Ray handed the driver
+        # an UnserializableException. Rebuild without __init__, then restore the attributes.
+        args = tuple(_portable(arg) for arg in self.args)
+        state = {name: _portable(attr) for name, attr in vars(self).items()}
+        return (_rebuild, (type(self), args), state)
 
 
 class AFDTimeoutError(TimeoutError):
@@ -36,3 +49,31 @@ def check(condition: bool, argument: str, allowed: str, value: Any) -> None:
 
 class AFDHandshakeError(RuntimeError):
     """The attention side and an FFN worker disagree on a parameter both must share."""
+
+
+def _rebuild(cls: type[BaseException], args: tuple[Any, ...]) -> BaseException:
+    """An instance of `cls` holding `args`, made without its __init__ (pickle restores the
+    attributes next)."""
+    return cls.__new__(cls, *args)
+
+
+def _portable(obj: Any) -> Any:
+    """`obj` if a pickle round trip rebuilds it, else its repr (the message shows it anyway).
+
+    `value` may be anything a caller passed, e.g. a lock or a lambda; one unpicklable
+    attribute must not make the whole error unreadable in the other process.
+    """
+    try:
+        pickle.loads(pickle.dumps(obj))
+    except Exception:
+        return repr(obj)
+    return obj
+
+
+class AFDPeerError(RuntimeError):
+    """A peer of this rank cannot serve: an FFN rank failed for good (restart budget spent),
+    refused a micro-batch, or this session's data path broke.
+
+    The message names the rank and why, as the deployment's health board reports it, so a
+    caller can fail the request at once instead of waiting out a deadline.
+    """
