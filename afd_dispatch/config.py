@@ -57,6 +57,8 @@ class AFDConfig:
     ray_address                null: start a local Ray (the embedded default); "auto",
                                "host:port" or "ray://host:port": join that cluster
     ffn_max_restarts           restarts Ray may make of a dead FFN actor, 0..100
+    ffn_stall_timeout_s        an FFN actor that answers no health probe for this long is
+                               killed and restarted (a restart), (0, 3600]
     batch_invariant            expert matmuls independent of batch composition (exact tests)
     trace                      record per-layer, per-micro-batch spans
     shared_experts_on          "ffn": shared experts are slots of the AFD table, hosted on
@@ -84,6 +86,7 @@ class AFDConfig:
     window_groups: str = "shared"
     ray_address: str | None = None
     ffn_max_restarts: int = 3
+    ffn_stall_timeout_s: float = 10.0
     batch_invariant: bool = False
     trace: bool = False
     shared_experts_on: str = "ffn"
@@ -109,6 +112,7 @@ class AFDConfig:
         _int(self, "hccl_buffsize_mb", 1, 65536)
         _seconds(self, "wait_timeout_s")
         _seconds(self, "startup_timeout_s")
+        _seconds(self, "ffn_stall_timeout_s")
         _choice(self, "window_groups", WINDOW_GROUPS)
         _choice(self, "shared_experts_on", SHARED_EXPERTS_ON)
         check(

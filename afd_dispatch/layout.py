@@ -320,3 +320,39 @@ def _check_window(window: torch.Tensor, needed: int, role: str) -> None:
             f"{role} window must be a 1-D uint8 tensor, got {window.dtype} {window.dim()}-D"
         )
     check(window.numel() >= needed, f"{role} window bytes", f">= {needed}", window.numel())
+
+
+# -- The health board: how every rank of a deployment is doing (both backends) ---------------
+# Rows of HEALTH_ROW_WORDS int64 words, then a UTF-8 message of at most HEALTH_MESSAGE_BYTES
+# (its length in word HEALTH_MESSAGE_LENGTH). Each row has one writer: F state rows (the
+# FFN pool's supervisor), F error rows (each FFN rank), A attention rows (each session).
+HEALTH_ROW_WORDS = 8
+HEALTH_MESSAGE_BYTES = 448
+HEALTH_ROW_BYTES = 8 * HEALTH_ROW_WORDS + HEALTH_MESSAGE_BYTES
+HEALTH_MESSAGE_LENGTH = HEALTH_ROW_WORDS - 1
+STATE_WORD, RESTARTS_WORD, SINCE_MS_WORD, ANSWERED_MS_WORD = 0, 1, 2, 3  # an FFN state row
+ERRORS_WORD, ERROR_LAYER_WORD, ERROR_SLOT_WORD, ERROR_MS_WORD = 0, 1, 2, 3  # an error row
+BROKEN_WORD = 4  # an attention row (its errors count and time as an error row's)
+
+
+def health_board_bytes(ffn_ranks: int, sessions: int) -> int:
+    """Bytes of the health board of a deployment with F `ffn_ranks` and A `sessions`."""
+    return HEALTH_ROW_BYTES * (2 * ffn_ranks + sessions)
+
+
+def health_board_views(
+    storage: torch.Tensor, ffn_ranks: int, sessions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(words int64 [2F + A, HEALTH_ROW_WORDS], messages uint8 [2F + A, HEALTH_MESSAGE_BYTES])
+    over the board's storage: rows [0, F) FFN states, [F, 2F) FFN errors, [2F, 2F + A)
+    attention sessions."""
+    needed = health_board_bytes(ffn_ranks, sessions)
+    check(
+        storage.dtype == torch.uint8 and storage.numel() == needed,
+        "health board storage",
+        f"{needed} uint8 bytes",
+        (storage.dtype, storage.numel()),
+    )
+    rows = storage.view(2 * ffn_ranks + sessions, HEALTH_ROW_BYTES)
+    words = rows[:, : 8 * HEALTH_ROW_WORDS].view(torch.int64)
+    return words, rows[:, 8 * HEALTH_ROW_WORDS :]

@@ -29,6 +29,36 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: Callable[[],
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 8) -> Iterator[None]:
+    """A local Ray of this process for a test module (token auth on, Ray's default).
+
+    "local": a Ray of our own even where another one runs on this host. Its processes
+    inherit OMP_NUM_THREADS = every core, as from vLLM's engine launcher (which sets it):
+    the actors must still run one torch thread per CPU Ray gives them.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = str(max(2, os.cpu_count() or 2))
+        try:
+            ray.init(
+                address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False
+            )
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def ray_env() -> dict[str, str]:
     """This process's environment, token authentication on (never turned off here)."""
     return dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))

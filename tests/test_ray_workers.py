@@ -40,6 +40,7 @@ from typing import Any
 
 import pytest
 import ray
+import ray_cluster
 import torch
 from ray._private.state import GlobalState
 from ray._raylet import GcsClientOptions  # type: ignore[attr-defined]
@@ -81,20 +82,8 @@ FAULT_STEPS = 6
 # -- fixtures -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """One local Ray for the module (token auth on, Ray's default)."""
-    started = not ray.is_initialized()
-    if started:
-        # "local": a Ray of our own even where another one runs on this host. Its processes
-        # inherit OMP_NUM_THREADS = every core, as from vLLM's engine launcher (which sets
-        # it): the actors must still run one torch thread per CPU Ray gives them.
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("OMP_NUM_THREADS", str(max(2, os.cpu_count() or 2)))
-            ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_cluster.local_ray():
         yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -384,28 +384,6 @@ def receive_patiently(
                 raise
 
 
-def test_worker_refuses_layer_it_has_no_experts_for(model: TinyMoEModel) -> None:
-    x, ids, weights = moe_inputs(model, 3, seed=1)
-    cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        only_layer_0 = {0: banks(model)[0]}
-        endpoint = AttentionEndpoint(dep, 0)
-        worker = FFNWorker(dep, 0, only_layer_0)
-        endpoint.send(0, 1, x, ids, weights)
-        with pytest.raises(AFDInputError, match=r"layer id from the window.*\[0\].*got 1"):
-            worker.serve_one()
-        # under run() the error ends the loop and reaches whoever joins it
-        endpoint.send(1, 1, x, ids, weights)
-        thread = RankThread("ffn-0", worker.run)
-        thread.start()
-        try:
-            with pytest.raises(AFDInputError, match="layer id from the window"):
-                thread.outcome()
-        finally:
-            worker.stop()
-            thread.join(5.0)
-
-
 @pytest.mark.parametrize("stopped", [False, True], ids=["dropped", "stopped"])
 @pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
 def test_restarted_worker_resumes_at_the_next_micro_batch(

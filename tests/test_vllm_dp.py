@@ -20,143 +20,34 @@ Every AFD token must equal the colocated server's.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import psutil
 import pytest
-from server_leftovers import Footprint, afd_files, processes, shm_files, wait_until
+from server_leftovers import afd_files, processes, wait_until
+from vllm_scenarios import (
+    GONE_WITHIN_S,
+    KILL_AFTER_S,
+    LOAD,
+    LONG,
+    MAX_TOKENS,
+    PROMPTS,
+    SETTLE_S,
+    Record,
+    afd_config,
+    concurrently,
+    ffn_actor_pids,
+    run_server,
+    running,
+    spread,
+)
 
-from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters, vllm_server
-from afd_dispatch.tiny_hf import build_tiny_model
+from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters
 
 pytestmark = pytest.mark.slow
-
-MAX_TOKENS = 12
-LOAD = 160  # tokens per request of the load an FFN actor is killed under
-KILL_AFTER_S = 1.5
-SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing at dawn"
-WORDS = SENTENCE.split()
-PROMPTS = tuple(" ".join(WORDS[i % 7 : i % 7 + 2 + i % 9]) + f" {i}" for i in range(16))
-# ~400 tokens (this tokenizer: ~3 per word) + generated stay under --max-model-len 512
-LONG = " ".join(["a lazy dog sleeps while the quick brown fox jumps over it"] * 11)
-GONE_WITHIN_S = 60.0
-SETTLE_S = 20.0
-
-
-def afd_config(attention: int, ffn: int, **extra: Any) -> str:
-    return json.dumps(
-        {
-            "num_attention_workers": attention,
-            "num_ffn_workers": ffn,
-            "micro_batch_num": 2,
-            "max_tokens_per_micro_batch": 32,
-            "batch_invariant": True,
-            **extra,
-        }
-    )
-
-
-@dataclass
-class Record:
-    """What one server run did: token ids per request label, counters, leftovers."""
-
-    tokens: dict[str, list[int]] = field(default_factory=dict)
-    counters_before: dict[tuple[str, str], float] = field(default_factory=dict)
-    counters_after: dict[tuple[str, str], float] = field(default_factory=dict)
-    footprint: Footprint | None = None
-    gone: bool = False
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def sent(self, session: int) -> float:
-        key = ("afd_tokens_sent_total", f"session={session}")
-        return self.counters_after.get(key, 0.0) - self.counters_before.get(key, 0.0)
-
-
-def complete(
-    server: Server, prompt: str, rank: int | None = None, max_tokens: int = MAX_TOKENS
-) -> list[int]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}  # fmt: skip
-    response = server.post("/v1/completions", body, timeout_s=600.0, data_parallel_rank=rank)
-    return list(response["choices"][0]["token_ids"])
-
-
-def concurrently(
-    server: Server, jobs: Mapping[str, tuple[str, int | None, int]]
-) -> dict[str, list[int]]:
-    """{label: tokens} of requests {label: (prompt, DP rank or None, max_tokens)} sent all
-    at once."""
-    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
-        futures = {k: pool.submit(complete, server, *job) for k, job in jobs.items()}
-        return {k: f.result() for k, f in futures.items()}
-
-
-def spread(max_tokens: int = MAX_TOKENS) -> dict[str, tuple[str, int | None, int]]:
-    return {f"p{i}": (p, None, max_tokens) for i, p in enumerate(PROMPTS)}
-
-
-def run_server(
-    model: str,
-    log: Path,
-    config: str | None,
-    extra: tuple[str, ...],
-    scenario: Callable[[Server, Record], None],
-) -> Record:
-    """Start a server, run `scenario` on it, stop it, and record what it left."""
-    record = Record()
-    before, shm_before = processes(), shm_files()
-    tmp = tempfile.mkdtemp(prefix="afdt-", dir="/tmp")  # short: Ray's socket paths
-    server_pid = -1
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("TMPDIR", tmp)
-            with vllm_server(model, str(log), config, extra) as server:
-                server_pid = server.process.pid
-                record.footprint = Footprint.while_serving(before, shm_before, server_pid)
-                scenario(server, record)
-        if config is not None:
-            assert record.footprint is not None
-            record.gone = record.footprint.wait_gone(server_pid, GONE_WITHIN_S)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return record
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("dp") / "tiny-qwen3_moe"
-    build_tiny_model("qwen3_moe", str(path), seed=0, dtype="float32")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("dp-logs")
-
-
-@pytest.fixture(scope="module")
-def colocated(model: str, logs: Path) -> dict[str, list[int]]:
-    """The reference: a colocated DP = 1 server's tokens of every prompt."""
-
-    def scenario(server: Server, record: Record) -> None:
-        record.tokens = concurrently(server, spread())
-        record.tokens["long"] = complete(server, LONG)
-        record.tokens |= {f"decode/{k}": v for k, v in concurrently(server, spread(LOAD)).items()}
-
-    tokens = run_server(model, logs / "colocated.log", None, (), scenario).tokens
-    assert len({tuple(t) for t in tokens.values()}) == len(tokens)  # the prompts differ
-    return tokens
 
 
 def dp(size: int) -> tuple[str, ...]:
@@ -172,8 +63,8 @@ def spread_counted(server: Server, record: Record) -> None:
 
 # -- A:F = 2:1 -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def a2f1(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
-    return run_server(model, logs / "a2f1.log", afd_config(2, 1), dp(2), spread_counted)
+def a2f1(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+    return run_server(vllm_model, logs / "a2f1.log", afd_config(2, 1), dp(2), spread_counted)
 
 
 def test_a2f1_tokens_equal_colocated(a2f1: Record, colocated: dict[str, list[int]]) -> None:
@@ -198,24 +89,8 @@ def test_a2f1_leaves_nothing(a2f1: Record) -> None:
 
 
 # -- A:F = 2:3, a replicated expert ----------------------------------------------------------
-def running(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def ffn_actor_pids(server: Server) -> set[int]:
-    return {
-        p.pid
-        for p in processes().values()
-        if p.sid == server.process.pid and p.cmdline.startswith("ray::FFNWorkerActor")
-    }
-
-
 @pytest.fixture(scope="module")
-def a2f3(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+def a2f3(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
     def scenario(server: Server, record: Record) -> None:
         record.tokens = {f"spread/{k}": v for k, v in concurrently(server, spread()).items()}
         burst = {f"p{i}": (PROMPTS[i], 0, MAX_TOKENS) for i in range(8)}  # rank 1 idles
@@ -253,7 +128,7 @@ def a2f3(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
         record.notes["victim_alive"] = running(victim)
 
     extra = {"expert_replicas": {"0": 3}}
-    return run_server(model, logs / "a2f3.log", afd_config(2, 3, **extra), dp(2), scenario)
+    return run_server(vllm_model, logs / "a2f3.log", afd_config(2, 3, **extra), dp(2), scenario)
 
 
 def test_a2f3_tokens_equal_colocated(a2f3: Record, colocated: dict[str, list[int]]) -> None:
@@ -297,7 +172,7 @@ def test_a2f3_leaves_nothing(a2f3: Record) -> None:
 
 # -- A:F = 3:2, then an engine core SIGKILLed --------------------------------------------------
 @pytest.fixture(scope="module")
-def a3f2(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+def a3f2(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
     def scenario(server: Server, record: Record) -> None:
         spread_counted(server, record)
         engines = [
@@ -310,8 +185,9 @@ def a3f2(model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
         record.notes["server_exited"] = wait_until(
             lambda: server.process.poll() is not None, GONE_WITHIN_S
         )
+        record.notes["exit_status"] = server.process.returncode
 
-    return run_server(model, logs / "a3f2.log", afd_config(3, 2), dp(3), scenario)
+    return run_server(vllm_model, logs / "a3f2.log", afd_config(3, 2), dp(3), scenario)
 
 
 def test_a3f2_tokens_equal_colocated(a3f2: Record, colocated: dict[str, list[int]]) -> None:
@@ -324,5 +200,6 @@ def test_a3f2_tokens_equal_colocated(a3f2: Record, colocated: dict[str, list[int
 def test_a3f2_engine_killed_leaves_nothing(a3f2: Record) -> None:
     assert a3f2.notes["engines"] == 3
     assert a3f2.notes["server_exited"]  # vLLM stops when an engine core dies
+    assert a3f2.notes["exit_status"] not in (0, None), a3f2.notes  # and says it failed
     assert a3f2.footprint is not None
     assert a3f2.gone, (a3f2.footprint.left_processes, a3f2.footprint.left_shm)

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import check
+from afd_dispatch.errors import AFDPeerError, check
 from afd_dispatch.link import AttentionLink, attention_link
 from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.health import HealthBoard, PeerWatch
 from afd_dispatch.runtime.routing import RouterSpec, route
 from afd_dispatch.runtime.trace import Tracer
+from afd_dispatch.windows.wait import watching
 
 # More rounds than any batch vLLM schedules needs (its token budget over M * BS >= 1).
 MAX_ROUNDS = 1 << 16
@@ -30,6 +32,12 @@ class AttentionEndpoint:
     pads each slot to BS tokens (through the active mask) and talks to the FFN side through
     an `AttentionLink` (default: the one the deployment's config selects; `ops` is passed
     to it, e.g. a timed wrapper of the reference ops).
+
+    With the deployment's `health` board, waits fail at once when an FFN rank has failed
+    for good, run past `wait_timeout_s` while one is being brought back (at most
+    `ffn_stall_timeout_s + startup_timeout_s` in all), and name every FFN rank's state
+    when they expire; a slot an FFN rank refused (answered with zeros) raises
+    `AFDPeerError` once it is received.
     """
 
     def __init__(
@@ -39,9 +47,15 @@ class AttentionEndpoint:
         ops: Any = None,
         tracer: Tracer | None = None,
         link: AttentionLink | None = None,
+        health: HealthBoard | None = None,
     ) -> None:
         self.deployment = deployment
         self.session = session
+        self.health = health
+        cfg = deployment.config
+        recovery_s = cfg.ffn_stall_timeout_s + cfg.startup_timeout_s
+        self._watch = None if health is None else PeerWatch(health, recovery_s)
+        self._refusals = [] if health is None else health.ffn_error_counts()
         self.rank = deployment.topology.attention_rank(session)
         self.link = link if link is not None else attention_link(deployment, session, ops)
         self.tracer = tracer or Tracer(f"attention {session}", enabled=deployment.config.trace)
@@ -80,6 +94,8 @@ class AttentionEndpoint:
             micro_batch,
         )
         check(n <= layout.tokens, "hidden.shape[0]", f"<= BS = {layout.tokens}", n)
+        moe_layers = self.deployment.spec.moe_layers
+        check(layer in moe_layers, "layer", f"a MoE layer of the model {list(moe_layers)}", layer)
         check(
             tuple(topk_ids.shape) == (n, layout.topk)
             and tuple(topk_weights.shape) == (n, layout.topk),
@@ -97,7 +113,7 @@ class AttentionEndpoint:
         mask[0, n:] = False
         scales[:n] = topk_weights
         scales[n:] = 0
-        with self.tracer.span("send", layer, micro_batch):
+        with self.tracer.span("send", layer, micro_batch), watching(self._watch):
             self.link.send(micro_batch, layer, x, ids, mask)
         self.tracer.count("tokens_sent_total", n)
         self._in_flight[micro_batch] = (n, layer)
@@ -115,11 +131,31 @@ class AttentionEndpoint:
         check(pending is not None, "micro_batch", "a slot that was sent", micro_batch)
         assert pending is not None
         n, layer = pending
-        with self.tracer.span("combine", layer, micro_batch):
+        with self.tracer.span("combine", layer, micro_batch), watching(self._watch):
             y = self.link.receive(micro_batch, layer, self._scales[micro_batch])
         self._in_flight[micro_batch] = None
         self._next_receive = (micro_batch + 1) % len(self._in_flight)
+        self._raise_if_refused()
         return y[:n]
+
+    def _raise_if_refused(self) -> None:
+        """An FFN rank reports a slot it refused before it answers it (with zeros), and
+        every session sends every slot: a refusal counted since the last look concerns a
+        slot this session has received (or is about to)."""
+        if self.health is None:
+            return
+        counts = self.health.ffn_error_counts()
+        if counts == self._refusals:
+            return
+        changed = [i for i, (a, b) in enumerate(zip(self._refusals, counts, strict=True)) if a != b]
+        self._refusals = counts
+        ranks = [self.health.ffn(self.deployment.topology.ffn_ranks[i]) for i in changed]
+        reasons = "; ".join(
+            f"FFN rank {h.rank} refused micro-batch slot {h.error_slot} of layer "
+            f"{h.error_layer}: {h.error}"
+            for h in ranks
+        )
+        raise AFDPeerError(f"AFD: {reasons}")
 
     def rounds_for(self, tokens: int) -> int:
         """Rounds of M slots that `tokens` tokens need (at least one, even for none)."""
@@ -141,11 +177,13 @@ class AttentionEndpoint:
         ranks pass `rounds_for` of the largest T among them (default: this rank's own T).
         """
         check(
-            all(p is None for p in self._in_flight),
+            self.idle(),
             "exchange",
             "no micro-batch in flight (use send/receive for pipelining)",
             "slots in flight",
         )
+        if self._watch is not None:  # fail at once, before anything is written
+            self._watch.check()
         m = self.deployment.micro_batches
         t = hidden.shape[0]
         needed = self.rounds_for(t)
@@ -160,15 +198,28 @@ class AttentionEndpoint:
         per_slot = -(-t // slots)  # <= BS, since rounds >= needed
         out = torch.empty(t, hidden.shape[1], dtype=self.deployment.layout.dtype)
         bounds = [min(t, i * per_slot) for i in range(slots + 1)]
+        refused: list[AFDPeerError] = []  # raised once every slot is back (none in flight)
+
+        def receive(j: int) -> None:
+            try:
+                out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
+            except AFDPeerError as exc:
+                refused.append(exc)
+
         for i in range(slots):
             if i >= m:
-                j = i - m
-                out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
+                receive(i - m)
             lo, hi = bounds[i], bounds[i + 1]
             self.send(i % m, layer, hidden[lo:hi], topk_ids[lo:hi], topk_weights[lo:hi])
         for j in range(max(0, slots - m), slots):
-            out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
+            receive(j)
+        if refused:
+            raise refused[0]
         return out
+
+    def idle(self) -> bool:
+        """Whether no slot is in flight (an exchange that raised midway leaves some)."""
+        return all(p is None for p in self._in_flight)
 
 
 class AFDMoELayer:

@@ -9,6 +9,13 @@ One `FFNWorker` serves one FFN rank through its `FFNLink`. Its loop is
 Waiting sleeps with back-off (see `afd_dispatch.windows.wait`), so an idle worker costs
 no core. A restarted worker resumes at the slot its predecessor was collecting
 (`FFNLink.resume_slot`).
+
+A micro-batch the worker cannot serve (a layer it hosts no experts of, a failing expert
+kernel) is answered with zeros and reported, on the health board and in the log: the
+attention side's receive completes, sees the report and fails that exchange with the
+reason, and the loop goes on with the next slot. A failure of the link itself (collect or
+give back) ends `run` with the error, reported first: the actor's process then exits and
+Ray restarts it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 import torch
 
 from afd_dispatch.errors import AFDTimeoutError, check
-from afd_dispatch.link import FFNLink, ffn_link
+from afd_dispatch.link import Batch, FFNLink, ffn_link
 from afd_dispatch.runtime.checkpoint import (
     SharedExpertWeights,
     load_routed_experts,
@@ -31,6 +38,7 @@ from afd_dispatch.runtime.checkpoint import (
 )
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank, run_groups
+from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.trace import Tracer
 from afd_dispatch.windows import ScheduleStopped
 
@@ -74,7 +82,8 @@ class FFNWorker:
     """FFN rank `rank` of `deployment`, hosting `banks` (its experts, per MoE layer).
 
     `link`: its end of the AFD link (default: the one the deployment's config selects;
-    `ops` is passed to it, e.g. a timed wrapper of the reference ops).
+    `ops` is passed to it, e.g. a timed wrapper of the reference ops). `health`: the
+    deployment's health board, where refused micro-batches are reported.
     """
 
     def __init__(
@@ -85,8 +94,10 @@ class FFNWorker:
         ops: Any = None,
         tracer: Tracer | None = None,
         link: FFNLink | None = None,
+        health: HealthBoard | None = None,
     ) -> None:
         check(deployment.topology.is_ffn(rank), "rank", "an FFN rank", rank)
+        self.health = health
         self.deployment = deployment
         self.rank = rank
         self.banks = banks
@@ -131,27 +142,41 @@ class FFNWorker:
         if batch.count == 0:  # no session routed a token here: nothing to run or send
             self.tracer.count("micro_batches_served_total")
             return 0
-        bank = self.banks.get(layer)
-        check(
-            bank is not None,
-            "layer id from the window",
-            f"a MoE layer of {sorted(self.banks)}",
-            layer,
-        )
-        assert bank is not None
         n = batch.count
-        with self.tracer.span("experts", layer, micro_batch):
-            self._out[:n] = run_groups(
-                bank, batch.rows, batch.group_list, self.hosted, self.deployment.layout.dtype
-            )
+        try:
+            with self.tracer.span("experts", layer, micro_batch):
+                self._out[:n] = self._experts(batch)
+        except Exception as exc:  # this message is bad, not the worker: answer, report, go on
+            self._report(layer, micro_batch, f"{type(exc).__name__}: {exc}")
+            self._out[:n] = 0
+            self.tracer.count("micro_batches_refused_total")
         with self.tracer.span("return", layer, micro_batch):
             self.link.give_back(micro_batch, batch, self._out)
         self.tracer.count("rows_served_total", n)
         self.tracer.count("micro_batches_served_total")
         return n
 
+    def _experts(self, batch: Batch) -> torch.Tensor:
+        bank = self.banks.get(batch.layer)
+        check(
+            bank is not None,
+            "layer id from the window",
+            f"a MoE layer of {sorted(self.banks)}",
+            batch.layer,
+        )
+        assert bank is not None
+        dtype = self.deployment.layout.dtype
+        return run_groups(bank, batch.rows, batch.group_list, self.hosted, dtype)
+
+    def _report(self, layer: int, micro_batch: int, reason: str) -> None:
+        what = f"layer {layer}, micro-batch slot {micro_batch}" if layer >= 0 else "its link"
+        log.error("FFN rank %d cannot serve %s: %s", self.rank, what, reason)
+        if self.health is not None:
+            self.health.report_ffn_error(self.rank, layer, micro_batch, reason)
+
     def run(self) -> None:
-        """Serve until `stop()`; an idle deadline just means no traffic yet."""
+        """Serve until `stop()`; an idle deadline just means no traffic yet. Any other error
+        is reported (health board, log) and raised: the link is in an unknown state."""
         while not self._stop.is_set():
             try:
                 self.serve_one()
@@ -159,6 +184,9 @@ class FFNWorker:
                 log.debug("FFN rank %d idle: %s", self.rank, exc)
             except ScheduleStopped:
                 break
+            except Exception as exc:
+                self._report(-1, self._cursor, f"{type(exc).__name__}: {exc}")
+                raise
 
     def stop(self) -> None:
         """End `run()`: wake a wait in progress (`FFNLink.stop`)."""

@@ -9,15 +9,46 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
 
 from afd_dispatch.errors import AFDTimeoutError
 
 EAGER_POLLS = 4
 FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 1e-3
+WATCH_PERIOD_S = 0.05  # how often a watched wait asks about its peers
+EXTEND_S = 1.0  # how far past its deadline a wait runs per `Watch.extend`
 
 _fence_lock = threading.Lock()
+_local = threading.local()
+
+
+class Watch(Protocol):
+    """What a waiting thread knows about its peers beyond the flags it waits on."""
+
+    def check(self) -> None:
+        """Raise when a peer can no longer answer (the wait then fails at once)."""
+
+    def extend(self, waited_s: float) -> bool:
+        """Whether a wait at its deadline, `waited_s` in, should go on (a peer recovers)."""
+        ...
+
+    def describe(self) -> str:
+        """The peers' state, for the message of a wait that expires."""
+        ...
+
+
+@contextmanager
+def watching(watch: Watch | None) -> Iterator[None]:
+    """Every `wait_until` of this thread inside the block consults `watch`."""
+    previous = getattr(_local, "watch", None)
+    _local.watch = watch
+    try:
+        yield
+    finally:
+        _local.watch = previous
 
 
 def store_fence() -> None:
@@ -45,11 +76,15 @@ def wait_until(
     """Return once `ready()` is true; raise `AFDTimeoutError` after `timeout_s`.
 
     `describe_missing()` is called only on expiry and must say who waited and what is
-    still missing. `stopped()`, when given, aborts the wait with `ScheduleStopped`.
+    still missing. `stopped()`, when given, aborts the wait with `ScheduleStopped`. A
+    `watching` block's `Watch` may fail the wait early or extend it past its deadline.
     """
     if _ready_then_fence(ready):
         return
-    deadline = time.monotonic() + timeout_s
+    watch: Watch | None = getattr(_local, "watch", None)
+    start = time.monotonic()
+    deadline = start + timeout_s
+    next_watch = start + WATCH_PERIOD_S
     for _ in range(EAGER_POLLS):
         if _ready_then_fence(ready):
             return
@@ -58,10 +93,20 @@ def wait_until(
         if stopped is not None and stopped():
             raise ScheduleStopped("the schedule context was stopped while waiting")
         now = time.monotonic()
+        if watch is not None and now >= next_watch:
+            watch.check()
+            next_watch = now + WATCH_PERIOD_S
         if now >= deadline:
             if _ready_then_fence(ready):
                 return
-            raise AFDTimeoutError(f"{describe_missing()} (deadline {timeout_s:g} s passed)")
+            if watch is not None and watch.extend(now - start):
+                deadline = now + EXTEND_S
+                continue
+            peers = "" if watch is None else f"; {watch.describe()}"
+            raise AFDTimeoutError(
+                f"{describe_missing()} (deadline {timeout_s:g} s passed, waited "
+                f"{now - start:.1f} s){peers}"
+            )
         time.sleep(min(sleep_s, deadline - now))
         if _ready_then_fence(ready):
             return

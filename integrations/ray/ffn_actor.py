@@ -12,6 +12,7 @@ group with a bare actor-creation error, or poll the windows with the wrong plan.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -23,9 +24,12 @@ from afd_dispatch.link import ffn_link
 from afd_dispatch.link.npu import Rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.ffn_worker import FFNWorker, load_banks
+from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Span, Tracer
 from afd_dispatch.windows import WindowGroupSpec, attach_window_group, get_window_group
+
+log = logging.getLogger(__name__)
 
 
 class FFNWorkerActor:
@@ -38,6 +42,7 @@ class FFNWorkerActor:
         dtype: str,
         expected: ProtocolParams | None = None,
         rendezvous: Rendezvous | None = None,
+        health_token: str | None = None,
     ) -> None:
         _use_assigned_cpus()
         config = AFDConfig.from_json(config_json)
@@ -57,9 +62,17 @@ class FFNWorkerActor:
         tracer = Tracer(f"FFN {rank}", enabled=config.trace)
         self.error: str | None = None
         self._stopping = False
+        self.health = _attach_board(self.deployment, health_token)
         if rendezvous is None:
-            self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer)
-            target = self.worker.run
+            self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer, health=self.health)
+            worker = self.worker
+
+            def target() -> None:
+                try:
+                    worker.run()
+                except BaseException as exc:  # reported by the worker; Ray restarts us
+                    log.error("FFN rank %d stops serving, exiting for a restart: %r", rank, exc)
+                    os._exit(1)
         else:
             # The NPU link's set-up waits for every rank, the attention side's included,
             # which the pool starts after this constructor returns: set up in the thread.
@@ -69,7 +82,9 @@ class FFNWorkerActor:
                     if self._stopping:  # stop() came while the link was being set up
                         link.close()
                         return
-                    self.worker = FFNWorker(self.deployment, rank, banks, tracer=tracer, link=link)
+                    self.worker = FFNWorker(
+                        self.deployment, rank, banks, tracer=tracer, link=link, health=self.health
+                    )
                     self.worker.run()
                 except BaseException as exc:  # reported by info()
                     self.error = f"{type(exc).__name__}: {exc}"
@@ -103,6 +118,18 @@ class FFNWorkerActor:
         if self.worker is not None and self._thread is not None:
             self.worker.stop()
             self._thread.join(timeout=self.deployment.config.wait_timeout_s)
+
+
+def _attach_board(deployment: Deployment, token: str | None) -> HealthBoard | None:
+    """The pool's health board, where this rank reports refused micro-batches; None where
+    it is not reachable (the pool runs on another host: the NPU link across nodes)."""
+    if token is None:
+        return None
+    try:
+        return HealthBoard.attach(deployment.topology, token)
+    except FileNotFoundError:
+        log.warning("AFD: the health board is on another host; refusals go to the log only")
+        return None
 
 
 def _use_assigned_cpus() -> None:

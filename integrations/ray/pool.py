@@ -4,6 +4,11 @@ Placement: one bundle per FFN rank in a placement group, spread over nodes when 
 transport can cross nodes (HCCL on A3) and the cluster has several; with shared-memory
 windows (the reference backend) every actor must share the attention node, and a
 placement that puts one elsewhere is refused.
+
+Health: the pool keeps the deployment's health board (`afd_dispatch.runtime.health`,
+made here unless the caller made it) through its `Supervisor`, which also replaces
+actors that stall. Every wait on Ray has a deadline and ends in an AFD error that names
+the rank and the likely cause (`calls.get`).
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import os
 from typing import Any
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import AFDHandshakeError, AFDTimeoutError
+from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.integrations.ray import calls
 from afd_dispatch.integrations.ray.ffn_actor import FFNWorkerActor
+from afd_dispatch.integrations.ray.supervisor import Supervisor
 from afd_dispatch.link.npu import Rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
+from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.trace import Span
 from afd_dispatch.windows import WindowGroup
 
@@ -34,8 +42,14 @@ def ensure_ray(address: str | None, min_cpus: float = 1) -> None:
         # ray.init() would join that one, as a user's unrelated cluster).
         cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999))
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    else:
+        return
+    try:
         ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:  # unreachable, or another Ray version
+        raise AFDHandshakeError(
+            f"ray_address {address!r}: cannot join that Ray cluster ({calls.cause_of(exc)}); "
+            f"this host runs Ray {ray.__version__}, and every node must run the same"
+        ) from None
 
 
 class FFNWorkerPool:
@@ -55,8 +69,13 @@ class FFNWorkerPool:
         ffn_config: AFDConfig | None = None,
         num_cpus: float = 1.0,
         rendezvous: Rendezvous | None = None,
+        health: HealthBoard | None = None,
     ) -> None:
         self.deployment = deployment
+        self.health = health
+        self._own_health = health is None
+        self.supervisor: Supervisor | None = None
+        self._last_traces: dict[int, tuple[list[Span], dict[str, float]]] = {}
         self.model_path = model_path
         self.groups = groups
         self.ffn_config = ffn_config or deployment.config
@@ -77,11 +96,20 @@ class FFNWorkerPool:
         crosses_nodes = self.deployment.backend == "npu"  # HCCL windows cross nodes
         many_nodes = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         strategy = "SPREAD" if crosses_nodes and many_nodes else "PACK"
+        if self.health is None:
+            self.health = HealthBoard.create(self.deployment.topology, "shm")
         self._placement = placement_group(
             [{"CPU": self.num_cpus} for _ in ranks], strategy=strategy
         )
         try:
-            ray.get(self._placement.ready(), timeout=cfg.startup_timeout_s)
+            calls.get(
+                self._placement.ready(),
+                cfg.startup_timeout_s,
+                f"placement of {len(ranks)} FFN ranks ({self.num_cpus:g} CPU each, {strategy})",
+                f"startup_timeout_s; the cluster has {ray.available_resources().get('CPU', 0):g} "
+                f"of {ray.cluster_resources().get('CPU', 0):g} CPUs free: add nodes or CPUs, or "
+                "lower num_ffn_workers",
+            )
             remote = ray.remote(FFNWorkerActor)
             config_json = self.ffn_config.to_json()
             specs = [g.spec for g in self.groups]
@@ -102,40 +130,40 @@ class FFNWorkerPool:
                     str(self.deployment.dtype),
                     expected,
                     self.rendezvous,
+                    self.health.token,
                 )
             self._handshake()
             if not crosses_nodes:
                 self._check_same_node()
+            self.supervisor = Supervisor(self.actors, self.health, cfg).start()
         except BaseException:
             self.stop()
             raise
         return self
 
     def _handshake(self) -> None:
-        import ray
 
         mine = self.deployment.params()
         refs = {rank: actor.params.remote() for rank, actor in self.actors.items()}
+        timeout = self.deployment.config.startup_timeout_s
         for rank, ref in refs.items():
-            try:
-                theirs = ProtocolParams.from_dict(
-                    ray.get(ref, timeout=self.deployment.config.startup_timeout_s)
-                )
-            except ray.exceptions.GetTimeoutError:
-                raise AFDTimeoutError(
-                    f"FFN actor for rank {rank} did not come up within "
-                    f"{self.deployment.config.startup_timeout_s:g} s (startup_timeout_s)"
-                ) from None
-            mine.check_matches(theirs, "attention side", f"FFN rank {rank}")
+            answer = calls.get(
+                ref,
+                timeout,
+                f"FFN rank {rank}'s actor, starting up",
+                "startup_timeout_s: loading its experts takes longer, or it waits for CPUs",
+            )
+            mine.check_matches(
+                ProtocolParams.from_dict(answer), "attention side", f"FFN rank {rank}"
+            )
 
     def _check_same_node(self) -> None:
         import ray
 
         here = ray.get_runtime_context().get_node_id()
+        timeout = self.deployment.config.startup_timeout_s
         for rank, actor in self.actors.items():
-            node = ray.get(actor.info.remote(), timeout=self.deployment.config.startup_timeout_s)[
-                "node_id"
-            ]
+            node = calls.get(actor.info.remote(), timeout, f"FFN rank {rank}'s actor")["node_id"]
             if node != here:
                 raise AFDHandshakeError(
                     f"FFN rank {rank} runs on node {node}, the attention side on {here}: "
@@ -146,16 +174,25 @@ class FFNWorkerPool:
         """Stop every actor (no restart) and release the placement group."""
         import ray
 
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         timeout = self.deployment.config.wait_timeout_s
-        stops = [actor.stop.remote() for actor in self.actors.values()]
+        stops = {rank: actor.stop.remote() for rank, actor in self.actors.items()}
         if stops:
-            ray.wait(stops, num_returns=len(stops), timeout=timeout)
+            done, _ = ray.wait(list(stops.values()), num_returns=len(stops), timeout=timeout)
+            late = [rank for rank, ref in stops.items() if ref not in done]
+            if late:
+                log.warning("AFD: FFN ranks %s did not stop within %g s; killed", late, timeout)
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         self.actors.clear()
         if self._placement is not None:
             ray.util.remove_placement_group(self._placement)
             self._placement = None
+        if self._own_health and self.health is not None:
+            self.health.close()
+            self.health = None
 
     def __enter__(self) -> FFNWorkerPool:
         return self.start()
@@ -164,32 +201,39 @@ class FFNWorkerPool:
         self.stop()
 
     # -- observability and fault injection ---------------------------------------------------
-    def traces(self) -> tuple[list[Span], dict[str, dict[str, float]]]:
+    def traces(
+        self, timeout_s: float | None = None
+    ) -> tuple[list[Span], dict[str, dict[str, float]]]:
+        """Every FFN rank's spans and counters, plus the supervisor's counters. A rank that
+        does not answer within `timeout_s` (default `wait_timeout_s`: frozen, restarting)
+        contributes what it answered last."""
         import ray
 
+        timeout = self.deployment.config.wait_timeout_s if timeout_s is None else timeout_s
+        refs = {rank: actor.trace.remote() for rank, actor in self.actors.items()}
+        done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        for rank, ref in refs.items():
+            if ref in done:
+                try:
+                    self._last_traces[rank] = ray.get(ref, timeout=0)
+                except ray.exceptions.RayError as exc:
+                    log.debug("AFD: FFN rank %d traces unavailable: %s", rank, exc)
         spans: list[Span] = []
         counters: dict[str, dict[str, float]] = {}
-        timeout = self.deployment.config.wait_timeout_s
-        for rank, (s, c) in zip(
-            self.actors,
-            ray.get([a.trace.remote() for a in self.actors.values()], timeout=timeout),
-            strict=True,
-        ):
+        for rank, (s, c) in self._last_traces.items():
             spans.extend(s)
-            counters[f"FFN {rank}"] = c
+            counters[f"FFN {rank}"] = dict(c)
+        if self.supervisor is not None:
+            for process, values in self.supervisor.counters().items():
+                counters[process] = counters.get(process, {}) | values
         return spans, counters
 
     def info(self) -> dict[int, dict[str, Any]]:
-        import ray
-
+        """Each FFN rank's `FFNWorkerActor.info`. Raises `AFDPeerError` naming a rank whose
+        actor died or is restarting, and why (e.g. its constructor's exception)."""
         timeout = self.deployment.config.startup_timeout_s
-        return dict(
-            zip(
-                self.actors,
-                ray.get([a.info.remote() for a in self.actors.values()], timeout=timeout),
-                strict=True,
-            )
-        )
+        refs = {rank: actor.info.remote() for rank, actor in self.actors.items()}
+        return {rank: calls.get(ref, timeout, f"FFN rank {rank}") for rank, ref in refs.items()}
 
     def kill(self, rank: int) -> None:
         """Kill FFN `rank`'s actor as a crash would; Ray restarts it (max_restarts)."""

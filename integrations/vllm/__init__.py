@@ -15,6 +15,8 @@ Entry point (group `vllm.general_plugins`): `register`. vLLM calls it in every p
   data-parallel rank attaches to it.
 - `server`: a worker's AFD side: attention session = its data-parallel rank.
 - `metrics`: AFD counters on the server's `/metrics`, labelled by session and FFN rank.
+- `health`: `/health` says 503 while the deployment cannot serve, and requests that ran
+  into an AFD fault fail with the reason (the engine itself never dies of one).
 """
 
 from __future__ import annotations
@@ -33,3 +35,4 @@ def register() -> None:
     moe.install_model_hook()
     metrics.install()
     compat.install_engine_launch_hook()
+    compat.install_exit_status_hook()

@@ -43,11 +43,22 @@ def install() -> None:
             config = checked_config(text, extra.get(ADDITIONAL_CONFIG_KEY), engine_args)
             extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()  # other projects' keys stay
             engine_args.additional_config = extra
+            from afd_dispatch.integrations.vllm import health
+
+            health.install_middleware(args)  # /health and failed requests say why
         return engine_args
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
     EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign, assignment]
     EngineArgs._afd_patched = True  # type: ignore[attr-defined]
+
+
+def afd_requested(args: argparse.Namespace) -> bool:
+    """Whether parsed `vllm serve` arguments ask for AFD (either flag)."""
+    extra = getattr(args, "additional_config", None)
+    return bool(getattr(args, "afd_config", None)) or (
+        isinstance(extra, dict) and ADDITIONAL_CONFIG_KEY in extra
+    )
 
 
 def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDConfig:

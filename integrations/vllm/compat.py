@@ -153,3 +153,42 @@ def moe_layers_local() -> Iterator[None]:
         yield
     finally:
         fused_moe_layer.make_parallel_config = original
+
+
+_engine_died = threading.Event()
+
+
+def install_exit_status_hook() -> None:
+    """`vllm serve` of an AFD server exits with status 1 when it stops because its engine
+    died (vLLM shuts the HTTP server down then, and the process ended with status 0: a
+    supervisor that restarts only failed processes left the server down)."""
+    from vllm.entrypoints.cli import serve
+    from vllm.entrypoints.launchers import launcher
+    from vllm.entrypoints.serve.exception_handling.handlers import vllm_error
+
+    if getattr(serve.ServeSubcommand, "_afd_patched", False):
+        return
+    original_check = launcher.terminate_if_errored
+    _require(
+        list(inspect.signature(original_check).parameters) == ["server", "engine"]
+        and getattr(vllm_error, "terminate_if_errored", None) is original_check,
+        "how the API server stops on a dead engine (launcher.terminate_if_errored)",
+    )
+
+    def terminate_if_errored(server: Any, engine: Any) -> None:
+        original_check(server, engine)
+        if server.should_exit and engine.errored and not engine.is_running:
+            _engine_died.set()
+
+    launcher.terminate_if_errored = terminate_if_errored
+    vllm_error.terminate_if_errored = terminate_if_errored
+    original_cmd = serve.ServeSubcommand.cmd
+
+    def cmd(args: Any) -> None:
+        original_cmd(args)
+        if _engine_died.is_set() and cli.afd_requested(args):
+            log.error("AFD: vLLM's engine died (see above); exiting with status 1")
+            raise SystemExit(1)
+
+    serve.ServeSubcommand.cmd = staticmethod(cmd)  # type: ignore[method-assign, assignment]
+    serve.ServeSubcommand._afd_patched = True  # type: ignore[attr-defined]

@@ -5,9 +5,10 @@ the FFN actors; `/metrics` is served by the API server processes. Each worker, a
 deployment's owner for the FFN actors, has a `CounterPublisher` that writes a JSON
 snapshot once a second into a private directory named by `AFD_METRICS_DIR`, one file per
 publisher; the collector reads them all at each scrape. Attention counters are labelled
-`session`, FFN counters `ffn_rank`. The first process that loads the plugin (the one that
-runs `vllm serve`) sets that variable before it starts anything, so every process it
-starts inherits it, and removes the directory when it exits.
+`session`, FFN counters `ffn_rank`; the pool's (`ffn_ranks_up`) `process="pool"`. Names
+ending in `_total` are counters, the others gauges. The first process that loads the
+plugin (the one that runs `vllm serve`) sets that variable before it starts anything, so
+every process it starts inherits it, and removes the directory when it exits.
 
 With several API servers (vLLM's default with data-parallel ranks) `/metrics` serves only
 prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`), so one publisher,
@@ -96,7 +97,7 @@ class SnapshotCollector:
         return out
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         by_name: dict[str, list[tuple[tuple[str, str], float]]] = {}
         for process, values in self.snapshot().items():
@@ -105,13 +106,18 @@ class SnapshotCollector:
         for name, samples in sorted(by_name.items()):
             metric = metric_name(name)
             keys = sorted({key for (key, _), _ in samples})
-            family = CounterMetricFamily(metric, f"AFD {name}", labels=keys)
+            kind = CounterMetricFamily if is_counter(name) else GaugeMetricFamily
+            family = kind(metric, f"AFD {name}", labels=keys)
             for (key, value_label), value in samples:
                 family.add_metric([value_label if k == key else "" for k in keys], value)
             yield family
 
     def describe(self) -> list[Any]:
         return []  # names are known only at scrape time
+
+
+def is_counter(name: str) -> bool:
+    return name.endswith("_total")
 
 
 def metric_name(name: str) -> str:
@@ -137,14 +143,31 @@ class MultiprocessExporter:
     def __init__(self, directory: str) -> None:
         self.collector = SnapshotCollector(directory)
         self._counters: dict[str, tuple[str, Any]] = {}  # name -> (label, Counter)
+        self._gauges: dict[str, tuple[str, Any]] = {}  # name -> (label, Gauge)
         self._last: dict[tuple[str, str], float] = {}
 
     def export(self) -> None:
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Gauge
 
         for process, values in self.collector.snapshot().items():
             key, label = labels(process)
             for name, value in values.items():
+                if not is_counter(name):
+                    if name not in self._gauges:
+                        self._gauges[name] = (
+                            key,
+                            Gauge(
+                                metric_name(name),
+                                f"AFD {name}",
+                                [key],
+                                registry=None,
+                                multiprocess_mode="mostrecent",
+                            ),
+                        )
+                    gauge_key, gauge = self._gauges[name]
+                    if gauge_key == key:
+                        gauge.labels(label).set(value)
+                    continue
                 if name not in self._counters:
                     counter = Counter(metric_name(name), f"AFD {name}", [key], registry=None)
                     self._counters[name] = (key, counter)

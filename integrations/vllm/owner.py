@@ -31,16 +31,19 @@ import torch
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDTimeoutError
-from afd_dispatch.integrations.ray import FFNWorkerPool
+from afd_dispatch.integrations.ray import FFNWorkerPool, calls
 from afd_dispatch.link.npu import Rendezvous, serve_rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
+from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, WindowGroupSpec, attach_window_group
 
 log = logging.getLogger(__name__)
 ENV = "AFD_ATTACHMENT"
 NAMESPACE = "afd-dispatch"  # of the Ray actors through which other nodes find a deployment
 LOOKUP_PERIOD_S = 0.5
+COUNTERS_TIMEOUT_S = 0.5  # a metrics snapshot never waits on a frozen FFN rank longer
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,15 @@ class Attachment:
 
     `windows` maps each window group name to its shared-memory token (a secret: the files
     are owner-only, and the names unguessable); `rendezvous` is where the NPU link's ranks
-    meet; `params` is the owner's plan, which the rank's own plan must equal.
+    meet; `params` is the owner's plan, which the rank's own plan must equal; `health` is
+    the token of the deployment's health board (shared memory on the owner's host).
     """
 
     owner_pid: int
     params: dict[str, Any]
     windows: dict[str, str] = field(default_factory=dict)
     rendezvous: tuple[str, int] | None = None
+    health: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -72,11 +77,13 @@ class Attachment:
             if not isinstance(values, dict):
                 raise TypeError(f"a JSON object, not {type(values).__name__}")
             rendezvous = values.get("rendezvous")
+            health = values.get("health")
             return cls(
                 owner_pid=int(values["owner_pid"]),
                 params=dict(values["params"]),
                 windows={str(k): str(v) for k, v in dict(values["windows"]).items()},
                 rendezvous=None if rendezvous is None else (str(rendezvous[0]), int(rendezvous[1])),
+                health=None if health is None else str(health),
             )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise AFDInputError(ENV, "the JSON a DeploymentOwner wrote", f"{exc}") from None
@@ -115,6 +122,24 @@ class Attachment:
             raise
         return groups, None
 
+    def topology(self) -> RankTopology:
+        """The deployment's ranks, from the owner's plan."""
+        params = ProtocolParams.from_dict(self.params)
+        return RankTopology(
+            params.num_attention, params.world_size - params.num_attention, params.ffn_start_rank_id
+        )
+
+    def health_board(self) -> HealthBoard | None:
+        """The owner's health board, or None on a host that does not have it (another
+        node of an NPU deployment: its waits then know only their own flags)."""
+        if self.health is None:
+            return None
+        try:
+            return HealthBoard.attach(self.topology(), self.health)
+        except FileNotFoundError:
+            log.warning("AFD: the deployment's health board is on another host")
+            return None
+
 
 class DeploymentOwner:
     """Windows (reference link) or rendezvous (NPU link), and the FFN actors, of one server."""
@@ -133,6 +158,7 @@ class DeploymentOwner:
         # The NPU link's ranks meet at a TCP store this process serves; the reference
         # link's windows are shared memory this process owns.
         self.groups = [] if npu else self.deployment.create_windows("shm")
+        self.health: HealthBoard | None = HealthBoard.create(self.deployment.topology, "shm")
         self.rendezvous: Rendezvous | None = None
         self._store: Any = None
         self.pool: FFNWorkerPool | None = None
@@ -141,7 +167,11 @@ class DeploymentOwner:
             if npu:
                 self.rendezvous, self._store = serve_rendezvous(_rendezvous_host(config))
             self.pool = FFNWorkerPool(
-                self.deployment, model_path, self.groups, rendezvous=self.rendezvous
+                self.deployment,
+                model_path,
+                self.groups,
+                rendezvous=self.rendezvous,
+                health=self.health,
             ).start()
             if npu and on_cluster(config):
                 self._directory = publish_attachment(config, self.attachment(), key)
@@ -166,11 +196,13 @@ class DeploymentOwner:
             rendezvous=None
             if self.rendezvous is None
             else (self.rendezvous.host, self.rendezvous.port),
+            health=None if self.health is None else self.health.token,
         )
 
     def counters(self) -> dict[str, dict[str, float]]:
-        """The FFN ranks' counters, {"FFN r": {name: value}}."""
-        return {} if self.pool is None else self.pool.traces()[1]
+        """The FFN ranks' counters, {"FFN r": {name: value}}, and the pool's ("pool"). A
+        rank that does not answer at once (frozen, restarting) shows its last values."""
+        return {} if self.pool is None else self.pool.traces(COUNTERS_TIMEOUT_S)[1]
 
     def close(self) -> None:
         if self._directory is not None:
@@ -187,6 +219,9 @@ class DeploymentOwner:
         for group in self.groups:
             group.close()
         self.groups = []
+        if self.health is not None:
+            self.health.close()
+            self.health = None
         self._store = None
 
 
@@ -238,7 +273,12 @@ def publish_attachment(config: AFDConfig, attachment: Attachment, key: str = "")
             f"a name no other AFD deployment on this Ray cluster uses ({exc})",
             config.group,
         ) from None
-    ray.get(actor.attachment.remote(), timeout=config.startup_timeout_s)
+    calls.get(
+        actor.attachment.remote(),
+        config.startup_timeout_s,
+        f"the directory actor {name!r} (namespace {NAMESPACE!r})",
+        "startup_timeout_s: the cluster could not start one more actor (no worker process)",
+    )
     log.info("AFD: deployment %r published in Ray namespace %r", name, NAMESPACE)
     return actor
 

@@ -3,6 +3,14 @@
 One `AttentionServer` per worker process, made when the model is built and closed when
 the process exits. Its `moe` is what the patched MoE method calls for every MoE layer.
 vLLM's data-parallel rank s is session s.
+
+An AFD error on the data path is never fatal to the engine (vLLM would end the whole
+server on any exception of a forward). `moe` reports it on the deployment's health board
+and returns zeros; the HTTP front end (`health.AFDHealthMiddleware`) fails every request
+that ran while an error was reported, naming AFD and the rank, and answers `/health` with
+503 while the deployment cannot serve. An exchange that broke midway (slots in flight)
+leaves this session unable to exchange again: it reports itself broken, and its forwards
+return zeros at once from then on.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ from typing import Any
 import torch
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import check
+from afd_dispatch.errors import AFDInputError, AFDPeerError, AFDTimeoutError, check
 from afd_dispatch.integrations.vllm import metrics
 from afd_dispatch.integrations.vllm.owner import Attachment, DeploymentOwner
 from afd_dispatch.link import attention_link
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Tracer
 from afd_dispatch.windows import WindowGroup
@@ -62,6 +71,8 @@ class AttentionServer:
         self.session = session
         self.owner: DeploymentOwner | None = None
         self.groups: list[WindowGroup] = []  # attached here, closed here
+        self.health: HealthBoard | None = None  # attached here (closed here) or the owner's
+        self._own_board = False
         self.tracer = Tracer(f"attention {session}", enabled=config.trace)
         self._metrics: metrics.CounterPublisher | None = None
         try:
@@ -76,14 +87,17 @@ class AttentionServer:
                 self.owner = DeploymentOwner(config, model_path, dtype)
                 self.deployment = self.owner.deployment
                 rendezvous = self.owner.rendezvous
+                self.health = self.owner.health
             else:
                 self.deployment = Deployment(config, MoESpec.from_pretrained(model_path), dtype)
                 self.groups, rendezvous = attachment.attach(self.deployment)
+                self.health = attachment.health_board()
+                self._own_board = self.health is not None
             link = None
             if rendezvous is not None:
                 link = attention_link(self.deployment, session, rendezvous=rendezvous)
             self.endpoint = AttentionEndpoint(
-                self.deployment, session, tracer=self.tracer, link=link
+                self.deployment, session, tracer=self.tracer, link=link, health=self.health
             )
         except BaseException:
             self.close()
@@ -102,8 +116,33 @@ class AttentionServer:
         """The routed experts' weighted sum for one MoE layer (shared experts excluded).
 
         `dp_max_tokens`: the most tokens any data-parallel rank runs in this forward; all
-        ranks then send the same number of rounds.
+        ranks then send the same number of rounds. On an AFD error: zeros, and the error on
+        the health board (see the module's docstring).
         """
+        if self.health is not None and self.health.cannot_serve():
+            return torch.zeros_like(x)  # the front end fails these requests
+        try:
+            return self._exchange(layer, x, topk_ids, topk_weights, dp_max_tokens)
+        except (AFDTimeoutError, AFDPeerError, AFDInputError) as exc:
+            broken = not self.endpoint.idle()
+            log.error(
+                "AFD: session %d, layer %d: %s: %s%s", self.session, layer,
+                type(exc).__name__, exc, " (this session stops exchanging)" if broken else "",
+            )  # fmt: skip
+            if self.health is None:
+                raise  # nowhere to report it: let vLLM see it
+            self.health.report_session_error(self.session, f"{type(exc).__name__}: {exc}", broken)
+            self.tracer.count("exchange_errors_total")
+            return torch.zeros_like(x)
+
+    def _exchange(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        dp_max_tokens: int | None,
+    ) -> torch.Tensor:
         rounds = None
         if self.deployment.topology.num_attention > 1:  # every session must send as many
             check(
@@ -148,6 +187,9 @@ class AttentionServer:
         for group in self.groups:
             group.close()
         self.groups = []
+        if self._own_board and self.health is not None:
+            self.health.close()
+        self.health = None
 
 
 def start(

@@ -1,0 +1,281 @@
+"""Faults on the data path, in one process: the health board and what reads it.
+
+1. A micro-batch an FFN rank cannot serve (a layer that is not a MoE layer of the model,
+   sent past the attention endpoint's own check) is answered with zeros and reported on
+   the board and in the log; the attention side's receive raises `AFDPeerError` naming the
+   rank and the reason; the FFN loop goes on, and the next exchange is exact.
+2. `AttentionEndpoint.send` refuses a layer that is not a MoE layer before writing.
+3. Waits consult the board: they fail at once when an FFN rank FAILED (before anything is
+   written, or in the middle of a wait), run past their deadline while a rank recovers,
+   and name every FFN rank's state when they expire.
+4. The board itself: rows read back across a shared-memory attach, values no writer of
+   ours writes (another process wrote the board) read as unknown, never as healthy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from afd_threads import RankThread, config, deployment
+
+from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
+from afd_dispatch.errors import AFDPeerError
+from afd_dispatch.layout import STATE_WORD, health_board_views
+from afd_dispatch.link import attention_link
+from afd_dispatch.runtime.attention import AttentionEndpoint
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.experts import ExpertBank
+from afd_dispatch.runtime.ffn_worker import FFNWorker
+from afd_dispatch.runtime.health import HealthBoard, RankState
+from afd_dispatch.runtime.routing import route
+from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
+from afd_dispatch.topology import RankTopology
+
+H = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> TinyMoEModel:
+    """Two decoder layers; the tests below make layer 0 a dense one (mlp_only_layers [0])."""
+    return TinyMoEModel(
+        TinyMoEConfig(
+            vocab_size=16, hidden_size=H, num_layers=2, num_heads=2, num_experts=6, topk=2,
+            moe_intermediate_size=16, shared_intermediate_size=24, max_positions=8, seed=5,
+        )
+    )  # fmt: skip
+
+
+def banks(model: TinyMoEModel) -> dict[int, ExpertBank]:
+    return model.expert_banks(True)
+
+
+def inputs(model: TinyMoEModel, tokens: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, H, generator=g)
+    ids, weights = route(torch.randn(tokens, model.config.num_experts, generator=g), model.router)
+    return x, ids, weights
+
+
+def expected(
+    model: TinyMoEModel, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    return ColocatedMoE(banks(model), model.spec.num_shared_experts, torch.float32).moe(
+        layer, x, ids, w
+    )
+
+
+def ffn_windows(dep: Deployment) -> list[bytes]:
+    groups = [get_window_group(name) for name in dep.group_names]
+    return [g.read_window(r) for g in groups for r in dep.topology.ffn_ranks]
+
+
+# -- 1 and 2: a micro-batch the FFN side cannot serve ----------------------------------------------
+def test_refused_micro_batch_is_reported_and_serving_goes_on(
+    model: TinyMoEModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="afd_dispatch.runtime.ffn_worker")
+    cfg = config(1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4)
+    spec = dataclasses.replace(model.spec, moe_layers=(1,))
+    x, ids, w = inputs(model, 3, seed=1)
+    with deployment(cfg, spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        board.set_state(0, RankState.UP, 0)
+        only_layer_1 = {1: banks(model)[1]}
+        worker = FFNWorker(dep, 0, only_layer_1, health=board)
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        thread = RankThread("ffn-0", worker.run)
+        thread.start()
+        try:
+            # the endpoint refuses layer 0 itself, before writing anything
+            with pytest.raises(
+                AFDInputError, match=r"layer: expected a MoE layer of the model \[1\], got 0"
+            ):
+                endpoint.send(0, 0, x, ids, w)
+            # sent past that check, straight through the link: the FFN rank must cope
+            mask = torch.zeros(1, 4, dtype=torch.bool)
+            mask[0, :3] = True
+            padded = torch.zeros(1, 4, H)
+            padded[0, :3] = x
+            pad_ids = torch.zeros(1, 4, 2, dtype=torch.int32)
+            pad_ids[0, :3] = ids
+            link = attention_link(dep, 0)
+            link.send(0, 0, padded, pad_ids, mask)
+            y = link.receive(0, 0, torch.ones(4, 2))  # answered, not left waiting
+            assert torch.equal(y[:3], torch.zeros(3, H))
+            health = board.ffn(0)
+            assert (health.errors, health.error_layer, health.error_slot) == (1, 0, 0)
+            assert "layer id from the window" in health.error and "got 0" in health.error
+            assert any("FFN rank 0 cannot serve layer 0" in r.getMessage() for r in caplog.records)
+            # the loop went on: a valid exchange of layer 1 is exact
+            assert thread.is_alive() and thread.error is None
+            got = AttentionEndpoint(dep, 0, health=board).exchange(1, x, ids, w)
+            assert torch.equal(got, expected(model, 1, x, ids, w))
+        finally:
+            worker.stop()
+            thread.join(10.0)
+        thread.outcome(0)
+
+
+def test_refusal_reaches_the_attention_side_naming_rank_and_reason(model: TinyMoEModel) -> None:
+    """F = 2: rank 1 hosts no experts of layer 1 (a stale bank), rank 0 does."""
+    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4)
+    x, ids, w = inputs(model, 7, seed=2)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        workers = [
+            FFNWorker(dep, 0, banks(model), health=board),
+            FFNWorker(dep, 1, {0: banks(model)[0]}, health=board),
+        ]
+        threads = [RankThread(f"ffn-{i}", wk.run) for i, wk in enumerate(workers)]
+        for t in threads:
+            t.start()
+        try:
+            endpoint = AttentionEndpoint(dep, 0, health=board)
+            with pytest.raises(
+                AFDPeerError,
+                match=r"FFN rank 1 refused micro-batch slot [01] of layer 1: AFDInputError: layer",
+            ):
+                endpoint.exchange(1, x, ids, w)
+            assert endpoint.idle()  # every slot came back: the endpoint is usable
+            got = endpoint.exchange(0, x, ids, w)
+            assert torch.equal(got, expected(model, 0, x, ids, w))
+        finally:
+            for wk in workers:
+                wk.stop()
+            for t in threads:
+                t.join(10.0)
+        for t in threads:
+            t.outcome(0)
+
+
+# -- 3: waits that consult the board ---------------------------------------------------------------
+def test_exchange_fails_at_once_when_an_ffn_rank_failed(model: TinyMoEModel) -> None:
+    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=30.0)
+    x, ids, w = inputs(model, 5, seed=3)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        board.set_state(0, RankState.UP, 0)
+        board.set_state(1, RankState.FAILED, 3, "its actor died and Ray will not restart it")
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        before = ffn_windows(dep)
+        start = time.monotonic()
+        with pytest.raises(
+            AFDPeerError, match=r"FFN rank 1 failed for \d+\.\d s \(3 restarts\): its actor died"
+        ):
+            endpoint.exchange(1, x, ids, w)
+        assert time.monotonic() - start < 1.0
+        after = ffn_windows(dep)
+        assert before == after  # refused before anything was written
+        assert endpoint.idle()
+
+
+def test_wait_fails_within_a_watch_period_when_a_rank_fails_meanwhile(model: TinyMoEModel) -> None:
+    cfg = config(1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=30.0)
+    x, ids, w = inputs(model, 3, seed=4)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        board.set_state(0, RankState.UP, 0)
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        endpoint.send(0, 1, x, ids, w)  # nobody serves it
+        timer = threading.Timer(0.3, board.set_state, (0, RankState.FAILED, 0, "gone"))
+        timer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(AFDPeerError, match="FFN rank 0 failed"):
+                endpoint.receive(0)
+        finally:
+            timer.cancel()
+        assert time.monotonic() - start < 3.0  # not the 30 s deadline
+        assert not endpoint.idle()  # the slot is lost: the caller knows the link is broken
+
+
+def test_wait_runs_past_its_deadline_while_a_rank_recovers(model: TinyMoEModel) -> None:
+    cfg = config(1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=0.5)
+    x, ids, w = inputs(model, 3, seed=5)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        board.set_state(0, RankState.RESTARTING, 1, "killed after no answer")
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        endpoint.send(0, 1, x, ids, w)
+
+        def come_back() -> None:
+            board.set_state(0, RankState.UP, 1)
+
+        worker = FFNWorker(dep, 0, banks(model))
+        thread = RankThread("ffn-0", worker.run)
+        late = threading.Timer(2.0, lambda: (come_back(), thread.start()))
+        late.start()
+        try:
+            got = endpoint.receive(0)  # 4 deadlines pass meanwhile
+        finally:
+            late.cancel()
+            late.join()
+            worker.stop()
+            if thread.is_alive():
+                thread.join(10.0)
+        assert torch.equal(got, expected(model, 1, x, ids, w))
+
+
+def test_expired_wait_names_every_ffn_rank_state(model: TinyMoEModel) -> None:
+    cfg = config(1, 2, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=0.3)
+    x, ids, w = inputs(model, 3, seed=6)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        for rank in dep.topology.ffn_ranks:
+            board.set_state(rank, RankState.UP, rank)
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        endpoint.send(0, 1, x, ids, w)
+        with pytest.raises(AFDTimeoutError) as info:
+            endpoint.receive(0)
+        message = str(info.value)
+        assert "FFN rank 0 up (0 restarts); FFN rank 1 up (1 restarts)" in message
+        assert "deadline 0.3 s passed" in message
+
+
+# -- 4: the board ---------------------------------------------------------------------------------
+def test_board_rows_read_back_through_a_shared_memory_attach() -> None:
+    topology = RankTopology(3, 2)
+    board = HealthBoard.create(topology, "shm")
+    try:
+        other = HealthBoard.attach(topology, str(board.token))
+        assert [h.state for h in other.ffn_ranks()] == [RankState.STARTING] * 2
+        board.set_state(1, RankState.STALLED, 2, "no answer to health probes for 3.0 s")
+        board.report_ffn_error(0, 4, 1, "é" * 1000)  # longer than a row holds: cut, not spilled
+        other.report_session_error(2, "AFDTimeoutError: late", broken=True)
+        h1, h0 = other.ffn(1), other.ffn(0)
+        assert (h1.state, h1.restarts, h1.detail) == (
+            RankState.STALLED,
+            2,
+            "no answer to health probes for 3.0 s",
+        )
+        assert (h0.errors, h0.error_layer, h0.error_slot) == (1, 4, 1) and set(h0.error) <= {
+            "é",
+            "\ufffd",
+        }
+        assert board.session(2) == dataclasses.replace(board.session(2), broken=True, errors=1)
+        assert board.cannot_serve() and "attention session 2 stopped exchanging" in str(
+            board.failed()
+        )
+        assert "FFN rank 1 stalled" in str(board.unhealthy())
+        other.close()
+    finally:
+        board.close()
+
+
+@pytest.mark.parametrize("value", [-1, 5, 2**40])
+def test_board_values_no_writer_writes_read_as_unknown_and_failed(value: int) -> None:
+    topology = RankTopology(1, 2)
+    board = HealthBoard.create(topology, "inproc")
+    for rank in topology.ffn_ranks:
+        board.set_state(rank, RankState.UP, 0)
+    assert not board.cannot_serve() and board.unhealthy() is None
+    words, _ = health_board_views(board._transport.window(0), 2, 1)
+    words[1, STATE_WORD] = value
+    assert board.ffn(1).state is None
+    assert board.cannot_serve()
+    assert "FFN rank 1 in an unknown state" in str(board.failed())

@@ -1,0 +1,225 @@
+"""FFN faults on a real local Ray, seen from the attention side and the health board.
+
+1. A frozen FFN actor (SIGSTOP, longer than `wait_timeout_s`): the board shows it stalled,
+   the pool's supervisor kills it after `ffn_stall_timeout_s`, Ray restarts it, and the
+   exchange that was waiting on it completes bit-identical (the restarted rank redoes the
+   micro-batch). The restart is counted.
+2. An FFN rank whose restart budget is spent: FAILED on the board, naming the budget; the
+   next exchange fails at once with `AFDPeerError` naming the rank; `pool.info()` raises
+   `AFDPeerError` naming the rank (not a bare Ray exception).
+3. A restarted FFN actor that cannot load its checkpoint: the board, `pool.info()` and the
+   attention side name the rank and the constructor's exception.
+4. A pool Ray cannot place: `start()` fails within `startup_timeout_s`, naming the
+   placement, the CPUs the cluster has free and what to change; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray_cluster
+import torch
+from ray_cluster import wait_for
+
+from afd_dispatch import AFDConfig, AFDTimeoutError
+from afd_dispatch.errors import AFDPeerError
+from afd_dispatch.integrations.ray import FFNWorkerPool
+from afd_dispatch.runtime.attention import AttentionEndpoint
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.health import RankState
+from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.runtime.routing import route
+from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
+
+BS = 8
+STARTUP_TIMEOUT_S = 120.0
+STATE_WITHIN_S = 60.0  # for the supervisor to see a kill, a restart or a death
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    with ray_cluster.local_ray():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyMoEModel, Path]:
+    model = TinyMoEModel(TinyMoEConfig())
+    path = tmp_path_factory.mktemp("tiny_moe")
+    model.save_pretrained(path)
+    return model, path
+
+
+def make_config(**keys: Any) -> AFDConfig:
+    keys.setdefault("wait_timeout_s", 30.0)
+    return AFDConfig(
+        num_attention_workers=1, num_ffn_workers=2, micro_batch_num=2,
+        max_tokens_per_micro_batch=BS, backend="reference", transport="shm",
+        startup_timeout_s=STARTUP_TIMEOUT_S, batch_invariant=True,
+        group=f"rf{uuid.uuid4().hex[:12]}", **keys,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def pool_of(
+    cfg: AFDConfig, model: TinyMoEModel, path: Path
+) -> Iterator[tuple[Deployment, FFNWorkerPool]]:
+    dep = Deployment(cfg, MoESpec.from_pretrained(path), torch.float32)
+    groups = dep.create_windows("shm")
+    pool = FFNWorkerPool(dep, str(path), groups)
+    try:
+        pool.start()
+        yield dep, pool
+    finally:
+        pool.stop()
+        for group in groups:
+            group.close()
+
+
+def inputs(model: TinyMoEModel, tokens: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, model.config.hidden_size, generator=g)
+    ids, w = route(torch.randn(tokens, model.config.num_experts, generator=g), model.router)
+    return x, ids, w
+
+
+def expected(
+    model: TinyMoEModel, layer: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    colocated = ColocatedMoE(model.expert_banks(True), model.spec.num_shared_experts, torch.float32)
+    return colocated.moe(layer, x, ids, w)
+
+
+def test_frozen_ffn_rank_is_replaced_and_the_waiting_exchange_completes(
+    local_ray: None, tiny: tuple[TinyMoEModel, Path]
+) -> None:
+    model, path = tiny
+    cfg = make_config(wait_timeout_s=2.0, ffn_stall_timeout_s=4.0)
+    layer = model.moe_layers[0]
+    with pool_of(cfg, model, path) as (dep, pool):
+        board = pool.health
+        assert board is not None
+        wait_for(lambda: board.unhealthy() is None, STATE_WITHIN_S, lambda: str(board.unhealthy()))
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        x, ids, w = inputs(model, 12, seed=1)
+        assert torch.equal(endpoint.exchange(layer, x, ids, w), expected(model, layer, x, ids, w))
+        frozen_pid = int(pool.info()[1]["pid"])
+        seen: set[str] = set()
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.1):
+                h = board.ffn(1)
+                seen.add(h.state.name if h.state is not None else "unknown")
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        os.kill(frozen_pid, signal.SIGSTOP)
+        try:
+            x, ids, w = inputs(model, 12, seed=2)
+            start = time.monotonic()
+            got = endpoint.exchange(layer, x, ids, w)  # waits out several 2 s deadlines
+            took = time.monotonic() - start
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen_pid, signal.SIGCONT)
+            stop.set()
+            watcher.join(5.0)
+        assert torch.equal(got, expected(model, layer, x, ids, w))
+        assert took > cfg.ffn_stall_timeout_s  # it did wait for the replacement
+        assert {"STALLED", "RESTARTING"} <= seen
+        wait_for(
+            lambda: board.ffn(1).state is RankState.UP, STATE_WITHIN_S, lambda: board.describe()
+        )
+        assert board.ffn(1).restarts == 1 and board.ffn(0).restarts == 0
+        assert int(pool.info()[1]["pid"]) != frozen_pid
+        counters = pool.traces(5.0)[1]
+        assert counters["FFN 1"]["restarts_total"] == 1 and counters["pool"]["ffn_ranks_up"] == 2
+
+
+def test_spent_restart_budget_fails_requests_at_once_naming_the_rank(
+    local_ray: None, tiny: tuple[TinyMoEModel, Path]
+) -> None:
+    model, path = tiny
+    cfg = make_config(ffn_max_restarts=0)
+    layer = model.moe_layers[0]
+    with pool_of(cfg, model, path) as (dep, pool):
+        board = pool.health
+        assert board is not None
+        pool.kill(1)
+        wait_for(lambda: board.ffn(1).state is RankState.FAILED, STATE_WITHIN_S, board.describe)
+        assert "Ray will not restart it (ffn_max_restarts 0, 0 used)" in board.ffn(1).detail
+        assert "FFN rank 1 failed" in str(board.unhealthy())
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        x, ids, w = inputs(model, 5, seed=3)
+        start = time.monotonic()
+        with pytest.raises(AFDPeerError, match=r"FFN rank 1 failed .*ffn_max_restarts 0"):
+            endpoint.exchange(layer, x, ids, w)
+        assert time.monotonic() - start < 1.0  # not the 30 s deadline
+        with pytest.raises(AFDPeerError, match=r"^FFN rank 1: its actor died"):
+            pool.info()
+
+
+def test_restart_that_cannot_load_the_checkpoint_is_named(
+    local_ray: None, tiny: tuple[TinyMoEModel, Path], tmp_path: Path
+) -> None:
+    model, original = tiny
+    path = tmp_path / "checkpoint"
+    shutil.copytree(original, path)
+    cfg = make_config(ffn_max_restarts=2)
+    with pool_of(cfg, model, path) as (dep, pool):
+        board = pool.health
+        assert board is not None
+        for weights in path.glob("*.safetensors"):
+            weights.unlink()  # the restarted actor finds no experts to load
+        pool.kill(1)
+        wait_for(lambda: board.ffn(1).state is RankState.FAILED, STATE_WITHIN_S, board.describe)
+        detail = board.ffn(1).detail
+        with pytest.raises(AFDPeerError) as info:
+            pool.info()
+        message = str(info.value)
+        assert message.startswith("FFN rank 1: its actor died")
+        assert "Unserializable" not in message
+        for text in (detail, message):
+            assert "its constructor raised" in text and "Error" in text, text
+            assert "safetensors" in text or "checkpoint" in text, text
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        x, ids, w = inputs(model, 5, seed=4)
+        with pytest.raises(AFDPeerError, match="FFN rank 1 failed"):
+            endpoint.exchange(model.moe_layers[0], x, ids, w)
+
+
+def test_unplaceable_pool_times_out_naming_the_placement_and_the_cause(
+    local_ray: None, tiny: tuple[TinyMoEModel, Path]
+) -> None:
+    """More CPUs per FFN rank than the cluster has: the placement group never becomes ready."""
+    _, path = tiny
+    cfg = dataclasses.replace(make_config(), startup_timeout_s=3.0)
+    dep = Deployment(cfg, MoESpec.from_pretrained(path), torch.float32)
+    groups = dep.create_windows("shm")
+    try:
+        pool = FFNWorkerPool(dep, str(path), groups, num_cpus=64)
+        start = time.monotonic()
+        with pytest.raises(AFDTimeoutError) as info:
+            pool.start()
+        assert time.monotonic() - start < 30.0
+        message = str(info.value)
+        assert "placement of 2 FFN ranks (64 CPU each" in message
+        assert "no answer within 3 s" in message and "startup_timeout_s" in message
+        assert re.search(r"the cluster has \d+ of \d+ CPUs free", message), message
+        assert not pool.actors and pool.health is None  # nothing left behind
+    finally:
+        for group in groups:
+            group.close()

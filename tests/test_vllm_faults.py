@@ -1,0 +1,217 @@
+"""FFN faults under a real `vllm serve --afd-config` (A = 1, F = 2), seen over HTTP.
+
+One server (`ffn_max_restarts` 1 per actor, `wait_timeout_s` 5, `ffn_stall_timeout_s` 8)
+goes through, in order:
+
+1. an FFN actor SIGKILLed under 8 concurrent 160-token decodes: Ray restarts it, all 8
+   complete with the colocated server's tokens;
+2. the other FFN actor frozen (SIGSTOP) under 8 more, for longer than `wait_timeout_s`:
+   `/health` answers 503 naming AFD and the stalled rank meanwhile, the supervisor kills
+   the frozen actor after `ffn_stall_timeout_s`, Ray restarts it, every request completes
+   with the colocated tokens, `/health` is 200 again; `/metrics` counts one restart per
+   rank and two ranks up;
+3. the first victim's successor SIGKILLed (its restart budget is spent): `/health` 503 and
+   a request fails at once with 503, both naming AFD and the rank; the server stays up;
+   `/metrics` shows one rank up;
+4. the engine core SIGKILLed: the server stops by itself with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_leftovers import processes, wait_until
+from vllm_scenarios import (
+    GONE_WITHIN_S,
+    KILL_AFTER_S,
+    LOAD,
+    PROMPTS,
+    Record,
+    afd_config,
+    concurrently,
+    ffn_actor_pids,
+    run_server,
+    running,
+)
+
+from afd_dispatch.integrations.vllm.launch import Server, afd_counters
+
+pytestmark = pytest.mark.slow
+REQUESTS = 8
+BACK_WITHIN_S = 90.0  # a Ray restart on a loaded 2-core host: Ray worker, torch, experts
+
+
+def load() -> dict[str, tuple[str, int | None, int]]:
+    return {f"p{i}": (PROMPTS[i], None, LOAD) for i in range(REQUESTS)}
+
+
+def health(server: Server) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def watch_health(server: Server, stop: threading.Event, seen: list[tuple[int, str]]) -> None:
+    while not stop.wait(0.5):
+        seen.append(health(server))
+
+
+def post_status(server: Server) -> tuple[int, dict[str, Any], float]:
+    """(HTTP status, JSON body, seconds) of one small completion request."""
+    start = time.monotonic()
+    try:
+        body = server.post(
+            "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4}, timeout_s=120
+        )
+        return 200, body, time.monotonic() - start
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read().decode()), time.monotonic() - start
+
+
+def metrics(server: Server) -> dict[tuple[str, str], float]:
+    return afd_counters(server.get_text("/metrics"))
+
+
+def under(server: Server, fault: threading.Thread) -> dict[str, list[int]]:
+    fault.start()
+    tokens = concurrently(server, load())
+    fault.join()
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def faults(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Record:
+    def scenario(server: Server, record: Record) -> None:
+        notes = record.notes
+        actors = sorted(ffn_actor_pids(server))
+        notes["actors"] = len(actors)
+        first, second = actors
+
+        # 1. SIGKILL under load
+        def kill() -> None:
+            time.sleep(KILL_AFTER_S)
+            os.kill(first, signal.SIGKILL)
+
+        record.tokens |= {
+            f"kill/{k}": v for k, v in under(server, threading.Thread(target=kill)).items()
+        }
+        notes["back_after_kill"] = wait_until(
+            lambda: (
+                not running(first) and len(ffn_actor_pids(server)) == 2 and health(server)[0] == 200
+            ),
+            BACK_WITHIN_S,
+        )
+        successor = (ffn_actor_pids(server) - {second}).pop()
+
+        # 2. SIGSTOP under load, longer than wait_timeout_s
+        seen: list[tuple[int, str]] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_health, args=(server, stop, seen))
+        watcher.start()
+
+        def freeze() -> None:
+            time.sleep(KILL_AFTER_S)
+            os.kill(second, signal.SIGSTOP)
+
+        try:
+            frozen = under(server, threading.Thread(target=freeze))
+        finally:
+            if running(second):
+                os.kill(second, signal.SIGCONT)
+        record.tokens |= {f"freeze/{k}": v for k, v in frozen.items()}
+        notes["back_after_freeze"] = wait_until(lambda: health(server)[0] == 200, BACK_WITHIN_S)
+        stop.set()
+        watcher.join()
+        notes["health_seen"] = seen
+        notes["frozen_gone"] = not running(second)
+        notes["metrics_after_freeze"] = metrics(server)
+
+        # 3. the restart budget of the first victim's rank is spent
+        os.kill(successor, signal.SIGKILL)
+        # first restarting, then FAILED once Ray refuses the restart
+        notes["failed_seen"] = wait_until(lambda: "failed" in health(server)[1], BACK_WITHIN_S)
+        notes["failed_health"] = health(server)
+        notes["failed_request"] = post_status(server)
+        notes["alive_after_failure"] = server.process.poll() is None
+        notes["metrics_after_failure"] = metrics(server)
+
+        # 4. the engine dies: a non-zero exit
+        engines = [
+            p.pid
+            for p in processes().values()
+            if p.sid == server.process.pid and p.cmdline.startswith("VLLM::EngineCore")
+        ]
+        notes["engines"] = len(engines)
+        os.kill(engines[0], signal.SIGKILL)
+        notes["exited"] = wait_until(lambda: server.process.poll() is not None, GONE_WITHIN_S)
+        notes["exit_status"] = server.process.returncode
+
+    config = afd_config(1, 2, ffn_max_restarts=1, wait_timeout_s=5.0, ffn_stall_timeout_s=8.0)
+    return run_server(vllm_model, logs / "faults.log", config, (), scenario)
+
+
+def test_killed_ffn_actor_under_8_requests_all_complete(
+    faults: Record, colocated: dict[str, list[int]]
+) -> None:
+    assert faults.notes["actors"] == 2
+    kills = {k: v for k, v in faults.tokens.items() if k.startswith("kill/")}
+    assert len(kills) == REQUESTS
+    for label, tokens in kills.items():
+        assert tokens == colocated[f"decode/{label.split('/')[1]}"], label
+    assert faults.notes["back_after_kill"]
+
+
+def test_frozen_ffn_actor_is_replaced_and_requests_complete(
+    faults: Record, colocated: dict[str, list[int]]
+) -> None:
+    frozen = {k: v for k, v in faults.tokens.items() if k.startswith("freeze/")}
+    assert len(frozen) == REQUESTS
+    for label, tokens in frozen.items():
+        assert tokens == colocated[f"decode/{label.split('/')[1]}"], label
+    stalls = [text for status, text in faults.notes["health_seen"] if status == 503]
+    assert stalls, faults.notes["health_seen"]  # /health reported the stall
+    assert all("AFD: FFN rank" in text for text in stalls), stalls
+    assert any("stalled" in text or "restarting" in text for text in stalls), stalls
+    assert faults.notes["back_after_freeze"]  # healthy again once it is back
+    assert faults.notes["frozen_gone"]  # killed and replaced, not merely resumed
+    counted = faults.notes["metrics_after_freeze"]
+    assert (
+        counted[("afd_restarts_total", "ffn_rank=0")]
+        + counted[("afd_restarts_total", "ffn_rank=1")]
+        == 2
+    )
+    assert counted[("afd_ffn_ranks_up", "process=pool")] == 2
+
+
+def test_spent_restart_budget_fails_requests_fast_and_the_server_stays_up(faults: Record) -> None:
+    assert faults.notes["failed_seen"]
+    status, text = faults.notes["failed_health"]
+    assert status == 503 and "AFD" in text and "failed" in text and "FFN rank" in text, text
+    status, body, took = faults.notes["failed_request"]
+    assert status == 503, body
+    assert "AFD" in body["error"]["message"] and "FFN rank" in body["error"]["message"]
+    assert took < 5.0  # not the 5 s deadline per layer, not a hang
+    assert faults.notes["alive_after_failure"]
+    assert faults.notes["metrics_after_failure"][("afd_ffn_ranks_up", "process=pool")] == 1
+
+
+def test_dead_engine_exits_non_zero(faults: Record) -> None:
+    assert faults.notes["engines"] == 1
+    assert faults.notes["exited"]
+    assert faults.notes["exit_status"] not in (0, None), faults.notes["exit_status"]
+
+
+def test_server_with_faults_leaves_nothing(faults: Record) -> None:
+    assert faults.footprint is not None
+    assert faults.gone, (faults.footprint.left_processes, faults.footprint.left_shm)
