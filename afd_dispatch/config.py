@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.errors import AFDInputError
+from afd_dispatch.kernels import resolve_backend
 from afd_dispatch.layout import DEFAULT_HCCL_BUFFSIZE_MB, MAX_TOKENS_PER_MICRO_BATCH
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE, RankTopology
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a list, an object)
+MAX_SHOWN_CHARS = 200  # of a bad value, in the error message
 MAX_MICRO_BATCHES = 8
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
-ROLES = ("attention", "ffn")
+ROLES = ("attention",)  # no process runs the FFN side from a config (see `role` below)
 BACKENDS = ("auto", "reference", "npu")
 TRANSPORTS = ("auto", "inproc", "shm", "hccl")
+# the transports each link runs on (afd_dispatch.link refuses the others when it starts)
+LINK_TRANSPORTS = {"reference": ("auto", "inproc", "shm"), "npu": ("auto", "hccl")}
 WINDOW_GROUPS = ("shared", "per_micro_batch")
 SHARED_EXPERTS_ON = ("ffn", "attention")
 _RAY_ADDRESS = re.compile(
@@ -36,35 +40,47 @@ class AFDConfig:
     Keys (all optional but the two worker counts):
 
     =========================  ==========================================================
-    role                       "attention" | "ffn": the role of the process reading it
+    role                       "attention": the process reading it is the attention side,
+                               which starts the FFN ranks itself (Ray actors); "ffn" is
+                               refused, since nothing would run an FFN process from it
     num_attention_workers      A, attention ranks, 1..768
     num_ffn_workers            F, FFN ranks, 1..768 (any ratio, A < F included)
     micro_batch_num            M, micro-batches in flight, 1..8
     max_tokens_per_micro_batch BS, tokens per micro-batch and attention rank, 1..512
-    shared_expert_ranks        FFN ranks that host the shared experts (only those)
+    shared_expert_ranks        FFN ranks that host the shared experts (only those);
+                               empty with shared_experts_on "attention"
     expert_replicas            replicas of every routed expert (int), or {"id": count}
     quant_mode                 "none" | "int8" (dynamic per-token int8 on A2F)
-    sync_flag                  0: header to every FFN rank; 1: only to ranks that got slots
+    sync_flag                  0: header to every FFN rank (the only value the runtime
+                               runs; 1, header only to ranks that got slots, is refused:
+                               FFN batching waits for a header from every session)
     backend                    "auto" | "reference" | "npu"
-    transport                  "auto" | "inproc" | "shm" | "hccl"
+    transport                  "auto" | "inproc" | "shm" (backend reference) | "hccl" (npu)
     group                      window group / communicator name, [A-Za-z0-9_.-]{1,64}
     ffn_start_rank_id          first FFN rank of the communicator
     hccl_buffsize_mb           HCCL_BUFFSIZE the windows must fit, 1..65536
     wait_timeout_s             deadline of every flag wait, (0, 3600]
     startup_timeout_s          deadline for workers to come up, (0, 3600]
     window_groups              "shared": one group, M micro-batches in it; "per_micro_batch":
-                               one group of M = 1 per micro-batch (what A3's F2A requires)
+                               one group of M = 1 per micro-batch (what A3's F2A requires,
+                               so the only value backend npu takes)
     ray_address                null: start a local Ray (the embedded default); "auto",
-                               "host:port" or "ray://host:port": join that cluster
+                               "host:port" or "ray://host:port" (port 1..65535): join that
+                               cluster
     ffn_max_restarts           restarts Ray may make of a dead FFN actor, 0..100
     ffn_stall_timeout_s        an FFN actor that answers no health probe for this long is
-                               killed and restarted (a restart), (0, 3600]
+                               killed and restarted (a restart), [3, 3600]
     batch_invariant            expert matmuls independent of batch composition (exact tests)
     trace                      record per-layer, per-micro-batch spans
     shared_experts_on          "ffn": shared experts are slots of the AFD table, hosted on
                                FFN ranks; "attention": the attention side runs them itself
                                (what the vLLM plugin does: vLLM computes them in its runner)
     =========================  ==========================================================
+
+    The constructor checks each key and the combinations no use of the config can run.
+    `from_dict` / `from_json` (a user's config) also refuse what the link that this host
+    resolves `backend` to cannot run (`check_runnable`); code that builds a config itself
+    gets those refusals from the link when it starts.
     """
 
     num_attention_workers: int
@@ -95,14 +111,27 @@ class AFDConfig:
     def __post_init__(self) -> None:
         _int(self, "num_attention_workers", 1, MAX_RANKS_PER_ROLE)
         _int(self, "num_ffn_workers", 1, MAX_RANKS_PER_ROLE)
-        _choice(self, "role", ROLES)
+        _check(
+            isinstance(self.role, str) and self.role in ROLES,
+            "role",
+            '"attention" (the process reading the config is the attention side and starts '
+            'the FFN ranks itself, as Ray actors; nothing runs an FFN process from "ffn")',
+            self.role,
+        )
         _int(self, "micro_batch_num", 1, MAX_MICRO_BATCHES)
         _int(self, "max_tokens_per_micro_batch", 1, MAX_TOKENS_PER_MICRO_BATCH)
         _choice(self, "quant_mode", tuple(QUANT_MODE_CODES))
-        _int(self, "sync_flag", 0, 1)
+        _check(
+            _is_int(self.sync_flag) and self.sync_flag == 0,
+            "sync_flag",
+            "0 (each FFN rank's batching waits for a header from every attention rank; with "
+            "1 a rank that gets no slot of a micro-batch gets no header, waits for it until "
+            "wait_timeout_s, and so does every later micro-batch sent to it)",
+            self.sync_flag,
+        )
         _choice(self, "backend", BACKENDS)
         _choice(self, "transport", TRANSPORTS)
-        check(
+        _check(
             isinstance(self.group, str) and _GROUP_NAME.fullmatch(self.group) is not None,
             "group",
             "a string matching [A-Za-z0-9_.-]{1,64}",
@@ -112,22 +141,27 @@ class AFDConfig:
         _int(self, "hccl_buffsize_mb", 1, 65536)
         _seconds(self, "wait_timeout_s")
         _seconds(self, "startup_timeout_s")
-        _seconds(self, "ffn_stall_timeout_s")
+        # the supervisor probes every 0.5 s and reports a rank stalled after 2 s of silence:
+        # a shorter bound would kill actors whose answer was merely not collected yet
+        _seconds(self, "ffn_stall_timeout_s", least=3.0)
         _choice(self, "window_groups", WINDOW_GROUPS)
         _choice(self, "shared_experts_on", SHARED_EXPERTS_ON)
-        check(
+        _check(
             self.ray_address is None
             or (
                 isinstance(self.ray_address, str)
                 and _RAY_ADDRESS.fullmatch(self.ray_address) is not None
+                and 1 <= _port(self.ray_address) <= 65535
             ),
             "ray_address",
-            'null, "auto", "local", "host:port" or "ray://host:port"',
+            'null, "auto", "local", "host:port" or "ray://host:port" (port 1..65535)',
             self.ray_address,
         )
         _int(self, "ffn_max_restarts", 0, 100)
         for flag in ("batch_invariant", "trace"):
-            check(isinstance(getattr(self, flag), bool), flag, "true or false", getattr(self, flag))
+            _check(
+                isinstance(getattr(self, flag), bool), flag, "true or false", getattr(self, flag)
+            )
         topology = RankTopology(
             self.num_attention_workers, self.num_ffn_workers, self.ffn_start_rank_id
         )
@@ -140,17 +174,24 @@ class AFDConfig:
         if isinstance(ranks, list):
             ranks = tuple(ranks)
             object.__setattr__(self, "shared_expert_ranks", ranks)
-        check(isinstance(ranks, tuple), "shared_expert_ranks", "a list of ranks", ranks)
+        _check(isinstance(ranks, tuple), "shared_expert_ranks", "a list of ranks", ranks)
+        _check(
+            not ranks or self.shared_experts_on == "ffn",
+            "shared_expert_ranks",
+            'empty with shared_experts_on "attention" (the attention side runs the shared '
+            "experts; no FFN rank hosts one)",
+            list(ranks),
+        )
         lo, hi = topology.ffn_ranks.start, topology.ffn_ranks.stop
         for r in ranks:
-            check(
+            _check(
                 _is_int(r) and lo <= r < hi,
                 "shared_expert_ranks",
                 f"FFN ranks in [{lo}, {hi})",
                 list(ranks),
             )
-        check(len(set(ranks)) == len(ranks), "shared_expert_ranks", "distinct ranks", list(ranks))
-        check(
+        _check(len(set(ranks)) == len(ranks), "shared_expert_ranks", "distinct ranks", list(ranks))
+        _check(
             len(ranks) < topology.num_ffn,
             "shared_expert_ranks",
             f"at most F - 1 = {topology.num_ffn - 1} ranks (one must host routed experts)",
@@ -162,14 +203,14 @@ class AFDConfig:
         most = self.num_ffn_workers - len(self.shared_expert_ranks)
         replicas = self.expert_replicas
         if _is_int(replicas):
-            check(
+            _check(
                 1 <= replicas <= most,  # type: ignore[operator]
                 "expert_replicas",
                 f"an integer in [1, {most}] (FFN ranks without shared experts)",
                 replicas,
             )
             return
-        check(
+        _check(
             isinstance(replicas, Mapping),
             "expert_replicas",
             'an integer or an object {"expert id": count}',
@@ -178,8 +219,8 @@ class AFDConfig:
         parsed: dict[int, int] = {}
         for key, count in replicas.items():  # type: ignore[union-attr]
             expert = _parse_expert_key(key)
-            check(expert not in parsed, "expert_replicas", "each expert id once", key)
-            check(
+            _check(expert not in parsed, "expert_replicas", "each expert id once", key)
+            _check(
                 _is_int(count) and 1 <= count <= most,
                 f"expert_replicas[{key!r}]",
                 f"an integer in [1, {most}] (FFN ranks without shared experts)",
@@ -197,17 +238,19 @@ class AFDConfig:
     @staticmethod
     def read_json(text_or_path: str) -> Any:
         """The JSON value given inline (starts with "{") or as a file path, unchecked."""
-        check(
+        _check(
             isinstance(text_or_path, str), "--afd-config", "a JSON string or a path", text_or_path
         )
-        text = text_or_path.strip()
-        if not text.startswith("{"):
-            text = _read_config_file(text_or_path)
-        check(
-            len(text.encode()) <= MAX_CONFIG_BYTES,
+        inline = text_or_path.lstrip().startswith("{")
+        text = text_or_path if inline else _read_config_file(text_or_path)
+        # a command line that is not UTF-8 reaches Python with its bytes as lone surrogates,
+        # and JSON may escape any ("\ud800"): counted, not refused by encode() with an error
+        size = len(text.encode(errors="surrogatepass"))
+        _check(
+            size <= MAX_CONFIG_BYTES,
             "--afd-config",
             f"at most {MAX_CONFIG_BYTES} bytes",
-            f"{len(text.encode())} bytes",
+            f"{size} bytes",
         )
         try:
             data = json.loads(text, object_pairs_hook=_unique_keys)
@@ -223,16 +266,54 @@ class AFDConfig:
 
     @classmethod
     def from_dict(cls, data: Any) -> AFDConfig:
-        check(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
+        """A user's config (a JSON object's values): every key checked, and `check_runnable`."""
+        _check(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
-            check(key in known, f"--afd-config key {key!r}", f"one of {sorted(known)}", key)
+            _check(
+                key in known, f"--afd-config key {_shown(key)!r}", f"one of {sorted(known)}", key
+            )
         for required in ("num_attention_workers", "num_ffn_workers"):
-            check(required in data, required, "present (a required key)", None)
+            _check(required in data, required, "present (a required key)", None)
+        for key, value in data.items():
+            _check(
+                not _too_deep(value),
+                key,
+                f"a value nested at most {MAX_VALUE_DEPTH} lists or objects deep",
+                _Cut(f"<{type(value).__name__} nested deeper>"),
+            )
         values = dict(data)
         if "shared_expert_ranks" in values and isinstance(values["shared_expert_ranks"], list):
             values["shared_expert_ranks"] = tuple(values["shared_expert_ranks"])
-        return cls(**values)
+        config = cls(**values)
+        config.check_runnable()
+        return config
+
+    def check_runnable(self) -> None:
+        """Refuse what the link of the backend this host resolves `backend` to (as
+        `Deployment` resolves it) cannot run; `afd_dispatch.link` refuses the same when a
+        rank starts, which on the Ray pool is inside the FFN actors, after Ray started."""
+        backend = resolve_backend(self.backend)
+        auto = f'"auto" is {backend!r} on this host; ' if self.backend != backend else ""
+        transports = LINK_TRANSPORTS[backend]
+        why = (
+            'its windows are HCCL memory; "inproc" and "shm" are the reference link\'s'
+            if backend == "npu"
+            else "its windows are this host's memory; \"hccl\" is the NPU link's"
+        )
+        _check(
+            self.transport in transports,
+            "transport",
+            f"one of {list(transports)} with backend {backend!r} ({auto}{why})",
+            self.transport,
+        )
+        _check(
+            backend != "npu" or self.window_groups == "per_micro_batch",
+            "window_groups",
+            f"\"per_micro_batch\" with backend 'npu' ({auto}A3's npu_ffn_to_attention writes "
+            "one micro-batch per attention window, M = 1)",
+            self.window_groups,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -258,31 +339,81 @@ class AFDConfig:
         return QUANT_MODE_CODES[self.quant_mode]
 
 
+def _check(condition: bool, argument: str, allowed: str, value: Any) -> None:
+    """`afd_dispatch.errors.check` for untrusted values: the message shows at most
+    `MAX_SHOWN_CHARS` of the value's repr (a bad value may be a megabyte long)."""
+    if not condition:
+        raise AFDInputError(argument, allowed, _shown(value))
+
+
+class _Cut(str):
+    """The start of a repr too long to show whole; shown as it is (no extra quotes)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _shown(value: Any) -> Any:
+    """`value`, or when its repr is long (or too deep to make), a `_Cut` summary of it."""
+    try:
+        text = repr(value)
+    except RecursionError:  # from_dict refuses such nesting first; code may still pass it
+        return _Cut(f"<{type(value).__name__} nested too deep to show>")
+    if len(text) <= MAX_SHOWN_CHARS:
+        return value
+    return _Cut(f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _int(cfg: AFDConfig, name: str, lo: int, hi: int) -> None:
     value = getattr(cfg, name)
-    check(_is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
+    _check(_is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
 
 
-def _seconds(cfg: AFDConfig, name: str) -> None:
+def _seconds(cfg: AFDConfig, name: str, least: float = 0.0) -> None:
     value = getattr(cfg, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    check(ok and math.isfinite(value) and 0 < value <= 3600, name, "seconds in (0, 3600]", value)
+    # compared as they are: an int too large for a float must not raise OverflowError;
+    # nan and inf fail the comparison
+    ok = _is_int(value) or isinstance(value, float)
+    if least > 0:
+        _check(ok and least <= value <= 3600, name, f"seconds in [{least:g}, 3600]", value)
+    else:
+        _check(ok and 0 < value <= 3600, name, "seconds in (0, 3600]", value)
 
 
 def _choice(cfg: AFDConfig, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
-    check(value in allowed and isinstance(value, str), name, f"one of {list(allowed)}", value)
+    _check(isinstance(value, str) and value in allowed, name, f"one of {list(allowed)}", value)
+
+
+def _port(address: str) -> int:
+    """The port of a ray_address that names one, else 1 (a name alone: "auto", "ray://h")."""
+    _, colon, port = address.rpartition(":")
+    return int(port) if colon and port.isascii() and port.isdigit() else 1
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether `value` nests lists / objects more than `MAX_VALUE_DEPTH` deep (iterative:
+    the check itself must not recurse)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, Mapping)):
+            if depth >= MAX_VALUE_DEPTH:
+                return True
+            children = item.values() if isinstance(item, Mapping) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _parse_expert_key(key: Any) -> int:
     if _is_int(key):
         return int(key)
-    check(
-        isinstance(key, str) and key.isdigit() and len(key) <= 6,
+    _check(
+        isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 6,
         "expert_replicas",
         "keys that are expert ids (decimal integers >= 0)",
         key,
@@ -293,13 +424,14 @@ def _parse_expert_key(key: Any) -> int:
 def _read_config_file(path: str) -> str:
     try:
         size = os.stat(path).st_size
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise AFDInputError(
             "--afd-config",
             "a JSON object or the path of a readable file",
-            f"{path!r} ({exc.strerror})",
+            f"{_shown(path)!r} ({why})",
         ) from None
-    check(
+    _check(
         size <= MAX_CONFIG_BYTES,
         "--afd-config",
         f"a file of at most {MAX_CONFIG_BYTES} bytes",
@@ -312,7 +444,7 @@ def _read_config_file(path: str) -> str:
         raise AFDInputError(
             "--afd-config",
             "a JSON object or the path of a readable UTF-8 file",
-            f"{path!r} ({exc})",
+            f"{_shown(path)!r} ({exc})",
         ) from None
 
 
@@ -320,6 +452,6 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """`json.loads` hook: a key given twice is ambiguous in an untrusted config, not "last wins"."""
     out: dict[str, Any] = {}
     for key, value in pairs:
-        check(key not in out, "--afd-config", "each key at most once per object", key)
+        _check(key not in out, "--afd-config", "each key at most once per object", key)
         out[key] = value
     return out

@@ -86,6 +86,8 @@ KEY_CASES: list[tuple[str, Any, str]] = [
     ("wait_timeout_s", "30", "'30'"),
     ("startup_timeout_s", float("nan"), "nan"),
     ("startup_timeout_s", float("inf"), "inf"),
+    ("ffn_stall_timeout_s", 2.5, "2.5"),  # under the supervisor's stall notice: [3, 3600]
+    ("ffn_stall_timeout_s", 3601, "3601"),
     # shared_expert_ranks: FFN ranks are [0, 2) here
     ("shared_expert_ranks", [2], "[2]"),
     ("shared_expert_ranks", [-1], "[-1]"),

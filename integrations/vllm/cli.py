@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -39,7 +40,7 @@ def install() -> None:
         engine_args = original_from(cls, args)
         extra = dict(engine_args.additional_config or {})
         text = getattr(args, "afd_config", None)
-        if text or ADDITIONAL_CONFIG_KEY in extra:
+        if text is not None or ADDITIONAL_CONFIG_KEY in extra:  # '' too: refused, not ignored
             config = checked_config(text, extra.get(ADDITIONAL_CONFIG_KEY), engine_args)
             extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()  # other projects' keys stay
             engine_args.additional_config = extra
@@ -61,13 +62,28 @@ def afd_requested(args: argparse.Namespace) -> bool:
     )
 
 
+class ConfigRefused(SystemExit):
+    """A refused AFD config: exit status 2, as vLLM's own argument errors (argparse's),
+    once its one line `error: FLAG: ...` is on stderr. `str()` gives that line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # SystemExit pickles its code, not the message
+        return (type(self), (self.message,))
+
+
 def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDConfig:
     """`--afd-config` and/or `--additional-config '{"afd": ...}'`, checked against this
-    server; exit with one clear message, before any engine or worker starts."""
-    flag = "--afd-config" if text else afd_plugin_keys.FLAG
+    server; exit with status 2 and one clear message, before any engine or worker starts."""
+    flag = "--afd-config" if text is not None else afd_plugin_keys.FLAG
     try:
-        given = {} if not text else AFDConfig.read_json(text)
-        values = {} if not text else AFDConfig.from_dict(given).to_dict()
+        given = {} if text is None else AFDConfig.read_json(text)
+        values = {} if text is None else AFDConfig.from_dict(given).to_dict()
         if additional is not None:
             # only the keys --afd-config sets itself: its defaults must not clash
             own = {k: values[k] for k in given}
@@ -75,11 +91,13 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
         config = server_config(AFDConfig.from_dict(values))
         check_parallel(config, engine_args)
         npu = resolve_backend(config.backend) == "npu"
+        # (window_groups with backend npu: refused by AFDConfig.check_runnable already)
         check(
-            not npu or config.window_groups == "per_micro_batch",
-            "window_groups",
-            '"per_micro_batch" with backend npu (A3\'s npu_ffn_to_attention takes M = 1)',
-            config.window_groups,
+            not npu or importlib.util.find_spec("torch_npu") is not None,
+            "backend",
+            '"reference" on a host without torch_npu (the attention ranks of this server '
+            "run the NPU link here)",
+            config.backend,
         )
         transports = ("auto", "hccl") if npu else ("auto", "shm")
         check(
@@ -100,9 +118,17 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
         from afd_dispatch.runtime.deployment import Deployment
         from afd_dispatch.runtime.model_spec import MoESpec
 
-        Deployment(config, MoESpec.from_pretrained(str(model)))  # placement + window sizes
+        try:
+            Deployment(config, MoESpec.from_pretrained(str(model)))  # placement, window sizes
+        except AFDInputError as exc:
+            if exc.argument != "HCCL_BUFFSIZE":
+                raise
+            # the windows of this model outgrow the config's key, which the message names
+            raise AFDInputError("hccl_buffsize_mb", exc.allowed, exc.value) from None
     except AFDInputError as exc:
-        raise SystemExit(f"error: {flag}: {exc}") from None
+        refused = ConfigRefused(f"error: {flag}: {exc}")
+        print(refused.message, file=sys.stderr, flush=True)
+        raise refused from None
     return config
 
 

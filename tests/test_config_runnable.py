@@ -1,0 +1,272 @@
+"""Configurations the runtime cannot follow are refused when the config is read.
+
+Where the runtime can run here, a case first runs it (in-process windows, FFN workers in
+threads, as `afd_threads` builds them) on a config the check used to accept, to show where
+and how it fails, then shows `AFDConfig` refusing that config with the reason. The NPU
+link's own refusals are shown in tests/test_npu_link_failures.py (emulated torch_npu); a
+Ray address with a port no host has would only fail once a server joins the cluster.
+
+`sync_flag` 1 (the filed bug): `npu_attention_to_ffn` then writes the header of a
+micro-batch only to the FFN ranks that received at least one of its slots, while each FFN
+rank's batching (`npu_ffn_worker_batching`) waits for a header from every attention rank,
+micro-batch after micro-batch. An FFN rank that got nothing in micro-batch 0 waits for it
+forever, and every later micro-batch routed to that rank times out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from afd_threads import config, counters_when_served, deployment, ffn_workers
+
+from afd_dispatch import AFDConfig, AFDInputError, AFDTimeoutError
+from afd_dispatch.kernels import resolve_backend
+from afd_dispatch.runtime.attention import AttentionEndpoint
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.experts import ExpertBank
+from afd_dispatch.runtime.ffn_worker import FFNWorker
+from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
+
+H = 32
+SHORT_WAIT_S = 2.0  # the deadline the stuck micro-batch runs into
+PATIENCE_S = 15.0  # a busy host may take longer than SHORT_WAIT_S to run a healthy rank
+
+
+def tiny(shared: bool) -> TinyMoEModel:
+    return TinyMoEModel(
+        TinyMoEConfig(
+            vocab_size=16, hidden_size=H, num_layers=2, num_heads=2, num_experts=6, topk=2,
+            moe_intermediate_size=16, shared_intermediate_size=24 if shared else 0,
+            max_positions=8, seed=5,
+        )
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def routed_only() -> TinyMoEModel:
+    """No shared expert: a token's slots go to its routed experts' ranks only."""
+    return tiny(shared=False)
+
+
+@pytest.fixture(scope="module")
+def with_shared() -> TinyMoEModel:
+    return tiny(shared=True)
+
+
+def banks(model: TinyMoEModel) -> dict[int, ExpertBank]:
+    return model.expert_banks(True)
+
+
+def as_once_accepted(cfg: AFDConfig, **values: Any) -> AFDConfig:
+    """`cfg` with `values` set past the checks: a config as the check used to accept it."""
+    for name, value in values.items():
+        object.__setattr__(cfg, name, value)
+    return cfg
+
+
+def hosted_by(dep: Deployment, rank: int) -> list[int]:
+    """The routed experts FFN `rank` hosts."""
+    return sorted(g for g in dep.hosted(rank).values() if g < dep.spec.num_experts)
+
+
+def receive_within(endpoint: AttentionEndpoint, slot: int, total_s: float) -> torch.Tensor:
+    """`receive`, retried past short deadlines until `total_s` (a timed-out combine leaves
+    the slot as it was)."""
+    import time
+
+    end = time.monotonic() + total_s
+    while True:
+        try:
+            return endpoint.receive(slot)
+        except AFDTimeoutError:
+            if time.monotonic() > end:
+                raise
+
+
+# == sync_flag ==============================================================================
+@pytest.mark.parametrize("sync_flag", [0, 1])
+def test_sync_flag_1_leaves_an_ffn_rank_waiting_for_a_header(
+    routed_only: TinyMoEModel, sync_flag: int
+) -> None:
+    """A = 1, F = 2, M = 2: micro-batch 0 routed to experts of FFN rank 0 only, micro-batch
+    1 to experts of rank 1 only. With sync_flag 0 both come back right; with 1 rank 1 never
+    gets micro-batch 0's header, so it never collects micro-batch 1 either."""
+    model = routed_only
+    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4, trace=True)
+    cfg = as_once_accepted(cfg, sync_flag=sync_flag, wait_timeout_s=SHORT_WAIT_S)
+    reference = ColocatedMoE(banks(model), 0, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(3, H, generator=g) for _ in range(2)]
+    weights = torch.full((3, 2), 0.5)
+    with (
+        deployment(cfg, model.spec, torch.float32) as dep,
+        ffn_workers(dep, lambda rank: banks(model)) as workers,
+    ):
+        ranks = list(dep.topology.ffn_ranks)
+        ids = [torch.tensor([hosted_by(dep, r)[:2]] * 3, dtype=torch.int32) for r in ranks]
+        assert set(hosted_by(dep, ranks[0])).isdisjoint(hosted_by(dep, ranks[1]))
+        endpoint = AttentionEndpoint(dep, 0)
+        layer = model.moe_layers[0]
+        for slot in (0, 1):
+            endpoint.send(slot, layer, x[slot], ids[slot], weights)
+        got = receive_within(endpoint, 0, PATIENCE_S)  # rank 0 had all of micro-batch 0
+        assert torch.equal(got, reference.moe(layer, x[0], ids[0], weights))
+        if sync_flag == 0:
+            got = receive_within(endpoint, 1, PATIENCE_S)
+            assert torch.equal(got, reference.moe(layer, x[1], ids[1], weights))
+            served = counters_when_served(workers, 2)
+            assert [c["micro_batches_served_total"] for c in served] == [2, 2]
+            return
+        with pytest.raises(AFDTimeoutError):
+            endpoint.receive(1)
+        _, (rank1, rank1_thread) = workers
+        # rank 1 is alive and still waiting for micro-batch 0, which it will never get
+        assert rank1_thread.is_alive() and rank1_thread.error is None
+        assert rank1.tracer.snapshot()[1].get("micro_batches_served_total", 0) == 0
+
+
+def test_sync_flag_1_is_refused_naming_the_reason() -> None:
+    """What the test above shows, refused when the config is read."""
+    for make in (
+        lambda: AFDConfig(num_attention_workers=1, num_ffn_workers=2, sync_flag=1),
+        lambda: AFDConfig.from_json(
+            '{"num_attention_workers": 1, "num_ffn_workers": 2, "micro_batch_num": 2, '
+            '"sync_flag": 1}'
+        ),
+    ):
+        with pytest.raises(AFDInputError) as refused:
+            make()
+        err = refused.value
+        assert (err.argument, err.value) == ("sync_flag", 1)
+        assert err.allowed.startswith("0 (")
+        assert "header from every attention rank" in err.allowed
+    assert AFDConfig(num_attention_workers=1, num_ffn_workers=2, sync_flag=0).sync_flag == 0
+
+
+# == transport and window_groups against the backend =========================================
+def test_a_transport_the_link_does_not_run_fails_only_when_a_rank_starts(
+    with_shared: TinyMoEModel,
+) -> None:
+    """Built in code, reference + "hccl" plans and makes windows; each rank's link refuses
+    it when it starts (on the Ray pool: inside every FFN actor, after Ray started)."""
+    cfg = config(1, 2, transport="hccl")
+    with deployment(cfg, with_shared.spec, torch.float32) as dep:
+        for start in (
+            lambda: AttentionEndpoint(dep, 0),
+            lambda: FFNWorker(dep, dep.topology.ffn_ranks[0], banks(with_shared)),
+        ):
+            with pytest.raises(AFDInputError) as refused:
+                start()
+            assert refused.value.argument == "transport"
+
+
+BASE = '{"num_attention_workers": 1, "num_ffn_workers": 2, '
+NPU = '"backend": "npu", "window_groups": "per_micro_batch", '
+
+
+@pytest.mark.parametrize(
+    ("keys", "argument", "shown"),
+    [
+        ('"backend": "reference", "transport": "hccl"', "transport", "hccl"),
+        (NPU + '"transport": "shm"', "transport", "shm"),
+        (NPU + '"transport": "inproc"', "transport", "inproc"),
+        # the NPU link's own refusals: tests/test_npu_link_failures.py (section 5)
+        ('"backend": "npu"', "window_groups", "shared"),
+        ('"backend": "npu", "transport": "hccl", "micro_batch_num": 1', "window_groups", "shared"),
+    ],
+    ids=["reference-hccl", "npu-shm", "npu-inproc", "npu-shared", "npu-shared-m1"],
+)  # fmt: skip
+def test_backend_combinations_the_links_refuse_are_refused_when_read(
+    keys: str, argument: str, shown: str
+) -> None:
+    with pytest.raises(AFDInputError) as refused:
+        AFDConfig.from_json(BASE + keys + "}")
+    err = refused.value
+    assert (err.argument, err.value) == (argument, shown)
+    assert "with backend" in err.allowed, err.allowed
+
+
+def test_auto_is_checked_as_the_backend_it_resolves_to_here() -> None:
+    """As `Deployment` resolves it: "auto" is "npu" where torch_npu is installed."""
+    here = resolve_backend("auto")
+    refused = "shm" if here == "npu" else "hccl"
+    with pytest.raises(AFDInputError) as info:
+        AFDConfig.from_json(
+            BASE + f'"transport": "{refused}", "window_groups": "per_micro_batch"}}'
+        )
+    assert (info.value.argument, info.value.value) == ("transport", refused)
+    assert f'"auto" is {here!r} on this host' in info.value.allowed
+
+
+def test_backend_combinations_the_links_run_are_accepted() -> None:
+    for keys in (
+        '"backend": "reference", "transport": "shm"',
+        '"backend": "reference", "transport": "inproc", "window_groups": "per_micro_batch"',
+        '"backend": "npu", "transport": "hccl", "window_groups": "per_micro_batch"',
+        '"backend": "npu", "window_groups": "per_micro_batch", "quant_mode": "int8"',
+    ):
+        AFDConfig.from_json(BASE + keys + "}")
+
+
+# == shared_expert_ranks with shared_experts_on "attention" ===================================
+def test_shared_expert_ranks_with_shared_experts_on_attention(with_shared: TinyMoEModel) -> None:
+    """No FFN rank hosts a shared expert then, so the ranks the key reserves for them have
+    nothing to host: the reference plan refused it blaming the model ("has no shared
+    expert", though it has one), the NPU plan gave a whole FFN rank nothing but the null
+    expert A3's combine needs (its output is zero)."""
+    spec = with_shared.spec
+    assert spec.num_shared_experts == 1
+
+    def once_accepted(backend: str) -> AFDConfig:
+        cfg = AFDConfig(num_attention_workers=1, num_ffn_workers=3, backend=backend)
+        return as_once_accepted(cfg, shared_experts_on="attention", shared_expert_ranks=(2,))
+
+    with pytest.raises(AFDInputError, match="when the model has no shared expert"):
+        Deployment(once_accepted("reference"), spec, torch.float32)
+    npu = Deployment(once_accepted("npu"), spec, torch.bfloat16)
+    assert npu.null_shared_slot
+    assert list(npu.hosted(2).values()) == [spec.num_experts]  # the null shared row, only
+
+    with pytest.raises(AFDInputError) as refused:
+        AFDConfig.from_json(BASE + '"shared_experts_on": "attention", "shared_expert_ranks": [1]}')
+    err = refused.value
+    assert (err.argument, err.value) == ("shared_expert_ranks", [1])
+    assert 'empty with shared_experts_on "attention"' in err.allowed
+    # either alone is fine
+    AFDConfig.from_json(BASE + '"shared_experts_on": "attention"}')
+    AFDConfig.from_json(BASE + '"shared_expert_ranks": [1]}')
+
+
+# == role ======================================================================================
+def test_role_ffn_changes_nothing_and_is_refused(with_shared: TinyMoEModel) -> None:
+    """No part of the runtime reads `role`: the FFN actors are started by the attention
+    side with its config, and a server given "ffn" would serve as the attention side.
+    (afd-plugin's spelling of it in --additional-config was refused already.)"""
+    attention = AFDConfig(num_attention_workers=1, num_ffn_workers=2)
+    ffn = as_once_accepted(AFDConfig(num_attention_workers=1, num_ffn_workers=2), role="ffn")
+    spec = with_shared.spec
+    assert Deployment(ffn, spec).params() == Deployment(attention, spec).params()
+
+    with pytest.raises(AFDInputError) as refused:
+        AFDConfig.from_json(BASE + '"role": "ffn"}')
+    assert (refused.value.argument, refused.value.value) == ("role", "ffn")
+    assert "starts the FFN ranks itself" in refused.value.allowed
+
+
+# == ray_address ===============================================================================
+@pytest.mark.parametrize("address", ["10.0.0.1:65536", "h:0", "ray://h:70000"])
+def test_ray_address_with_a_port_no_host_has_is_refused(address: str) -> None:
+    """Ray would fail to connect only once the server starts its deployment."""
+    with pytest.raises(AFDInputError) as refused:
+        AFDConfig.from_json(BASE + f'"ray_address": "{address}"}}')
+    assert (refused.value.argument, refused.value.value) == ("ray_address", address)
+    assert "port 1..65535" in refused.value.allowed
+
+
+@pytest.mark.parametrize(
+    "address", ["auto", "local", "h:1", "10.0.0.1:65535", "ray://h", "ray://h:10001"]
+)
+def test_ray_address_accepted(address: str) -> None:
+    assert AFDConfig.from_json(BASE + f'"ray_address": "{address}"}}').ray_address == address
