@@ -280,7 +280,8 @@ def test_afd_server_started_ray_and_windows(runs: dict[str, Run]) -> None:
     assert "raylet" in names and "gcs_server" in names, names
     assert sum("FFNWorkerActor" in c for c in cmdlines) == NUM_FFN, cmdlines
     windows = afd_files(run.new_shm)
-    assert len(windows) == 1 + NUM_FFN, run.new_shm  # one file per rank of the group
+    # one file per rank of the group, and the health board
+    assert len(windows) == 1 + NUM_FFN + 1, run.new_shm
     assert any(is_janitor(p) for p in run.own_processes.values()), cmdlines
 
 

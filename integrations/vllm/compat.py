@@ -182,13 +182,19 @@ def install_exit_status_hook() -> None:
 
     launcher.terminate_if_errored = terminate_if_errored
     vllm_error.terminate_if_errored = terminate_if_errored
-    original_cmd = serve.ServeSubcommand.cmd
-
-    def cmd(args: Any) -> None:
-        original_cmd(args)
-        if _engine_died.is_set() and cli.afd_requested(args):
-            log.error("AFD: vLLM's engine died (see above); exiting with status 1")
-            raise SystemExit(1)
-
-    serve.ServeSubcommand.cmd = staticmethod(cmd)  # type: ignore[method-assign, assignment]
+    _original_serve.append(serve.ServeSubcommand.cmd)
+    serve.ServeSubcommand.cmd = staticmethod(serve_cmd)  # type: ignore[method-assign, assignment]
     serve.ServeSubcommand._afd_patched = True  # type: ignore[attr-defined]
+
+
+_original_serve: list[Any] = []
+
+
+def serve_cmd(args: Any) -> None:
+    """vLLM's `serve` command, then status 1 if it ended because the engine died. (At
+    module level: vLLM pickles the parsed arguments, this function among them, into its
+    API server processes.)"""
+    _original_serve[0](args)
+    if _engine_died.is_set() and cli.afd_requested(args):
+        log.error("AFD: vLLM's engine died (see above); exiting with status 1")
+        raise SystemExit(1)
