@@ -12,13 +12,16 @@ from typing import Any
 
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.kernels import resolve_backend
-from afd_dispatch.layout import DEFAULT_HCCL_BUFFSIZE_MB, MAX_TOKENS_PER_MICRO_BATCH
+from afd_dispatch.layout import (
+    DEFAULT_HCCL_BUFFSIZE_MB,
+    MAX_MICRO_BATCHES,
+    MAX_TOKENS_PER_MICRO_BATCH,
+)
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE, RankTopology
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a list, an object)
 MAX_SHOWN_CHARS = 200  # of a bad value, in the error message
-MAX_MICRO_BATCHES = 8
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
 ROLES = ("attention",)  # no process runs the FFN side from a config (see `role` below)
 BACKENDS = ("auto", "reference", "npu")

@@ -77,3 +77,8 @@ class AFDPeerError(RuntimeError):
     The message names the rank and why, as the deployment's health board reports it, so a
     caller can fail the request at once instead of waiting out a deadline.
     """
+
+
+class AFDRefusedError(AFDPeerError):
+    """An FFN rank refused a micro-batch (answered it with zeros): the slot came back, so
+    the link is in order, but its results are not the model's."""

@@ -43,6 +43,7 @@ QUANT_SCALE_BYTES = 4  # the float32 scale stored at byte H of an int8 slot
 FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET = 0, 1, 2  # columns of an FFN info row
 
 MAX_TOKENS_PER_MICRO_BATCH = 512
+MAX_MICRO_BATCHES = 8  # M: micro-batch slots in flight
 MAX_TOPK = 16
 MAX_SHARED_EXPERTS = 4
 A3_HIDDEN_RANGE = (1024, 8192)
@@ -325,14 +326,20 @@ def _check_window(window: torch.Tensor, needed: int, role: str) -> None:
 # -- The health board: how every rank of a deployment is doing (both backends) ---------------
 # Rows of HEALTH_ROW_WORDS int64 words, then a UTF-8 message of at most HEALTH_MESSAGE_BYTES
 # (its length in word HEALTH_MESSAGE_LENGTH). Each row has one writer: F state rows (the
-# FFN pool's supervisor), F error rows (each FFN rank), A attention rows (each session).
-HEALTH_ROW_WORDS = 8
-HEALTH_MESSAGE_BYTES = 448
+# FFN pool's supervisor), F event rows (each FFN rank: refused micro-batches, link
+# failures), A attention rows (each session).
+HEALTH_ROW_WORDS = 16
+HEALTH_MESSAGE_BYTES = 384
 HEALTH_ROW_BYTES = 8 * HEALTH_ROW_WORDS + HEALTH_MESSAGE_BYTES
 HEALTH_MESSAGE_LENGTH = HEALTH_ROW_WORDS - 1
-STATE_WORD, RESTARTS_WORD, SINCE_MS_WORD, ANSWERED_MS_WORD = 0, 1, 2, 3  # an FFN state row
-ERRORS_WORD, ERROR_LAYER_WORD, ERROR_SLOT_WORD, ERROR_MS_WORD = 0, 1, 2, 3  # an error row
-BROKEN_WORD = 4  # an attention row (its errors count and time as an error row's)
+# an FFN state row: state, restarts, when it was entered / last answered (Unix ms)
+STATE_WORD, RESTARTS_WORD, SINCE_MS_WORD, ANSWERED_MS_WORD = 0, 1, 2, 3
+# an FFN event row: the last refusal's layer, slot and time, link failures, then one
+# refusal count per micro-batch slot (REFUSALS_WORD + slot)
+REFUSED_LAYER_WORD, REFUSED_SLOT_WORD, EVENT_MS_WORD, LINK_FAILURES_WORD = 0, 1, 2, 3
+REFUSALS_WORD = 4
+# an attention row: AFD errors so far, time of the last, and whether it stopped exchanging
+ERRORS_WORD, ERROR_MS_WORD, BROKEN_WORD = 0, 1, 2
 
 
 def health_board_bytes(ffn_ranks: int, sessions: int) -> int:
@@ -344,7 +351,7 @@ def health_board_views(
     storage: torch.Tensor, ffn_ranks: int, sessions: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(words int64 [2F + A, HEALTH_ROW_WORDS], messages uint8 [2F + A, HEALTH_MESSAGE_BYTES])
-    over the board's storage: rows [0, F) FFN states, [F, 2F) FFN errors, [2F, 2F + A)
+    over the board's storage: rows [0, F) FFN states, [F, 2F) FFN events, [2F, 2F + A)
     attention sessions."""
     needed = health_board_bytes(ffn_ranks, sessions)
     check(

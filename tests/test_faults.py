@@ -24,7 +24,7 @@ import torch
 from afd_threads import RankThread, config, deployment
 
 from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
-from afd_dispatch.errors import AFDPeerError
+from afd_dispatch.errors import AFDPeerError, AFDRefusedError
 from afd_dispatch.layout import STATE_WORD, health_board_views
 from afd_dispatch.link import attention_link
 from afd_dispatch.runtime.attention import AttentionEndpoint
@@ -108,9 +108,13 @@ def test_refused_micro_batch_is_reported_and_serving_goes_on(
             y = link.receive(0, 0, torch.ones(4, 2))  # answered, not left waiting
             assert torch.equal(y[:3], torch.zeros(3, H))
             health = board.ffn(0)
-            assert (health.errors, health.error_layer, health.error_slot) == (1, 0, 0)
-            assert "layer id from the window" in health.error and "got 0" in health.error
-            assert any("FFN rank 0 cannot serve layer 0" in r.getMessage() for r in caplog.records)
+            assert (health.refusals, health.refused_layer, health.refused_slot) == (1, 0, 0)
+            assert "layer id from the window" in health.event and "got 0" in health.event
+            assert health.link_failures == 0
+            assert any(
+                "FFN rank 0 refuses layer 0, micro-batch slot 0" in r.getMessage()
+                for r in caplog.records
+            )
             # the loop went on: a valid exchange of layer 1 is exact
             assert thread.is_alive() and thread.error is None
             got = AttentionEndpoint(dep, 0, health=board).exchange(1, x, ids, w)
@@ -137,13 +141,45 @@ def test_refusal_reaches_the_attention_side_naming_rank_and_reason(model: TinyMo
         try:
             endpoint = AttentionEndpoint(dep, 0, health=board)
             with pytest.raises(
-                AFDPeerError,
-                match=r"FFN rank 1 refused micro-batch slot [01] of layer 1: AFDInputError: layer",
+                AFDRefusedError,
+                match=r"slot [01] was refused, its results are zeros \(FFN rank 1: AFDInputError",
             ):
                 endpoint.exchange(1, x, ids, w)
             assert endpoint.idle()  # every slot came back: the endpoint is usable
             got = endpoint.exchange(0, x, ids, w)
             assert torch.equal(got, expected(model, 0, x, ids, w))
+        finally:
+            for wk in workers:
+                wk.stop()
+            for t in threads:
+                t.join(10.0)
+        for t in threads:
+            t.outcome(0)
+
+
+def test_pipelined_refusal_raises_at_the_refused_slot_only(model: TinyMoEModel) -> None:
+    """M = 2, send/receive interleaved: slot 0 (layer 0) is served, slot 1 (layer 1) is
+    refused by rank 1; receive(0) returns slot 0's exact result, receive(1) raises."""
+    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4)
+    x, ids, w = inputs(model, 4, seed=7)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        workers = [
+            FFNWorker(dep, 0, banks(model), health=board),
+            FFNWorker(dep, 1, {0: banks(model)[0]}, health=board),
+        ]
+        threads = [RankThread(f"ffn-{i}", wk.run) for i, wk in enumerate(workers)]
+        for t in threads:
+            t.start()
+        try:
+            endpoint = AttentionEndpoint(dep, 0, health=board)
+            endpoint.send(0, 0, x, ids, w)
+            endpoint.send(1, 1, x, ids, w)
+            time.sleep(0.5)  # both slots served (and slot 1 refused) before either receive
+            assert torch.equal(endpoint.receive(0), expected(model, 0, x, ids, w))
+            with pytest.raises(AFDRefusedError, match=r"slot 1 was refused, .*FFN rank 1"):
+                endpoint.receive(1)
+            assert endpoint.idle()
         finally:
             for wk in workers:
                 wk.stop()
@@ -192,6 +228,47 @@ def test_wait_fails_within_a_watch_period_when_a_rank_fails_meanwhile(model: Tin
             timer.cancel()
         assert time.monotonic() - start < 3.0  # not the 30 s deadline
         assert not endpoint.idle()  # the slot is lost: the caller knows the link is broken
+
+
+def test_exchange_stops_at_once_when_a_rank_fails_midway(model: TinyMoEModel) -> None:
+    """A failure seen inside a wait ends the exchange with that failure (not an ordering
+    error from the slots after it)."""
+    cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=30.0)
+    x, ids, w = inputs(model, 6, seed=8)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        board.set_state(0, RankState.UP, 0)
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        timer = threading.Timer(0.3, board.set_state, (0, RankState.FAILED, 1, "gone for good"))
+        timer.start()
+        try:
+            with pytest.raises(AFDPeerError, match=r"FFN rank 0 failed .*gone for good") as info:
+                endpoint.exchange(1, x, ids, w)
+        finally:
+            timer.cancel()
+        assert not isinstance(info.value, AFDRefusedError)
+
+
+def test_a_recovery_that_never_ends_stops_extending(model: TinyMoEModel) -> None:
+    """A rank RESTARTING forever: the wait runs past its deadline for at most
+    ffn_stall_timeout_s + startup_timeout_s, then expires naming the rank's state."""
+    cfg = config(
+        1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=0.3,
+        ffn_stall_timeout_s=3.0, startup_timeout_s=0.5,
+    )  # fmt: skip
+    x, ids, w = inputs(model, 3, seed=9)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        board.set_state(0, RankState.RESTARTING, 1, "killed after no answer")
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        endpoint.send(0, 1, x, ids, w)
+        start = time.monotonic()
+        with pytest.raises(
+            AFDTimeoutError, match=r"FFN rank 0 restarting .*killed after no answer"
+        ):
+            endpoint.receive(0)
+        took = time.monotonic() - start
+        assert 3.5 <= took < 3.5 + 3.0, took  # extended, then bounded (one EXTEND_S of slack)
 
 
 def test_wait_runs_past_its_deadline_while_a_rank_recovers(model: TinyMoEModel) -> None:
@@ -245,7 +322,7 @@ def test_board_rows_read_back_through_a_shared_memory_attach() -> None:
         other = HealthBoard.attach(topology, str(board.token))
         assert [h.state for h in other.ffn_ranks()] == [RankState.STARTING] * 2
         board.set_state(1, RankState.STALLED, 2, "no answer to health probes for 3.0 s")
-        board.report_ffn_error(0, 4, 1, "é" * 1000)  # longer than a row holds: cut, not spilled
+        board.report_refusal(0, 4, 1, "é" * 1000)  # longer than a row holds: cut, not spilled
         other.report_session_error(2, "AFDTimeoutError: late", broken=True)
         h1, h0 = other.ffn(1), other.ffn(0)
         assert (h1.state, h1.restarts, h1.detail) == (
@@ -253,7 +330,7 @@ def test_board_rows_read_back_through_a_shared_memory_attach() -> None:
             2,
             "no answer to health probes for 3.0 s",
         )
-        assert (h0.errors, h0.error_layer, h0.error_slot) == (1, 4, 1) and set(h0.error) <= {
+        assert (h0.refusals, h0.refused_layer, h0.refused_slot) == (1, 4, 1) and set(h0.event) <= {
             "é",
             "\ufffd",
         }

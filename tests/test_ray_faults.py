@@ -172,6 +172,36 @@ def test_spent_restart_budget_fails_requests_at_once_naming_the_rank(
             pool.info()
 
 
+def test_restarts_are_counted_and_a_restarting_rank_is_not_failed(
+    local_ray: None, tiny: tuple[TinyMoEModel, Path]
+) -> None:
+    """Budget 2: each of two kills leaves the rank UP again with one more restart (Ray's
+    count, on the board and on /metrics' counters), never FAILED on the way; the exchange
+    is exact; a third kill spends the budget: FAILED, saying so."""
+    model, path = tiny
+    cfg = make_config(ffn_max_restarts=2)
+    with pool_of(cfg, model, path) as (dep, pool):
+        board = pool.health
+        assert board is not None
+        wait_for(lambda: board.unhealthy() is None, STATE_WITHIN_S, lambda: str(board.unhealthy()))
+        for kills in (1, 2):
+            pool.kill(0)
+            wait_for(
+                lambda k=kills: (h := board.ffn(0)).state is RankState.UP and h.restarts == k,
+                STATE_WITHIN_S,
+                board.describe,
+            )
+        counters = pool.traces(5.0)[1]
+        assert counters["FFN 0"]["restarts_total"] == 2 and counters["FFN 1"]["restarts_total"] == 0
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        x, ids, w = inputs(model, 9, seed=5)
+        layer = model.moe_layers[0]
+        assert torch.equal(endpoint.exchange(layer, x, ids, w), expected(model, layer, x, ids, w))
+        pool.kill(0)
+        wait_for(lambda: board.ffn(0).state is RankState.FAILED, STATE_WITHIN_S, board.describe)
+        assert "(ffn_max_restarts 2, 2 used)" in board.ffn(0).detail
+
+
 def test_restart_that_cannot_load_the_checkpoint_is_named(
     local_ray: None, tiny: tuple[TinyMoEModel, Path], tmp_path: Path
 ) -> None:

@@ -10,9 +10,10 @@ goes through, in order:
    the frozen actor after `ffn_stall_timeout_s`, Ray restarts it, every request completes
    with the colocated tokens, `/health` is 200 again; `/metrics` counts one restart per
    rank and two ranks up;
-3. the first victim's successor SIGKILLed (its restart budget is spent): `/health` 503 and
-   a request fails at once with 503, both naming AFD and the rank; the server stays up;
-   `/metrics` shows one rank up;
+3. the first victim's successor SIGKILLed under 4 concurrent decodes (its restart budget
+   is spent): those requests fail with 503 naming AFD (none returns its zero-filled
+   tokens), `/health` says 503 and a new request fails at once with 503, both naming AFD
+   and the rank; the server stays up; `/metrics` shows one rank up;
 4. the engine core SIGKILLed: the server stops by itself with a non-zero exit status.
 """
 
@@ -25,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from vllm_scenarios import (
     KILL_AFTER_S,
     LOAD,
     PROMPTS,
+    SETTLE_S,
     Record,
     afd_config,
     concurrently,
@@ -67,12 +70,14 @@ def watch_health(server: Server, stop: threading.Event, seen: list[tuple[int, st
         seen.append(health(server))
 
 
-def post_status(server: Server) -> tuple[int, dict[str, Any], float]:
-    """(HTTP status, JSON body, seconds) of one small completion request."""
+def post_status(server: Server, max_tokens: int = 4) -> tuple[int, dict[str, Any], float]:
+    """(HTTP status, JSON body, seconds) of one completion request."""
     start = time.monotonic()
     try:
         body = server.post(
-            "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4}, timeout_s=120
+            "/v1/completions",
+            {"prompt": PROMPTS[0], "max_tokens": max_tokens, "ignore_eos": True},
+            timeout_s=600,
         )
         return 200, body, time.monotonic() - start
     except urllib.error.HTTPError as exc:
@@ -81,6 +86,14 @@ def post_status(server: Server) -> tuple[int, dict[str, Any], float]:
 
 def metrics(server: Server) -> dict[tuple[str, str], float]:
     return afd_counters(server.get_text("/metrics"))
+
+
+def restarts(counted: dict[tuple[str, str], float]) -> float:
+    return sum(v for (name, _), v in counted.items() if name == "afd_restarts_total")
+
+
+def up(counted: dict[tuple[str, str], float]) -> float:
+    return counted.get(("afd_ffn_ranks_up", "process=pool"), -1.0)
 
 
 def under(server: Server, fault: threading.Thread) -> dict[str, list[int]]:
@@ -135,16 +148,27 @@ def faults(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Reco
         watcher.join()
         notes["health_seen"] = seen
         notes["frozen_gone"] = not running(second)
+        notes["restarts_counted"] = wait_until(
+            lambda: restarts(metrics(server)) == 2 and up(metrics(server)) == 2, SETTLE_S
+        )
         notes["metrics_after_freeze"] = metrics(server)
 
-        # 3. the restart budget of the first victim's rank is spent
-        os.kill(successor, signal.SIGKILL)
+        # 3. the restart budget of the first victim's rank is spent, under load
+        def kill_successor() -> None:
+            time.sleep(KILL_AFTER_S)
+            os.kill(successor, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_successor)
+        killer.start()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            notes["in_flight"] = list(pool.map(lambda i: post_status(server, LOAD), range(4)))
+        killer.join()
         # first restarting, then FAILED once Ray refuses the restart
         notes["failed_seen"] = wait_until(lambda: "failed" in health(server)[1], BACK_WITHIN_S)
         notes["failed_health"] = health(server)
         notes["failed_request"] = post_status(server)
         notes["alive_after_failure"] = server.process.poll() is None
-        notes["metrics_after_failure"] = metrics(server)
+        notes["ranks_up_after_failure"] = wait_until(lambda: up(metrics(server)) == 1, SETTLE_S)
 
         # 4. the engine dies: a non-zero exit
         engines = [
@@ -185,13 +209,10 @@ def test_frozen_ffn_actor_is_replaced_and_requests_complete(
     assert any("stalled" in text or "restarting" in text for text in stalls), stalls
     assert faults.notes["back_after_freeze"]  # healthy again once it is back
     assert faults.notes["frozen_gone"]  # killed and replaced, not merely resumed
+    assert faults.notes["restarts_counted"], faults.notes["metrics_after_freeze"]
     counted = faults.notes["metrics_after_freeze"]
-    assert (
-        counted[("afd_restarts_total", "ffn_rank=0")]
-        + counted[("afd_restarts_total", "ffn_rank=1")]
-        == 2
-    )
-    assert counted[("afd_ffn_ranks_up", "process=pool")] == 2
+    assert counted[("afd_restarts_total", "ffn_rank=0")] == 1, counted  # one per rank
+    assert counted[("afd_restarts_total", "ffn_rank=1")] == 1, counted
 
 
 def test_spent_restart_budget_fails_requests_fast_and_the_server_stays_up(faults: Record) -> None:
@@ -203,7 +224,15 @@ def test_spent_restart_budget_fails_requests_fast_and_the_server_stays_up(faults
     assert "AFD" in body["error"]["message"] and "FFN rank" in body["error"]["message"]
     assert took < 5.0  # not the 5 s deadline per layer, not a hang
     assert faults.notes["alive_after_failure"]
-    assert faults.notes["metrics_after_failure"][("afd_ffn_ranks_up", "process=pool")] == 1
+    assert faults.notes["ranks_up_after_failure"]
+
+
+def test_requests_in_flight_when_the_budget_is_spent_fail_naming_afd(faults: Record) -> None:
+    outcomes = faults.notes["in_flight"]
+    assert len(outcomes) == 4
+    for status, body, _ in outcomes:
+        assert status == 503, body  # none returned tokens computed from zeros
+        assert body["error"]["message"].startswith("AFD: "), body
 
 
 def test_dead_engine_exits_non_zero(faults: Record) -> None:

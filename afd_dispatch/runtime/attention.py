@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import AFDPeerError, check
+from afd_dispatch.errors import AFDRefusedError, check
 from afd_dispatch.link import AttentionLink, attention_link
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard, PeerWatch
@@ -37,7 +37,7 @@ class AttentionEndpoint:
     for good, run past `wait_timeout_s` while one is being brought back (at most
     `ffn_stall_timeout_s + startup_timeout_s` in all), and name every FFN rank's state
     when they expire; a slot an FFN rank refused (answered with zeros) raises
-    `AFDPeerError` once it is received.
+    `AFDRefusedError` once it is received (`exchange`: once every slot is back).
     """
 
     def __init__(
@@ -55,7 +55,9 @@ class AttentionEndpoint:
         cfg = deployment.config
         recovery_s = cfg.ffn_stall_timeout_s + cfg.startup_timeout_s
         self._watch = None if health is None else PeerWatch(health, recovery_s)
-        self._refusals = [] if health is None else health.ffn_error_counts()
+        # refusals seen so far, per slot and FFN rank (the board counts them per slot)
+        slots = range(deployment.micro_batches)
+        self._refusals = [[] if health is None else health.refusal_counts(j) for j in slots]
         self.rank = deployment.topology.attention_rank(session)
         self.link = link if link is not None else attention_link(deployment, session, ops)
         self.tracer = tracer or Tracer(f"attention {session}", enabled=deployment.config.trace)
@@ -135,27 +137,28 @@ class AttentionEndpoint:
             y = self.link.receive(micro_batch, layer, self._scales[micro_batch])
         self._in_flight[micro_batch] = None
         self._next_receive = (micro_batch + 1) % len(self._in_flight)
-        self._raise_if_refused()
+        self._raise_if_refused(micro_batch)
         return y[:n]
 
-    def _raise_if_refused(self) -> None:
-        """An FFN rank reports a slot it refused before it answers it (with zeros), and
-        every session sends every slot: a refusal counted since the last look concerns a
-        slot this session has received (or is about to)."""
+    def _raise_if_refused(self, micro_batch: int) -> None:
+        """An FFN rank counts a refusal of a slot before it answers the slot (with zeros),
+        so a refusal of this slot is on the board by the time its results are here."""
         if self.health is None:
             return
-        counts = self.health.ffn_error_counts()
-        if counts == self._refusals:
+        counts = self.health.refusal_counts(micro_batch)
+        seen, self._refusals[micro_batch] = self._refusals[micro_batch], counts
+        if counts == seen:
             return
-        changed = [i for i, (a, b) in enumerate(zip(self._refusals, counts, strict=True)) if a != b]
-        self._refusals = counts
-        ranks = [self.health.ffn(self.deployment.topology.ffn_ranks[i]) for i in changed]
-        reasons = "; ".join(
-            f"FFN rank {h.rank} refused micro-batch slot {h.error_slot} of layer "
-            f"{h.error_layer}: {h.error}"
-            for h in ranks
+        ranks = self.deployment.topology.ffn_ranks
+        refused = [
+            self.health.ffn(ranks[i])
+            for i, (a, b) in enumerate(zip(seen, counts, strict=True))
+            if a != b
+        ]
+        reasons = "; ".join(f"FFN rank {h.rank}: {h.event}" for h in refused)
+        raise AFDRefusedError(
+            f"AFD: micro-batch slot {micro_batch} was refused, its results are zeros ({reasons})"
         )
-        raise AFDPeerError(f"AFD: {reasons}")
 
     def rounds_for(self, tokens: int) -> int:
         """Rounds of M slots that `tokens` tokens need (at least one, even for none)."""
@@ -198,12 +201,12 @@ class AttentionEndpoint:
         per_slot = -(-t // slots)  # <= BS, since rounds >= needed
         out = torch.empty(t, hidden.shape[1], dtype=self.deployment.layout.dtype)
         bounds = [min(t, i * per_slot) for i in range(slots + 1)]
-        refused: list[AFDPeerError] = []  # raised once every slot is back (none in flight)
+        refused: list[AFDRefusedError] = []  # raised once every slot is back
 
         def receive(j: int) -> None:
             try:
                 out[bounds[j] : bounds[j + 1]] = self.receive(j % m)
-            except AFDPeerError as exc:
+            except AFDRefusedError as exc:  # the slot is back; any other error ends here
                 refused.append(exc)
 
         for i in range(slots):

@@ -147,7 +147,16 @@ class FFNWorker:
             with self.tracer.span("experts", layer, micro_batch):
                 self._out[:n] = self._experts(batch)
         except Exception as exc:  # this message is bad, not the worker: answer, report, go on
-            self._report(layer, micro_batch, f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "FFN rank %d refuses layer %d, micro-batch slot %d: %s",
+                self.rank,
+                layer,
+                micro_batch,
+                reason,
+            )
+            if self.health is not None:
+                self.health.report_refusal(self.rank, layer, micro_batch, reason)
             self._out[:n] = 0
             self.tracer.count("micro_batches_refused_total")
         with self.tracer.span("return", layer, micro_batch):
@@ -168,12 +177,6 @@ class FFNWorker:
         dtype = self.deployment.layout.dtype
         return run_groups(bank, batch.rows, batch.group_list, self.hosted, dtype)
 
-    def _report(self, layer: int, micro_batch: int, reason: str) -> None:
-        what = f"layer {layer}, micro-batch slot {micro_batch}" if layer >= 0 else "its link"
-        log.error("FFN rank %d cannot serve %s: %s", self.rank, what, reason)
-        if self.health is not None:
-            self.health.report_ffn_error(self.rank, layer, micro_batch, reason)
-
     def run(self) -> None:
         """Serve until `stop()`; an idle deadline just means no traffic yet. Any other error
         is reported (health board, log) and raised: the link is in an unknown state."""
@@ -185,7 +188,10 @@ class FFNWorker:
             except ScheduleStopped:
                 break
             except Exception as exc:
-                self._report(-1, self._cursor, f"{type(exc).__name__}: {exc}")
+                reason = f"{type(exc).__name__}: {exc}"
+                log.error("FFN rank %d: its link failed: %s", self.rank, reason)
+                if self.health is not None:
+                    self.health.report_link_failure(self.rank, reason)
                 raise
 
     def stop(self) -> None:

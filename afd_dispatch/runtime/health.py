@@ -24,12 +24,16 @@ from afd_dispatch.errors import AFDPeerError, check
 from afd_dispatch.layout import (
     ANSWERED_MS_WORD,
     BROKEN_WORD,
-    ERROR_LAYER_WORD,
     ERROR_MS_WORD,
-    ERROR_SLOT_WORD,
     ERRORS_WORD,
+    EVENT_MS_WORD,
     HEALTH_MESSAGE_BYTES,
     HEALTH_MESSAGE_LENGTH,
+    LINK_FAILURES_WORD,
+    MAX_MICRO_BATCHES,
+    REFUSALS_WORD,
+    REFUSED_LAYER_WORD,
+    REFUSED_SLOT_WORD,
     RESTARTS_WORD,
     SINCE_MS_WORD,
     STATE_WORD,
@@ -65,10 +69,11 @@ class FFNRankHealth:
     since_s: float  # Unix time the state was entered
     answered_s: float  # Unix time of its last answer to a probe (0: no supervisor)
     detail: str  # the supervisor's reason for the state ("" when up)
-    errors: int  # micro-batches the rank refused so far
-    error_layer: int
-    error_slot: int
-    error: str  # why it refused the last one
+    refusals: int  # micro-batches the rank refused so far
+    link_failures: int  # times its link failed (its process then exited for a restart)
+    refused_layer: int  # of the last refusal
+    refused_slot: int
+    event: str  # why it refused the last micro-batch, or why its link failed
 
     def describe(self) -> str:
         state = "in an unknown state" if self.state is None else self.state.name.lower()
@@ -147,17 +152,30 @@ class HealthBoard:
             store_fence()  # the message before the state that refers to it
             words[STATE_WORD] = int(state)
 
-    def report_ffn_error(self, rank: int, layer: int, slot: int, message: str) -> None:
-        """FFN `rank` refused micro-batch `slot` of `layer` (it answered it with zeros)."""
+    def report_refusal(self, rank: int, layer: int, slot: int, reason: str) -> None:
+        """FFN `rank` refused micro-batch `slot` (0 <= slot < MAX_MICRO_BATCHES) of `layer`
+        (it answers it with zeros); call before answering, so that the attention side
+        sees the refusal by the time it has the slot back."""
+        check(0 <= slot < MAX_MICRO_BATCHES, "slot", f"[0, {MAX_MICRO_BATCHES})", slot)
         row = self._f + self._ffn_row(rank)
         with self._lock:
             words = self._words[row]
-            self._write_message(row, message)
-            words[ERROR_LAYER_WORD] = layer
-            words[ERROR_SLOT_WORD] = slot
-            words[ERROR_MS_WORD] = _now_ms()
+            self._write_message(row, reason)
+            words[REFUSED_LAYER_WORD] = layer
+            words[REFUSED_SLOT_WORD] = slot
+            words[EVENT_MS_WORD] = _now_ms()
             store_fence()  # a reader that sees the new count sees its record
-            words[ERRORS_WORD] += 1
+            words[REFUSALS_WORD + slot] += 1
+
+    def report_link_failure(self, rank: int, reason: str) -> None:
+        """FFN `rank`'s link failed; its process exits next so that Ray restarts it."""
+        row = self._f + self._ffn_row(rank)
+        with self._lock:
+            words = self._words[row]
+            self._write_message(row, reason)
+            words[EVENT_MS_WORD] = _now_ms()
+            store_fence()
+            words[LINK_FAILURES_WORD] += 1
 
     def report_session_error(self, session: int, message: str, broken: bool) -> None:
         """Session `session` hit an AFD error; `broken`: its data path is unusable now."""
@@ -173,7 +191,8 @@ class HealthBoard:
     # -- readers -------------------------------------------------------------------------------
     def ffn(self, rank: int) -> FFNRankHealth:
         row = self._ffn_row(rank)
-        state, errors = self._words[row], self._words[self._f + row]
+        state, events = self._words[row], self._words[self._f + row]
+        store_fence()  # counts read first, then the records they guard
         try:
             known: RankState | None = RankState(int(state[STATE_WORD]))
         except ValueError:
@@ -185,22 +204,26 @@ class HealthBoard:
             since_s=int(state[SINCE_MS_WORD]) / 1000,
             answered_s=int(state[ANSWERED_MS_WORD]) / 1000,
             detail=self._read_message(row),
-            errors=int(errors[ERRORS_WORD]),
-            error_layer=int(errors[ERROR_LAYER_WORD]),
-            error_slot=int(errors[ERROR_SLOT_WORD]),
-            error=self._read_message(self._f + row),
+            refusals=int(events[REFUSALS_WORD : REFUSALS_WORD + MAX_MICRO_BATCHES].sum()),
+            link_failures=int(events[LINK_FAILURES_WORD]),
+            refused_layer=int(events[REFUSED_LAYER_WORD]),
+            refused_slot=int(events[REFUSED_SLOT_WORD]),
+            event=self._read_message(self._f + row),
         )
 
     def ffn_ranks(self) -> list[FFNRankHealth]:
         return [self.ffn(rank) for rank in self.topology.ffn_ranks]
 
-    def ffn_error_counts(self) -> list[int]:
-        """Refused micro-batches per FFN rank (cheap: one read per rank)."""
-        return [int(self._words[self._f + i, ERRORS_WORD]) for i in range(self._f)]
+    def refusal_counts(self, slot: int) -> list[int]:
+        """Refusals of micro-batch `slot` so far, per FFN rank (cheap: one slice)."""
+        counts = self._words[self._f : 2 * self._f, REFUSALS_WORD + slot].tolist()
+        store_fence()
+        return [int(c) for c in counts]
 
     def session(self, session: int) -> SessionHealth:
         row = 2 * self._f + self._session_row(session)
         words = self._words[row]
+        store_fence()
         return SessionHealth(
             session=session,
             broken=bool(words[BROKEN_WORD]),
@@ -209,7 +232,9 @@ class HealthBoard:
         )
 
     def session_error_counts(self) -> list[int]:
-        return [int(self._words[2 * self._f + s, ERRORS_WORD]) for s in range(self._a)]
+        counts = self._words[2 * self._f :, ERRORS_WORD].tolist()
+        store_fence()
+        return [int(c) for c in counts]
 
     def cannot_serve(self) -> bool:
         """`failed() is not None`, cheaply (every MoE layer of every forward asks)."""
@@ -235,19 +260,22 @@ class HealthBoard:
         reasons = down + ([failed] if failed and failed not in down else [])
         return "; ".join(dict.fromkeys(reasons)) or None
 
-    def recovering(self) -> str | None:
+    def recovering(self, within_s: float) -> str | None:
         """The FFN ranks that are down but being brought back (starting, stalled and about
         to be replaced, restarting), or that stopped answering probes lately (the
-        supervisor has not decided yet), or None."""
+        supervisor has not decided yet), or None. A supervisor silent for more than
+        `within_s` is gone: nobody brings anything back then."""
         coming = (RankState.STARTING, RankState.STALLED, RankState.RESTARTING)
         now = time.time()
-        down = [
-            h.describe()
-            if h.state in coming
-            else f"FFN rank {h.rank}: no answer for {now - h.answered_s:.1f} s"
-            for h in self.ffn_ranks()
-            if h.state in coming or (h.answered_s > 0 and now - h.answered_s > ANSWER_STALE_S)
-        ]
+        down = []
+        for h in self.ffn_ranks():
+            silent = now - h.answered_s
+            if h.answered_s > 0 and silent > within_s:
+                continue  # nobody has written for too long: no supervisor
+            if h.state in coming:
+                down.append(h.describe())
+            elif h.answered_s > 0 and silent > ANSWER_STALE_S:
+                down.append(f"FFN rank {h.rank}: no answer for {silent:.1f} s")
         return "; ".join(down) or None
 
     def describe(self) -> str:
@@ -289,12 +317,11 @@ class PeerWatch:
         self.recovery_s = recovery_s
 
     def check(self) -> None:
-        failed = self.board.failed()
-        if failed is not None:
-            raise AFDPeerError(f"AFD: the deployment cannot serve: {failed}")
+        if self.board.cannot_serve():
+            raise AFDPeerError(f"AFD: the deployment cannot serve: {self.board.failed()}")
 
     def extend(self, waited_s: float) -> bool:
-        return waited_s < self.recovery_s and self.board.recovering() is not None
+        return waited_s < self.recovery_s and self.board.recovering(self.recovery_s) is not None
 
     def describe(self) -> str:
         return self.board.describe()

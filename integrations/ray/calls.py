@@ -39,6 +39,8 @@ def get(refs: Any, timeout_s: float, what: str, hint: str = "") -> Any:
         raise AFDPeerError(f"{what}: {cause_of(exc)}") from None
     except ray.exceptions.RayActorError as exc:
         raise AFDPeerError(f"{what}: {describe_actor_error(exc)}") from None
+    except ray.exceptions.RayError as exc:  # unschedulable, node died, out of memory, ...
+        raise AFDPeerError(f"{what}: Ray: {type(exc).__name__}: {cause_of(exc)}") from None
 
 
 def describe_actor_error(exc: BaseException) -> str:
@@ -52,15 +54,15 @@ def describe_actor_error(exc: BaseException) -> str:
     return f"its actor died: {cause_of(exc)}"
 
 
-def cause_of(exc: BaseException) -> str:
-    """The most telling line of a Ray error: the raised exception of a creation task's
-    traceback if there is one, else the first line of the message."""
+def cause_of(exc: BaseException | str) -> str:
+    """The most telling line of a Ray error (or its text): the raised exception of a
+    creation task's traceback if there is one, else the first line of the message."""
     text = _ANSI.sub("", str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     raised = [line for line in lines if _looks_raised(line)]
     if raised:
         return raised[-1]
-    return lines[0] if lines else type(exc).__name__
+    return lines[0] if lines else (exc if isinstance(exc, str) else type(exc).__name__)
 
 
 def _looks_raised(line: str) -> bool:

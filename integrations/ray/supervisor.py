@@ -2,16 +2,24 @@
 
 Ray restarts an FFN actor that dies (up to `ffn_max_restarts`), but it cannot tell a
 frozen one (SIGSTOP, a hung driver, a host swapping) from a busy one, and the attention
-side would wait on it forever. The supervisor probes every actor twice a second with a
-cheap actor call and keeps each rank's state on the health board:
+side would wait on it forever. Twice a second the supervisor reads each actor's record in
+Ray's actor table (its state and restart count, from the GCS) and, for a live actor, sends
+a cheap probe call; it keeps each rank's state on the health board:
 
-    STARTING / RESTARTING --answers--> UP --no answer for STALL_NOTICE_S--> STALLED
-    STALLED --no answer for ffn_stall_timeout_s--> killed --> RESTARTING (Ray restarts it)
-    any --dies, and Ray will not restart it--> FAILED
+    Ray: PENDING_CREATION / RESTARTING            -> STARTING / RESTARTING
+    Ray: ALIVE, probe answered                    -> UP
+    Ray: ALIVE, no answer for STALL_NOTICE_S      -> STALLED
+    Ray: ALIVE, no answer for ffn_stall_timeout_s -> killed (Ray restarts it): RESTARTING
+    Ray: RESTARTING for startup_timeout_s         -> killed again (its constructor hangs)
+    Ray: DEAD                                     -> FAILED (for good: Ray will not restart)
 
-A restarted actor redoes the micro-batch its predecessor held (the FFN journal), so the
-attention side's waits, which run on while a rank is coming back, then complete.
-Micro-batches an FFN rank refused are logged here as they appear on the board.
+Restarts are Ray's own count. A restarted actor redoes the micro-batch its predecessor held
+(the FFN journal), so attention-side waits, which run on while a rank is coming back, then
+complete. What FFN ranks report themselves (refused micro-batches, link failures) is logged
+here as it appears on the board.
+
+Ray's actor table is read with `ray._private.state.actors`, Ray's own debugging accessor
+(no dashboard needed); `check_ray` refuses a Ray whose records lack the fields used.
 """
 
 from __future__ import annotations
@@ -29,32 +37,49 @@ from afd_dispatch.runtime.health import HealthBoard, RankState
 log = logging.getLogger(__name__)
 PROBE_PERIOD_S = 0.5
 STALL_NOTICE_S = 2.0  # an answer this late is reported (health 503), not yet acted on
+_COMING = {"DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING"}
 
 
 @dataclass
 class _Rank:
     actor: Any
+    actor_id: str
     state: RankState = RankState.STARTING
-    pid: int | None = None
     restarts: int = 0
     probe: Any = None
-    sent_s: float = 0.0
-    since_s: float = 0.0  # when the current state was entered (monotonic)
+    probe_sent: float = 0.0  # monotonic
+    entered: float = 0.0  # monotonic time the current state was entered
+    last_error: str = ""  # of the last failed probe: why it died
+    answered_once: bool = False
+    events: tuple[int, int] = (0, 0)  # refusals, link failures logged so far
+
+
+def actor_record(actor_id: str) -> dict[str, Any]:
+    """Ray's actor-table record of `actor_id`: "State", "NumRestarts", "DeathCause", ..."""
+    from ray._private import state
+
+    record: dict[str, Any] = state.actors(actor_id=actor_id)
+    return record
 
 
 class Supervisor:
-    """Probes `actors` ({FFN rank: actor handle}) and keeps `board` up to date.
+    """Keeps `board` up to date for `actors` ({FFN rank: actor handle}).
 
     `poll()` is one round (the thread calls it every `PROBE_PERIOD_S`); `stop()` ends the
     thread. `counters()` gives the metrics: ranks up, restarts per rank.
     """
 
     def __init__(self, actors: dict[int, Any], board: HealthBoard, config: AFDConfig) -> None:
+        check_ray()
         self.board = board
         self.config = config
         now = time.monotonic()
-        self._ranks = {rank: _Rank(actor, since_s=now) for rank, actor in actors.items()}
-        self._refusals = board.ffn_error_counts()
+        self._ranks = {
+            rank: _Rank(actor, actor._actor_id.hex(), entered=now) for rank, actor in actors.items()
+        }
+        for rank, r in self._ranks.items():
+            health = board.ffn(rank)
+            r.events = (health.refusals, health.link_failures)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -72,112 +97,140 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stop.wait(PROBE_PERIOD_S):
-            try:
-                self.poll()
-            except Exception as exc:  # the supervisor must outlive a bad round
-                log.warning("AFD supervisor round failed: %s", exc)
+            self.poll()
 
     def counters(self) -> dict[str, dict[str, float]]:
         with self._lock:
-            per_rank = {
-                f"FFN {r}": {"restarts_total": float(s.restarts)} for r, s in self._ranks.items()
+            ranks = {
+                f"FFN {n}": {"restarts_total": float(r.restarts)} for n, r in self._ranks.items()
             }
-            up = sum(s.state is RankState.UP for s in self._ranks.values())
-        return per_rank | {"pool": {"ffn_ranks_up": float(up)}}
+            up = sum(r.state is RankState.UP for r in self._ranks.values())
+        return ranks | {"pool": {"ffn_ranks_up": float(up)}}
 
     # -- one round -------------------------------------------------------------------------------
     def poll(self) -> None:
-        import ray
-
-        now = time.monotonic()
+        """One round over every rank; a failure on one rank is logged, the others go on."""
         with self._lock:
             for rank, r in self._ranks.items():
-                if r.state is RankState.FAILED:
-                    continue
-                if r.probe is None:
-                    r.probe, r.sent_s = r.actor.info.remote(), now
-                    continue
-                ready, _ = ray.wait([r.probe], timeout=0)
-                if ready:
-                    self._answered(rank, r, now)
-                else:
-                    self._silent(rank, r, now)
-        self._log_refusals()
+                try:
+                    self._poll_rank(rank, r, time.monotonic())
+                    self._log_events(rank, r)
+                except Exception as exc:  # the supervisor must outlive a bad round
+                    log.warning("AFD supervisor: FFN rank %d not checked this round: %s", rank, exc)
 
-    def _answered(self, rank: int, r: _Rank, now: float) -> None:
+    def _poll_rank(self, rank: int, r: _Rank, now: float) -> None:
         import ray
 
-        probe, r.probe = r.probe, None
-        try:
-            info = ray.get(probe, timeout=0)
-        except ray.exceptions.ActorUnavailableError as exc:
-            self._set(rank, r, RankState.RESTARTING, f"unavailable: {cause_of(exc)}", now)
-            return
-        except ray.exceptions.RayActorError as exc:
-            # A call that was in flight when the actor died fails even if Ray restarts it;
-            # one sent after that fails too only if Ray will not (budget spent).
-            if r.state is RankState.RESTARTING and r.sent_s >= r.since_s:
-                budget = self.config.ffn_max_restarts
-                self._set(
-                    rank, r, RankState.FAILED,
-                    f"Ray will not restart it (ffn_max_restarts {budget}, {r.restarts} used): "
-                    f"{describe_actor_error(exc)}",
-                    now,
-                )  # fmt: skip
-            else:
-                self._set(rank, r, RankState.RESTARTING, describe_actor_error(exc), now)
-            return
-        pid = int(info["pid"])
-        if r.pid is not None and pid != r.pid:
-            r.restarts += 1
-            log.warning("AFD: FFN rank %d is back (restart %d, pid %d)", rank, r.restarts, pid)
-        r.pid = pid
-        if info.get("error"):
-            self._set(rank, r, RankState.FAILED, f"its serving thread ended: {info['error']}", now)
-        else:
-            self._set(rank, r, RankState.UP, "", now, answered=True)
-
-    def _silent(self, rank: int, r: _Rank, now: float) -> None:
-        waited = now - r.sent_s
-        coming_up = r.state in (RankState.STARTING, RankState.RESTARTING)
-        bound = self.config.startup_timeout_s if coming_up else self.config.ffn_stall_timeout_s
-        if waited > bound:
-            import ray
-
-            what = "startup_timeout_s" if coming_up else "ffn_stall_timeout_s"
-            log.error(
-                "AFD: FFN rank %d gave no answer for %.1f s (%s): killing it", rank, waited, what
-            )
-            ray.kill(r.actor, no_restart=False)
-            r.probe = None
+        if r.state is RankState.FAILED:
+            return  # Ray's DEAD is final
+        record = actor_record(r.actor_id)
+        r.restarts = int(record.get("NumRestarts", r.restarts))
+        ray_state = str(record.get("State", ""))
+        if ray_state == "DEAD":
+            budget = self.config.ffn_max_restarts
+            why = r.last_error or death_cause(record.get("DeathCause"))
             self._set(
-                rank, r, RankState.RESTARTING,
-                f"killed after no answer for {waited:.1f} s ({what} {bound:g} s)", now,
+                rank, r, RankState.FAILED,
+                f"Ray will not restart it (ffn_max_restarts {budget}, {r.restarts} used): {why}",
+                now,
             )  # fmt: skip
-        elif not coming_up and waited > STALL_NOTICE_S:
+            return
+        if ray_state in _COMING:
+            restarting = bool(r.restarts) or r.answered_once
+            state = RankState.RESTARTING if restarting else RankState.STARTING
+            if state is not r.state:
+                self._set(rank, r, state, r.last_error or "Ray is starting its actor", now)
+            if now - r.entered > self.config.startup_timeout_s:
+                self._kill(rank, r, now - r.entered, "startup_timeout_s", now)
+            return
+        # ALIVE: is it answering?
+        if r.probe is None:
+            r.probe, r.probe_sent = r.actor.info.remote(), now
+        ready, _ = ray.wait([r.probe], timeout=0)
+        if ready:
+            probe, r.probe = r.probe, None
+            try:
+                info = ray.get(probe, timeout=0)
+            except ray.exceptions.RayError as exc:  # died meanwhile: the table will say so
+                r.last_error = describe_actor_error(exc)
+                return
+            r.answered_once = True
+            if info.get("error"):
+                self._set(
+                    rank, r, RankState.FAILED, f"its serving thread ended: {info['error']}", now
+                )
+            else:
+                r.last_error = ""
+                self._set(rank, r, RankState.UP, "", now, answered=True)
+            return
+        waited = now - r.probe_sent
+        if waited > self.config.ffn_stall_timeout_s:
+            self._kill(rank, r, waited, "ffn_stall_timeout_s", now)
+        elif waited > STALL_NOTICE_S:
             self._set(
                 rank, r, RankState.STALLED, f"no answer to health probes for {waited:.1f} s", now
             )
+
+    def _kill(self, rank: int, r: _Rank, waited: float, bound: str, now: float) -> None:
+        import ray
+
+        limit = getattr(self.config, bound)
+        log.error(
+            "AFD: FFN rank %d: no answer for %.1f s (%s %g s): killing it",
+            rank,
+            waited,
+            bound,
+            limit,
+        )
+        ray.kill(r.actor, no_restart=False)
+        r.probe = None
+        r.last_error = f"killed after no answer for {waited:.1f} s ({bound} {limit:g} s)"
+        self._set(rank, r, RankState.RESTARTING, r.last_error, now)
 
     def _set(
         self, rank: int, r: _Rank, state: RankState, detail: str, now: float, answered: bool = False
     ) -> None:
         if state is not r.state:
-            r.since_s = now
-            if state is not RankState.UP:
+            r.entered = now
+            if state is RankState.UP:
+                log.warning("AFD: FFN rank %d is up (%d restarts)", rank, r.restarts)
+            else:
                 log.warning("AFD: FFN rank %d %s: %s", rank, state.name.lower(), detail)
         r.state = state
         self.board.set_state(rank, state, r.restarts, detail, answered)
 
-    def _log_refusals(self) -> None:
-        counts = self.board.ffn_error_counts()
-        if counts == self._refusals:
+    def _log_events(self, rank: int, r: _Rank) -> None:
+        health = self.board.ffn(rank)
+        events = (health.refusals, health.link_failures)
+        if events == r.events:
             return
-        for i, (old, new) in enumerate(zip(self._refusals, counts, strict=True)):
-            if new != old:
-                health = self.board.ffn(self.board.topology.ffn_ranks[i])
-                log.error(
-                    "AFD: FFN rank %d refused %d micro-batch(es), the last (layer %d, slot %d): %s",
-                    health.rank, new - old, health.error_layer, health.error_slot, health.error,
-                )  # fmt: skip
-        self._refusals = counts
+        refused, failed = events[0] - r.events[0], events[1] - r.events[1]
+        r.events = events
+        log.error(
+            "AFD: FFN rank %d: %d micro-batch(es) refused, %d link failure(s); the last: %s",
+            rank, refused, failed, health.event,
+        )  # fmt: skip
+
+
+def death_cause(cause: Any) -> str:
+    """One line from Ray's `ActorDeathCause` record (gcs protobuf): the exception its
+    constructor raised, or Ray's own message."""
+    failed = getattr(cause, "creation_task_failure_context", None)
+    if failed is not None and cause.HasField("creation_task_failure_context"):
+        return f"its constructor raised {cause_of(failed.formatted_exception_string)}"
+    died = getattr(cause, "actor_died_error_context", None)
+    if died is not None and cause.HasField("actor_died_error_context") and died.error_message:
+        return f"its actor died: {cause_of(died.error_message)}"
+    return f"its actor died: {cause_of(str(cause)) if cause else 'no cause recorded'}"
+
+
+def check_ray() -> None:
+    """Refuse a Ray whose actor table lacks what the supervisor reads (see the module doc)."""
+    import ray
+    from ray._private import state
+
+    if not callable(getattr(state, "actors", None)):
+        raise RuntimeError(
+            f"AFD: Ray {ray.__version__} has no ray._private.state.actors; the FFN supervisor "
+            "reads actor states through it (tested with Ray 2.60)"
+        )

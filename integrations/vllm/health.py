@@ -5,14 +5,18 @@ the deployment's health board and returns zeros), so the front end is where a fa
 becomes visible. `AFDHealthMiddleware`, an ASGI middleware every API server process of an
 AFD server runs (`install_middleware` adds it to vLLM's `--middleware` list):
 
-- `GET /health` answers 503 with the reason while any FFN rank is not up (stalled,
-  restarting, failed) or an attention session stopped exchanging; vLLM's own check
-  decides otherwise.
-- A request under `/v1/` while the deployment cannot serve (an FFN rank FAILED, a session
-  broken) gets 503 at once, naming AFD, the rank and why.
+- `/health` and `/ping` (SageMaker's) answer 503 with the reason while any FFN rank is
+  not up (stalled, restarting, failed) or an attention session stopped exchanging;
+  vLLM's own check decides otherwise.
+- Every other request but a few that run no model (`PASS_THROUGH`: model list, metrics,
+  version, tokenizer) gets 503 at once while the deployment cannot serve (an FFN rank
+  FAILED, a session stopped), naming AFD, the rank and why.
 - A request during which an attention session reported an AFD error gets 503 with that
-  error instead of its (zero-filled, meaningless) result; a streamed one gets the error as
-  its last event.
+  error instead of its (zero-filled, meaningless) result. A streamed one is cut: the error
+  is its last event, sent in place of the chunk that would have followed (so before the
+  stream's `[DONE]`).
+- If the board cannot be mapped (a bad token in the environment), every guarded request
+  and `/health` answer 503 saying so: nothing passes unguarded.
 
 The board is found through the `Attachment` the deployment owner left in the environment.
 """
@@ -34,6 +38,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MIDDLEWARE = f"{__name__}.AFDHealthMiddleware"
+HEALTH_PATHS = ("/health", "/ping")
+PASS_THROUGH = ("/v1/models", "/metrics", "/version", "/tokenize", "/detokenize", "/load")
 
 
 def install_middleware(args: Any) -> None:
@@ -49,6 +55,7 @@ class AFDHealthMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self._board: HealthBoard | None = None
+        self._board_error: str | None = None
         self._looked = False
 
     def board(self) -> HealthBoard | None:
@@ -58,28 +65,35 @@ class AFDHealthMiddleware:
             attachment = Attachment.from_env()
             if attachment is not None:
                 self._looked = True
-                self._board = attachment.health_board()
+                try:
+                    self._board = attachment.health_board()
+                except (OSError, ValueError) as exc:
+                    self._board_error = f"AFD: the health board cannot be mapped: {exc}"
+                    log.error("%s", self._board_error)
         return self._board
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        board = self.board() if scope["type"] == "http" else None
-        if board is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        board = self.board()
         path = scope.get("path", "")
-        if path == "/health":
+        if (board is None and self._board_error is None) or path in PASS_THROUGH:
+            await self.app(scope, receive, send)
+            return
+        if board is None:
+            assert self._board_error is not None
+            await _json(send, 503, self._board_error, path)
+            return
+        if path in HEALTH_PATHS:
             reason = board.unhealthy()
             if reason is None:
                 await self.app(scope, receive, send)
             else:
-                await _json(send, 503, f"AFD: {reason}", "/health")
+                await _json(send, 503, f"AFD: {reason}", path)
             return
-        if not path.startswith("/v1/") or scope.get("method") != "POST":
-            await self.app(scope, receive, send)
-            return
-        failed = board.failed()
-        if failed is not None:
-            await _json(send, 503, f"AFD: the deployment cannot serve: {failed}", path)
+        if board.cannot_serve():
+            await _json(send, 503, f"AFD: the deployment cannot serve: {board.failed()}", path)
             return
         await self._guarded(board, board.session_error_counts(), scope, receive, send)
 
@@ -90,9 +104,10 @@ class AFDHealthMiddleware:
         start: Message | None = None
         body: list[bytes] = []
         streaming = False
+        cut = False  # a stream ended early with an AFD error: drop the rest
 
         async def guarded_send(message: Message) -> None:
-            nonlocal start, streaming
+            nonlocal start, streaming, cut
             kind = message["type"]
             if kind == "http.response.start":
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
@@ -107,16 +122,16 @@ class AFDHealthMiddleware:
                 return
             last = not message.get("more_body", False)
             if streaming:
-                error = _error_since(board, before) if last else None
-                if error is not None:
+                if cut:
+                    return
+                error = _error_since(board, before)
+                if error is not None:  # this chunk and what follows may carry zeros' tokens
+                    cut = True
                     event = json.dumps({"error": _error_body(503, error)})
                     await send(
-                        {
-                            "type": "http.response.body",
-                            "body": f"data: {event}\n\n".encode(),
-                            "more_body": True,
-                        }
+                        {"type": "http.response.body", "body": f"data: {event}\n\n".encode()}
                     )
+                    return
                 await send(message)
                 return
             body.append(bytes(message.get("body", b"")))
@@ -135,9 +150,8 @@ class AFDHealthMiddleware:
 
 def _error_since(board: HealthBoard, before: list[int]) -> str | None:
     """The AFD errors sessions reported since `before` (their counts), or None."""
-    failed = board.failed()
-    if failed is not None:
-        return f"AFD: the deployment failed during this request: {failed}"
+    if board.cannot_serve():
+        return f"AFD: the deployment failed during this request: {board.failed()}"
     after = board.session_error_counts()
     changed = [s for s, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
     if not changed:

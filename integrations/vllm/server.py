@@ -6,11 +6,12 @@ vLLM's data-parallel rank s is session s.
 
 An AFD error on the data path is never fatal to the engine (vLLM would end the whole
 server on any exception of a forward). `moe` reports it on the deployment's health board
-and returns zeros; the HTTP front end (`health.AFDHealthMiddleware`) fails every request
-that ran while an error was reported, naming AFD and the rank, and answers `/health` with
-503 while the deployment cannot serve. An exchange that broke midway (slots in flight)
-leaves this session unable to exchange again: it reports itself broken, and its forwards
-return zeros at once from then on.
+and returns zeros, and this session stops exchanging: its forwards return zeros at once
+from then on. The HTTP front end (`health.AFDHealthMiddleware`) fails every request that
+ran while an error was reported, and every later one, naming AFD and the rank, and
+answers `/health` with 503. (Stopping for good is deliberate: the zeros went into KV
+blocks that vLLM's prefix cache may hand to later requests, and an exchange that broke
+midway leaves slots in flight. The server must be restarted; its health probe says so.)
 """
 
 from __future__ import annotations
@@ -124,14 +125,13 @@ class AttentionServer:
         try:
             return self._exchange(layer, x, topk_ids, topk_weights, dp_max_tokens)
         except (AFDTimeoutError, AFDPeerError, AFDInputError) as exc:
-            broken = not self.endpoint.idle()
             log.error(
-                "AFD: session %d, layer %d: %s: %s%s", self.session, layer,
-                type(exc).__name__, exc, " (this session stops exchanging)" if broken else "",
+                "AFD: session %d, layer %d: %s: %s (this session stops exchanging)",
+                self.session, layer, type(exc).__name__, exc,
             )  # fmt: skip
             if self.health is None:
                 raise  # nowhere to report it: let vLLM see it
-            self.health.report_session_error(self.session, f"{type(exc).__name__}: {exc}", broken)
+            self.health.report_session_error(self.session, f"{type(exc).__name__}: {exc}", True)
             self.tracer.count("exchange_errors_total")
             return torch.zeros_like(x)
 
