@@ -28,7 +28,13 @@ from typing import Any
 
 import pytest
 
-from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDPeerError, AFDTimeoutError
+from afd_dispatch.errors import (
+    AFDHandshakeError,
+    AFDInputError,
+    AFDPeerError,
+    AFDRefusedError,
+    AFDTimeoutError,
+)
 from afd_dispatch.integrations.vllm.cli import ConfigRefused
 from afd_dispatch.windows.wait import ScheduleStopped
 
@@ -45,6 +51,7 @@ ARGS: dict[type[BaseException], tuple[Any, ...]] = {
     ),
     AFDHandshakeError: ("attention rank 0 and FFN rank 2 disagree: hidden_size 64 vs 128",),
     AFDPeerError: ("AFD: the deployment cannot serve: FFN rank 2 failed (restart budget spent)",),
+    AFDRefusedError: ("AFD: micro-batch slot 1 was refused, its results are zeros (FFN rank 2)",),
     ScheduleStopped: ("the schedule context was stopped while waiting",),
     ConfigRefused: ("error: --afd-config: micro_batch_num: expected an integer in [1, 8], got 9",),
 }
