@@ -129,7 +129,13 @@ def test_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 def test_ops_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = run_level("ops", tmp_path, 2, capsys)
     rows = rows_by_name(data)
+    wake = rows.pop("wake_p50_us")
     assert set(rows) == set(ops.TARGETS)
+    m = wake["metrics"]
+    assert wake["unit"] == "us" and wake["value"] == m["doorbell_p50_us"]
+    assert 0 < m["doorbell_p50_us"] <= m["doorbell_p99_us"]
+    assert 0 < m["sleep_poll_p50_us"] <= m["sleep_poll_p99_us"]
+    assert wake["target"] == {"op": "<=", "bound": 50.0}
     shape = ops.SHAPES["small"]
     slot_rows = shape.tokens * (shape.topk + shape.shared)
     for name, row in rows.items():

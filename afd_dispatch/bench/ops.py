@@ -8,7 +8,8 @@ rates (= copy time / op time): 1.0 means the op moves its bytes as fast as a pla
 
 Window state is put back between runs outside the timed region (flags written straight
 through the window views), so no op ever waits: back-pressure and flag waits are the
-loop level's business, not this one's.
+loop level's business, not this one's. The last row is the cross-process wake-up latency
+of a flag wait, with doorbells and with sleep-polling (`afd_dispatch.bench.wake`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from afd_dispatch.bench.report import Report, Row, Target, interleaved, median, torch_threads
+from afd_dispatch.bench.wake import measure_wake
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.layout import FLAG_OFFSET, TOKEN_DTYPE_INT8, WindowLayout, token_dtype_code
 from afd_dispatch.placement import build_expert_rank_table, local_experts
@@ -308,4 +310,5 @@ def _run(shape: OpsShape, shape_name: str, repeat: int) -> Report:
             )
         finally:
             fx.close()
+    report.add(measure_wake())
     return report

@@ -27,11 +27,13 @@ from afd_dispatch.layout import (
     align512,
 )
 from afd_dispatch.topology import RankTopology
+from afd_dispatch.windows.doorbell import Doorbell, futex_available
 from afd_dispatch.windows.memory import Region, register_memory, resolve, unregister_memory
 from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
 
 TRANSPORTS = ("inproc", "shm")
 CONTEXT_STORAGE_BYTES = 1024
+DOORBELL_BYTES = 64  # one int32 word, on a cache line of its own
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class WindowGroup:
         self.spec = spec
         self._transport = transport
         self._addresses: dict[int, int] = {}
+        self._doorbells: dict[int, Doorbell | None] = {}
 
     @property
     def name(self) -> str:
@@ -93,6 +96,27 @@ class WindowGroup:
         check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
         start = align512(_window_bytes(self.spec, rank)) + CONTEXT_STORAGE_BYTES
         return self._transport.window(rank)[start : start + self.layout.ffn_journal_bytes]
+
+    def doorbell(self, rank: int) -> Doorbell | None:
+        """The doorbell of `rank`'s window (`afd_dispatch.windows.doorbell`), after its
+        context storage and journal; None for windows given by someone else, which have
+        no room for one, and where futex is unavailable or `AFD_NO_DOORBELL=1` (the
+        waiters then sleep-poll)."""
+        if rank not in self._doorbells:
+            self.topology.role_of(rank)
+            bell = None
+            if self._transport.kind != "given" and futex_available():
+                start = _allocation_sizes(self.topology, self.layout)[rank] - DOORBELL_BYTES
+                word = self._transport.window(rank)[start : start + 4].view(torch.int32)
+                bell = Doorbell(word)
+            self._doorbells[rank] = bell
+        return self._doorbells[rank]
+
+    def ring(self, rank: int) -> None:
+        """Wake whoever waits on `rank`'s window (after a flag store into it)."""
+        bell = self.doorbell(rank)
+        if bell is not None:
+            bell.ring()
 
     def ffn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
@@ -295,11 +319,12 @@ def _role_bytes(topology: RankTopology, layout: WindowLayout, rank: int) -> int:
 
 def _allocation_sizes(topology: RankTopology, layout: WindowLayout) -> list[int]:
     """Per rank: its window, then (512-aligned) room for one schedule context; an FFN rank's
-    journal after that."""
+    journal after that; its doorbell last."""
     return [
         align512(_role_bytes(topology, layout, rank))
         + CONTEXT_STORAGE_BYTES
-        + (layout.ffn_journal_bytes if topology.is_ffn(rank) else 0)
+        + (align512(layout.ffn_journal_bytes) if topology.is_ffn(rank) else 0)
+        + DOORBELL_BYTES
         for rank in range(topology.world_size)
     ]
 

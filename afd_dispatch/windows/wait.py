@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from afd_dispatch.errors import AFDTimeoutError
+from afd_dispatch.windows.doorbell import Doorbell
 
 EAGER_POLLS = 4
 FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 1e-3
 WATCH_PERIOD_S = 0.05  # how often a watched wait asks about its peers
+DOORBELL_MAX_SLEEP_S = WATCH_PERIOD_S  # with a doorbell a ring ends the sleep early
 EXTEND_S = 1.0  # how far past its deadline a wait runs per `Watch.extend`
 
 _fence_lock = threading.Lock()
@@ -72,12 +74,14 @@ def wait_until(
     timeout_s: float,
     describe_missing: Callable[[], str],
     stopped: Callable[[], bool] | None = None,
+    doorbell: Doorbell | None = None,
 ) -> None:
     """Return once `ready()` is true; raise `AFDTimeoutError` after `timeout_s`.
 
     `describe_missing()` is called only on expiry and must say who waited and what is
     still missing. `stopped()`, when given, aborts the wait with `ScheduleStopped`. A
     `watching` block's `Watch` may fail the wait early or extend it past its deadline.
+    With the `doorbell` of the window waited on, the back-off sleeps end at its ring.
     """
     if _ready_then_fence(ready):
         return
@@ -107,10 +111,16 @@ def wait_until(
                 f"{describe_missing()} (deadline {timeout_s:g} s passed, waited "
                 f"{now - start:.1f} s){peers}"
             )
-        time.sleep(min(sleep_s, deadline - now))
+        if doorbell is None:
+            time.sleep(min(sleep_s, deadline - now))
+        else:
+            seen = doorbell.value()
+            if _ready_then_fence(ready):  # a ring before `seen` was read is not waited for
+                return
+            doorbell.wait(seen, min(sleep_s, deadline - now))
         if _ready_then_fence(ready):
             return
-        sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
+        sleep_s = min(sleep_s * 2, MAX_SLEEP_S if doorbell is None else DOORBELL_MAX_SLEEP_S)
 
 
 def _ready_then_fence(ready: Callable[[], bool]) -> bool:

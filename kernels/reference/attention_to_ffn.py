@@ -80,6 +80,9 @@ def attention_to_ffn(
     store_fence()  # rows, ids and layer before the flag that publishes them
     for r in headers:
         views[r][0][s, m, FLAG_OFFSET] = 1
+    store_fence()  # the flags before the rings that announce them
+    for r in headers:
+        windows.ring(r)
 
     # Masked tokens get no results; pre-set their flags so combine does not wait for them.
     own_info, _ = windows.attn_views(call.topology.attention_rank(s))

@@ -26,6 +26,7 @@ from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.layout import WindowLayout, dtype_of_code, token_dtype_code
 from afd_dispatch.windows import ScheduleStopped, wait_until
+from afd_dispatch.windows.doorbell import Doorbell
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Flags:
     cells: torch.Tensor
     timeout_s: float
     who: str
+    doorbell: Doorbell | None = None  # of the window the flags are in, if a group's
 
 
 def window_name(buffer: sc.Buffer, ctx: torch.Tensor, field: tuple[int, int]) -> str:
@@ -52,7 +54,8 @@ def result_flags(ctx: torch.Tensor, micro_batches: int, tokens: int, slots: int)
     if info.window is not None:
         sc.check_window_offset(info, sc.ATTN_INFO_BUF, 0)
     view = info.data.view(torch.int32).view(micro_batches, tokens, slots)
-    return Flags(view, info.timeout_s, window_name(info, ctx, sc.ATTN_INFO_BUF))
+    bell = None if info.window is None else info.window[0].doorbell(info.window[1])
+    return Flags(view, info.timeout_s, window_name(info, ctx, sc.ATTN_INFO_BUF), bell)
 
 
 def combine_slots(ctx: torch.Tensor, tokens: int, topk: int) -> int:
@@ -230,4 +233,5 @@ def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
             )
         return bool((cells == 1).all())
 
-    wait_until(ready, flags.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
+    stopped = lambda: sc.get(ctx, sc.RUN_FLAG) == 0  # noqa: E731
+    wait_until(ready, flags.timeout_s, describe, stopped, flags.doorbell)

@@ -75,3 +75,6 @@ def ffn_to_attention(
     store_fence()  # result rows before the flags that announce them
     for flags, where in written:
         flags[where] = 1
+    store_fence()  # the flags before the rings
+    for r in receivers:
+        windows.ring(r)

@@ -37,6 +37,7 @@ from afd_dispatch.layout import (
     token_dtype_code,
 )
 from afd_dispatch.windows import ScheduleStopped, WindowGroup, store_fence, wait_until
+from afd_dispatch.windows.doorbell import Doorbell
 
 # What the FFN scheduler leaves in a published slot: every byte 0x7F (ops-transformer
 # `ffn_worker_scheduler_aicpu.cpp`); any id >= 1_000_000 reads as empty.
@@ -64,6 +65,11 @@ class FfnArea:
             return "the FFN context's window"
         group, rank = self.window
         return f"FFN rank {rank} of group {group.name!r}"
+
+    @property
+    def doorbell(self) -> Doorbell | None:
+        """The doorbell of the FFN window, rung when a header arrives."""
+        return None if self.window is None else self.window[0].doorbell(self.window[1])
 
     @property
     def flags_and_ids(self) -> torch.Tensor:
@@ -319,6 +325,7 @@ def ffn_worker_scheduler_(
             area.timeout_s,
             describe,
             stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0,
+            doorbell=area.doorbell,
         )
     except ScheduleStopped:
         return ctx  # the kernel returns quietly when its run flag is cleared
@@ -377,7 +384,8 @@ def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
             f"sessions {missing}{_attention_ranks(area, missing)}"
         )
 
-    wait_until(ready, area.timeout_s, describe, stopped=lambda: sc.get(ctx, sc.RUN_FLAG) == 0)
+    stopped = lambda: sc.get(ctx, sc.RUN_FLAG) == 0  # noqa: E731
+    wait_until(ready, area.timeout_s, describe, stopped, area.doorbell)
 
 
 def _attention_ranks(area: FfnArea, sessions: list[int]) -> str:
