@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -41,13 +42,17 @@ def _bells(words: torch.Tensor, use: bool) -> tuple[Doorbell | None, Doorbell | 
     return Doorbell(words[PING_BELL : PING_BELL + 1]), Doorbell(words[PONG_BELL : PONG_BELL + 1])
 
 
+def _equals(words: torch.Tensor, index: int, value: int) -> Callable[[], bool]:
+    return lambda: int(words[index]) == value
+
+
 def _answer(token: str, rounds: int, use_doorbell: bool) -> None:
     """The child: wait for each ping, answer with the same number."""
     transport = SharedMemoryTransport([FILE_BYTES], token)
     words = _words(transport)
     ping_bell, pong_bell = _bells(words, use_doorbell)
     for i in range(1, rounds + 1):
-        wait_until(lambda i=i: int(words[PING]) == i, TIMEOUT_S, lambda: "ping", doorbell=ping_bell)
+        wait_until(_equals(words, PING, i), TIMEOUT_S, lambda: "ping", doorbell=ping_bell)
         words[PONG] = i
         if pong_bell is not None:
             pong_bell.ring()
@@ -73,9 +78,7 @@ def round_trips(use_doorbell: bool, rounds: int = ROUND_TRIPS) -> list[float]:
                 words[PING] = i
                 if ping_bell is not None:
                     ping_bell.ring()
-                wait_until(
-                    lambda i=i: int(words[PONG]) == i, TIMEOUT_S, lambda: "pong", doorbell=pong_bell
-                )
+                wait_until(_equals(words, PONG, i), TIMEOUT_S, lambda: "pong", doorbell=pong_bell)
                 if i > WARMUP:
                     times.append(time.perf_counter() - start)
         finally:
