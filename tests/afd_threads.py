@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from afd_dispatch import AFDConfig, AFDTimeoutError
+from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank
 from afd_dispatch.runtime.ffn_worker import FFNWorker
+from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.model_spec import MoESpec
 
 WAIT_TIMEOUT_S = 10.0  # every flag wait of the ops (a hang fails within this)
@@ -109,9 +111,12 @@ def deployment(
 
 @contextmanager
 def ffn_workers(
-    dep: Deployment, banks_of: Callable[[int], Mapping[int, ExpertBank]]
+    dep: Deployment,
+    banks_of: Callable[[int], Mapping[int, ExpertBank]],
+    health: HealthBoard | None = None,
 ) -> Iterator[list[tuple[FFNWorker, RankThread]]]:
-    """Every FFN rank of `dep` serving in a thread (`FFNWorker.run`) until the block ends.
+    """Every FFN rank of `dep` serving in a thread (`FFNWorker.run`) until the block ends,
+    reporting refusals on `health` if given.
 
     On exit every worker is stopped and joined (bounded). A worker that died with an
     exception, or failed to stop, fails the test.
@@ -120,7 +125,7 @@ def ffn_workers(
     ok = False
     try:
         for rank in dep.topology.ffn_ranks:
-            worker = FFNWorker(dep, rank, banks_of(rank))
+            worker = FFNWorker(dep, rank, banks_of(rank), health=health)
             thread = RankThread(f"ffn-{rank}", worker.run)
             thread.start()
             running.append((worker, thread))
@@ -136,3 +141,17 @@ def ffn_workers(
         if ok or any(thread.error is not None for _, thread in running):
             for _, thread in running:
                 thread.outcome(0)
+
+
+def receive_patiently(
+    endpoint: AttentionEndpoint, slot: int, total_s: float = 15.0
+) -> torch.Tensor:
+    """`receive`, retried over the (short) combine deadline: a loaded CI host may need
+    longer than one deadline to schedule the FFN thread; a timed-out combine changes nothing."""
+    end = time.monotonic() + total_s
+    while True:
+        try:
+            return endpoint.receive(slot)
+        except AFDTimeoutError:
+            if time.monotonic() > end:
+                raise

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from afd_threads import config, counters_when_served, deployment, ffn_workers
+from afd_threads import config, counters_when_served, deployment, ffn_workers, receive_patiently
 
 from afd_dispatch import AFDConfig, AFDInputError, AFDTimeoutError
 from afd_dispatch.kernels import resolve_backend
@@ -71,20 +71,6 @@ def hosted_by(dep: Deployment, rank: int) -> list[int]:
     return sorted(g for g in dep.hosted(rank).values() if g < dep.spec.num_experts)
 
 
-def receive_within(endpoint: AttentionEndpoint, slot: int, total_s: float) -> torch.Tensor:
-    """`receive`, retried past short deadlines until `total_s` (a timed-out combine leaves
-    the slot as it was)."""
-    import time
-
-    end = time.monotonic() + total_s
-    while True:
-        try:
-            return endpoint.receive(slot)
-        except AFDTimeoutError:
-            if time.monotonic() > end:
-                raise
-
-
 # == sync_flag ==============================================================================
 @pytest.mark.parametrize("sync_flag", [0, 1])
 def test_sync_flag_1_leaves_an_ffn_rank_waiting_for_a_header(
@@ -111,10 +97,10 @@ def test_sync_flag_1_leaves_an_ffn_rank_waiting_for_a_header(
         layer = model.moe_layers[0]
         for slot in (0, 1):
             endpoint.send(slot, layer, x[slot], ids[slot], weights)
-        got = receive_within(endpoint, 0, PATIENCE_S)  # rank 0 had all of micro-batch 0
+        got = receive_patiently(endpoint, 0, PATIENCE_S)  # rank 0 had all of micro-batch 0
         assert torch.equal(got, reference.moe(layer, x[0], ids[0], weights))
         if sync_flag == 0:
-            got = receive_within(endpoint, 1, PATIENCE_S)
+            got = receive_patiently(endpoint, 1, PATIENCE_S)
             assert torch.equal(got, reference.moe(layer, x[1], ids[1], weights))
             served = counters_when_served(workers, 2)
             assert [c["micro_batches_served_total"] for c in served] == [2, 2]

@@ -18,10 +18,11 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
-from afd_threads import RankThread, config, deployment
+from afd_threads import RankThread, config, deployment, ffn_workers
 
 from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
 from afd_dispatch.errors import AFDPeerError, AFDRefusedError
@@ -67,6 +68,11 @@ def expected(
     return ColocatedMoE(banks(model), model.spec.num_shared_experts, torch.float32).moe(
         layer, x, ids, w
     )
+
+
+def stale_rank_1(model: TinyMoEModel) -> Callable[[int], dict[int, ExpertBank]]:
+    """Banks per FFN rank: rank 0 every layer's, rank 1 only layer 0's (it refuses layer 1)."""
+    return lambda rank: banks(model) if rank == 0 else {0: banks(model)[0]}
 
 
 def ffn_windows(dep: Deployment) -> list[bytes]:
@@ -131,14 +137,7 @@ def test_refusal_reaches_the_attention_side_naming_rank_and_reason(model: TinyMo
     x, ids, w = inputs(model, 7, seed=2)
     with deployment(cfg, model.spec, torch.float32) as dep:
         board = HealthBoard.create(dep.topology, "inproc")
-        workers = [
-            FFNWorker(dep, 0, banks(model), health=board),
-            FFNWorker(dep, 1, {0: banks(model)[0]}, health=board),
-        ]
-        threads = [RankThread(f"ffn-{i}", wk.run) for i, wk in enumerate(workers)]
-        for t in threads:
-            t.start()
-        try:
+        with ffn_workers(dep, stale_rank_1(model), board):
             endpoint = AttentionEndpoint(dep, 0, health=board)
             with pytest.raises(
                 AFDRefusedError,
@@ -148,13 +147,6 @@ def test_refusal_reaches_the_attention_side_naming_rank_and_reason(model: TinyMo
             assert endpoint.idle()  # every slot came back: the endpoint is usable
             got = endpoint.exchange(0, x, ids, w)
             assert torch.equal(got, expected(model, 0, x, ids, w))
-        finally:
-            for wk in workers:
-                wk.stop()
-            for t in threads:
-                t.join(10.0)
-        for t in threads:
-            t.outcome(0)
 
 
 def test_pipelined_refusal_raises_at_the_refused_slot_only(model: TinyMoEModel) -> None:
@@ -164,14 +156,7 @@ def test_pipelined_refusal_raises_at_the_refused_slot_only(model: TinyMoEModel) 
     x, ids, w = inputs(model, 4, seed=7)
     with deployment(cfg, model.spec, torch.float32) as dep:
         board = HealthBoard.create(dep.topology, "inproc")
-        workers = [
-            FFNWorker(dep, 0, banks(model), health=board),
-            FFNWorker(dep, 1, {0: banks(model)[0]}, health=board),
-        ]
-        threads = [RankThread(f"ffn-{i}", wk.run) for i, wk in enumerate(workers)]
-        for t in threads:
-            t.start()
-        try:
+        with ffn_workers(dep, stale_rank_1(model), board):
             endpoint = AttentionEndpoint(dep, 0, health=board)
             endpoint.send(0, 0, x, ids, w)
             endpoint.send(1, 1, x, ids, w)
@@ -180,13 +165,6 @@ def test_pipelined_refusal_raises_at_the_refused_slot_only(model: TinyMoEModel) 
             with pytest.raises(AFDRefusedError, match=r"slot 1 was refused, .*FFN rank 1"):
                 endpoint.receive(1)
             assert endpoint.idle()
-        finally:
-            for wk in workers:
-                wk.stop()
-            for t in threads:
-                t.join(10.0)
-        for t in threads:
-            t.outcome(0)
 
 
 # -- 3: waits that consult the board ---------------------------------------------------------------

@@ -15,9 +15,16 @@ from typing import Any
 
 import pytest
 import torch
-from afd_threads import RankThread, config, counters_when_served, deployment, ffn_workers
+from afd_threads import (
+    RankThread,
+    config,
+    counters_when_served,
+    deployment,
+    ffn_workers,
+    receive_patiently,
+)
 
-from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
+from afd_dispatch import AFDInputError, get_window_group
 from afd_dispatch.errors import AFDHandshakeError
 from afd_dispatch.runtime.attention import AFDMoELayer, AttentionEndpoint
 from afd_dispatch.runtime.checkpoint import SharedExpertWeights
@@ -368,20 +375,6 @@ def test_worker_keeps_serving_after_idle_deadlines(
         endpoint.send(0, 1, x, ids, weights)
         got = receive_patiently(endpoint, 0)
         assert torch.equal(got, colocated(model).moe(1, x, ids, weights))
-
-
-def receive_patiently(
-    endpoint: AttentionEndpoint, slot: int, total_s: float = 15.0
-) -> torch.Tensor:
-    """`receive`, retried over the (short) combine deadline: a loaded CI host may need
-    longer than one deadline to schedule the FFN thread; a timed-out combine changes nothing."""
-    end = time.monotonic() + total_s
-    while True:
-        try:
-            return endpoint.receive(slot)
-        except AFDTimeoutError:
-            if time.monotonic() > end:
-                raise
 
 
 @pytest.mark.parametrize("stopped", [False, True], ids=["dropped", "stopped"])
