@@ -26,6 +26,8 @@ from afd_threads import (
 
 from afd_dispatch import AFDInputError, get_window_group
 from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.kernels.reference import ffn_worker_batching as fwb
+from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.runtime.attention import AFDMoELayer, AttentionEndpoint
 from afd_dispatch.runtime.checkpoint import SharedExpertWeights
 from afd_dispatch.runtime.deployment import Deployment
@@ -412,30 +414,73 @@ def test_restarted_worker_resumes_at_the_next_micro_batch(
         assert [(s.micro_batch, s.layer) for s in spans if s.name == "experts"] == [(1, 0), (0, 1)]
 
 
-def die_while_collecting(worker: FFNWorker, slot: int, when: str) -> None:
+class Killed(BaseException):
+    """Ends a call where a SIGKILL would have stopped the process (not an `Exception`, so
+    nothing on the way catches it)."""
+
+
+# Where batching's consumption of a micro-batch is cut: after emptying the slot ids (the
+# fence before the flags), after clearing the flags (advancing the index), after advancing
+# the polling index (the count).
+CUT_BATCHING = {
+    "ids_emptied": ("store_fence", None),
+    "flags_cleared": ("advance_polling_index", None),
+    "index_advanced": ("put", "REF_BATCHED_COUNT"),
+}
+
+
+def die_while_collecting(
+    worker: FFNWorker, slot: int, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Leave `worker`'s link as a process killed at `when` of collecting `slot` would."""
     link: Any = worker.link
     if when == "after_collect":  # collected and journaled; never given back
         assert link.collect(slot).count == 9
         return
     link._before_batching(slot)  # the info rows are copied; then it dies...
-    if when == "inside_collect":  # ...once batching consumed the slot, before the journal
-        ctx = link._ctx[slot]
+    ctx = link._ctx[slot]
+
+    def batching() -> None:
         link.ops.npu_ffn_worker_batching(
             ctx, link.expert_num, link._max_out, token_dtype=link._token_dtype, need_schedule=1
         )
 
+    if when == "inside_collect":  # ...once batching consumed the slot, before the journal
+        batching()
+    elif when in CUT_BATCHING:  # ...halfway through batching's consumption
+        name, field = CUT_BATCHING[when]
+        module = fwb if name == "store_fence" else sc
+        real = getattr(module, name)
+        target = getattr(sc, field) if field else None
 
-@pytest.mark.parametrize("when", ["before_batching", "inside_collect", "after_collect"])
+        def dies(*args: Any) -> Any:
+            if target is None or args[1] == target:
+                raise Killed
+            return real(*args)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, dies)
+            with pytest.raises(Killed):
+                batching()
+
+
+@pytest.mark.parametrize(
+    "when", ["before_batching", *CUT_BATCHING, "inside_collect", "after_collect"]
+)
 @pytest.mark.parametrize("quant_mode", ["none", "int8"])
 @pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
 def test_worker_that_died_while_collecting_is_redone_by_its_successor(
-    model: TinyMoEModel, window_groups: str, quant_mode: str, when: str
+    model: TinyMoEModel,
+    window_groups: str,
+    quant_mode: str,
+    when: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A worker dies while collecting slot 1: before batching consumed the window's flags,
-    after it did but before the journal recorded the batch, or after collecting (never
-    given back). Its successor on the same windows serves slot 1 first, with the result an
-    undisturbed worker gives, then goes on around the cycle."""
+    at any step of batching's consumption, after it but before the journal recorded the
+    batch, or after collecting (never given back). Its successor on the same windows
+    serves slot 1 first, with the result an undisturbed worker gives, then goes on around
+    the cycle."""
     cfg = config(
         1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
         window_groups=window_groups, quant_mode=quant_mode,
@@ -448,7 +493,7 @@ def test_worker_that_died_while_collecting_is_redone_by_its_successor(
         first.serve_one()
         undisturbed = endpoint.receive(0)
         endpoint.send(1, 0, *inputs[0])
-        die_while_collecting(first, 1, when)
+        die_while_collecting(first, 1, when, monkeypatch)
         del first
         gc.collect()
 

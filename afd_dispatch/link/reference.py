@@ -218,19 +218,25 @@ class ReferenceFFNLink(FFNLink):
         return None
 
     def _undo_consumed(self, name: str) -> None:
-        """A predecessor died while collecting from group `name`: if batching had consumed
-        the micro-batch (the context's count moved), put its info rows back and rewind the
-        context, so that it is collected again; either way the journal is cleared."""
+        """A predecessor died while collecting from group `name`: put the micro-batch's info
+        rows back and rewind the context to where `_before_batching` found it, so that it is
+        collected again; then clear the journal.
+
+        Batching consumes in steps (empty the slot ids, clear the flags, advance the polling
+        index, count), and death may fall between any two, so the whole state before
+        batching is restored, not a guess at which steps ran. That is safe: no attention
+        rank rewrites the micro-batch before its results come back, so these rows are still
+        the ones it sent."""
         header, _, info = self._journals[name]
         if int(header[0]) != JOURNAL_COLLECTING:
             return
         slot, before, m = int(header[1]), int(header[4]), int(header[5])
         ctx = self._ctx[slot]
-        if batched_micro_batches(ctx) == before + 1:
-            window_info, _ = get_window_group(name).ffn_views(self.rank)
-            window_info[:, m] = info
-            sc.put(ctx, sc.FFN_POLLING_INDEX, m)
-            sc.put(ctx, sc.REF_BATCHED_COUNT, before)
+        window_info, _ = get_window_group(name).ffn_views(self.rank)
+        window_info[:, m] = info
+        sc.put(ctx, sc.FFN_POLLING_INDEX, m)
+        sc.put(ctx, sc.REF_BATCHED_COUNT, before)
+        store_fence()
         header[0] = JOURNAL_EMPTY
 
     def resume_slot(self) -> int:
