@@ -8,8 +8,7 @@ import torch
 
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
 from afd_dispatch.errors import check
-from afd_dispatch.kernels.reference.quant import quantize_rows
-from afd_dispatch.kernels.reference.rows import COPY_CHUNK_ROWS, copy_rows
+from afd_dispatch.kernels.reference.rows import move_rows, quantize_into
 from afd_dispatch.layout import FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET, WindowLayout
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence, wait_until
@@ -45,12 +44,8 @@ def attention_to_ffn(
     n, s, m = call.active_tokens, call.session, call.micro_batch
     layout = call.layout
     tokens = x[0, :n]
-    if layout.quant and n:
-        # inf or nan anywhere in a row makes its max or min non-finite: 2 values per row
-        extremes = torch.stack([tokens.amax(dim=-1), tokens.amin(dim=-1)])
-        check(bool(torch.isfinite(extremes).all()), "x", "finite values when quantizing", "inf/nan")
-
     global_ids = slot_experts(expert_ids[0, :n], call)
+    source, per_slot = _source_rows(tokens, layout, scales, global_ids)
     table = expert_rank_table[0].to(torch.int64)
     count = table[global_ids, 0]
     replica = s % count
@@ -62,18 +57,17 @@ def attention_to_ffn(
     views = {r: windows.ffn_views(r) for r in headers}
     _wait_until_consumed(windows, views, call)
 
-    source, per_slot = _source_rows(tokens, layout, scales, global_ids)
     width, row_elems = layout.slots, layout.row_elems
     flat_dest = dest.reshape(-1)  # position p = t * E + e, also the row within (s, m)
     flat_local = local.reshape(-1)
-    staging = torch.empty(COPY_CHUNK_ROWS, source.shape[1], dtype=source.dtype)
     for r in receivers:
         info, data = views[r]
         positions = (flat_dest == r).nonzero().flatten()
         rows = data[s, m].view(layout.tokens * width, row_elems)
         if not layout.quant:  # x's H values start each slot; the rest of it stays untouched
             rows = rows[:, : layout.hidden]
-        copy_rows(rows, positions, source, positions if per_slot else positions // width, staging)
+        source_index = positions if per_slot else positions // width
+        move_rows(rows, positions, source, source_index, positions.numel())
         info[s, m, SLOTS_OFFSET:].index_copy_(0, positions, flat_local[positions])
     for r in headers:
         views[r][0][s, m, LAYER_OFFSET] = call.layer
@@ -103,14 +97,13 @@ def _source_rows(
     """
     if not layout.quant:
         return tokens, False
-    xf = tokens.to(torch.float32)
     per_slot = scales is not None
+    rows = tokens.contiguous()
     if scales is not None:
-        xf = (xf.unsqueeze(1) * scales[0, global_ids]).reshape(-1, layout.hidden)
-    q, scale = quantize_rows(xf)
-    packed = torch.zeros(xf.shape[0], layout.row_elems, dtype=torch.int8)
-    packed[:, : layout.hidden] = q
-    packed[:, layout.hidden : layout.hidden + 4] = scale.view(torch.int8).view(-1, 4)
+        xf = tokens.to(torch.float32).unsqueeze(1) * scales[0, global_ids]
+        rows = xf.reshape(-1, layout.hidden)
+    packed = torch.empty(rows.shape[0], layout.row_elems, dtype=torch.int8)
+    check(quantize_into(rows, packed), "x", "finite values when quantizing", "inf/nan")
     return packed, per_slot
 
 

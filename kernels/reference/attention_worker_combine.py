@@ -24,6 +24,7 @@ import torch
 from afd_dispatch.contract import check_combine_call
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
+from afd_dispatch.kernels.reference.rows import weighted_sum
 from afd_dispatch.layout import WindowLayout, dtype_of_code, token_dtype_code
 from afd_dispatch.windows import ScheduleStopped, wait_until
 from afd_dispatch.windows.doorbell import Doorbell
@@ -152,34 +153,6 @@ def attention_worker_combine(
         flags.cells[m] = 0
         sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return y, layer_id + 1
-
-
-COMBINE_BLOCK_TOKENS = 32  # a block's float32 accumulator (32 x H) stays in cache
-
-
-def weighted_sum(
-    d: torch.Tensor, scales: torch.Tensor, topk: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """y[t] = round(sum_k float32(d[t, k]) * w[t, k] + sum_shared float32(d[t, j])).
-
-    One multiply and one add per slot, in slot order, never fused; done per block of
-    tokens so the float32 temporaries stay in cache and memory sees one read of `d`.
-    """
-    tokens, slots, hidden = d.shape
-    y = torch.empty(tokens, hidden, dtype=dtype)
-    acc = torch.empty(COMBINE_BLOCK_TOKENS, hidden, dtype=torch.float32)
-    term = torch.empty_like(acc)
-    for lo in range(0, tokens, COMBINE_BLOCK_TOKENS):
-        hi = min(tokens, lo + COMBINE_BLOCK_TOKENS)
-        a, t = acc[: hi - lo], term[: hi - lo]
-        a.zero_()
-        for k in range(slots):
-            t.copy_(d[lo:hi, k])
-            if k < topk:
-                t.mul_(scales[lo:hi, k : k + 1])
-            a.add_(t)
-        y[lo:hi].copy_(a)
-    return y
 
 
 def attention_worker_scheduler_(schedule_context: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from afd_dispatch.contract import check_ffn_to_attention
 from afd_dispatch.errors import check
-from afd_dispatch.kernels.reference.rows import COPY_CHUNK_ROWS, copy_rows
+from afd_dispatch.kernels.reference.rows import move_rows
 from afd_dispatch.windows import get_window_group, store_fence
 
 
@@ -65,13 +65,13 @@ def ffn_to_attention(
         )
     mb, tok, off = (t[:n].to(torch.int64) for t in (micro_batch_ids, token_ids, expert_offsets))
     positions = (mb * layout.tokens + tok) * layout.slots + off  # row in the [M, BS, E] grid
-    staging = torch.empty(COPY_CHUNK_ROWS, layout.hidden, dtype=x.dtype)
     written = []
     for r in receivers:
         rows = (dest == r).nonzero().flatten()
         info, data = windows.attn_views(r)
-        copy_rows(data.view(-1, layout.hidden), positions[rows], x, rows, staging)
-        written.append((info.view(-1), positions[rows]))
+        where = positions[rows]
+        move_rows(data.view(-1, layout.hidden), where, x, rows, rows.numel())
+        written.append((info.view(-1), where))
     store_fence()  # result rows before the flags that announce them
     for flags, where in written:
         flags[where] = 1

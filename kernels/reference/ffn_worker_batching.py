@@ -25,6 +25,7 @@ import torch
 from afd_dispatch.contract import check_batching_call
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
+from afd_dispatch.kernels.reference.rows import move_rows, output_buffer
 from afd_dispatch.layout import (
     EMPTY_ID_THRESHOLD,
     EMPTY_LOCAL_ID,
@@ -186,13 +187,14 @@ def ffn_worker_batching(
     window_rows += slot
     capacity = area.sessions * per_session
     # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
-    y = torch.empty(capacity, hidden, dtype=out_dtype)
+    y = output_buffer((capacity, hidden), out_dtype)
     dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
     rows_of_values = area.data.view(out_dtype)[:, :hidden]  # each slot's first H values
-    torch.index_select(rows_of_values, 0, window_rows, out=y[:n])
+    move_rows(y, None, rows_of_values, window_rows, n, f"{area.who}: window row")
     if quant:
-        scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES].index_select(0, window_rows)
-        dynamic_scale[:n] = scales.view(torch.float32).view(-1)
+        scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES]
+        move_rows(dynamic_scale.view(torch.uint8).view(-1, QUANT_SCALE_BYTES), None, scales,
+                  window_rows, n, f"{area.who}: window row")  # fmt: skip
     experts, counts = torch.unique_consecutive(keys, return_counts=True)
     group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
     group_list[: experts.numel(), 0] = experts
