@@ -101,9 +101,11 @@ class OpsFixture:
         self.weights = (weights / weights.sum(dim=1, keepdim=True)).contiguous()
         self.zero = torch.zeros(1, dtype=torch.int32)
         self.shapes = self.layout.op_shapes
+        self.expert_num = {
+            r: max(1, len(local_experts(self.table, r))) for r in self.topology.ffn_ranks
+        }
         self.ffn_ctx = {
-            r: ref.context_for(self.group, r, max(1, len(local_experts(self.table, r))))
-            for r in self.topology.ffn_ranks
+            r: ref.context_for(self.group, r, self.expert_num[r]) for r in self.topology.ffn_ranks
         }
         self.attn_rank = self.topology.attention_rank(0)
         self.attn_ctx = ref.context_for(self.group, self.attn_rank)
@@ -154,7 +156,7 @@ class OpsFixture:
         return tuple(
             ref.npu_ffn_worker_batching(
                 self.ffn_ctx[rank].get_schedule_context_tensor(),
-                max(1, len(local_experts(self.table, rank))),
+                self.expert_num[rank],
                 [s.sessions, s.tokens, s.slots, s.hidden],
                 token_dtype=self.batch_code,
                 need_schedule=1,

@@ -14,6 +14,7 @@ from afd_dispatch.windows.group import (
 from afd_dispatch.windows.memory import (
     DEFAULT_TIMEOUT_S,
     Region,
+    memory_generation,
     register_memory,
     registered_memory,
     resolve,
@@ -31,6 +32,7 @@ __all__ = [
     "create_window_group",
     "destroy_window_group",
     "get_window_group",
+    "memory_generation",
     "register_memory",
     "registered_memory",
     "resolve",

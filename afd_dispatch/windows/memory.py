@@ -43,6 +43,13 @@ class Region:
 _lock = threading.Lock()
 _starts: list[int] = []  # sorted; _regions[i] starts at _starts[i]
 _regions: list[Region] = []
+_generation = 0  # bumped by every register / unregister: what was resolved may be stale
+
+
+def memory_generation() -> int:
+    """A number that changes whenever registered memory does: a view resolved while it
+    had one value is still valid while it keeps that value."""
+    return _generation
 
 
 def register_memory(
@@ -75,7 +82,13 @@ def register_memory(
         )
         _starts.insert(i, region.start)
         _regions.insert(i, region)
+        _bump()
     return region.start
+
+
+def _bump() -> None:
+    global _generation
+    _generation += 1
 
 
 def unregister_memory(address: int) -> None:
@@ -85,6 +98,7 @@ def unregister_memory(address: int) -> None:
         if i < len(_starts) and _starts[i] == address:
             del _starts[i]
             del _regions[i]
+            _bump()
 
 
 @contextmanager

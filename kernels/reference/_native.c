@@ -119,7 +119,23 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
 /* quantize_rows(x, n, hidden, dtype, out, out_stride) -> True if every value is finite.
  * x: [n, hidden] contiguous (dtype). Row t of out (out_stride bytes): hidden int8 values
  * q = rint(x * ds) with ds = 127 / amax, amax = max |x|; the float32 scale 1 / ds at byte
- * hidden (0 and q = 0 for an all-zero row); zeros to the end of the row. */
+ * hidden (0 and q = 0 for an all-zero row); zeros to the end of the row.
+ *
+ * Written so that the compiler vectorizes every loop without fast-math: finiteness and
+ * amax come from integer views of the bits (|x| orders as its bit pattern does), and
+ * rounding half to even is the add-and-subtract of 1.5 * 2^23, exact for |v| < 2^22. */
+#define ROUNDER 12582912.0f
+
+/* Its own function, with restrict pointers and a plain count: int8 stores could otherwise
+ * alias anything, and the loop would not vectorize. */
+static void quantize_row(const float *restrict xf, int8_t *restrict q, long long hidden,
+                         float ds) {
+    for (long long h = 0; h < hidden; h++) {
+        float v = xf[h] * ds;
+        q[h] = (int8_t)(int32_t)((v + ROUNDER) - ROUNDER);
+    }
+}
+
 static PyObject *quantize_rows(PyObject *self, PyObject *args) {
     unsigned long long x_addr, out_addr;
     long long n, hidden, out_stride;
@@ -130,39 +146,38 @@ static PyObject *quantize_rows(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "quantize_rows: dtype code %d, expected 0 or 1", dtype);
         return NULL;
     }
-    float *xf = (float *)malloc((size_t)hidden * sizeof(float));
-    if (xf == NULL) return PyErr_NoMemory();
+    uint32_t *bits = (uint32_t *)malloc((size_t)hidden * sizeof(uint32_t));
+    if (bits == NULL) return PyErr_NoMemory();
     int finite = 1;
     Py_BEGIN_ALLOW_THREADS
     for (long long t = 0; t < n && finite; t++) {
         if (dtype == DTYPE_BF16) {
             const uint16_t *x = (const uint16_t *)(uintptr_t)x_addr + t * hidden;
-            for (long long h = 0; h < hidden; h++) xf[h] = bf16_to_f32(x[h]);
+            for (long long h = 0; h < hidden; h++) bits[h] = (uint32_t)x[h] << 16;
         } else {
-            memcpy(xf, (const float *)(uintptr_t)x_addr + t * hidden, (size_t)hidden * 4);
+            memcpy(bits, (const float *)(uintptr_t)x_addr + t * hidden, (size_t)hidden * 4);
         }
-        float hi = -INFINITY, lo = INFINITY;
+        uint32_t top = 0, special = 0;
         for (long long h = 0; h < hidden; h++) {
-            hi = xf[h] > hi ? xf[h] : hi;
-            lo = xf[h] < lo ? xf[h] : lo;
+            uint32_t magnitude = bits[h] & 0x7FFFFFFFu;
+            top = magnitude > top ? magnitude : top;
+            special |= (bits[h] & 0x7F800000u) == 0x7F800000u;  /* inf or nan */
         }
-        /* A NaN never wins a comparison, so look for it (and for an inf) explicitly. */
-        float sum = 0.0f;
-        for (long long h = 0; h < hidden; h++) sum += xf[h] * 0.0f;
-        if (sum != 0.0f || isinf(hi) || isinf(lo)) {
+        if (special) {
             finite = 0;
             break;
         }
-        float amax = hi > -lo ? hi : -lo;
+        float amax;
+        memcpy(&amax, &top, 4);
         int8_t *q = (int8_t *)(uintptr_t)out_addr + t * out_stride;
         float ds = amax > 0.0f ? 127.0f / amax : 0.0f;
         float scale = amax > 0.0f ? 1.0f / ds : 0.0f;
-        for (long long h = 0; h < hidden; h++) q[h] = (int8_t)rintf(xf[h] * ds);
+        quantize_row((const float *)bits, q, hidden, ds);
         memcpy(q + hidden, &scale, 4);
         memset(q + hidden + 4, 0, (size_t)(out_stride - hidden - 4));
     }
     Py_END_ALLOW_THREADS
-    free(xf);
+    free(bits);
     return PyBool_FromLong(finite);
 }
 

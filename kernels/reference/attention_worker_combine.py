@@ -138,21 +138,34 @@ def attention_worker_combine(
         expert_scales, layer_id, hidden_size, token_dtype, need_schedule
     )
     dtype = dtype_of_code(token_dtype)
-    slots = combine_slots(ctx, tokens, topk)
-    micro_batches = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
-    rows = result_rows(ctx, (micro_batches, tokens, slots, hidden_size), topk, dtype)
+    micro_batches, rows, flags = sc.resolved(
+        ctx,
+        (sc.COUNTS_BYTES, sc.ATTN_ADDRESS_BYTES),
+        ("combine", tokens, topk, hidden_size, dtype, bool(need_schedule)),
+        lambda: _combine_area(ctx, tokens, topk, hidden_size, dtype, bool(need_schedule)),
+    )
     last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, micro_batches)
-    if need_schedule:
-        flags = result_flags(ctx, micro_batches, tokens, slots)
+    if flags is not None:
         m = (last + 1) % micro_batches
         wait_for_results(ctx, flags, m)
     else:  # the kernel reads no flags then (ops-transformer attention_worker_combine)
         m = last
     y = weighted_sum(rows[m], expert_scales, topk, dtype)
-    if need_schedule:
+    if flags is not None:
         flags.cells[m] = 0
         sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return y, layer_id + 1
+
+
+def _combine_area(
+    ctx: torch.Tensor, tokens: int, topk: int, hidden: int, dtype: torch.dtype, with_flags: bool
+) -> tuple[int, torch.Tensor, Flags | None]:
+    """(M, result rows [M, BS, E, H], result flags if `with_flags`) of an attention context."""
+    slots = combine_slots(ctx, tokens, topk)
+    micro_batches = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
+    rows = result_rows(ctx, (micro_batches, tokens, slots, hidden), topk, dtype)
+    flags = result_flags(ctx, micro_batches, tokens, slots) if with_flags else None
+    return micro_batches, rows, flags
 
 
 def attention_worker_scheduler_(schedule_context: torch.Tensor) -> torch.Tensor:

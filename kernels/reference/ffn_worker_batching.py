@@ -81,7 +81,13 @@ class FfnArea:
 def ffn_area(ctx: torch.Tensor, with_info: bool) -> FfnArea:
     """Resolve the context's FFN area. `with_info`: also the info region, which only the
     polling paths read (need_schedule=0 batching reads the scheduler's id buffers instead,
-    ops-transformer `ffn_wb_get_schedule_context.h`)."""
+    ops-transformer `ffn_wb_get_schedule_context.h`). Kept while the context's counts and
+    FFN addresses and the registered memory stay the same (`schedule_context.resolved`)."""
+    spans = (sc.COUNTS_BYTES, sc.FFN_ADDRESS_BYTES)
+    return sc.resolved(ctx, spans, ("ffn", with_info), lambda: _ffn_area(ctx, with_info))
+
+
+def _ffn_area(ctx: torch.Tensor, with_info: bool) -> FfnArea:
     a = sc.count_field(ctx, sc.SESSION_NUM)
     m = sc.count_field(ctx, sc.MICRO_BATCH_NUM)
     bs = sc.count_field(ctx, sc.MICRO_BATCH_SIZE)

@@ -15,7 +15,9 @@ window group it serves next).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -23,6 +25,7 @@ from afd_dispatch.errors import check
 from afd_dispatch.layout import align512
 from afd_dispatch.windows import (
     WindowGroup,
+    memory_generation,
     register_memory,
     resolve,
     resolve_address,
@@ -30,6 +33,7 @@ from afd_dispatch.windows import (
     window_of,
 )
 
+T = TypeVar("T")
 CONTEXT_BYTES = 1024
 SCHEDULE_MODE_FFN, SCHEDULE_MODE_ATTENTION = 0, 1
 FFN_INFO_HEADER_WORDS = 2  # flag, layer id; then BS * E local expert ids
@@ -163,6 +167,49 @@ def sized_buffer(
     size = get(ctx, size_field)
     check(size >= nbytes, f"{field_name(field)} size", f">= {nbytes} bytes", size)
     return buffer(ctx, field, nbytes, align)
+
+
+_RESOLVED_LIMIT = 256  # contexts whose resolution is kept (more: start over)
+_resolved: dict[tuple[object, ...], tuple[bytes, Any]] = {}
+_resolved_generation = -1
+
+
+# The bytes a resolution depends on: the counts, and an area's addresses and sizes; never
+# the fields the ops advance (run flag, micro-batch id, polling index).
+COUNTS_BYTES = (0, 32)
+ATTN_ADDRESS_BYTES = (256, 32)
+FFN_ADDRESS_BYTES = (384, 32)
+
+
+def resolved(
+    ctx: torch.Tensor,
+    spans: tuple[tuple[int, int], ...],
+    key: tuple[object, ...],
+    resolve: Callable[[], T],
+) -> T:
+    """`resolve()`, or what it returned last time for this context and `key` when nothing
+    it depends on changed: the context's bytes in `spans` ((offset, length) pairs) and the
+    registered memory (`memory_generation`).
+
+    Resolving a context (checking its counts and sizes, finding its window, building the
+    views) costs about 100 us, and a decode step does it per micro-batch and layer. Any
+    change of registered memory drops every kept resolution, so no view outlives its
+    window for longer than until the next call.
+    """
+    global _resolved_generation
+    generation = memory_generation()
+    if generation != _resolved_generation or len(_resolved) >= _RESOLVED_LIMIT:
+        _resolved.clear()
+        _resolved_generation = generation
+    raw = ctx.numpy().tobytes()
+    static = b"".join(raw[a : a + n] for a, n in spans)
+    full_key = (ctx.data_ptr(), *key)
+    hit = _resolved.get(full_key)
+    if hit is not None and hit[0] == static:
+        return cast(T, hit[1])
+    value = resolve()
+    _resolved[full_key] = (static, value)
+    return value
 
 
 def check_window_offset(buf: Buffer, field: tuple[int, int], expected: int) -> None:
