@@ -30,6 +30,7 @@ from afd_dispatch.planner.calibration import (
 )
 from afd_dispatch.planner.hardware import FIGURE_NAMES, HardwareProfile
 from afd_dispatch.planner.model import (
+    KV_BLOCK_TOKENS,
     RATIOS,
     AFDLayout,
     ModelShape,
@@ -39,6 +40,7 @@ from afd_dispatch.planner.model import (
     active_experts,
     evaluate,
     evaluate_ep,
+    kv_cache_tokens,
     search,
 )
 from afd_dispatch.runtime.deployment import Deployment
@@ -92,7 +94,7 @@ def test_qwen3_235b_shape_from_its_config(qwen3: ModelShape) -> None:
     assert att.params(4096) == 2 * 4096 * 64 * 128 + 2 * 4096 * 4 * 128
     assert qwen3.num_moe_layers == 94 and qwen3.num_dense_layers == 0
     assert qwen3.moe.num_shared_experts == 0 and qwen3.shared_params == 0
-    assert qwen3.kv_bytes_per_token == 94 * 1024
+    assert qwen3.kv_elems_per_token == 94 * 1024
 
 
 def test_dsa_reads_top_k_tokens_and_every_indexer_key() -> None:
@@ -284,6 +286,117 @@ def test_memory_bounds_the_batch(dsv3: ModelShape) -> None:
     assert not over.fits
 
 
+# -- memory ------------------------------------------------------------------------------------
+def _published(case: dict, data: dict) -> tuple[ModelShape, Precision, Workload]:
+    """The shape, precision and workload of one published case, from the data file."""
+    shape = ModelShape.from_hf_config(data["model_config"])
+    lo, hi, inp = case["output_len_min"], case["output_len_max"], case["input_len"]
+    return shape, Precision(**data["precision"]), Workload(inp + hi, mean_context(inp, lo, hi))
+
+
+def test_kv_cache_holds_the_running_sequences_tokens() -> None:
+    work = Workload.decode(8192, 1024)  # sequences between 7168 and 8192 tokens: 7680 mean
+    assert KV_BLOCK_TOKENS == 128  # vllm-ascend's default block size
+    assert kv_cache_tokens(work, 10) == 10 * (7680 + 128)
+    # never less than one sequence of the whole context (vLLM's start-up requirement)
+    assert kv_cache_tokens(Workload.decode(8192, 8000), 1) == 8192
+
+
+def test_memory_terms_of_a_published_afd_case_by_hand() -> None:
+    data = load_data()
+    case = next(c for c in data["cases"] if c["name"] == "16K 48A16F")
+    shape, precision, work = _published(case, data)
+    cfg = data["model_config"]
+    h, layers, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    m, bs = case["micro_batches"], case["batch_per_die"] // case["micro_batches"]
+    plan = evaluate(
+        shape,
+        A3,
+        precision,
+        work,
+        AFDLayout(case["attention_dies"], case["ffn_dies"], m, bs),
+        weight_split="ffn",
+    )
+    att, ffn = plan.attention_memory, plan.ffn_memory
+    windows = m * plan.hccl_buffsize_mb * 2**20
+    # attention die: the attention layers at 1 byte (W8A8), embedding + lm_head in bf16, the
+    # KV pool of M * BS sequences at the mean context plus one block: 512 + 64 latent and
+    # 128 indexer elements per token and layer in bf16
+    assert att.weights == layers * shape.attention.params(h)
+    assert att.embedding == 2 * v * h * 2
+    per_token = layers * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] + cfg["index_head_dim"])
+    assert per_token == 61 * (512 + 64 + 128)
+    lo, hi = case["output_len_min"], case["output_len_max"]
+    tokens = m * bs * (case["input_len"] + mean_context(0, lo, hi) + 128)
+    assert att.kv_cache == pytest.approx(tokens * per_token * 2)
+    assert att.windows == windows
+    # FFN die (afd-plugin's split): 256 / 16 routed experts, router, shared expert and the
+    # dense layers' MLPs at 1 byte, embedding + lm_head in bf16, no KV cache
+    moe, dense = layers - cfg["first_k_dense_replace"], cfg["first_k_dense_replace"]
+    expert = 3 * h * cfg["moe_intermediate_size"]
+    by_hand = (
+        16 * expert * moe + moe * (256 * h + expert) + dense * 3 * h * cfg["intermediate_size"]
+    )
+    assert ffn.weights == by_hand
+    assert ffn.embedding == 2 * v * h * 2 and ffn.kv_cache == 0 and ffn.windows == windows
+    # usable: 61.27 GiB a die's runtime can allocate, 0.9 of it (the profile), 3 GB reserved
+    assert plan.usable_memory_gb == pytest.approx(65.79 * 0.9 - 3)
+
+
+def test_weight_split_moves_only_the_non_routed_mlp_weights(dsv3: ModelShape) -> None:
+    work = Workload.decode(8192, 1024)
+    lay = AFDLayout(32, 16, 2, 8)
+    ours = evaluate(dsv3, A3, INT8, work, lay)  # runtime layout: shared expert on attention
+    split = evaluate(dsv3, A3, INT8, work, lay, weight_split="ffn")
+    moved = dsv3.num_moe_layers * (dsv3.router_params + dsv3.shared_params)
+    moved += dsv3.num_dense_layers * 3 * dsv3.hidden * dsv3.dense_intermediate_size
+    assert ours.attention_memory.weights - split.attention_memory.weights == moved
+    assert split.ffn_memory.weights - ours.ffn_memory.weights == moved
+    assert split.ffn_memory.embedding == ours.attention_memory.embedding > 0
+    assert ours.ffn_memory.embedding == 0
+    assert split.attention_memory.kv_cache == ours.attention_memory.kv_cache
+    assert split.tpot_s == ours.tpot_s  # the split is a memory question only
+    with pytest.raises(AFDInputError, match="weight_split"):
+        evaluate(dsv3, A3, INT8, work, lay, weight_split="attention")
+    with pytest.raises(AFDInputError, match="shared_dies"):
+        evaluate(dsv3, A3, INT8, work, AFDLayout(32, 16, 2, 8, 2), weight_split="ffn")
+
+
+def test_every_published_configuration_fits() -> None:
+    data = load_data()
+    rows = calibrate(A3, data)
+    assert [r.name for r in rows] == [c["name"] for c in data["cases"]]
+    for r in rows:
+        assert r.fits and 0 < r.memory_gb <= r.usable_memory_gb, (r.name, r.memory_gb)
+    # at the published runs' own setting: 0.93 of what the runtime can allocate, 3 GB reserved
+    assert data["memory_utilization"] == 0.93
+    assert rows[0].usable_memory_gb == pytest.approx(65.79 * 0.93 - 3)
+
+
+def test_published_batches_sit_near_the_memory_limit() -> None:
+    """Not a permissive check: half as many sequences again as each published run (its
+    attention or EP die's batch times 1.5) no longer fits."""
+    data = load_data()
+    for case in data["cases"]:
+        bigger = dict(case, batch_per_die=case["batch_per_die"] * 3 // 2)
+        (row,) = calibrate(A3, dict(data, cases=[bigger]))
+        assert not row.fits, (case["name"], row.memory_gb, row.usable_memory_gb)
+
+
+def test_impossible_configurations_do_not_fit(dsv3: ModelShape) -> None:
+    work = Workload.decode(8192, 1024)
+    # every routed expert of DeepSeek-V3 in bf16 on one FFN die: 256 * 58 * 3 * H * I * 2 B
+    one = evaluate(dsv3, A3, BF16, work, AFDLayout(1, 1, 1, 1))
+    assert one.ffn_memory_gb > 1300 and not one.fits
+    # the whole model on one die (colocated, bf16)
+    assert not evaluate_ep(dsv3, A3, BF16, work, dies=1, tokens=1).fits
+    # a KV cache far over capacity: 512 sequences of 128K tokens on one attention die
+    long = Workload.decode(131072, 1024)
+    kv = evaluate(dsv3, A3, INT8, long, AFDLayout(64, 16, 1, 512))
+    assert kv.attention_memory.kv_cache / 1e9 > 50 * A3.hbm_capacity_gb
+    assert not kv.fits
+
+
 # -- calibration -------------------------------------------------------------------------------
 def test_calibration_data_names_its_sources() -> None:
     data = load_data()
@@ -323,6 +436,12 @@ def test_profile_figures_carry_sources_and_estimate_flags() -> None:
     assert set(figures) == set(FIGURE_NAMES)
     assert all(f.source for f in figures.values())
     assert not figures["hbm_bandwidth_gbs"].estimate and figures["message_latency_us"].estimate
+    # HBM a die's runtime can allocate: torch_npu reports 61.27 GiB of the die's 64 GiB
+    assert A3.hbm_capacity_gb == pytest.approx(61.27 * 2**30 / 1e9, abs=0.01)
+    assert (
+        not figures["hbm_capacity_gb"].estimate and "61.27 GiB" in figures["hbm_capacity_gb"].source
+    )
+    assert A3.usable_hbm_bytes == pytest.approx((65.79 * 0.9 - 3) * 1e9)
     assert A3.hbm_bytes_per_s == pytest.approx(1600e9 * A3.hbm_efficiency)
     changed = A3.with_values(hbm_bandwidth_gbs=3200.0)
     assert changed.hbm_bandwidth_gbs == 3200.0

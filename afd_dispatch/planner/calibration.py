@@ -6,6 +6,11 @@ deployment of each case and the assumptions made to price it. `calibrate` prices
 twice: with the profile's two fitted overheads (``layer_overhead_us``,
 ``sequence_overhead_us``) set to 0 (the bare roofline) and as given; `fit_overheads` finds
 the two overheads that minimise the squared log error of predicted / published.
+
+The memory check of each case uses the deployment as it ran: the data's
+``memory_utilization`` (the launchers' ``--gpu-memory-utilization``) in place of the
+profile's, and its ``weight_split`` (afd-plugin's attention/FFN role split, see
+`afd_dispatch.planner.model.WEIGHT_SPLITS`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ DATA_FILE = "calibration_afd_plugin_dsv32_a3.json"
 @dataclass(frozen=True)
 class CalibrationRow:
     """One published point: tokens/s/die published, predicted bare and calibrated, the
-    calibrated TPOT, and whether the model's (conservative) memory check passes."""
+    calibrated TPOT, and the memory check: the fullest die's memory and the usable HBM
+    (GB, 1e9 bytes), and whether it fits."""
 
     name: str
     published: float
@@ -41,6 +47,8 @@ class CalibrationRow:
     predicted: float
     tpot_ms: float
     fits: bool
+    memory_gb: float
+    usable_memory_gb: float
 
     @property
     def ratio(self) -> float:
@@ -70,21 +78,49 @@ def mean_context(input_len: int, lo: int, hi: int) -> float:
     return input_len + (mean**2 + (hi - lo) ** 2 / 12) / (2 * mean)
 
 
-def _predict(
-    case: dict[str, Any], data: dict[str, Any], hw: HardwareProfile
-) -> tuple[float, float, bool]:
-    """(tokens/s/die, TPOT s, memory fits) of one published case under ``hw``."""
+@dataclass(frozen=True)
+class _Priced:
+    """What `_predict` returns for one case: tokens/s/die, TPOT (s), the fullest die's
+    memory and the usable HBM (GB)."""
+
+    throughput_per_die: float
+    tpot_s: float
+    memory_gb: float
+    usable_memory_gb: float
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_gb <= self.usable_memory_gb
+
+
+def deployed_hardware(hw: HardwareProfile, data: dict[str, Any]) -> HardwareProfile:
+    """``hw`` with the published runs' ``memory_utilization`` (the data's figure)."""
+    return dataclasses.replace(hw, memory_utilization=float(data["memory_utilization"]))
+
+
+def _predict(case: dict[str, Any], data: dict[str, Any], hw: HardwareProfile) -> _Priced:
+    """Price one published case under ``hw`` (its memory at the published settings)."""
     shape = ModelShape.from_hf_config(data["model_config"], "DeepSeek-V3.2")
     precision = Precision(**data["precision"])
     lo, hi = case["output_len_min"], case["output_len_max"]
     workload = Workload(case["input_len"] + hi, mean_context(case["input_len"], lo, hi))
     m = case["micro_batches"]
     active = float(data["active_experts_per_die"])
+    hw = deployed_hardware(hw, data)
     if case["mode"] == "afd":
         tokens = case["batch_per_die"] // m
         layout = AFDLayout(case["attention_dies"], case["ffn_dies"], m, tokens)
-        plan = evaluate(shape, hw, precision, workload, layout, active_experts_override=active)
-        return plan.throughput_per_die, plan.tpot_s, plan.fits
+        plan = evaluate(
+            shape,
+            hw,
+            precision,
+            workload,
+            layout,
+            active_experts_override=active,
+            weight_split=data["weight_split"],
+        )
+        memory = max(plan.attention_memory_gb, plan.ffn_memory_gb)
+        return _Priced(plan.throughput_per_die, plan.tpot_s, memory, plan.usable_memory_gb)
     ep = evaluate_ep(
         shape,
         hw,
@@ -95,25 +131,28 @@ def _predict(
         micro_batches=m,
         active_experts_override=active,
     )
-    return ep.throughput_per_die, ep.step_s, ep.fits
+    return _Priced(ep.throughput_per_die, ep.step_s, ep.memory_gb, ep.usable_memory_gb)
 
 
 def calibrate(hw: HardwareProfile, data: dict[str, Any] | None = None) -> list[CalibrationRow]:
-    """Price every published case with ``hw``, and with both fitted overheads set to 0."""
+    """Price every published case with ``hw``, and with both fitted overheads set to 0;
+    memory at the data's ``memory_utilization`` and ``weight_split``."""
     data = data or load_data()
     bare = dataclasses.replace(hw, layer_overhead_us=0.0, sequence_overhead_us=0.0)
     rows = []
     for case in data["cases"]:
-        roofline, _, _ = _predict(case, data, bare)
-        predicted, tpot, fits = _predict(case, data, hw)
+        roofline = _predict(case, data, bare).throughput_per_die
+        priced = _predict(case, data, hw)
         rows.append(
             CalibrationRow(
                 name=case["name"],
                 published=float(case["published_tokens_per_s_per_die"]),
                 roofline=roofline,
-                predicted=predicted,
-                tpot_ms=tpot * 1e3,
-                fits=fits,
+                predicted=priced.throughput_per_die,
+                tpot_ms=priced.tpot_s * 1e3,
+                fits=priced.fits,
+                memory_gb=priced.memory_gb,
+                usable_memory_gb=priced.usable_memory_gb,
             )
         )
     return rows

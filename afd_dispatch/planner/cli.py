@@ -326,12 +326,13 @@ def calibration_table(rows: list[CalibrationRow]) -> str:
     """predicted vs published, one line per case (tokens/s/die)."""
     out = [
         f"  {'case':<12}{'published':>10}{'roofline':>10}{'ratio':>7}"
-        f"{'calibrated':>12}{'ratio':>7}{'TPOT ms':>9}  memory fits",
+        f"{'calibrated':>12}{'ratio':>7}{'TPOT ms':>9}  memory fits (GB, fullest die)",
     ]
     for r in rows:
         out.append(
             f"  {r.name:<12}{r.published:>10.1f}{r.roofline:>10.1f}{r.roofline_ratio:>7.2f}"
-            f"{r.predicted:>12.1f}{r.ratio:>7.2f}{r.tpot_ms:>9.1f}  {'yes' if r.fits else 'no'}"
+            f"{r.predicted:>12.1f}{r.ratio:>7.2f}{r.tpot_ms:>9.1f}  "
+            f"{'yes' if r.fits else 'no ':<4}({r.memory_gb:.1f} of {r.usable_memory_gb:.1f})"
         )
     geo = math.exp(sum(math.log(r.ratio) for r in rows) / len(rows))
     out.append(f"  geometric mean of calibrated / published: {geo:.3f}")
@@ -357,6 +358,8 @@ def _calibrate(hw: HardwareProfile, fit: bool, as_json: bool) -> int:
                     "ratio": r.ratio,
                     "tpot_ms": r.tpot_ms,
                     "memory_fits": r.fits,
+                    "memory_gb": r.memory_gb,
+                    "usable_memory_gb": r.usable_memory_gb,
                 }
                 for r in rows
             ],
@@ -373,6 +376,10 @@ def _calibrate(hw: HardwareProfile, fit: bool, as_json: bool) -> int:
     print(
         f"profile {hw.name}: layer_overhead_us {hw.layer_overhead_us:g}, "
         f"sequence_overhead_us {hw.sequence_overhead_us:g} (roofline: both 0)"
+    )
+    print(
+        f"memory as deployed: memory_utilization {data['memory_utilization']:g}, weight split "
+        f"'{data['weight_split']}', {hw.reserved_gb:g} GB reserved of {hw.hbm_capacity_gb:g} GB"
     )
     print("tokens/s/die:")
     print(calibration_table(rows))

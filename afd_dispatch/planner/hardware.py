@@ -36,7 +36,10 @@ class HardwareProfile:
 
     Peaks (what the vendor or a paper states):
 
-    - ``hbm_capacity_gb``: HBM per die, GB (1e9 bytes).
+    - ``hbm_capacity_gb``: HBM per die that the runtime can allocate, GB (1e9 bytes): the
+      device total the runtime reports (``torch.npu.mem_get_info``, torch_npu's "total
+      capacity"), which is what vLLM multiplies by ``gpu_memory_utilization``. It is less
+      than the physical HBM: the driver and firmware keep the rest.
     - ``hbm_bandwidth_gbs``: HBM read bandwidth per die, GB/s.
     - ``bf16_tflops`` / ``int8_tops``: dense matrix throughput per die (1e12 op/s).
     - ``interconnect_gbs``: one-direction scale-up bandwidth of one die (UB/HCCS), GB/s.
@@ -54,8 +57,11 @@ class HardwareProfile:
       (work per decode query the byte and FLOP counts miss: top-k selection, paged-cache
       gathers, small per-query kernels); fitted with ``layer_overhead_us``.
     - ``step_overhead_ms``: a fixed cost per decode step (sampling, scheduling).
-    - ``memory_utilization``: the share of HBM the serving runtime may allocate.
-    - ``reserved_gb``: HBM kept for activations and workspace on every die.
+    - ``memory_utilization``: the share of ``hbm_capacity_gb`` the serving runtime may
+      allocate (vLLM's ``gpu_memory_utilization``).
+    - ``reserved_gb``: HBM of that share, GB, that no term of the memory model covers:
+      peak activations, operator workspace, captured graphs, the serving framework's own
+      communication buffers.
     """
 
     name: str
@@ -110,7 +116,8 @@ class HardwareProfile:
 
     @property
     def usable_hbm_bytes(self) -> float:
-        """Bytes of HBM a die may fill with weights, KV cache and windows."""
+        """Bytes a die may fill with weights, embedding, KV cache and windows:
+        ``hbm_capacity_gb * memory_utilization - reserved_gb``, times 1e9."""
         return (self.hbm_capacity_gb * self.memory_utilization - self.reserved_gb) * 1e9
 
     def with_values(self, **values: float) -> HardwareProfile:

@@ -15,7 +15,9 @@ attention and FFN dies work on different micro-batches at once, so a layer takes
 
 (each die's busy time, or one micro-batch's round trip, whichever is longer; with M = 1
 the round trip is the sum of the phases). TPOT is the step time; throughput per die is
-A * M * BS tokens per step over all A + F dies.
+A * M * BS tokens per step over all A + F dies. A layout fits when every die's weights,
+embedding, KV cache pool and windows (`DieMemory`) fit in its usable HBM
+(`HardwareProfile.usable_hbm_bytes`).
 """
 
 from __future__ import annotations
@@ -212,10 +214,22 @@ class ModelShape:
         return self.moe.num_experts * self.hidden
 
     @property
-    def kv_bytes_per_token(self) -> float:
-        """KV cache elements per token over all layers (times b_kv gives bytes)."""
+    def dense_mlp_params(self) -> int:
+        """Weights of one dense layer's MLP (DeepSeek's first layers): 3 * H * I_d."""
+        return 3 * self.hidden * self.dense_intermediate_size
+
+    @property
+    def embedding_params(self) -> int:
+        """Embedding table plus lm_head, V * H each (one table when they are tied)."""
+        copies = 1 if self.tie_word_embeddings else 2
+        return copies * self.vocab_size * self.hidden
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        """KV cache elements one token stores over all layers, the DSA indexer key
+        included: ``L * (kv_elems + index_elems)`` (times b_kv gives bytes)."""
         a = self.attention
-        return float(self.num_layers * (a.kv_elems_per_token + a.index_elems_per_token))
+        return self.num_layers * (a.kv_elems_per_token + a.index_elems_per_token)
 
     @classmethod
     def from_hf_config(cls, config: Any, name: str | None = None) -> ModelShape:
@@ -277,8 +291,9 @@ class Precision:
 
 @dataclass(frozen=True)
 class Workload:
-    """``context``: input + output tokens of the longest sequence (sizes the KV cache);
-    ``mean_context``: the KV length an average decode step reads."""
+    """``context``: input + output tokens of the longest sequence (the KV cache pool holds
+    at least one such sequence); ``mean_context``: the KV length an average decode step
+    reads, and what each running sequence holds in the KV cache pool (`kv_cache_tokens`)."""
 
     context: int
     mean_context: float
@@ -423,11 +438,12 @@ class Plan:
     topk: int
     shared_slots: int
     hccl_buffsize_mb: int
-    attention_memory_gb: float
-    ffn_memory_gb: float
+    attention_memory: DieMemory
+    ffn_memory: DieMemory
     usable_memory_gb: float
     experts_per_ffn_die: int
     active_experts_per_ffn_die: float
+    weight_split: str = "experts"
 
     @property
     def step_s(self) -> float:
@@ -468,8 +484,19 @@ class Plan:
         return lay.attention_dies * lay.tokens * self.topk / lay.routed_dies
 
     @property
+    def attention_memory_gb(self) -> float:
+        """HBM an attention die fills, GB (1e9 bytes): `DieMemory.total` of its terms."""
+        return self.attention_memory.total / 1e9
+
+    @property
+    def ffn_memory_gb(self) -> float:
+        """HBM the fullest FFN die fills, GB (1e9 bytes)."""
+        return self.ffn_memory.total / 1e9
+
+    @property
     def fits(self) -> bool:
-        """Whether weights, KV cache and windows fit in the usable HBM of every die."""
+        """Whether every die's memory terms fit in its usable HBM
+        (`HardwareProfile.usable_hbm_bytes`)."""
         return max(self.attention_memory_gb, self.ffn_memory_gb) <= self.usable_memory_gb
 
     def afd_config(self) -> dict[str, Any]:
@@ -531,6 +558,9 @@ class Plan:
                 "attention_die": self.attention_memory_gb,
                 "ffn_die": self.ffn_memory_gb,
                 "usable": self.usable_memory_gb,
+                "weight_split": self.weight_split,
+                "attention_die_terms": self.attention_memory.terms_gb(),
+                "ffn_die_terms": self.ffn_memory.terms_gb(),
             },
             "afd_config": self.afd_config(),
         }
@@ -591,7 +621,7 @@ def attention_phase(
     a = shape.attention
     params = a.params(shape.hidden)
     if dense_mlp:
-        params += 3 * shape.hidden * shape.dense_intermediate_size
+        params += shape.dense_mlp_params
     else:
         params += shape.router_params + (shape.shared_params if shared_here else 0)
     kv = tokens * a.kv_bytes_read(context, precision.kv_bytes)
@@ -647,6 +677,191 @@ def window_layout(
     )
 
 
+# -- memory ------------------------------------------------------------------------------------
+KV_BLOCK_TOKENS = 128
+"""Tokens per KV cache block: vllm-ascend's default block size (``refresh_block_size`` in
+``vllm_ascend/utils.py``, vllm-project/vllm-ascend v0.19.1rc1). A sequence holds whole
+blocks, so it occupies at most one block more than its own tokens."""
+
+WEIGHT_SPLITS = ("experts", "ffn")
+"""How the weights are divided between attention and FFN dies (see `DieMemory`):
+
+- ``"experts"``: only the experts leave the attention die. FFN dies hold their share of the
+  routed experts (or, on dedicated shared-expert dies, the shared expert); the attention
+  die keeps the attention layers, the router, the dense layers' MLPs, the shared expert
+  when it runs it, the embedding and lm_head. This is this project's runtime (vLLM's model
+  with its routed experts removed, README "Serving with vLLM") and the placement the phase
+  times price.
+- ``"ffn"``: the attention/FFN role split of vllm-project/afd-plugin (commit c123c75, the
+  one the calibration recipe ran, ``afd_plugin/model_executor/models/deepseek_v2.py``):
+  an attention rank builds only the attention layers (plus embedding, lm_head and norms)
+  and skips every MLP weight; an FFN rank builds each MoE layer's router, its share of
+  the routed experts and the shared expert, the dense layers' MLPs, and the embedding and
+  lm_head as well.
+"""
+
+
+@dataclass(frozen=True)
+class DieMemory:
+    """The HBM one die fills, term by term, in bytes (``docs/planner.md``, "Memory").
+
+    - ``weights``: the layer weights resident on the die, ``params * b_w``.
+    - ``embedding``: embedding table and lm_head, ``V * H * 2`` each in bf16 (W8A8
+      checkpoints keep them unquantized; `HEAD_BYTES`).
+    - ``kv_cache``: the paged KV cache pool the die's running sequences need
+      (`kv_cache_tokens` times `ModelShape.kv_elems_per_token` times b_kv); 0 on FFN dies.
+    - ``windows``: the AFD window groups, ``M * HCCL_BUFFSIZE`` (one group per micro-batch,
+      `WindowLayout.hccl_buffsize_mb`); 0 for colocated EP.
+
+    Activations, workspaces and the serving framework's own communication buffers are not
+    terms here: `HardwareProfile.reserved_gb` sets HBM aside for them.
+    """
+
+    weights: float
+    embedding: float
+    kv_cache: float
+    windows: float
+
+    @property
+    def total(self) -> float:
+        """Bytes the die fills: the sum of the four terms."""
+        return self.weights + self.embedding + self.kv_cache + self.windows
+
+    def terms_gb(self) -> dict[str, float]:
+        """Each term and the total in GB (1e9 bytes)."""
+        terms = {
+            "weights": self.weights,
+            "embedding": self.embedding,
+            "kv_cache": self.kv_cache,
+            "windows": self.windows,
+            "total": self.total,
+        }
+        return {k: v / 1e9 for k, v in terms.items()}
+
+
+def kv_cache_tokens(workload: Workload, sequences: int) -> float:
+    """Tokens the paged KV cache of one die must hold for ``sequences`` running sequences.
+
+    A paged cache (vLLM's) gives a sequence blocks as it grows and frees them when it ends,
+    so the pool holds what the running sequences hold now, not ``sequences`` times the
+    longest context. With the sequences at staggered points of their decode (the planner's
+    mean-context assumption, `Workload`) that is ``C̄`` tokens each, plus at most one
+    partly filled block (`KV_BLOCK_TOKENS`): ``sequences * (C̄ + block)``. It is never
+    less than ``C``, one sequence of the whole context: vLLM refuses to start when its
+    pool cannot hold one ``max_model_len`` request.
+    """
+    return max(sequences * (workload.mean_context + KV_BLOCK_TOKENS), float(workload.context))
+
+
+def kv_cache_bytes(
+    shape: ModelShape, precision: Precision, workload: Workload, sequences: int
+) -> float:
+    """Bytes of that pool: ``kv_cache_tokens * L * (kv_elems + index_elems) * b_kv``."""
+    tokens = kv_cache_tokens(workload, sequences)
+    return tokens * shape.kv_elems_per_token * precision.kv_bytes
+
+
+def _check_split(weight_split: str) -> None:
+    check(weight_split in WEIGHT_SPLITS, "weight_split", f"one of {WEIGHT_SPLITS}", weight_split)
+
+
+def non_routed_mlp_params(shape: ModelShape, *, shared: bool) -> int:
+    """Every MLP weight that is not a routed expert: ``L_moe * N * H`` of router,
+    ``L_dense * 3 * H * I_d`` of dense MLPs and, with ``shared``, ``L_moe * 3 * H * I_s``
+    of shared expert."""
+    params = shape.num_moe_layers * shape.router_params
+    params += shape.num_dense_layers * shape.dense_mlp_params
+    if shared:
+        params += shape.num_moe_layers * shape.shared_params
+    return params
+
+
+def attention_die_memory(
+    shape: ModelShape,
+    precision: Precision,
+    workload: Workload,
+    *,
+    sequences: int,
+    shared_here: bool,
+    windows: float,
+    weight_split: str = "experts",
+) -> DieMemory:
+    """What one attention die holds with ``sequences`` = M * BS running sequences.
+
+    Weights: ``L * W_att`` always; with the ``"experts"`` split also the router, the dense
+    layers' MLPs and (``shared_here``) the shared expert, `non_routed_mlp_params`; all at
+    b_w. Plus embedding and lm_head in bf16, the KV cache pool (`kv_cache_bytes`) and
+    ``windows`` bytes.
+    """
+    _check_split(weight_split)
+    params = shape.num_layers * shape.attention.params(shape.hidden)
+    if weight_split == "experts":
+        params += non_routed_mlp_params(shape, shared=shared_here)
+    return DieMemory(
+        weights=float(params * precision.weight_bytes),
+        embedding=float(shape.embedding_params * HEAD_BYTES),
+        kv_cache=kv_cache_bytes(shape, precision, workload, sequences),
+        windows=windows,
+    )
+
+
+def ffn_die_memory(
+    shape: ModelShape,
+    precision: Precision,
+    *,
+    local_experts: int,
+    shared_dies: int,
+    windows: float,
+    weight_split: str = "experts",
+) -> DieMemory:
+    """What the fullest FFN die holds: ``local_experts`` routed experts of every MoE layer
+    (``n * L_moe * 3 * H * I * b_w``) and ``windows`` bytes, no KV cache.
+
+    ``"experts"`` split: a dedicated shared-expert die (``shared_dies`` > 0) holds
+    ``L_moe * 3 * H * I_s`` instead; the larger of the two kinds counts. ``"ffn"`` split
+    (no dedicated dies): every FFN die adds the router, the dense layers' MLPs and the
+    shared expert (`non_routed_mlp_params`) and the embedding and lm_head.
+    """
+    _check_split(weight_split)
+    layers = shape.num_moe_layers
+    params = local_experts * shape.expert_params * layers
+    embedding = 0.0
+    if weight_split == "ffn":
+        check(shared_dies == 0, "shared_dies", "0 with weight_split 'ffn'", shared_dies)
+        params += non_routed_mlp_params(shape, shared=shape.moe.num_shared_experts > 0)
+        embedding = float(shape.embedding_params * HEAD_BYTES)
+    elif shared_dies:
+        params = max(params, shape.shared_params * layers)
+    return DieMemory(
+        weights=float(params * precision.weight_bytes),
+        embedding=embedding,
+        kv_cache=0.0,
+        windows=windows,
+    )
+
+
+def ep_die_memory(
+    shape: ModelShape,
+    precision: Precision,
+    workload: Workload,
+    *,
+    local_experts: int,
+    sequences: int,
+) -> DieMemory:
+    """What one die of colocated EP holds: the whole model but the routed experts
+    (attention, router, dense MLPs, shared expert), ``local_experts`` routed experts of
+    every MoE layer, embedding and lm_head, and its sequences' KV cache pool."""
+    params = shape.num_layers * shape.attention.params(shape.hidden)
+    params += non_routed_mlp_params(shape, shared=shape.moe.num_shared_experts > 0)
+    params += local_experts * shape.expert_params * shape.num_moe_layers
+    return DieMemory(
+        weights=float(params * precision.weight_bytes),
+        embedding=float(shape.embedding_params * HEAD_BYTES),
+        kv_cache=kv_cache_bytes(shape, precision, workload, sequences),
+        windows=0.0,
+    )
+
+
 def evaluate(
     shape: ModelShape,
     hw: HardwareProfile,
@@ -655,8 +870,15 @@ def evaluate(
     layout: AFDLayout,
     *,
     active_experts_override: float | None = None,
+    weight_split: str = "experts",
 ) -> Plan:
-    """Price one AFD layout: the layer budget, the step, memory and HCCL_BUFFSIZE."""
+    """Price one AFD layout: the layer budget, the step, memory and HCCL_BUFFSIZE.
+
+    ``weight_split`` (`WEIGHT_SPLITS`) says which dies hold the router, the dense layers'
+    MLPs and the shared expert; it changes the memory check only. The phase times always
+    price them where this project's runtime runs them (``"experts"``): on the attention
+    die, or the shared expert on dedicated FFN dies.
+    """
     moe = shape.moe
     h, k, n = shape.hidden, moe.topk, moe.num_experts
     a, bs, m = layout.attention_dies, layout.tokens, layout.micro_batches
@@ -721,15 +943,23 @@ def evaluate(
 
     buffsize = win.hccl_buffsize_mb
     windows = float(m * buffsize * 2**20)  # each micro-batch's group reserves HCCL_BUFFSIZE
-    attn_mem = 1.0 * _attention_weights(shape, shared_on_attention) * precision.weight_bytes
-    attn_mem += _head_params(shape) * HEAD_BYTES
-    attn_mem += m * bs * workload.context * shape.kv_bytes_per_token * precision.kv_bytes
-    attn_mem += windows
-    ffn_mem = 1.0 * local * shape.expert_params * shape.num_moe_layers * precision.weight_bytes
-    if f_s:
-        shared_mem = shape.shared_params * shape.num_moe_layers * precision.weight_bytes
-        ffn_mem = max(ffn_mem, shared_mem)
-    ffn_mem += windows
+    attn_mem = attention_die_memory(
+        shape,
+        precision,
+        workload,
+        sequences=m * bs,
+        shared_here=shared_on_attention,
+        windows=windows,
+        weight_split=weight_split,
+    )
+    ffn_mem = ffn_die_memory(
+        shape,
+        precision,
+        local_experts=local,
+        shared_dies=f_s,
+        windows=windows,
+        weight_split=weight_split,
+    )
 
     return Plan(
         model=shape.name,
@@ -746,27 +976,13 @@ def evaluate(
         topk=k,
         shared_slots=s,
         hccl_buffsize_mb=buffsize,
-        attention_memory_gb=attn_mem / 1e9,
-        ffn_memory_gb=ffn_mem / 1e9,
+        attention_memory=attn_mem,
+        ffn_memory=ffn_mem,
         usable_memory_gb=hw.usable_hbm_bytes / 1e9,
         experts_per_ffn_die=local,
         active_experts_per_ffn_die=active,
+        weight_split=weight_split,
     )
-
-
-def _attention_weights(shape: ModelShape, shared_here: bool) -> int:
-    """Parameters every attention die holds, embedding and lm_head excluded."""
-    params = shape.num_layers * shape.attention.params(shape.hidden)
-    params += shape.num_moe_layers * shape.router_params
-    params += shape.num_dense_layers * 3 * shape.hidden * shape.dense_intermediate_size
-    if shared_here:
-        params += shape.num_moe_layers * shape.shared_params
-    return params
-
-
-def _head_params(shape: ModelShape) -> int:
-    copies = 1 if shape.tie_word_embeddings else 2
-    return copies * shape.vocab_size * shape.hidden
 
 
 # -- the colocated baseline ---------------------------------------------------------------------
@@ -783,8 +999,13 @@ class EPPlan:
     step_overhead_s: float
     moe_layers: int
     dense_layers: int
-    memory_gb: float
+    memory: DieMemory
     usable_memory_gb: float
+
+    @property
+    def memory_gb(self) -> float:
+        """HBM one die fills, GB (1e9 bytes): `DieMemory.total` of `ep_die_memory`."""
+        return self.memory.total / 1e9
 
     @property
     def step_s(self) -> float:
@@ -860,10 +1081,9 @@ def evaluate_ep(
         hw,
         hw.bf16_flops,
     )
-    mem = 1.0 * _attention_weights(shape, shared) * precision.weight_bytes
-    mem += _head_params(shape) * HEAD_BYTES
-    mem += local * shape.expert_params * shape.num_moe_layers * precision.weight_bytes
-    mem += micro_batches * tokens * workload.context * shape.kv_bytes_per_token * precision.kv_bytes
+    mem = ep_die_memory(
+        shape, precision, workload, local_experts=local, sequences=micro_batches * tokens
+    )
     return EPPlan(
         dies=dies,
         micro_batches=micro_batches,
@@ -874,7 +1094,7 @@ def evaluate_ep(
         step_overhead_s=hw.step_overhead_ms * 1e-3,
         moe_layers=shape.num_moe_layers,
         dense_layers=shape.num_dense_layers,
-        memory_gb=mem / 1e9,
+        memory=mem,
         usable_memory_gb=hw.usable_hbm_bytes / 1e9,
     )
 
