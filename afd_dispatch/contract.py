@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,6 +83,95 @@ def check_attention_to_ffn(
     ffn_start_rank_id: int,
     values: bool = True,
 ) -> AttentionToFfnCall:
+    """Check a `npu_attention_to_ffn` call; return what it describes. Raises
+    `AFDInputError` naming the argument. The checks of types, shapes and the table are
+    done once per distinct call structure (`_structure_key`); with `values`, the values
+    (session, micro-batch and layer ids, the mask, the expert ids) on every call."""
+    key = _structure_key(
+        x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
+        ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape,
+        moe_expert_num, scales, active_mask, quant_mode, sync_flag, ffn_start_rank_id,
+    )  # fmt: skip
+    hit = _a2f_structures.get(key) if key is not None else None
+    if hit is not None and hit[0]() is expert_rank_table:
+        layout, topology = hit[1], hit[2]
+    else:
+        layout, topology = _check_attention_to_ffn_structure(
+            x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
+            ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape,
+            moe_expert_num, scales, active_mask, quant_mode, sync_flag, ffn_start_rank_id,
+        )  # fmt: skip
+        if key is not None:
+            if len(_a2f_structures) > 64:
+                _a2f_structures.clear()
+            _a2f_structures[key] = (weakref.ref(expert_rank_table), layout, topology)
+    session = micro_batch = layer = 0
+    bs = layout.tokens
+    active = bs
+    if values:
+        session = _scalar_value(session_id, "session_id", 0, layout.sessions)
+        micro_batch = _scalar_value(micro_batch_id, "micro_batch_id", 0, layout.micro_batches)
+        layer = _scalar_value(layer_id, "layer_id", 0, INT32_MAX)
+        if active_mask is not None:
+            active = mask_prefix_length(active_mask[0])
+        ids = expert_ids[0, :active]
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            check(
+                lo >= 0 and hi < moe_expert_num,
+                "expert_ids",
+                f"ids in [0, moe_expert_num={moe_expert_num}) for active tokens",
+                f"min {lo}, max {hi}",
+            )
+    return AttentionToFfnCall(
+        layout, topology, session, micro_batch, layer, active, moe_expert_num, quant_mode, sync_flag
+    )
+
+
+_TABLE_ARGUMENT = 5  # expert_rank_table's position in the call
+# structure key -> (weak reference to the expert table, layout, topology)
+_a2f_structures: dict[tuple[object, ...], tuple[Any, WindowLayout, RankTopology]] = {}
+
+
+def _structure_key(*args: object) -> tuple[object, ...] | None:
+    """What the structural checks of a call depend on: each tensor's type, dtype, shape and
+    (for the expert table) identity and version; every other argument as given. None when
+    an argument is not hashable that way (the full checks then run, and name it)."""
+    key: list[object] = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and i == _TABLE_ARGUMENT:  # checked by value
+            key.append((a.dtype, tuple(a.shape), a.device.type, id(a), a._version))
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, tuple(a.shape), a.device.type))
+        elif isinstance(a, (list, tuple)):
+            key.append(tuple(a))
+        else:
+            key.append(a)
+    try:
+        hash(tuple(key))
+    except TypeError:
+        return None
+    return tuple(key)
+
+
+def _check_attention_to_ffn_structure(
+    x: torch.Tensor,
+    session_id: torch.Tensor,
+    micro_batch_id: torch.Tensor,
+    layer_id: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_rank_table: torch.Tensor,
+    world_size: int,
+    ffn_token_info_table_shape: Sequence[int],
+    ffn_token_data_shape: Sequence[int],
+    attn_token_info_table_shape: Sequence[int],
+    moe_expert_num: int,
+    scales: torch.Tensor | None,
+    active_mask: torch.Tensor | None,
+    quant_mode: int,
+    sync_flag: int,
+    ffn_start_rank_id: int,
+) -> tuple[WindowLayout, RankTopology]:
     _tensor(x, "x")
     check(x.dim() == 3 and x.shape[0] == 1, "x.shape", "(1, BS, H)", tuple(x.shape))
     check(x.dtype in TOKEN_DTYPES, "x.dtype", "float16, bfloat16 or float32", x.dtype)
@@ -153,26 +243,7 @@ def check_attention_to_ffn(
             f"(1, BS={bs})",
             tuple(active_mask.shape),
         )
-    session = micro_batch = layer = 0
-    active = bs
-    if values:
-        session = _scalar_value(session_id, "session_id", 0, sessions)
-        micro_batch = _scalar_value(micro_batch_id, "micro_batch_id", 0, micro_batches)
-        layer = _scalar_value(layer_id, "layer_id", 0, INT32_MAX)
-        if active_mask is not None:
-            active = mask_prefix_length(active_mask[0])
-        ids = expert_ids[0, :active]
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            check(
-                lo >= 0 and hi < moe_expert_num,
-                "expert_ids",
-                f"ids in [0, moe_expert_num={moe_expert_num}) for active tokens",
-                f"min {lo}, max {hi}",
-            )
-    return AttentionToFfnCall(
-        layout, topology, session, micro_batch, layer, active, moe_expert_num, quant_mode, sync_flag
-    )
+    return layout, topology
 
 
 def _slot_bytes(row_elems: int, hidden: int, dtype: torch.dtype, quant: bool) -> int:

@@ -61,6 +61,7 @@ class ReferenceAttentionLink(AttentionLink):
             torch.tensor([c.micro_batch], dtype=torch.int32) for c in deployment.channels
         ]
         self._layer = torch.zeros(1, dtype=torch.int32)
+        self._layer_id = self._layer.numpy()  # same memory: a store without a torch call
         self._shapes = deployment.layout.op_shapes
         self._token_dtype = token_dtype_code(deployment.layout.dtype)
 
@@ -73,7 +74,7 @@ class ReferenceAttentionLink(AttentionLink):
         active_mask: torch.Tensor,
     ) -> None:
         dep, cfg = self.deployment, self.deployment.config
-        self._layer[0] = layer
+        self._layer_id[0] = layer
         self.ops.npu_attention_to_ffn(
             x, self._session, self._micro_batch[slot], self._layer, expert_ids, dep.table,
             dep.channels[slot].group, dep.topology.world_size,
@@ -84,7 +85,7 @@ class ReferenceAttentionLink(AttentionLink):
         )  # fmt: skip
 
     def receive(self, slot: int, layer: int, expert_scales: torch.Tensor) -> torch.Tensor:
-        self._layer[0] = layer
+        self._layer_id[0] = layer
         y, _ = self.ops.npu_attention_worker_combine(
             self._ctx[slot], expert_scales, self._layer, self.deployment.layout.hidden,
             token_dtype=self._token_dtype, need_schedule=1,
@@ -156,7 +157,7 @@ class ReferenceFFNLink(FFNLink):
         header[0] = JOURNAL_EMPTY
         store_fence()
         info.copy_(area.info[:, m])
-        header[1:] = torch.tensor([slot, 0, 0, batched_micro_batches(ctx), m], dtype=torch.int32)
+        header.numpy()[1:] = (slot, 0, 0, batched_micro_batches(ctx), m)
         store_fence()  # the copy is whole before it counts
         header[0] = JOURNAL_COLLECTING
 
@@ -168,7 +169,7 @@ class ReferenceFFNLink(FFNLink):
         experts = batch.group_list[:, 0].repeat_interleave(batch.group_list[:, 1])
         for field, values in enumerate((sessions, mbs, tokens, offsets, experts)):
             rows[field, :n] = values[:n]
-        header[1:4] = torch.tensor([slot, batch.layer, n], dtype=torch.int32)
+        header.numpy()[1:4] = (slot, batch.layer, n)
         store_fence()  # the record is whole before it counts
         header[0] = JOURNAL_BATCHED
 

@@ -7,6 +7,7 @@ of its MoE block: route, split into micro-batches, exchange, done.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -68,6 +69,8 @@ class AttentionEndpoint:
         self._ids = [torch.zeros(1, bs, k, dtype=torch.int32, device=on) for _ in range(m)]
         self._mask = [torch.zeros(1, bs, dtype=torch.bool, device=on) for _ in range(m)]
         self._scales = [torch.zeros(bs, k, dtype=torch.float32, device=on) for _ in range(m)]
+        self._padded = [-1] * m  # per slot: the n its padding (mask, ids, scales) is set for
+        self._moe_layers = frozenset(deployment.spec.moe_layers)
         self._in_flight: list[tuple[int, int] | None] = [None] * m  # (tokens, layer)
         self._next_send = 0
         self._next_receive = 0
@@ -96,8 +99,12 @@ class AttentionEndpoint:
             micro_batch,
         )
         check(n <= layout.tokens, "hidden.shape[0]", f"<= BS = {layout.tokens}", n)
-        moe_layers = self.deployment.spec.moe_layers
-        check(layer in moe_layers, "layer", f"a MoE layer of the model {list(moe_layers)}", layer)
+        check(
+            layer in self._moe_layers,
+            "layer",
+            f"a MoE layer of the model {sorted(self._moe_layers)}",
+            layer,
+        )
         check(
             tuple(topk_ids.shape) == (n, layout.topk)
             and tuple(topk_weights.shape) == (n, layout.topk),
@@ -110,13 +117,20 @@ class AttentionEndpoint:
         )
         x[0, :n] = hidden
         ids[0, :n] = topk_ids
-        ids[0, n:] = 0
-        mask[0, :n] = True
-        mask[0, n:] = False
         scales[:n] = topk_weights
-        scales[n:] = 0
-        with self.tracer.span("send", layer, micro_batch), watching(self._watch):
+        if self._padded[micro_batch] != n:  # the rows past n stay as the last send left them
+            ids[0, n:] = 0
+            mask[0, :n] = True
+            mask[0, n:] = False
+            scales[n:] = 0
+            self._padded[micro_batch] = n
+        start = time.monotonic_ns()
+        if self._watch is None:
             self.link.send(micro_batch, layer, x, ids, mask)
+        else:
+            with watching(self._watch):
+                self.link.send(micro_batch, layer, x, ids, mask)
+        self.tracer.record("send", start, time.monotonic_ns(), layer, micro_batch)
         self.tracer.count("tokens_sent_total", n)
         self._in_flight[micro_batch] = (n, layer)
         self._next_send = (micro_batch + 1) % len(self._in_flight)
@@ -133,8 +147,13 @@ class AttentionEndpoint:
         check(pending is not None, "micro_batch", "a slot that was sent", micro_batch)
         assert pending is not None
         n, layer = pending
-        with self.tracer.span("combine", layer, micro_batch), watching(self._watch):
+        start = time.monotonic_ns()
+        if self._watch is None:
             y = self.link.receive(micro_batch, layer, self._scales[micro_batch])
+        else:
+            with watching(self._watch):
+                y = self.link.receive(micro_batch, layer, self._scales[micro_batch])
+        self.tracer.record("combine", start, time.monotonic_ns(), layer, micro_batch)
         self._in_flight[micro_batch] = None
         self._next_receive = (micro_batch + 1) % len(self._in_flight)
         self._raise_if_refused(micro_batch)

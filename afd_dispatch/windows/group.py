@@ -59,6 +59,8 @@ class WindowGroup:
         self._transport = transport
         self._addresses: dict[int, int] = {}
         self._doorbells: dict[int, Doorbell | None] = {}
+        # Typed views per rank, built once: the ops ask for them on every call.
+        self._views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def name(self) -> str:
@@ -119,17 +121,25 @@ class WindowGroup:
             bell.ring()
 
     def ffn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
-        return self.layout.ffn_views(self.window(rank))
+        """(info, data) of FFN `rank`'s window (`WindowLayout.ffn_views`)."""
+        views = self._views.get(("ffn", rank))
+        if views is None:
+            check(self.topology.is_ffn(rank), "rank", f"an FFN rank of group {self.name!r}", rank)
+            views = self._views["ffn", rank] = self.layout.ffn_views(self.window(rank))
+        return views
 
     def attn_views(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        check(
-            not self.topology.is_ffn(rank),
-            "rank",
-            f"an attention rank of group {self.name!r}",
-            rank,
-        )
-        return self.layout.attn_views(self.window(rank))
+        """(info, data) of attention `rank`'s window (`WindowLayout.attn_views`)."""
+        views = self._views.get(("attn", rank))
+        if views is None:
+            check(
+                not self.topology.is_ffn(rank),
+                "rank",
+                f"an attention rank of group {self.name!r}",
+                rank,
+            )
+            views = self._views["attn", rank] = self.layout.attn_views(self.window(rank))
+        return views
 
     def read_window(self, rank: int) -> bytes:
         """A copy of `rank`'s whole window, for tests and for users chasing a hang."""
@@ -197,6 +207,7 @@ class WindowGroup:
 
     def close(self) -> None:
         _unregister(self)
+        self._views.clear()  # views keep a mapping alive
         self._transport.close()
 
 
