@@ -1,9 +1,9 @@
 """`afd-dispatch bench`: every level runs on its small shape and reports well-formed numbers.
 
-No speed is asserted (benchmarks are scripts, not timed tests): the checks are that every
-number is positive and finite where it must be, that each headline is computed from the
-measured numbers printed beside it, that pass/fail follows the target, that the JSON has
-the documented schema and that the PNG is a PNG image.
+No speed is asserted (benchmarks are scripts, not timed tests), nor any memory bound: the
+checks are that every number is positive and finite where it must be, that each headline
+is computed from the measured numbers printed beside it, that pass/fail follows the
+target, that the JSON has the documented schema and that the PNG is a PNG image.
 """
 
 from __future__ import annotations
@@ -18,19 +18,24 @@ import pytest
 import torch
 
 from afd_dispatch import cli
-from afd_dispatch.bench import ops
-from afd_dispatch.bench.report import SCHEMA, Report, Row, Target
+from afd_dispatch.bench import memory, ops
+from afd_dispatch.bench.report import SCHEMA, Report, Row, Target, process_memory
 from afd_dispatch.layout import WindowLayout
 
 REL = 1e-9  # headlines are recomputed from the JSON's metrics: only float rounding differs
 
 
 def run_level(
-    level: str, tmp_path: Path, repeat: int, capsys: pytest.CaptureFixture[str]
+    level: str,
+    tmp_path: Path,
+    repeat: int,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """`afd-dispatch bench --level LEVEL --shape small` through the real CLI; its JSON."""
+    """`afd-dispatch bench --level LEVEL --shape small [EXTRA]` through the real CLI; its
+    JSON."""
     json_path, png_path = tmp_path / f"{level}.json", tmp_path / f"{level}.png"
-    argv = ["bench", "--level", level, "--shape", "small", "--repeat", str(repeat)]
+    argv = ["bench", "--level", level, "--shape", "small", "--repeat", str(repeat), *extra]
     assert cli.main([*argv, "--json", str(json_path), "--png", str(png_path)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(json_path.read_text())
@@ -89,6 +94,20 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=REL, abs_tol=1e-12)
 
 
+def check_peak_rss(row: dict[str, Any]) -> None:
+    """A `peak_rss_*` row: one process's high-water mark in MB, at least its size when read."""
+    assert row["name"].startswith("peak_rss_") and row["unit"] == "MB", row
+    assert row["target"] is None and row["pass"] is None, row
+    assert 0 < row["metrics"]["rss_now_MB"] <= row["value"], row
+
+
+def check_bench_process(rows: dict[str, dict[str, Any]], level: str) -> None:
+    """Every level ends with the bench process's own peak resident set."""
+    row = rows.pop("peak_rss_bench")
+    check_peak_rss(row)
+    assert f"--level {level}" in row["description"]
+
+
 # -- the report itself ------------------------------------------------------------------------
 def test_report_refuses_non_finite_numbers_and_bad_targets(tmp_path: Path) -> None:
     report = Report("ops", "small", 1, rows=[Row("x", float("nan"), "x", "broken")])
@@ -123,12 +142,28 @@ def test_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["bench", "--level", "ops", "--repeat", "0"])
     assert "--repeat must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--level", "ops", "--memory-micro-batches", "200"])
+    assert "only --level loop" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--level", "loop", "--memory-micro-batches", "201"])
+    assert "positive multiple of 2" in capsys.readouterr().err
+
+
+def test_process_memory_reads_this_process_and_refuses_a_gone_one() -> None:
+    own = process_memory()
+    assert own is not None and 0 < own.rss_mb <= own.peak_mb
+    held = torch.ones(8 * 2**20, dtype=torch.uint8)  # 8 MiB, touched: resident
+    after = process_memory()
+    assert after is not None and after.peak_mb >= own.rss_mb + held.numel() / 1e6 * 0.9
+    assert process_memory(2**22 + 1) is None  # above pid_max's default: no such process
 
 
 # -- the levels -------------------------------------------------------------------------------
 def test_ops_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = run_level("ops", tmp_path, 2, capsys)
     rows = rows_by_name(data)
+    check_bench_process(rows, "ops")
     wake = rows.pop("wake_p50_us")
     assert set(rows) == set(ops.TARGETS)
     m = wake["metrics"]
@@ -152,16 +187,24 @@ def test_ops_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_loop_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = run_level("loop", tmp_path, 2, capsys)
+    """The memory case over 200 micro-batches (the bench runs 10,000)."""
+    extra = ("--memory-micro-batches", "200")
+    data = run_level("loop", tmp_path, 2, capsys, extra)
     rows = rows_by_name(data)
+    check_bench_process(rows, "loop")
     assert set(rows) == {
         "endpoint_overhead",
         "exchange_overhead",
         "pipeline_m2",
         "pipeline_m3",
+        "peak_rss_pipeline_ffn",
         "eager_call_overhead",
         "compiled_call_overhead",
         "compiled_vs_eager",
+        "ffn_rss_growth",
+        "ffn_py_heap_growth",
+        "ffn_tensor_allocs",
+        "peak_rss_memory_ffn",
     }
     endpoint, exchange = rows["endpoint_overhead"], rows["exchange_overhead"]
     m = endpoint["metrics"]
@@ -185,6 +228,39 @@ def test_loop_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert close(rows["eager_call_overhead"]["value"], m["eager_us"] - m["raw_ops_us"])
     assert close(rows["compiled_call_overhead"]["value"], m["compiled_us"] - m["raw_ops_us"])
     assert close(rows["compiled_vs_eager"]["value"], m["compiled_us"] / m["eager_us"])
+    check_peak_rss(rows["peak_rss_pipeline_ffn"])
+    check_memory_rows(rows, micro_batches=200, traced=200)
+
+
+def check_memory_rows(rows: dict[str, dict[str, Any]], micro_batches: int, traced: int) -> None:
+    """The FFN worker's memory rows: units, the headlines from their metrics, the targets.
+    Growths may be negative (memory given back); sizes and counts may not."""
+    rss = rows["ffn_rss_growth"]
+    m = rss["metrics"]
+    assert rss["unit"] == "MB" and rss["target"] == {"op": "<=", "bound": 1.0}
+    assert m["rss_warm_MB"] > 0 and m["rss_end_MB"] > 0 and m["run_s"] > 0
+    assert close(rss["value"], m["rss_end_MB"] - m["rss_warm_MB"])
+    assert close(m["per_micro_batch_B"], rss["value"] * 1e6 / micro_batches)
+    assert f"over {micro_batches} micro-batches" in rss["description"]
+    heap = rows["ffn_py_heap_growth"]
+    m = heap["metrics"]
+    assert heap["unit"] == "kB" and heap["target"] == {"op": "<=", "bound": 64.0}
+    assert close(m["per_micro_batch_B"], heap["value"] * 1e3 / traced)
+    assert m["transient_kB"] > 0  # a micro-batch allocates Python objects while it runs
+    assert float(m["blocks"]).is_integer() and float(m["blocks_untraced_run"]).is_integer()
+    allocs = rows["ffn_tensor_allocs"]
+    assert allocs["unit"] == "per micro-batch" and allocs["target"] is None
+    assert allocs["value"] >= 0 and allocs["metrics"]["kB_per_micro_batch"] >= 0
+    peak = rows["peak_rss_memory_ffn"]
+    check_peak_rss(peak)
+    assert peak["metrics"]["rss_now_MB"] == rss["metrics"]["rss_end_MB"]
+
+
+def test_memory_case_refuses_a_partial_round() -> None:
+    with pytest.raises(ValueError, match="multiple of 2"):
+        memory.measure(micro_batches=3)
+    with pytest.raises(ValueError, match="traced"):
+        memory.measure(micro_batches=2, traced=0)
 
 
 def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,3 +304,22 @@ def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     for name in ("attention_send", "attention_combine", "ffn_experts", "ffn_return"):
         per = rows[name]["metrics"]["per_micro_batch_ms"]
         assert close(per, rows[name]["metrics"]["seconds"] / traffic["micro_batches"] * 1e3)
+    # every server's processes: itself, an engine core and a model worker per DP rank, the
+    # AFD servers' 2 FFN actors
+    check_bench_process(rows, "serving")
+    for mode, engines, actors in (("colocated", 1, 0), ("afd", 1, 2), ("afd_dp2", 2, 2)):
+        check_peak_rss(rows[f"peak_rss_{mode}_server"])
+        for role, count in (("engine", engines), ("worker", engines), ("ffn_actor", actors)):
+            name = f"peak_rss_{mode}_{role}"
+            if count == 0:
+                assert name not in rows
+                continue
+            row = rows[name]
+            check_peak_rss(row)
+            assert row["metrics"]["processes"] == count, row
+            assert row["value"] <= row["metrics"]["sum_MB"], row
+        other = rows.get(f"peak_rss_{mode}_other")
+        if other is not None:  # Ray's processes, vLLM's helpers
+            assert other["unit"] == "MB" and other["target"] is None
+            assert other["metrics"]["processes"] >= 1
+            assert 0 < other["metrics"]["largest_MB"] <= other["value"]

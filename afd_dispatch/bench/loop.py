@@ -14,6 +14,9 @@
     the registered custom ops `torch.ops.afd.*`) compiled with
     `torch.compile(fullgraph=True)`; eager and compiled host overhead over the raw op
     implementations called with the same (pre-padded) arguments.
+(d) Memory (`afd_dispatch.bench.memory`): an FFN worker process over 10,000 micro-batches,
+    its resident set and Python heap before and after, its tensor allocations per
+    micro-batch; and the peak resident set of each FFN process this level starts.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from afd_dispatch.bench.report import (
     Target,
     interleaved,
     median,
+    peak_rss_row,
+    process_memory,
     timed,
     torch_threads,
 )
@@ -477,6 +482,8 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
         cases += [(_nothing, _step(model, endpoints[m], states[m])) for m in depths]
         with OtherLoad([proc.pid] if proc.pid is not None else []) as load:
             attn_samples, ffn_samples, *samples = interleaved(cases, repeat)
+        # read while it is alive: its /proc entry goes with it
+        ffn_memory = process_memory(proc.pid) if proc.pid is not None else None
     finally:
         for d in deps.values():
             for name in d.group_names:
@@ -518,6 +525,14 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
                 }
                 | ({"other_load_cores": load.cores} if math.isfinite(load.cores) else {}),
                 target=Target("<=", PIPELINE_TARGET) if m == 2 else None,
+            )
+        )
+    if ffn_memory is not None:
+        rows.append(
+            peak_rss_row(
+                "pipeline_ffn",
+                f"the FFN process of pipeline_m* (experts of M={', '.join(map(str, depths))})",
+                ffn_memory,
             )
         )
     return rows
@@ -662,13 +677,18 @@ def compile_overhead(repeat: int) -> list[Row]:
     ]
 
 
-def run(shape_name: str, repeat: int) -> Report:
-    """(a), (b) and (c), one torch thread per process."""
+def run(shape_name: str, repeat: int, memory_micro_batches: int | None = None) -> Report:
+    """(a), (b), (c) and the FFN worker's memory (`afd_dispatch.bench.memory`, over
+    `memory_micro_batches`, default 10,000), one torch thread per process."""
+    from afd_dispatch.bench import memory  # it imports this module
+
+    micro_batches = memory.MICRO_BATCHES if memory_micro_batches is None else memory_micro_batches
     with torch_threads(1):
         report = Report("loop", shape_name, repeat)
         report.rows += endpoint_overhead(repeat)
         report.rows += pipelining(PIPELINE_SHAPES[shape_name], repeat)
         report.rows += compile_overhead(repeat)
+        memory.add_ffn_memory(report, micro_batches, min(memory.TRACED, micro_batches))
     report.notes.append(
         "us rows: medians of per-round differences measured in the same run; x rows: "
         "ratios of medians of interleaved runs"

@@ -3,7 +3,9 @@
 Every headline figure is a ratio of two times measured in the same run (unit "x"), a
 difference of two such times (unit "us"), or a share of a wall time measured in the same
 run (the serving breakdown); the absolute numbers it came from are kept beside it in
-`metrics` for the reader, never compared across runs.
+`metrics` for the reader, never compared across runs. Memory rows (unit "MB", 10^6 bytes)
+give a process's peak resident set (`peak_rss_*`, no target) or a growth between two points
+of one run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +26,7 @@ import torch
 
 SCHEMA = "afd-dispatch-bench/1"
 TARGET_OPS = (">=", "<=")
+MB = 1e6  # bytes; decimal, like the GB/s of the ops level
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,53 @@ def _process_cpu_s(pid: int) -> float:
     except OSError:
         return math.nan
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """A process's resident set in MB (10^6 bytes): `peak_mb` its high-water mark since it
+    started (`VmHWM`), `rss_mb` when it was read (`VmRSS`)."""
+
+    peak_mb: float
+    rss_mb: float
+
+
+def process_memory(pid: int | None = None) -> ProcessMemory | None:
+    """`VmHWM` and `VmRSS` of `/proc/PID/status` (this process when `pid` is None). None when
+    they cannot be read: the process is gone, or there is no procfs (then, for this process
+    only, `getrusage`'s `ru_maxrss` gives the peak, and the current size is unknown)."""
+    fields: dict[str, float] = {}
+    try:
+        with open(f"/proc/{'self' if pid is None else pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    number, unit = value.split()
+                    if unit != "kB":  # the kernel writes kB (KiB): anything else is a change
+                        return None
+                    fields[key] = int(number) * 1024 / MB
+    except (OSError, ValueError):
+        fields = {}
+    if len(fields) == 2:
+        return ProcessMemory(fields["VmHWM"], fields["VmRSS"])
+    if pid is None:  # ru_maxrss: KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+        return ProcessMemory(peak, peak) if peak > 0 else None
+    return None
+
+
+def peak_rss_row(
+    name: str, description: str, memory: ProcessMemory, metrics: dict[str, float] | None = None
+) -> Row:
+    """Row `peak_rss_<name>`: the peak resident set of one process in MB, no target; the
+    resident set when it was read beside it (`rss_now_MB`)."""
+    return Row(
+        name=f"peak_rss_{name}",
+        value=memory.peak_mb,
+        unit="MB",
+        description=f"peak resident set (VmHWM) of {description}; rss_now: when read",
+        metrics={"rss_now_MB": memory.rss_mb, **(metrics or {})},
+    )
 
 
 def median(values: Sequence[float]) -> float:

@@ -5,7 +5,9 @@ this invocation, and get the same request set: N completion requests sent at onc
 threads, greedy, `max_tokens` each (the tiny models never stop early). The headline is the
 AFD server's output tokens/s over the colocated server's. Where the AFD time goes comes from
 the AFD counters on the AFD server's `/metrics` (seconds per phase, per process), taken
-before and after the timed rounds.
+before and after the timed rounds. Each server's processes (the API server, its engine
+cores, their model workers, the Ray FFN actors, the rest of its session: Ray's own, vLLM's
+helpers) report their peak resident set, read from `/proc` once the timed rounds are done.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from afd_dispatch.bench.report import Report, Row, Target, median
+from afd_dispatch.bench.report import (
+    ProcessMemory,
+    Report,
+    Row,
+    Target,
+    median,
+    peak_rss_row,
+    process_memory,
+)
 from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters, vllm_server
 
 TARGET_RATIO = 0.7
@@ -43,6 +53,13 @@ FFN_PHASES = (("experts_seconds_total", "ffn_experts"), ("return_seconds_total",
 BATCH = "batch_seconds_total"
 SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing in the morning"
 WORDS = SENTENCE.split()
+# What a server's processes are, by their titles (vLLM and Ray set them with setproctitle);
+# the server itself is the process the bench started.
+ROLES = (
+    ("engine", "VLLM::EngineCore", "vLLM engine core(s)"),
+    ("worker", "VLLM::Worker", "vLLM model worker(s) (the model's weights, the KV cache)"),
+    ("ffn_actor", "ray::FFNWorkerActor", "Ray FFN actor(s)"),
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,7 @@ class ServerRun:
     tokens: list[int] = field(default_factory=list)
     counters: dict[tuple[str, str], float] = field(default_factory=dict)  # timed rounds only
     idle_s: float = 0.0  # from the warm-up's end to the first timed round (counters settling)
+    memory: list[tuple[str, ProcessMemory]] = field(default_factory=list)  # (role, process)
 
     @property
     def rates(self) -> list[float]:
@@ -159,7 +177,76 @@ def serve(
         if afd_config is not None:
             after = settled_counters(server)
             run.counters = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        run.memory = session_memory(server.process.pid)
     return run
+
+
+def session_memory(pid: int) -> list[tuple[str, ProcessMemory]]:
+    """(role, memory) of server `pid` ("server") and of every other live process of its
+    session (`vllm_server` starts it in its own; Ray's processes and the FFN actors stay in
+    it): a role of `ROLES` by the process title, else "other". Processes gone meanwhile
+    are left out."""
+    import psutil  # a dependency of vLLM, which this level runs
+
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(proc.pid) != pid:
+                continue
+        except OSError:  # exited meanwhile
+            continue
+        title = " ".join(proc.info["cmdline"] or [])
+        memory = process_memory(proc.pid)
+        if memory is None:  # exited meanwhile, or a zombie (no VmHWM)
+            continue
+        role = next((r for r, prefix, _ in ROLES if title.startswith(prefix)), "other")
+        out.append(("server" if proc.pid == pid else role, memory))
+    return out
+
+
+def memory_rows(run: ServerRun) -> list[Row]:
+    """`peak_rss_<mode>_<role>`: the server process; the largest of its engine cores, of their
+    model workers and of its FFN actors (how many, and their sum, beside it); the sum of all
+    its other processes."""
+    mode = run.mode
+    rows = []
+    described = {"server": "the vllm serve process (API server)"} | {
+        role: what for role, _, what in ROLES
+    }
+    for role, what in described.items():
+        peaks = [m for r, m in run.memory if r == role]
+        if not peaks:
+            continue
+        top = max(peaks, key=lambda m: m.peak_mb)
+        metrics = {}
+        if role != "server":
+            metrics = {"processes": float(len(peaks)), "sum_MB": sum(m.peak_mb for m in peaks)}
+        rows.append(
+            peak_rss_row(
+                f"{mode}_{role}",
+                f"{what} of the {mode} server"
+                + ("" if role == "server" else " (the largest; sum: of all their peaks)"),
+                top,
+                metrics,
+            )
+        )
+    others = [m for r, m in run.memory if r == "other"]
+    if others:
+        rows.append(
+            Row(
+                name=f"peak_rss_{mode}_other",
+                value=sum(m.peak_mb for m in others),
+                unit="MB",
+                description=f"sum of the peak resident sets (VmHWM) of the {mode} server's "
+                "other processes (Ray's GCS, raylet, dashboard and idle workers, vLLM's "
+                "helpers; together they never held more at once); largest: the largest peak",
+                metrics={
+                    "processes": float(len(others)),
+                    "largest_MB": max(m.peak_mb for m in others),
+                },
+            )
+        )
+    return rows
 
 
 def _total(run: ServerRun, counter: str, label: str) -> tuple[float, int]:
@@ -317,6 +404,8 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
         )
     )
     report.rows += breakdown(afd)
+    for server_run in (colocated, afd, dp2):
+        report.rows += memory_rows(server_run)
     report.notes.append(
         "servers run one after the other on this host; shares: phase seconds from the AFD "
         "server's /metrics (attention send/combine, FFN experts/return) over the timed "
