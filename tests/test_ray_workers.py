@@ -344,6 +344,10 @@ def test_decode_through_ray_actors_equals_colocated(
         # one torch thread per CPU Ray gave the actor (the pool's default: 1), however many
         # cores the host has: more would spin against the attention side's threads
         assert i["torch_threads"] == 1, i
+        # at the owner's priority, not Ray's worker niceness 15 (which starved the FFN ranks
+        # behind vLLM's engine core); without the privilege to raise it, it stays at 15
+        can_raise = os.geteuid() == 0
+        assert i["niceness"] == (os.getpriority(os.PRIO_PROCESS, 0) if can_raise else 15), i
     for session, outcome in enumerate(outcomes):
         assert outcome.error is None, f"session {session}: {outcome.error!r}"
         assert outcome.hidden is not None

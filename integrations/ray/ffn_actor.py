@@ -43,8 +43,11 @@ class FFNWorkerActor:
         expected: ProtocolParams | None = None,
         rendezvous: Rendezvous | None = None,
         health_token: str | None = None,
+        niceness: int | None = None,
     ) -> None:
         _use_assigned_cpus()
+        if niceness is not None:
+            _run_at(niceness, rank)
         config = AFDConfig.from_json(config_json)
         spec = MoESpec.from_pretrained(model_path)
         self.deployment = Deployment(config, spec, getattr(torch, dtype.removeprefix("torch.")))
@@ -107,6 +110,7 @@ class FFNWorkerActor:
             "restarted": _was_restarted(),
             "serving": self._thread is not None and self._thread.is_alive(),
             "torch_threads": torch.get_num_threads(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
             "error": getattr(self, "error", None),
         }
 
@@ -140,6 +144,32 @@ def _use_assigned_cpus() -> None:
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(cpus)))
+
+
+def _run_at(niceness: int, rank: int) -> None:
+    """Take the scheduling priority of the process that owns the deployment.
+
+    Ray starts its workers at niceness 15 (its `worker_niceness`), for background tasks;
+    an FFN rank is on the critical path of every MoE layer. Where it shares cores with
+    the attention side (a one-host deployment, CI), a busy vLLM engine core at niceness 0
+    left it about 3% of a core, and each micro-batch waited milliseconds for the CPU.
+    Raising priority needs CAP_SYS_NICE: without it the rank says so and runs on.
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current <= niceness:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        log.warning(
+            "FFN rank %d runs at niceness %d (Ray's worker_niceness), behind its attention "
+            "ranks at %d, and may not raise its priority: start Ray with "
+            "RAY_worker_niceness=%d, or give it CAP_SYS_NICE",
+            rank,
+            current,
+            niceness,
+            niceness,
+        )
 
 
 def _was_restarted() -> bool:

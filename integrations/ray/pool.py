@@ -131,6 +131,7 @@ class FFNWorkerPool:
                     expected,
                     self.rendezvous,
                     self.health.token,
+                    os.getpriority(os.PRIO_PROCESS, 0),
                 )
             self._handshake()
             if not crosses_nodes:

@@ -15,6 +15,8 @@ Entry point (group `vllm.general_plugins`): `register`. vLLM calls it in every p
   data-parallel rank attaches to it.
 - `server`: a worker's AFD side: attention session = its data-parallel rank.
 - `metrics`: AFD counters on the server's `/metrics`, labelled by session and FFN rank.
+- `compat`: where it reaches into vLLM's internals (engine launch, MoE layout, exit
+  status, and on a host the FFN ranks share, vLLM's spinning queue waits).
 - `health`: `/health` says 503 while the deployment cannot serve, and requests that ran
   into an AFD fault fail with the reason (the engine itself never dies of one).
 """
@@ -30,9 +32,13 @@ def register() -> None:
         return
     _registered = True
     from afd_dispatch.integrations.vllm import cli, compat, metrics, moe
+    from afd_dispatch.integrations.vllm.owner import Attachment
 
     cli.install()
     moe.install_model_hook()
     metrics.install()
     compat.install_engine_launch_hook()
     compat.install_exit_status_hook()
+    attachment = Attachment.from_env()
+    if attachment is not None and attachment.windows:  # FFN ranks on this host's cores
+        compat.install_idle_wait_hook()
