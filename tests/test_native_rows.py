@@ -137,3 +137,95 @@ def test_output_buffer_is_reused_only_once_released() -> None:
     ptr = kept.data_ptr()
     del kept, second, third
     assert output_buffer((3, 1000), torch.float32).data_ptr() == ptr
+
+
+# -- whole ops: the C fast paths against the torch code, byte for byte ----------------------
+def run_four_ops(quant: bool, seed: int) -> list[bytes]:
+    """A2F from both sessions and micro-batches, batching on every FFN rank, F2A of random
+    results, combine: every window's bytes after each step and every op output's, in order."""
+    from afd_dispatch.kernels import reference as ref
+    from afd_dispatch.layout import WindowLayout, token_dtype_code
+    from afd_dispatch.placement import build_expert_rank_table, local_experts
+    from afd_dispatch.topology import RankTopology
+    from afd_dispatch.windows import create_window_group
+
+    topology = RankTopology(num_attention=2, num_ffn=3)
+    sessions, micro_batches, bs, topk, shared, hidden, experts = 2, 2, 6, 3, 1, 64, 9
+    dtype = torch.bfloat16
+    layout = WindowLayout(sessions, micro_batches, bs, topk, shared, hidden, dtype, quant)
+    name = f"native-vs-torch-{quant}-{seed}-{native_available()}"
+    group = create_window_group(name, topology, layout, "inproc")
+    gen = torch.Generator().manual_seed(seed)
+    table = build_expert_rank_table(topology, experts, shared, replicas={0: 2, 4: 3})
+    shapes = layout.op_shapes
+    snapshots: list[bytes] = []
+
+    def windows() -> None:
+        snapshots.extend(group.read_window(r) for r in range(topology.world_size))
+
+    try:
+        for s in range(sessions):
+            for m in range(micro_batches):
+                x = torch.randn(1, bs, hidden, generator=gen).to(dtype)
+                ids = torch.rand(bs, experts, generator=gen).argsort(dim=1)[:, :topk]
+                mask = torch.arange(bs) < bs - s - m  # a masked tail too
+                ref.npu_attention_to_ffn(
+                    x, torch.tensor([s]), torch.tensor([m]), torch.tensor([7 + m]),
+                    ids.to(torch.int32).unsqueeze(0), table, name, topology.world_size,
+                    shapes["ffn_token_info_table_shape"], shapes["ffn_token_data_shape"],
+                    shapes["attn_token_info_table_shape"], experts,
+                    active_mask=mask.unsqueeze(0), quant_mode=2 if quant else 0,
+                )  # fmt: skip
+                windows()
+        code = 2 if quant else token_dtype_code(dtype)
+        for m in range(micro_batches):
+            for r in topology.ffn_ranks:
+                expert_num = max(1, len(local_experts(table, r)))
+                ctx = ref.context_for(group, r, expert_num).get_schedule_context_tensor()
+                for _ in range(m):  # the context polls micro-batch 0 first
+                    sc_put_polling(ctx, m)
+                out = ref.npu_ffn_worker_batching(
+                    ctx, expert_num, [sessions, bs, layout.slots, hidden],
+                    token_dtype=code, need_schedule=1,
+                )  # fmt: skip
+                count = int(out[-1][0])
+                snapshots.extend(t[:count].contiguous().view(torch.uint8).numpy().tobytes()
+                                 for t in (out[0], *out[2:7]))  # fmt: skip
+                snapshots.append(out[1].numpy().tobytes())
+                results = torch.randn(out[0].shape[0], hidden, generator=gen).to(dtype)
+                ref.npu_ffn_to_attention(
+                    results, *out[2:6], out[7], name, topology.world_size,
+                    shapes["token_info_table_shape"], shapes["token_data_shape"],
+                    attn_rank_table=torch.tensor(topology.attention_ranks, dtype=torch.int32),
+                )  # fmt: skip
+                windows()
+        for s in range(sessions):
+            ctx = ref.context_for(group, topology.attention_rank(s)).get_schedule_context_tensor()
+            for _ in range(micro_batches):
+                weights = torch.rand(bs, topk, generator=gen)
+                y, _ = ref.npu_attention_worker_combine(
+                    ctx, weights, torch.tensor([0]), hidden,
+                    token_dtype=token_dtype_code(dtype), need_schedule=1,
+                )  # fmt: skip
+                snapshots.append(y.view(torch.uint8).numpy().tobytes())
+        windows()
+    finally:
+        group.close()
+    return snapshots
+
+
+def sc_put_polling(ctx: torch.Tensor, m: int) -> None:
+    from afd_dispatch.kernels.reference import schedule_context as sc
+
+    sc.put(ctx, sc.FFN_POLLING_INDEX, m)
+
+
+@pytest.mark.parametrize("quant", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_four_ops_write_the_same_bytes_natively(quant: bool, seed: int) -> None:
+    native = run_four_ops(quant, seed)
+    with native_disabled():
+        reference = run_four_ops(quant, seed)
+    assert len(native) == len(reference) > 20
+    for i, (a, b) in enumerate(zip(native, reference, strict=True)):
+        assert a == b, f"snapshot {i} differs"

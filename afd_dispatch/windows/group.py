@@ -61,6 +61,9 @@ class WindowGroup:
         self._doorbells: dict[int, Doorbell | None] = {}
         # Typed views per rank, built once: the ops ask for them on every call.
         self._views: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # What an op derives from this group's windows alone (row addresses, say), kept
+        # for its next call; cleared with the views on close.
+        self.memo: dict[object, Any] = {}
 
     @property
     def name(self) -> str:
@@ -208,6 +211,7 @@ class WindowGroup:
     def close(self) -> None:
         _unregister(self)
         self._views.clear()  # views keep a mapping alive
+        self.memo.clear()
         self._transport.close()
 
 

@@ -181,7 +181,185 @@ static PyObject *quantize_rows(PyObject *self, PyObject *args) {
     return PyBool_FromLong(finite);
 }
 
+/* a2f_scatter(src, src_stride, per_slot, n, topk, slots, ids, ids_elem, first_shared,
+ *             table, table_rows, table_cols, session, ffn_start, ffn_ranks, data_rows,
+ *             info_rows, slot_stride, row_bytes, touched) -> -1, or the first slot
+ * (t * slots + e) whose expert row or destination is out of range (nothing of it or
+ * later written).
+ *
+ * npu_attention_to_ffn's data movement for one (session, micro-batch): slot e of token t
+ * goes to global expert row g (ids[t, e] for e < topk, first_shared + e - topk after);
+ * replica = session % table[g, 0]; FFN rank table[g, 1 + 2 replica] gets the row at
+ * position p = t * slots + e of its (session, micro-batch) slots (data_rows[rank -
+ * ffn_start] + p * slot_stride: row_bytes from src row t, or p when per_slot) and the
+ * local expert id table[g, 2 + 2 replica] in its info row (info_rows[...] int32 [2 + p]);
+ * touched[rank - ffn_start] = 1. Every address is the caller's; every index read from a
+ * tensor is checked here. */
+static PyObject *a2f_scatter(PyObject *self, PyObject *args) {
+    unsigned long long src, ids, table, data_rows, info_rows, touched;
+    long long src_stride, n, topk, slots, ids_elem, first_shared, table_rows, table_cols;
+    long long session, ffn_start, ffn_ranks, slot_stride, row_bytes;
+    int per_slot;
+    if (!PyArg_ParseTuple(args, "KLiLLLKLLKLLLLLKKLLK", &src, &src_stride, &per_slot, &n, &topk,
+                          &slots, &ids, &ids_elem, &first_shared, &table, &table_rows,
+                          &table_cols, &session, &ffn_start, &ffn_ranks, &data_rows, &info_rows,
+                          &slot_stride, &row_bytes, &touched))
+        return NULL;
+    const int64_t *tab = (const int64_t *)(uintptr_t)table;
+    char **data = (char **)(uintptr_t)data_rows;
+    int32_t **info = (int32_t **)(uintptr_t)info_rows;
+    uint8_t *hit = (uint8_t *)(uintptr_t)touched;
+    long long bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long t = 0; t < n && bad < 0; t++) {
+        for (long long e = 0; e < slots; e++) {
+            long long p = t * slots + e;
+            int64_t g;
+            if (e < topk)
+                g = ids_elem == 4 ? ((const int32_t *)(uintptr_t)ids)[t * topk + e]
+                                  : ((const int64_t *)(uintptr_t)ids)[t * topk + e];
+            else
+                g = first_shared + (e - topk);
+            if (g < 0 || g >= table_rows) { bad = p; break; }
+            const int64_t *row = tab + g * table_cols;
+            int64_t count = row[0];
+            if (count < 1 || 2 * count + 1 > table_cols) { bad = p; break; }
+            int64_t replica = session % count;
+            int64_t r = row[1 + 2 * replica] - ffn_start;
+            if (r < 0 || r >= ffn_ranks) { bad = p; break; }
+            memcpy(data[r] + p * slot_stride,
+                   (const char *)(uintptr_t)src + (per_slot ? p : t) * src_stride,
+                   (size_t)row_bytes);
+            info[r][2 + p] = (int32_t)row[2 + 2 * replica];
+            hit[r] = 1;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+}
+
+/* f2a_scatter(x, row_bytes, n, sessions, micro_batches, tokens, offsets, session_index,
+ *             sessions_num, data_rows, info_rows, micro_batch_num, bs, slots, touched)
+ * -> -1, or the first row i whose ids are out of range (checked before anything is written).
+ *
+ * npu_ffn_to_attention's data movement: row i of x (row_bytes) goes to attention rank
+ * a = session_index[sessions[i]] (< 0: not an attention rank, refused) at cell c = (micro_batches[i] * bs + tokens[i]) * slots +
+ * offsets[i] of its [M, BS, E] result grid (data_rows[a] + c * row_bytes); then, after a
+ * fence, the int32 flag of every such cell (info_rows[a][c]) is set to 1; touched[a] = 1.
+ * The id arrays are int32. */
+static PyObject *f2a_scatter(PyObject *self, PyObject *args) {
+    unsigned long long x, sessions, mbs, toks, offs, session_index, data_rows, info_rows, touched;
+    long long row_bytes, n, sessions_num, micro_batch_num, bs, slots;
+    if (!PyArg_ParseTuple(args, "KLLKKKKKLKKLLLK", &x, &row_bytes, &n, &sessions, &mbs, &toks,
+                          &offs, &session_index, &sessions_num, &data_rows, &info_rows,
+                          &micro_batch_num, &bs, &slots, &touched))
+        return NULL;
+    const int32_t *se = (const int32_t *)(uintptr_t)sessions, *mb = (const int32_t *)(uintptr_t)mbs;
+    const int32_t *tk = (const int32_t *)(uintptr_t)toks, *of = (const int32_t *)(uintptr_t)offs;
+    const int64_t *index = (const int64_t *)(uintptr_t)session_index;
+    char **data = (char **)(uintptr_t)data_rows;
+    int32_t **info = (int32_t **)(uintptr_t)info_rows;
+    uint8_t *hit = (uint8_t *)(uintptr_t)touched;
+    long long bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < n; i++) {
+        if (se[i] < 0 || se[i] >= sessions_num || index[se[i]] < 0 || mb[i] < 0 ||
+            mb[i] >= micro_batch_num || tk[i] < 0 || tk[i] >= bs || of[i] < 0 || of[i] >= slots) {
+            bad = i;
+            break;
+        }
+    }
+    if (bad < 0) {
+        for (long long i = 0; i < n; i++) {
+            long long a = index[se[i]];
+            long long cell = ((long long)mb[i] * bs + tk[i]) * slots + of[i];
+            memcpy(data[a] + cell * row_bytes, (const char *)(uintptr_t)x + i * row_bytes,
+                   (size_t)row_bytes);
+            hit[a] = 1;
+        }
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the rows before the flags */
+        for (long long i = 0; i < n; i++) {
+            long long a = index[se[i]];
+            long long cell = ((long long)mb[i] * bs + tk[i]) * slots + of[i];
+            __atomic_store_n(&info[a][cell], 1, __ATOMIC_RELAXED);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(bad);
+}
+
+/* gather_batch(info, sessions_num, width, slots_offset, bs, slots, micro_batch,
+ *              micro_batch_num, expert_num, empty_threshold, data, token_size, value_bytes,
+ *              y, out_sessions, out_micro_batches, out_tokens, out_slots, window_rows,
+ *              group_list) -> number of rows n, or -1 - i for the first slot i (in
+ * (session, token, slot) order) whose local expert id is in [expert_num, threshold) or < 0.
+ *
+ * npu_ffn_worker_batching's gather for need_schedule=1: the slots of every session's info
+ * row (int32 [sessions_num, width], ids at slots_offset) whose id is below the empty
+ * threshold, stably sorted by local expert id (a counting sort); row k of y gets the first
+ * value_bytes of window slot ((session * M + micro_batch) * bs + token) * slots + slot
+ * (data + that * token_size); the outputs (int32) get each row's session, micro-batch,
+ * token and slot, window_rows (int64) its window slot; group_list (int64 [expert_num, 2],
+ * zeroed by the caller) the experts present, in order, and their row counts. Checks every id
+ * before it writes anything. */
+static PyObject *gather_batch(PyObject *self, PyObject *args) {
+    unsigned long long info, data, y, o_se, o_mb, o_tk, o_sl, o_rows, group_list;
+    long long sessions_num, width, slots_offset, bs, slots, micro_batch, micro_batch_num;
+    long long expert_num, threshold, token_size, value_bytes;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLLKLLKKKKKKK", &info, &sessions_num, &width,
+                          &slots_offset, &bs, &slots, &micro_batch, &micro_batch_num,
+                          &expert_num, &threshold, &data, &token_size, &value_bytes, &y, &o_se,
+                          &o_mb, &o_tk, &o_sl, &o_rows, &group_list))
+        return NULL;
+    const int32_t *rows = (const int32_t *)(uintptr_t)info;
+    long long per_session = bs * slots, total = sessions_num * per_session;
+    long long *start = (long long *)calloc((size_t)expert_num + 1, sizeof(long long));
+    if (start == NULL) return PyErr_NoMemory();
+    long long result = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (long long i = 0; i < total; i++) { /* check and count */
+        int32_t id = rows[(i / per_session) * width + slots_offset + i % per_session];
+        if (id >= threshold) continue;
+        if (id < 0 || id >= expert_num) { result = -1 - i; break; }
+        start[id + 1]++;
+    }
+    if (result == 0) {
+        int64_t *groups = (int64_t *)(uintptr_t)group_list;
+        long long present = 0;
+        for (long long e = 0; e < expert_num; e++) {
+            if (start[e + 1]) {
+                groups[2 * present] = e;
+                groups[2 * present + 1] = start[e + 1];
+                present++;
+            }
+            start[e + 1] += start[e];
+        }
+        for (long long i = 0; i < total; i++) { /* place, in slot order within an expert */
+            long long s = i / per_session, within = i % per_session;
+            int32_t id = rows[s * width + slots_offset + within];
+            if (id >= threshold) continue;
+            long long k = start[id]++;
+            long long token = within / slots, slot = within % slots;
+            long long window_row = ((s * micro_batch_num + micro_batch) * bs + token) * slots + slot;
+            memcpy((char *)(uintptr_t)y + k * value_bytes,
+                   (const char *)(uintptr_t)data + window_row * token_size, (size_t)value_bytes);
+            ((int32_t *)(uintptr_t)o_se)[k] = (int32_t)s;
+            ((int32_t *)(uintptr_t)o_mb)[k] = (int32_t)micro_batch;
+            ((int32_t *)(uintptr_t)o_tk)[k] = (int32_t)token;
+            ((int32_t *)(uintptr_t)o_sl)[k] = (int32_t)slot;
+            ((int64_t *)(uintptr_t)o_rows)[k] = window_row;
+        }
+        result = start[expert_num];
+    }
+    Py_END_ALLOW_THREADS
+    free(start);
+    return PyLong_FromLongLong(result);
+}
+
 static PyMethodDef methods[] = {
+    {"f2a_scatter", f2a_scatter, METH_VARARGS, "npu_ffn_to_attention's row and flag writes."},
+    {"gather_batch", gather_batch, METH_VARARGS, "npu_ffn_worker_batching's sort and gather."},
+    {"a2f_scatter", a2f_scatter, METH_VARARGS, "npu_attention_to_ffn's row and id writes."},
     {"move_rows", move_rows, METH_VARARGS, "Move whole rows by index (see the C source)."},
     {"weighted_sum", weighted_sum, METH_VARARGS, "The combine's weighted sum."},
     {"quantize_rows", quantize_rows, METH_VARARGS, "Per-row dynamic int8 quantization."},

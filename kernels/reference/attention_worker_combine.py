@@ -210,6 +210,8 @@ def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
         )
 
     def ready() -> bool:
+        if bool(cells.eq(1).all()):
+            return True
         # A corrupt flag would never turn 1: fail at once instead of at the deadline.
         if bool(((cells != 0) & (cells != 1)).any()):
             raise AFDInputError(

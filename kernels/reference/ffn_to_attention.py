@@ -8,8 +8,12 @@ import torch
 
 from afd_dispatch.contract import check_ffn_to_attention
 from afd_dispatch.errors import check
-from afd_dispatch.kernels.reference.rows import move_rows
-from afd_dispatch.windows import get_window_group, store_fence
+from afd_dispatch.kernels.reference.rows import (
+    move_rows,
+    native_available,
+    scatter_to_attention,
+)
+from afd_dispatch.windows import WindowGroup, get_window_group, store_fence
 
 
 def ffn_to_attention(
@@ -53,6 +57,10 @@ def ffn_to_attention(
     )
     check(x.dtype == layout.dtype, "x.dtype", f"{layout.dtype} (group {group!r})", x.dtype)
     n = call.rows
+    if native_available() and _send_native(
+        x, (session_ids, micro_batch_ids, token_ids, expert_offsets), n, attn_rank_table, windows
+    ):
+        return
     sessions = session_ids[:n].to(torch.int64)
     dest = sessions if attn_rank_table is None else attn_rank_table.to(torch.int64)[sessions]
     receivers = [int(r) for r in torch.unique(dest)]
@@ -78,3 +86,55 @@ def ffn_to_attention(
     store_fence()  # the flags before the rings
     for r in receivers:
         windows.ring(r)
+
+
+def _send_native(
+    x: torch.Tensor,
+    ids: tuple[torch.Tensor, ...],
+    n: int,
+    attn_rank_table: torch.Tensor | None,
+    windows: WindowGroup,
+) -> bool:
+    """The writes above in one C loop (`_native.f2a_scatter`), then the rings; False, with
+    nothing written, where it does not apply (ids not int32, rows not contiguous, an id or
+    a destination out of range: the torch code then names it)."""
+    if x.dtype != windows.layout.dtype or not x.is_contiguous():
+        return False
+    if any(t.dtype != torch.int32 or not t.is_contiguous() for t in ids):
+        return False
+    topology, layout = windows.topology, windows.layout
+    index, data_rows, info_rows = _session_targets(windows, attn_rank_table)
+    touched = torch.zeros(data_rows.numel(), dtype=torch.uint8)
+    bad = scatter_to_attention(
+        x.data_ptr(), layout.hidden * x.element_size(), n, *(t.data_ptr() for t in ids),
+        index.data_ptr(), index.numel(), data_rows.data_ptr(), info_rows.data_ptr(),
+        layout.micro_batches, layout.tokens, layout.slots, touched.data_ptr(),
+    )  # fmt: skip
+    if bad >= 0:
+        return False
+    ranks = topology.attention_ranks
+    for i in touched.nonzero().flatten().tolist():
+        windows.ring(ranks[i])
+    return True
+
+
+def _session_targets(
+    windows: WindowGroup, attn_rank_table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(attention-rank index per session, -1 where the session's rank is not an attention
+    rank of the group; int64 addresses of each attention rank's result rows and flags)."""
+    table = None if attn_rank_table is None else tuple(attn_rank_table.tolist())
+    key = ("f2a_targets", table)
+    if key not in windows.memo:
+        ranks = windows.topology.attention_ranks
+        # without a table, session ids are the ranks themselves (the op's default)
+        by_session = table if table is not None else tuple(range(windows.topology.world_size))
+        index = [ranks.index(r) if r in ranks else -1 for r in by_session]
+        views = [windows.attn_views(r) for r in ranks]
+        windows.memo[key] = (
+            torch.tensor(index, dtype=torch.int64),
+            torch.tensor([v[1].data_ptr() for v in views], dtype=torch.int64),
+            torch.tensor([v[0].data_ptr() for v in views], dtype=torch.int64),
+        )
+    targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = windows.memo[key]
+    return targets

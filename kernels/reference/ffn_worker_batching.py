@@ -25,7 +25,12 @@ import torch
 from afd_dispatch.contract import check_batching_call
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
-from afd_dispatch.kernels.reference.rows import move_rows, output_buffer
+from afd_dispatch.kernels.reference.rows import (
+    gather_batch,
+    move_rows,
+    native_available,
+    output_buffer,
+)
 from afd_dispatch.layout import (
     EMPTY_ID_THRESHOLD,
     EMPTY_LOCAL_ID,
@@ -172,6 +177,44 @@ def ffn_worker_batching(
         micro_batches = torch.full((area.sessions,), m, dtype=torch.int64)
     else:
         ids, sessions, micro_batches = _published(ctx, area)
+    capacity = area.sessions * per_session
+    # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
+    y = output_buffer((capacity, hidden), out_dtype)
+    group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
+    outputs = [torch.zeros(capacity, dtype=torch.int32) for _ in range(4)]
+    gathered = None
+    if need_schedule and native_available():
+        gathered = _gather_native(area, m, expert_num, y, outputs, group_list)
+    if gathered is None:  # the torch code; or the C loop found a bad id, which this names
+        gathered = _gather(area, ids, sessions, micro_batches, expert_num, y, outputs, group_list)
+    n, window_rows = gathered
+    dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
+    if quant:
+        scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES]
+        move_rows(dynamic_scale.view(torch.uint8).view(-1, QUANT_SCALE_BYTES), None, scales,
+                  window_rows, n, f"{area.who}: window row")  # fmt: skip
+
+    if need_schedule:
+        rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
+        store_fence()  # slots are empty again before a sender may see the free flag
+        rows[:, FLAG_OFFSET] = 0
+        sc.advance_polling_index(ctx, m, area.micro_batches, layer)
+    actual = torch.tensor([n], dtype=torch.int64)
+    return (y, group_list, *outputs, dynamic_scale, actual)
+
+
+def _gather(
+    area: FfnArea,
+    ids: torch.Tensor,
+    sessions: torch.Tensor,
+    micro_batches: torch.Tensor,
+    expert_num: int,
+    y: torch.Tensor,
+    outputs: list[torch.Tensor],
+    group_list: torch.Tensor,
+) -> tuple[int, torch.Tensor]:
+    """Sort the slots with an id (`ids`, (s, t, e) order) stably by local expert, gather
+    their rows into `y`, fill `outputs` and `group_list`; return (n, window rows)."""
     picked = (ids < EMPTY_ID_THRESHOLD).nonzero().flatten()
     keys = ids[picked]
     if keys.numel() and (int(keys.min()) < 0 or int(keys.max()) >= expert_num):
@@ -183,7 +226,7 @@ def ffn_worker_batching(
     keys, order = torch.sort(keys, stable=True)
     picked = picked[order]
     n = picked.numel()
-
+    per_session = area.tokens * area.slots
     entry = picked // per_session  # which published session (RECV: the session itself)
     token = picked // area.slots % area.tokens
     slot = picked % area.slots
@@ -191,31 +234,36 @@ def ffn_worker_batching(
     micro_batch = micro_batches[entry]
     window_rows = ((session * area.micro_batches + micro_batch) * area.tokens + token) * area.slots
     window_rows += slot
-    capacity = area.sessions * per_session
-    # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
-    y = output_buffer((capacity, hidden), out_dtype)
-    dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
-    rows_of_values = area.data.view(out_dtype)[:, :hidden]  # each slot's first H values
+    rows_of_values = area.data.view(y.dtype)[:, : y.shape[1]]  # each slot's first H values
     move_rows(y, None, rows_of_values, window_rows, n, f"{area.who}: window row")
-    if quant:
-        scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES]
-        move_rows(dynamic_scale.view(torch.uint8).view(-1, QUANT_SCALE_BYTES), None, scales,
-                  window_rows, n, f"{area.who}: window row")  # fmt: skip
     experts, counts = torch.unique_consecutive(keys, return_counts=True)
-    group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
     group_list[: experts.numel(), 0] = experts
     group_list[: experts.numel(), 1] = counts
-    outputs = [torch.zeros(capacity, dtype=torch.int32) for _ in range(4)]
     for out, values in zip(outputs, (session, micro_batch, token, slot), strict=True):
         out[:n] = values
+    return n, window_rows
 
-    if need_schedule:
-        rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
-        store_fence()  # slots are empty again before a sender may see the free flag
-        rows[:, FLAG_OFFSET] = 0
-        sc.advance_polling_index(ctx, m, area.micro_batches, layer)
-    actual = torch.tensor([n], dtype=torch.int64)
-    return (y, group_list, *outputs, dynamic_scale, actual)
+
+def _gather_native(
+    area: FfnArea,
+    m: int,
+    expert_num: int,
+    y: torch.Tensor,
+    outputs: list[torch.Tensor],
+    group_list: torch.Tensor,
+) -> tuple[int, torch.Tensor] | None:
+    """`_gather` of micro-batch m's info rows in one C loop (`_native.gather_batch`); None
+    when an id is out of range (nothing written: `_gather` then names it)."""
+    info = area.flags_and_ids  # int32 [A, M, width], contiguous
+    width = info.shape[2]
+    window_rows = torch.empty(y.shape[0], dtype=torch.int64)
+    n = gather_batch(
+        info[0, m].data_ptr(), area.sessions, area.micro_batches * width, SLOTS_OFFSET,
+        area.tokens, area.slots, m, area.micro_batches, expert_num, EMPTY_ID_THRESHOLD,
+        area.data.data_ptr(), area.token_size, y.shape[1] * y.element_size(), y.data_ptr(),
+        *(out.data_ptr() for out in outputs), window_rows.data_ptr(), group_list.data_ptr(),
+    )  # fmt: skip
+    return None if n < 0 else (n, window_rows[:n])
 
 
 def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
@@ -382,8 +430,10 @@ def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
     flags = area.flags_and_ids[:, m, FLAG_OFFSET]
 
     def ready() -> bool:
-        _check_flags(area, flags)
-        return bool((flags == 1).all())
+        if bool(flags.eq(1).all()):
+            return True
+        _check_flags(area, flags)  # a corrupt flag would never turn 1: fail now
+        return False
 
     def describe() -> str:
         missing = (flags != 1).nonzero().flatten().tolist()
