@@ -30,9 +30,12 @@ def ffn_to_attention(
     *,
     attn_rank_table: torch.Tensor | None = None,
 ) -> None:
+    # The C path checks every id itself (and hands a bad one back to the torch code, which
+    # names it after the full check), so it needs only the structure and the row count.
+    native = native_available()
     call = check_ffn_to_attention(
         x, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num,
-        world_size, token_info_table_shape, token_data_shape, attn_rank_table,
+        world_size, token_info_table_shape, token_data_shape, attn_rank_table, values=not native,
     )  # fmt: skip
     windows = get_window_group(group)
     topology, layout = windows.topology, windows.layout
@@ -56,11 +59,16 @@ def ffn_to_attention(
         call.hidden,
     )
     check(x.dtype == layout.dtype, "x.dtype", f"{layout.dtype} (group {group!r})", x.dtype)
+    if native:
+        n = int(actual_token_num[0])
+        ids = (session_ids, micro_batch_ids, token_ids, expert_offsets)
+        if 0 <= n <= call.rows and _send_native(x, ids, n, attn_rank_table, windows):
+            return
+        call = check_ffn_to_attention(
+            x, session_ids, micro_batch_ids, token_ids, expert_offsets, actual_token_num,
+            world_size, token_info_table_shape, token_data_shape, attn_rank_table,
+        )  # fmt: skip
     n = call.rows
-    if native_available() and _send_native(
-        x, (session_ids, micro_batch_ids, token_ids, expert_offsets), n, attn_rank_table, windows
-    ):
-        return
     sessions = session_ids[:n].to(torch.int64)
     dest = sessions if attn_rank_table is None else attn_rank_table.to(torch.int64)[sessions]
     receivers = [int(r) for r in torch.unique(dest)]
@@ -103,7 +111,10 @@ def _send_native(
     if any(t.dtype != torch.int32 or not t.is_contiguous() for t in ids):
         return False
     topology, layout = windows.topology, windows.layout
-    index, data_rows, info_rows = _session_targets(windows, attn_rank_table)
+    targets = _session_targets(windows, attn_rank_table)
+    if targets is None:
+        return False
+    index, data_rows, info_rows = targets
     touched = torch.zeros(data_rows.numel(), dtype=torch.uint8)
     bad = scatter_to_attention(
         x.data_ptr(), layout.hidden * x.element_size(), n, *(t.data_ptr() for t in ids),
@@ -120,15 +131,18 @@ def _send_native(
 
 def _session_targets(
     windows: WindowGroup, attn_rank_table: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(attention-rank index per session, -1 where the session's rank is not an attention
-    rank of the group; int64 addresses of each attention rank's result rows and flags)."""
+    rank of the group; int64 addresses of each attention rank's result rows and flags), or
+    None for a table with a rank outside the world (the op's check refuses it)."""
     table = None if attn_rank_table is None else tuple(attn_rank_table.tolist())
     key = ("f2a_targets", table)
     if key not in windows.memo:
         ranks = windows.topology.attention_ranks
         # without a table, session ids are the ranks themselves (the op's default)
         by_session = table if table is not None else tuple(range(windows.topology.world_size))
+        if any(not 0 <= r < windows.topology.world_size for r in by_session):
+            return None
         index = [ranks.index(r) if r in ranks else -1 for r in by_session]
         views = [windows.attn_views(r) for r in ranks]
         windows.memo[key] = (
