@@ -291,7 +291,7 @@ static PyObject *f2a_scatter(PyObject *self, PyObject *args) {
 /* gather_batch(info, sessions_num, width, slots_offset, bs, slots, micro_batch,
  *              micro_batch_num, expert_num, empty_threshold, data, token_size, value_bytes,
  *              y, out_sessions, out_micro_batches, out_tokens, out_slots, window_rows,
- *              group_list) -> number of rows n, or -1 - i for the first slot i (in
+ *              group_list, scales) -> number of rows n, or -1 - i for the first slot i (in
  * (session, token, slot) order) whose local expert id is in [expert_num, threshold) or < 0.
  *
  * npu_ffn_worker_batching's gather for need_schedule=1: the slots of every session's info
@@ -300,16 +300,17 @@ static PyObject *f2a_scatter(PyObject *self, PyObject *args) {
  * value_bytes of window slot ((session * M + micro_batch) * bs + token) * slots + slot
  * (data + that * token_size); the outputs (int32) get each row's session, micro-batch,
  * token and slot, window_rows (int64) its window slot; group_list (int64 [expert_num, 2],
- * zeroed by the caller) the experts present, in order, and their row counts. Checks every id
+ * zeroed by the caller) the experts present, in order, and their row counts; scales (if
+ * not 0, float32 per row) the 4 bytes after each slot's values (an int8 row's scale). Checks every id
  * before it writes anything. */
 static PyObject *gather_batch(PyObject *self, PyObject *args) {
-    unsigned long long info, data, y, o_se, o_mb, o_tk, o_sl, o_rows, group_list;
+    unsigned long long info, data, y, o_se, o_mb, o_tk, o_sl, o_rows, group_list, scales;
     long long sessions_num, width, slots_offset, bs, slots, micro_batch, micro_batch_num;
     long long expert_num, threshold, token_size, value_bytes;
-    if (!PyArg_ParseTuple(args, "KLLLLLLLLLKLLKKKKKKK", &info, &sessions_num, &width,
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLLKLLKKKKKKKK", &info, &sessions_num, &width,
                           &slots_offset, &bs, &slots, &micro_batch, &micro_batch_num,
                           &expert_num, &threshold, &data, &token_size, &value_bytes, &y, &o_se,
-                          &o_mb, &o_tk, &o_sl, &o_rows, &group_list))
+                          &o_mb, &o_tk, &o_sl, &o_rows, &group_list, &scales))
         return NULL;
     const int32_t *rows = (const int32_t *)(uintptr_t)info;
     long long per_session = bs * slots, total = sessions_num * per_session;
@@ -341,8 +342,10 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
             long long k = start[id]++;
             long long token = within / slots, slot = within % slots;
             long long window_row = ((s * micro_batch_num + micro_batch) * bs + token) * slots + slot;
-            memcpy((char *)(uintptr_t)y + k * value_bytes,
-                   (const char *)(uintptr_t)data + window_row * token_size, (size_t)value_bytes);
+            const char *slot_bytes = (const char *)(uintptr_t)data + window_row * token_size;
+            memcpy((char *)(uintptr_t)y + k * value_bytes, slot_bytes, (size_t)value_bytes);
+            if (scales) /* int8 rows: the float32 scale right after the values */
+                memcpy((char *)(uintptr_t)scales + 4 * k, slot_bytes + value_bytes, 4);
             ((int32_t *)(uintptr_t)o_se)[k] = (int32_t)s;
             ((int32_t *)(uintptr_t)o_mb)[k] = (int32_t)micro_batch;
             ((int32_t *)(uintptr_t)o_tk)[k] = (int32_t)token;
@@ -368,4 +371,15 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+/* Bumped with every change of a function's arguments: rows.py uses this module only when
+ * the numbers agree (an editable install keeps a stale build until it is rebuilt). */
+#define NATIVE_ABI 2
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", NATIVE_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -182,14 +182,16 @@ def ffn_worker_batching(
     y = output_buffer((capacity, hidden), out_dtype)
     group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
     outputs = [torch.zeros(capacity, dtype=torch.int32) for _ in range(4)]
+    dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
     gathered = None
     if need_schedule and native_available():
-        gathered = _gather_native(area, m, expert_num, y, outputs, group_list)
+        scales = dynamic_scale if quant else None
+        gathered = _gather_native(area, m, expert_num, y, outputs, group_list, scales)
+    gathered_natively = gathered is not None
     if gathered is None:  # the torch code; or the C loop found a bad id, which this names
         gathered = _gather(area, ids, sessions, micro_batches, expert_num, y, outputs, group_list)
     n, window_rows = gathered
-    dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
-    if quant:
+    if quant and not gathered_natively:
         scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES]
         move_rows(dynamic_scale.view(torch.uint8).view(-1, QUANT_SCALE_BYTES), None, scales,
                   window_rows, n, f"{area.who}: window row")  # fmt: skip
@@ -251,9 +253,11 @@ def _gather_native(
     y: torch.Tensor,
     outputs: list[torch.Tensor],
     group_list: torch.Tensor,
+    scales: torch.Tensor | None,
 ) -> tuple[int, torch.Tensor] | None:
-    """`_gather` of micro-batch m's info rows in one C loop (`_native.gather_batch`); None
-    when an id is out of range (nothing written: `_gather` then names it)."""
+    """`_gather` of micro-batch m's info rows in one C loop (`_native.gather_batch`), with
+    the int8 rows' scales into `scales`; None when an id is out of range (nothing written:
+    `_gather` then names it)."""
     info = area.flags_and_ids  # int32 [A, M, width], contiguous
     width = info.shape[2]
     window_rows = torch.empty(y.shape[0], dtype=torch.int64)
@@ -262,6 +266,7 @@ def _gather_native(
         area.tokens, area.slots, m, area.micro_batches, expert_num, EMPTY_ID_THRESHOLD,
         area.data.data_ptr(), area.token_size, y.shape[1] * y.element_size(), y.data_ptr(),
         *(out.data_ptr() for out in outputs), window_rows.data_ptr(), group_list.data_ptr(),
+        0 if scales is None else scales.data_ptr(),
     )  # fmt: skip
     return None if n < 0 else (n, window_rows[:n])
 

@@ -9,6 +9,7 @@ element by element, and they run without the GIL. `AFD_NO_NATIVE=1` in the envir
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -19,9 +20,22 @@ import torch
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.kernels.reference.quant import quantize_rows
 
+NATIVE_ABI = 2  # the argument lists this file calls `_native` with (its NATIVE_ABI)
+log = logging.getLogger(__name__)
+
 try:
     from afd_dispatch.kernels.reference import _native  # type: ignore[attr-defined]
 except ImportError:  # not built (no C compiler at install): the torch code runs
+    _native = None
+if _native is not None and getattr(_native, "ABI", None) != NATIVE_ABI:
+    log.warning(
+        "afd-dispatch: the C extension %s was built from another version of the sources "
+        "(ABI %s, these need %d): the ops run their torch code until it is rebuilt "
+        "(pip install -e . again)",
+        _native.__file__,
+        getattr(_native, "ABI", None),
+        NATIVE_ABI,
+    )
     _native = None
 
 _use_native = _native is not None and os.environ.get("AFD_NO_NATIVE", "") != "1"
