@@ -56,6 +56,8 @@ def both(fn):  # type: ignore[no-untyped-def]
 def test_weighted_sum_is_bit_identical(dtype: torch.dtype, topk: int) -> None:
     tokens, slots, hidden = 37, topk + 1, 200
     d = edgy((tokens, slots, hidden), dtype, seed=topk)
+    d[3, 0, 5] = float("nan")  # a NaN sum: torch's NaN bytes, whichever conversion it takes
+    d[4, 0, 6], d[4, -1, 6] = float("inf"), float("-inf")  # inf - inf
     w = edgy((tokens, max(topk, 1)), torch.float32, seed=99).abs() / 1e3
     native, reference = both(lambda: weighted_sum(d, w, topk, dtype))
     assert native.dtype == dtype
@@ -229,3 +231,46 @@ def test_the_four_ops_write_the_same_bytes_natively(quant: bool, seed: int) -> N
     assert len(native) == len(reference) > 20
     for i, (a, b) in enumerate(zip(native, reference, strict=True)):
         assert a == b, f"snapshot {i} differs"
+
+
+def test_quantize_refuses_rows_too_narrow_for_values_and_scale() -> None:
+    x = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="out"):
+        quantize_into(x, torch.empty(3, 64 + 3, dtype=torch.int8))
+
+
+def test_a2f_refuses_a_corrupt_table_row_before_writing() -> None:
+    """A table changed behind its version (through NumPy) is caught by the C loop, which
+    checks every slot before it writes one, and the error names the row."""
+    from afd_dispatch.kernels import reference as ref
+    from afd_dispatch.layout import WindowLayout
+    from afd_dispatch.placement import build_expert_rank_table
+    from afd_dispatch.topology import RankTopology
+    from afd_dispatch.windows import create_window_group
+
+    topology = RankTopology(num_attention=1, num_ffn=2)
+    layout = WindowLayout(1, 1, 4, 2, 1, 32, torch.float32, False)
+    group = create_window_group("native-corrupt-table", topology, layout, "inproc")
+    try:
+        table = build_expert_rank_table(topology, 6, 1)
+        ids = torch.tensor([[[0, 1], [2, 3], [4, 5], [3, 0]]], dtype=torch.int32)
+        shapes = layout.op_shapes
+
+        def send() -> None:
+            ref.npu_attention_to_ffn(
+                torch.ones(1, 4, 32), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]),
+                ids, table, group.name, topology.world_size,
+                shapes["ffn_token_info_table_shape"], shapes["ffn_token_data_shape"],
+                shapes["attn_token_info_table_shape"], 6,
+            )  # fmt: skip
+
+        send()  # checks the table once, for its version
+        for r in topology.ffn_ranks:
+            group.ffn_views(r)[0][:, :, 0] = 0  # consumed
+        before = [group.read_window(r) for r in range(topology.world_size)]
+        table.numpy()[0, 3, 0] = 0  # expert 3: no replica, and no version bump
+        with pytest.raises(AFDInputError, match=r"expert_rank_table row 3 \(slot 1 of token 1\)"):
+            send()
+        assert [group.read_window(r) for r in range(topology.world_size)] == before
+    finally:
+        group.close()

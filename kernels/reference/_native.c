@@ -62,7 +62,7 @@ static PyObject *move_rows(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
-/* weighted_sum(d, w, y, tokens, slots, topk, hidden, dtype)
+/* weighted_sum(d, w, y, tokens, slots, topk, hidden, dtype) -> True if no sum is NaN
  * d: [tokens, slots, hidden] contiguous (dtype); w: float32 [tokens, topk] contiguous;
  * y: [tokens, hidden] contiguous (dtype).
  * y[t] = round(((0 + d[t,0]*w[t,0]) + ... + d[t,K-1]*w[t,K-1]) + d[t,K] + ... ), float32
@@ -81,6 +81,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     float *acc = (float *)malloc((size_t)hidden * sizeof(float));
     if (acc == NULL) return PyErr_NoMemory();
     const float *w = (const float *)(uintptr_t)w_addr;
+    int no_nan = 1;
     Py_BEGIN_ALLOW_THREADS
     for (long long t = 0; t < tokens; t++) {
         for (long long h = 0; h < hidden; h++) acc[h] = 0.0f;
@@ -104,6 +105,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
                 }
             }
         }
+        for (long long h = 0; h < hidden; h++) no_nan &= acc[h] == acc[h];
         if (dtype == DTYPE_BF16) {
             uint16_t *out = (uint16_t *)(uintptr_t)y_addr + t * hidden;
             for (long long h = 0; h < hidden; h++) out[h] = f32_to_bf16(acc[h]);
@@ -113,13 +115,14 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(acc);
-    Py_RETURN_NONE;
+    return PyBool_FromLong(no_nan);
 }
 
-/* quantize_rows(x, n, hidden, dtype, out, out_stride) -> True if every value is finite.
+/* quantize_rows(x, n, hidden, dtype, out, out_stride, out_len) -> True if every value is
+ * finite.
  * x: [n, hidden] contiguous (dtype). Row t of out (out_stride bytes): hidden int8 values
  * q = rint(x * ds) with ds = 127 / amax, amax = max |x|; the float32 scale 1 / ds at byte
- * hidden (0 and q = 0 for an all-zero row); zeros to the end of the row.
+ * hidden (0 and q = 0 for an all-zero row); zeros to the end of the row (out_len bytes).
  *
  * Written so that the compiler vectorizes every loop without fast-math: finiteness and
  * amax come from integer views of the bits (|x| orders as its bit pattern does), and
@@ -140,8 +143,15 @@ static PyObject *quantize_rows(PyObject *self, PyObject *args) {
     unsigned long long x_addr, out_addr;
     long long n, hidden, out_stride;
     int dtype;
-    if (!PyArg_ParseTuple(args, "KLLiKL", &x_addr, &n, &hidden, &dtype, &out_addr, &out_stride))
+    long long out_len;
+    if (!PyArg_ParseTuple(args, "KLLiKLL", &x_addr, &n, &hidden, &dtype, &out_addr, &out_stride,
+                          &out_len))
         return NULL;
+    if (out_len < hidden + 4 || out_stride < out_len) {
+        PyErr_Format(PyExc_ValueError, "quantize_rows: rows of %lld bytes, stride %lld, for H=%lld",
+                     out_len, out_stride, hidden);
+        return NULL;
+    }
     if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) {
         PyErr_Format(PyExc_ValueError, "quantize_rows: dtype code %d, expected 0 or 1", dtype);
         return NULL;
@@ -174,7 +184,7 @@ static PyObject *quantize_rows(PyObject *self, PyObject *args) {
         float scale = amax > 0.0f ? 1.0f / ds : 0.0f;
         quantize_row((const float *)bits, q, hidden, ds);
         memcpy(q + hidden, &scale, 4);
-        memset(q + hidden + 4, 0, (size_t)(out_stride - hidden - 4));
+        memset(q + hidden + 4, 0, (size_t)(out_len - hidden - 4));
     }
     Py_END_ALLOW_THREADS
     free(bits);
@@ -184,8 +194,8 @@ static PyObject *quantize_rows(PyObject *self, PyObject *args) {
 /* a2f_scatter(src, src_stride, per_slot, n, topk, slots, ids, ids_elem, first_shared,
  *             table, table_rows, table_cols, session, ffn_start, ffn_ranks, data_rows,
  *             info_rows, slot_stride, row_bytes, touched) -> -1, or the first slot
- * (t * slots + e) whose expert row or destination is out of range (nothing of it or
- * later written).
+ * (t * slots + e) whose expert row or destination is out of range (nothing written then:
+ * every slot is checked first).
  *
  * npu_attention_to_ffn's data movement for one (session, micro-batch): slot e of token t
  * goes to global expert row g (ids[t, e] for e < topk, first_shared + e - topk after);
@@ -209,32 +219,42 @@ static PyObject *a2f_scatter(PyObject *self, PyObject *args) {
     char **data = (char **)(uintptr_t)data_rows;
     int32_t **info = (int32_t **)(uintptr_t)info_rows;
     uint8_t *hit = (uint8_t *)(uintptr_t)touched;
-    long long bad = -1;
+    long long total = n * slots, bad = -1;
+    /* (FFN rank index, local id) per slot: every slot is checked before any is written,
+     * and the writes use this snapshot, whatever happens to the table meanwhile */
+    int64_t *plan = (int64_t *)malloc((size_t)(total > 0 ? total : 1) * 2 * sizeof(int64_t));
+    if (plan == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    for (long long t = 0; t < n && bad < 0; t++) {
-        for (long long e = 0; e < slots; e++) {
-            long long p = t * slots + e;
-            int64_t g;
-            if (e < topk)
-                g = ids_elem == 4 ? ((const int32_t *)(uintptr_t)ids)[t * topk + e]
-                                  : ((const int64_t *)(uintptr_t)ids)[t * topk + e];
-            else
-                g = first_shared + (e - topk);
-            if (g < 0 || g >= table_rows) { bad = p; break; }
-            const int64_t *row = tab + g * table_cols;
-            int64_t count = row[0];
-            if (count < 1 || 2 * count + 1 > table_cols) { bad = p; break; }
-            int64_t replica = session % count;
-            int64_t r = row[1 + 2 * replica] - ffn_start;
-            if (r < 0 || r >= ffn_ranks) { bad = p; break; }
+    for (long long p = 0; p < total; p++) {
+        long long t = p / slots, e = p % slots;
+        int64_t g;
+        if (e < topk)
+            g = ids_elem == 4 ? ((const int32_t *)(uintptr_t)ids)[t * topk + e]
+                              : ((const int64_t *)(uintptr_t)ids)[t * topk + e];
+        else
+            g = first_shared + (e - topk);
+        if (g < 0 || g >= table_rows) { bad = p; break; }
+        const int64_t *row = tab + g * table_cols;
+        int64_t count = row[0];
+        if (count < 1 || count > (table_cols - 1) / 2) { bad = p; break; }
+        int64_t replica = session % count;
+        int64_t r = row[1 + 2 * replica] - ffn_start;
+        if (r < 0 || r >= ffn_ranks) { bad = p; break; }
+        plan[2 * p] = r;
+        plan[2 * p + 1] = row[2 + 2 * replica];
+    }
+    if (bad < 0) {
+        for (long long p = 0; p < total; p++) {
+            int64_t r = plan[2 * p];
             memcpy(data[r] + p * slot_stride,
-                   (const char *)(uintptr_t)src + (per_slot ? p : t) * src_stride,
+                   (const char *)(uintptr_t)src + (per_slot ? p : p / slots) * src_stride,
                    (size_t)row_bytes);
-            info[r][2 + p] = (int32_t)row[2 + 2 * replica];
+            info[r][2 + p] = (int32_t)plan[2 * p + 1];
             hit[r] = 1;
         }
     }
     Py_END_ALLOW_THREADS
+    free(plan);
     return PyLong_FromLongLong(bad);
 }
 
@@ -315,11 +335,20 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
     const int32_t *rows = (const int32_t *)(uintptr_t)info;
     long long per_session = bs * slots, total = sessions_num * per_session;
     long long *start = (long long *)calloc((size_t)expert_num + 1, sizeof(long long));
-    if (start == NULL) return PyErr_NoMemory();
+    /* the ids, read from the window once: a peer may write it while this runs */
+    int32_t *own = (int32_t *)malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
+    if (start == NULL || own == NULL) {
+        free(start);
+        free(own);
+        return PyErr_NoMemory();
+    }
     long long result = 0;
     Py_BEGIN_ALLOW_THREADS
+    for (long long s = 0; s < sessions_num; s++)
+        memcpy(own + s * per_session, rows + s * width + slots_offset,
+               (size_t)per_session * sizeof(int32_t));
     for (long long i = 0; i < total; i++) { /* check and count */
-        int32_t id = rows[(i / per_session) * width + slots_offset + i % per_session];
+        int32_t id = own[i];
         if (id >= threshold) continue;
         if (id < 0 || id >= expert_num) { result = -1 - i; break; }
         start[id + 1]++;
@@ -337,7 +366,7 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
         }
         for (long long i = 0; i < total; i++) { /* place, in slot order within an expert */
             long long s = i / per_session, within = i % per_session;
-            int32_t id = rows[s * width + slots_offset + within];
+            int32_t id = own[i];
             if (id >= threshold) continue;
             long long k = start[id]++;
             long long token = within / slots, slot = within % slots;
@@ -356,6 +385,7 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     free(start);
+    free(own);
     return PyLong_FromLongLong(result);
 }
 
@@ -373,7 +403,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", NULL, -1, 
 
 /* Bumped with every change of a function's arguments: rows.py uses this module only when
  * the numbers agree (an editable install keeps a stale build until it is rebuilt). */
-#define NATIVE_ABI 2
+#define NATIVE_ABI 3
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
-from afd_dispatch.errors import check
+from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference.rows import (
     move_rows,
     native_available,
@@ -56,6 +56,9 @@ def attention_to_ffn(
     source, per_slot = _source_rows(tokens, layout, scales, global_ids)
     table = expert_rank_table[0].to(torch.int64)
     count = table[global_ids, 0]
+    if bool((count < 1).any()):  # a table changed behind its checked version
+        g = int(global_ids[count < 1][0])
+        raise AFDInputError(f"expert_rank_table row {g}", "a replica count >= 1", table[g].tolist())
     replica = s % count
     dest = table[global_ids, 1 + 2 * replica]
     local = table[global_ids, 2 + 2 * replica].to(torch.int32)
@@ -127,7 +130,15 @@ def _send_native(
         table.shape[1], s, topology.ffn_start_rank_id, len(headers), data_rows.data_ptr(),
         info_rows.data_ptr(), layout.attn_to_ffn_token_size, row_bytes, touched.data_ptr(),
     )  # fmt: skip
-    check(bad < 0, "expert_rank_table", "a row and an FFN rank for every slot", f"slot {bad}")
+    if bad >= 0:
+        t, e = divmod(bad, layout.slots)
+        g = int(ids[t, e]) if e < layout.topk else call.moe_expert_num + e - layout.topk
+        raise AFDInputError(
+            f"expert_rank_table row {g} (slot {e} of token {t})",
+            f"a replica count in [1, {(table.shape[1] - 1) // 2}] and FFN ranks in "
+            f"[{topology.ffn_start_rank_id}, {topology.ffn_start_rank_id + len(headers)})",
+            table[g].tolist(),
+        )
     for r in headers:
         views[r][0][s, m, LAYER_OFFSET] = call.layer
     _publish(windows, call, headers)

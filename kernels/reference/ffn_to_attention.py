@@ -114,7 +114,7 @@ def _send_native(
     targets = _session_targets(windows, attn_rank_table)
     if targets is None:
         return False
-    index, data_rows, info_rows = targets
+    index, data_rows, info_rows, _views = targets  # the views keep the windows mapped
     touched = torch.zeros(data_rows.numel(), dtype=torch.uint8)
     bad = scatter_to_attention(
         x.data_ptr(), layout.hidden * x.element_size(), n, *(t.data_ptr() for t in ids),
@@ -129,12 +129,16 @@ def _send_native(
     return True
 
 
+_KEPT_TABLES = 8  # attention-rank tables whose targets a group keeps
+
+
 def _session_targets(
     windows: WindowGroup, attn_rank_table: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object] | None:
     """(attention-rank index per session, -1 where the session's rank is not an attention
-    rank of the group; int64 addresses of each attention rank's result rows and flags), or
-    None for a table with a rank outside the world (the op's check refuses it)."""
+    rank of the group; int64 addresses of each attention rank's result rows and flags; the
+    views those addresses are in), or None for a table with a rank outside the world (the
+    op's check refuses it). Kept for the last few tables of the group."""
     table = None if attn_rank_table is None else tuple(attn_rank_table.tolist())
     key = ("f2a_targets", table)
     if key not in windows.memo:
@@ -145,10 +149,14 @@ def _session_targets(
             return None
         index = [ranks.index(r) if r in ranks else -1 for r in by_session]
         views = [windows.attn_views(r) for r in ranks]
+        kept = [k for k in windows.memo if isinstance(k, tuple) and k[0] == "f2a_targets"]
+        for old in kept[: max(0, len(kept) - _KEPT_TABLES + 1)]:
+            del windows.memo[old]
         windows.memo[key] = (
             torch.tensor(index, dtype=torch.int64),
             torch.tensor([v[1].data_ptr() for v in views], dtype=torch.int64),
             torch.tensor([v[0].data_ptr() for v in views], dtype=torch.int64),
+            views,
         )
-    targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] = windows.memo[key]
+    targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor, object] = windows.memo[key]
     return targets

@@ -20,7 +20,7 @@ import torch
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.kernels.reference.quant import quantize_rows
 
-NATIVE_ABI = 2  # the argument lists this file calls `_native` with (its NATIVE_ABI)
+NATIVE_ABI = 3  # the argument lists this file calls `_native` with (its NATIVE_ABI)
 log = logging.getLogger(__name__)
 
 try:
@@ -214,9 +214,10 @@ def weighted_sum(
     code = _NATIVE_DTYPES.get(dtype)
     if _use_native and code is not None and d.is_contiguous():
         w = scales[:, :topk].contiguous()
-        _native.weighted_sum(d.data_ptr(), w.data_ptr(), y.data_ptr(), tokens, slots, topk,
-                             hidden, code)  # fmt: skip
-        return y
+        no_nan = _native.weighted_sum(d.data_ptr(), w.data_ptr(), y.data_ptr(), tokens, slots,
+                                      topk, hidden, code)  # fmt: skip
+        if no_nan:  # torch's NaN bytes differ between its conversion paths: let torch write them
+            return y
     # torch: per block of tokens, so the float32 temporaries stay in cache
     acc = torch.empty(COMBINE_BLOCK_TOKENS, hidden, dtype=torch.float32)
     term = torch.empty_like(acc)
@@ -241,10 +242,12 @@ def quantize_into(x: torch.Tensor, out: torch.Tensor) -> bool:
     round-half-even(x * 127 / amax), scale = 1 / (127 / amax)), then zeros.
     """
     n, hidden = x.shape
+    if out.shape[0] < n or out.shape[1] < hidden + 4:
+        raise ValueError(f"quantize_into: out {tuple(out.shape)} for {n} rows of H={hidden}")
     code = _NATIVE_DTYPES.get(x.dtype)
     if _use_native and code is not None and x.is_contiguous() and out.stride(1) == 1:
         finite: bool = _native.quantize_rows(
-            x.data_ptr(), n, hidden, code, out.data_ptr(), out.stride(0)
+            x.data_ptr(), n, hidden, code, out.data_ptr(), out.stride(0), out.shape[1]
         )
         return finite
     xf = x.to(torch.float32)
