@@ -87,20 +87,17 @@ def check_attention_to_ffn(
     `AFDInputError` naming the argument. The checks of types, shapes and the table are
     done once per distinct call structure (`_structure_key`); with `values`, the values
     (session, micro-batch and layer ids, the mask, the expert ids) on every call."""
-    key = _structure_key(
+    args = (
         x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
         ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape,
         moe_expert_num, scales, active_mask, quant_mode, sync_flag, ffn_start_rank_id,
     )  # fmt: skip
+    key = _structure_key(*args)
     hit = _a2f_structures.get(key) if key is not None else None
     if hit is not None and hit[0]() is expert_rank_table:
         layout, topology = hit[1], hit[2]
     else:
-        layout, topology = _check_attention_to_ffn_structure(
-            x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
-            ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape,
-            moe_expert_num, scales, active_mask, quant_mode, sync_flag, ffn_start_rank_id,
-        )  # fmt: skip
+        layout, topology = _check_attention_to_ffn_structure(*args)
         if key is not None:
             if len(_a2f_structures) > 64:
                 _a2f_structures.clear()

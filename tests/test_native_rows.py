@@ -184,8 +184,7 @@ def run_four_ops(quant: bool, seed: int) -> list[bytes]:
             for r in topology.ffn_ranks:
                 expert_num = max(1, len(local_experts(table, r)))
                 ctx = ref.context_for(group, r, expert_num).get_schedule_context_tensor()
-                for _ in range(m):  # the context polls micro-batch 0 first
-                    sc_put_polling(ctx, m)
+                sc_put_polling(ctx, m)  # a fresh context polls micro-batch 0
                 out = ref.npu_ffn_worker_batching(
                     ctx, expert_num, [sessions, bs, layout.slots, hidden],
                     token_dtype=code, need_schedule=1,

@@ -32,6 +32,7 @@ import traceback
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from typing import Any
 
@@ -432,6 +433,15 @@ class LocalWork:
         return max(1, round(median(ffn) / median(one)))
 
 
+def end_process(proc: BaseProcess) -> None:
+    """Wait for a bench's helper process to end (its work was stopped), killing it if it
+    does not within JOIN_TIMEOUT_S."""
+    proc.join(JOIN_TIMEOUT_S)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(JOIN_TIMEOUT_S)
+
+
 def _nothing() -> None:
     return None
 
@@ -491,10 +501,7 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
                 for rank in d.topology.ffn_ranks:
                     sc.put(group.context_storage(rank), sc.RUN_FLAG, 0)
         if proc is not None:
-            proc.join(JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(JOIN_TIMEOUT_S)
+            end_process(proc)
         for g in groups:
             g.close()
     steps = {m: median(s) for m, s in zip(depths, samples, strict=True)}

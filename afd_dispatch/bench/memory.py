@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 from afd_dispatch.bench.loop import (
-    JOIN_TIMEOUT_S,
     START_TIMEOUT_S,
     TINY,
     MoEShape,
     config_for,
+    end_process,
     make_banks,
     routing,
 )
@@ -261,10 +261,7 @@ def measure(
                 # a failure here left it waiting for micro-batches: end its waits
                 for g in groups:
                     sc.put(g.context_storage(dep.topology.ffn_ranks[0]), sc.RUN_FLAG, 0)
-            proc.join(JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(JOIN_TIMEOUT_S)
+            end_process(proc)
         for g in groups:
             g.close()
 

@@ -45,9 +45,8 @@ def _futex() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 def _futex_holding_the_gil() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     """The same syscall through `PyDLL`, which keeps the GIL: for FUTEX_WAKE, which never
-    blocks. Released, the GIL went to the thread just woken (an FFN worker thread beside
-    the attention rank), and the ringer waited for it through that thread's whole
-    micro-batch (a 630 us A2F where 100 us is the op)."""
+    blocks, so releasing the GIL around it would only invite the thread just woken (an
+    FFN worker thread beside the attention rank) to take it in the middle of the ring."""
     if _syscall is None:
         return None
     wake = ctypes.PyDLL(None, use_errno=True).syscall

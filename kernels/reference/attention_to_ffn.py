@@ -8,12 +8,7 @@ import torch
 
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
 from afd_dispatch.errors import AFDInputError, check
-from afd_dispatch.kernels.reference.rows import (
-    move_rows,
-    native_available,
-    quantize_into,
-    scatter_to_ffn,
-)
+from afd_dispatch.kernels.reference.rows import move_rows, native, native_available, quantize_into
 from afd_dispatch.layout import FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET, WindowLayout
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence, wait_until
@@ -115,7 +110,7 @@ def _send_native(
     views = {r: windows.ffn_views(r) for r in headers}
     tokens = x[0, :n]
     if layout.quant:
-        source, _ = _source_rows(tokens, layout, None, torch.empty(0))
+        source, _ = _source_rows(tokens, layout, None, None)
     else:
         source = tokens.contiguous()
     _wait_until_consumed(windows, views, call)
@@ -124,7 +119,8 @@ def _send_native(
     table = expert_rank_table[0].to(torch.int64).contiguous()
     touched = torch.zeros(len(headers), dtype=torch.uint8)
     row_bytes = source.shape[1] * source.element_size()
-    bad = scatter_to_ffn(
+    bad = native(
+        "a2f_scatter",
         source.data_ptr(), row_bytes, 0, n, layout.topk, layout.slots, ids.data_ptr(),
         ids.element_size(), call.moe_expert_num, table.data_ptr(), table.shape[0],
         table.shape[1], s, topology.ffn_start_rank_id, len(headers), data_rows.data_ptr(),
@@ -161,7 +157,7 @@ def _source_rows(
     tokens: torch.Tensor,
     layout: WindowLayout,
     scales: torch.Tensor | None,
-    global_ids: torch.Tensor,
+    global_ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, bool]:
     """The window rows to send: (rows, one row per slot?).
 
@@ -174,6 +170,7 @@ def _source_rows(
     per_slot = scales is not None
     rows = tokens.contiguous()
     if scales is not None:
+        assert global_ids is not None, "per-expert scales need each slot's expert"
         xf = tokens.to(torch.float32).unsqueeze(1) * scales[0, global_ids]
         rows = xf.reshape(-1, layout.hidden)
     packed = torch.empty(rows.shape[0], layout.row_elems, dtype=torch.int8)

@@ -8,11 +8,7 @@ import torch
 
 from afd_dispatch.contract import check_ffn_to_attention
 from afd_dispatch.errors import check
-from afd_dispatch.kernels.reference.rows import (
-    move_rows,
-    native_available,
-    scatter_to_attention,
-)
+from afd_dispatch.kernels.reference.rows import move_rows, native, native_available
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence
 
 
@@ -116,7 +112,8 @@ def _send_native(
         return False
     index, data_rows, info_rows, _views = targets  # the views keep the windows mapped
     touched = torch.zeros(data_rows.numel(), dtype=torch.uint8)
-    bad = scatter_to_attention(
+    bad = native(
+        "f2a_scatter",
         x.data_ptr(), layout.hidden * x.element_size(), n, *(t.data_ptr() for t in ids),
         index.data_ptr(), index.numel(), data_rows.data_ptr(), info_rows.data_ptr(),
         layout.micro_batches, layout.tokens, layout.slots, touched.data_ptr(),

@@ -25,12 +25,7 @@ import torch
 from afd_dispatch.contract import check_batching_call
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
-from afd_dispatch.kernels.reference.rows import (
-    gather_batch,
-    move_rows,
-    native_available,
-    output_buffer,
-)
+from afd_dispatch.kernels.reference.rows import move_rows, native, native_available, output_buffer
 from afd_dispatch.layout import (
     EMPTY_ID_THRESHOLD,
     EMPTY_LOCAL_ID,
@@ -261,7 +256,8 @@ def _gather_native(
     info = area.flags_and_ids  # int32 [A, M, width], contiguous
     width = info.shape[2]
     window_rows = torch.empty(y.shape[0], dtype=torch.int64)
-    n = gather_batch(
+    n = native(
+        "gather_batch",
         info[0, m].data_ptr(), area.sessions, area.micro_batches * width, SLOTS_OFFSET,
         area.tokens, area.slots, m, area.micro_batches, expert_num, EMPTY_ID_THRESHOLD,
         area.data.data_ptr(), area.token_size, y.shape[1] * y.element_size(), y.data_ptr(),

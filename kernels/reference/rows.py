@@ -129,28 +129,12 @@ def move_rows(
     _move_rows_torch(dst, dst_index, src, src_index, n)
 
 
-def scatter_to_ffn(*args: int) -> int:
-    """`_native.a2f_scatter` (see its comment in `_native.c`): only where
-    `native_available()`; -1, or the first slot whose table row or rank is out of range."""
+def native(name: str, *args: int) -> int:
+    """Call C loop `name` of `_native.c` (its comment there gives the arguments and what
+    the returned number means); only where `native_available()`."""
     assert _native is not None
-    bad: int = _native.a2f_scatter(*args)
-    return bad
-
-
-def gather_batch(*args: int) -> int:
-    """`_native.gather_batch` (see `_native.c`): only where `native_available()`; n, or
-    -1 - i for the first slot i with an id out of range (nothing written then)."""
-    assert _native is not None
-    n: int = _native.gather_batch(*args)
-    return n
-
-
-def scatter_to_attention(*args: int) -> int:
-    """`_native.f2a_scatter` (see `_native.c`): only where `native_available()`; -1, or
-    the first row whose ids are out of range (nothing written then)."""
-    assert _native is not None
-    bad: int = _native.f2a_scatter(*args)
-    return bad
+    result: int = getattr(_native, name)(*args)
+    return result
 
 
 def _int64(index: torch.Tensor) -> torch.Tensor:
