@@ -48,8 +48,8 @@ MAX_TOPK = 16
 MAX_SHARED_EXPERTS = 4
 A3_HIDDEN_RANGE = (1024, 8192)
 DEFAULT_HCCL_BUFFSIZE_MB = 200
-# The FFN journal (reference backend): header words, per-row fields, then a copy of one
-# micro-batch's info rows
+# The FFN journal (reference backend): header words, per-row fields, a copy of one
+# micro-batch's info rows, then each session's receipt count when the rank collected it
 JOURNAL_HEADER_WORDS = 6  # state, slot, layer, count, batched count before, micro-batch
 JOURNAL_ROW_FIELDS = 5  # session, micro-batch, token, slot, local expert id
 JOURNAL_EMPTY, JOURNAL_BATCHED, JOURNAL_COLLECTING = 0, 1, 2
@@ -201,19 +201,21 @@ class WindowLayout:
         """An FFN rank's journal: int32 header [state, slot, layer, count, batched count
         before, micro-batch]; [5, A*BS*E] per-row (session, micro-batch, token, slot, local
         expert id) of the batch it collected and has not given back; a copy of the info
-        rows [A, 2 + BS*E] of the micro-batch it is collecting."""
+        rows [A, 2 + BS*E] of the micro-batch it is collecting; [A] each session's receipt
+        count of that micro-batch (`attn_receipts_bytes`) when it was collected."""
         rows = self.sessions * self.tokens * self.slots
         return 4 * (
             JOURNAL_HEADER_WORDS
             + JOURNAL_ROW_FIELDS * rows
             + self.ffn_info_shape[0] * self.ffn_info_shape[2]
+            + self.sessions
         )
 
     def ffn_journal_views(
         self, storage: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(header int32 [6], rows int32 [5, A*BS*E], info copy int32 [A, 2 + BS*E]) over an
-        FFN rank's journal storage."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(header int32 [6], rows int32 [5, A*BS*E], info copy int32 [A, 2 + BS*E],
+        receipts int32 [A]) over an FFN rank's journal storage."""
         check(
             storage.dtype == torch.uint8 and storage.numel() == self.ffn_journal_bytes,
             "journal storage",
@@ -225,8 +227,18 @@ class WindowLayout:
         n = JOURNAL_ROW_FIELDS * self.sessions * self.tokens * self.slots
         header = words[:JOURNAL_HEADER_WORDS]
         rows = words[JOURNAL_HEADER_WORDS : JOURNAL_HEADER_WORDS + n].view(JOURNAL_ROW_FIELDS, -1)
-        info = words[JOURNAL_HEADER_WORDS + n :].view(a, width)
-        return header, rows, info
+        info_end = JOURNAL_HEADER_WORDS + n + a * width
+        info = words[JOURNAL_HEADER_WORDS + n : info_end].view(a, width)
+        return header, rows, info, words[info_end:]
+
+    @property
+    def attn_receipts_bytes(self) -> int:
+        """An attention rank's receipts (reference backend: crash recovery, nothing of
+        A3's): int32 [M], per micro-batch the number of results it began to combine. The
+        rank counts one before combine clears the result flags, so an FFN rank's successor
+        can tell a result that was delivered and consumed from one never delivered (both
+        leave the flags 0)."""
+        return 4 * self.micro_batches
 
     @property
     def ffn_scheduler_buffer_bytes(self) -> tuple[int, int, int, int]:

@@ -517,6 +517,123 @@ def test_worker_that_died_while_collecting_is_redone_by_its_successor(
         ]
 
 
+class CutF2A:
+    """The reference ops, except that `npu_ffn_to_attention` delivers only the rows
+    `delivers(row, session)` picks, and records how many rows each session got; with
+    `dies`, it then raises `Killed`, as a process killed halfway through giving a
+    micro-batch back (some result rows and flags written, the journal not cleared)."""
+
+    def __init__(self, inner: Any, delivers: Any = lambda i, s: True, dies: bool = False) -> None:
+        self.inner, self.delivers, self.dies = inner, delivers, dies
+        self.rows_per_session: list[dict[int, int]] = []  # per call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def npu_ffn_to_attention(self, x: torch.Tensor, *ids_count: Any, **kwargs: Any) -> None:
+        ids, count, rest = ids_count[:4], ids_count[4], ids_count[5:]
+        sessions = ids[0][: int(count[0])].tolist()
+        picked = [i for i, s in enumerate(sessions) if self.delivers(i, s)]
+        self.rows_per_session.append(
+            {s: sum(sessions[i] == s for i in picked) for s in sorted(set(sessions))}
+        )
+        index = torch.tensor(picked, dtype=torch.int64)
+        self.inner.npu_ffn_to_attention(
+            x.index_select(0, index), *(t.index_select(0, index) for t in ids),
+            torch.tensor([len(picked)]), *rest, **kwargs,
+        )  # fmt: skip
+        if self.dies:
+            raise Killed
+
+
+# Which rows a worker killed inside give-back had delivered (row index, session)
+GIVE_BACK_CUTS = {
+    "nothing": lambda i, s: False,
+    "first_half": lambda i, s: i % 2 == 0,
+    "everything": lambda i, s: True,
+    "session_0_only": lambda i, s: s == 0,
+}
+
+
+@pytest.mark.parametrize(
+    ("cut", "session_0_moves_on"),
+    # session 0 can combine (and move on) only once all of its rows arrived
+    [(cut, False) for cut in GIVE_BACK_CUTS] + [("everything", True), ("session_0_only", True)],
+)
+@pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
+def test_worker_killed_while_giving_back_redelivers_only_what_never_arrived(
+    model: TinyMoEModel, window_groups: str, cut: str, session_0_moves_on: bool
+) -> None:
+    """Two sessions. FFN worker 1 dies inside `npu_ffn_to_attention` of slot 1, having
+    delivered some of its rows. If session 0 got all of its rows it may combine them and
+    send its next micro-batches, into the very window cells the dead batch came from,
+    before a successor starts. The successor gives back only the rows that never arrived:
+    every session gets each micro-batch's exact result once, and no session gets results
+    it has already combined again (a second delivery would pose as its next micro-batch's
+    results)."""
+    cfg = config(
+        2, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
+        window_groups=window_groups,
+    )  # fmt: skip
+    reference = colocated(model)
+    inputs = {(s, i): moe_inputs(model, 3, seed=10 * s + i) for s in range(2) for i in range(6)}
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        endpoints = [AttentionEndpoint(dep, s) for s in range(2)]
+
+        def send(slot: int, layer: int, i: int, sessions: tuple[int, ...] = (0, 1)) -> None:
+            for s in sessions:
+                endpoints[s].send(slot, layer, *inputs[s, i])
+
+        def receive(slot: int, layer: int, i: int, sessions: tuple[int, ...] = (0, 1)) -> None:
+            for s in sessions:
+                got = endpoints[s].receive(slot)
+                assert torch.equal(got, reference.moe(layer, *inputs[s, i])), (s, slot, i)
+
+        first = FFNWorker(dep, 0, banks(model))
+        send(0, 0, 0)
+        first.serve_one()
+        receive(0, 0, 0)
+        send(1, 0, 1)
+        dying = first.link.ops = CutF2A(first.link.ops, GIVE_BACK_CUTS[cut], dies=True)
+        with pytest.raises(Killed):
+            first.serve_one()
+        (delivered,) = dying.rows_per_session
+        del first
+        gc.collect()
+        if session_0_moves_on:  # combine slot 1, then refill slot 0 and slot 1's cells
+            receive(1, 0, 1, sessions=(0,))
+            send(0, 1, 2, sessions=(0,))
+            send(1, 1, 3, sessions=(0,))
+
+        second = FFNWorker(dep, 0, banks(model))
+        recording = second.link.ops = CutF2A(second.link.ops)
+        if cut == "everything":
+            assert second.link.pending() is None  # all of it arrived: nothing to redo
+        else:
+            assert second.serve_one() > 0  # slot 1 again
+            (redelivered,) = recording.rows_per_session
+            total = {s: 3 * 3 for s in (0, 1)}  # K routed + 1 shared row per token
+            assert redelivered == {s: total[s] - delivered.get(s, 0) for s in redelivered}
+            assert set(redelivered) | {s for s, n in delivered.items() if n == total[s]} == {0, 1}
+        if session_0_moves_on:  # its new slot 1 is not served: no result may pose as it
+            channel = dep.channels[1]
+            flags, _ = get_window_group(channel.group).attn_views(endpoints[0].rank)
+            tokens = inputs[0, 3][0].shape[0]  # (rows past them are A2F's padding, flagged)
+            assert int(flags[channel.micro_batch, :tokens].count_nonzero()) == 0
+        receive(1, 0, 1, sessions=(1,) if session_0_moves_on else (0, 1))
+        if not session_0_moves_on:
+            send(0, 1, 2, sessions=(0,))
+        send(0, 1, 2, sessions=(1,))
+        assert second.serve_one() > 0  # slot 0
+        receive(0, 1, 2)
+        if not session_0_moves_on:
+            send(1, 1, 3, sessions=(0,))
+        send(1, 1, 3, sessions=(1,))
+        assert second.serve_one() > 0  # slot 1
+        receive(1, 1, 3)
+        assert FFNWorker(dep, 0, banks(model)).link.pending() is None
+
+
 def test_fresh_windows_start_at_slot_zero(model: TinyMoEModel) -> None:
     """A worker on new windows starts at slot 0 even where a context storage was used
     before (the windows of a group are zeroed at creation)."""

@@ -45,8 +45,9 @@ def _contexts(
 
 class ReferenceAttentionLink(AttentionLink):
     """Attention rank `session` of `deployment`. `ops`: the module whose
-    `npu_attention_to_ffn` / `npu_attention_worker_combine` run (default: the reference's;
-    benchmarks pass a timed wrapper of it)."""
+    `npu_attention_to_ffn` / `npu_attention_worker_combine` run, with the wait before
+    combine, `wait_for_next_results` (default: the reference's; benchmarks pass a timed
+    wrapper of it)."""
 
     def __init__(self, deployment: Deployment, session: int, ops: Any = None) -> None:
         self.deployment = deployment
@@ -64,6 +65,9 @@ class ReferenceAttentionLink(AttentionLink):
         self._layer_id = self._layer.numpy()  # same memory: a store without a torch call
         self._shapes = deployment.layout.op_shapes
         self._token_dtype = token_dtype_code(deployment.layout.dtype)
+        self._receipts = [
+            get_window_group(c.group).receipts(self.rank).numpy() for c in deployment.channels
+        ]
 
     def send(
         self,
@@ -86,6 +90,13 @@ class ReferenceAttentionLink(AttentionLink):
 
     def receive(self, slot: int, layer: int, expert_scales: torch.Tensor) -> torch.Tensor:
         self._layer_id[0] = layer
+        # Count the receipt before combine clears the flags: an FFN rank's successor reads
+        # flags 0 and this count unchanged as "never delivered" (`ReferenceFFNLink.pending`).
+        hidden = self.deployment.layout.hidden
+        ctx, token_dtype = self._ctx[slot], self._token_dtype
+        m = self.ops.wait_for_next_results(ctx, expert_scales, hidden, token_dtype)
+        self._receipts[slot][m] += 1
+        store_fence()
         y, _ = self.ops.npu_attention_worker_combine(
             self._ctx[slot], expert_scales, self._layer, self.deployment.layout.hidden,
             token_dtype=self._token_dtype, need_schedule=1,
@@ -117,6 +128,14 @@ class ReferenceFFNLink(FFNLink):
             name: layout.ffn_journal_views(get_window_group(name).journal_storage(rank))
             for name in deployment.group_names
         }
+        # Each session's receipt counts per group (`WindowGroup.receipts`), read-only here
+        self._receipts = {
+            name: [
+                get_window_group(name).receipts(r).numpy()
+                for r in deployment.topology.attention_ranks
+            ]
+            for name in deployment.group_names
+        }
 
     def collect(self, slot: int) -> Batch:
         ctx = self._ctx[slot]
@@ -127,7 +146,7 @@ class ReferenceFFNLink(FFNLink):
         n = int(count[0])
         quant = self.deployment.layout.quant
         rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]
-        handle = (sessions, mbs, tokens, offsets, count)
+        handle = (sessions, mbs, tokens, offsets, count, None)
         batch = Batch(rows, groups, last_batched_layer(ctx), n, handle)
         if n:
             self._journal(slot, batch)
@@ -136,7 +155,13 @@ class ReferenceFFNLink(FFNLink):
         return batch
 
     def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
-        sessions, mbs, tokens, offsets, count = batch.handle
+        sessions, mbs, tokens, offsets, count, undelivered = batch.handle
+        if undelivered is not None:  # a predecessor's batch: only what never arrived
+            out = out[: batch.count].index_select(0, undelivered)
+            sessions, mbs, tokens, offsets = (
+                t.index_select(0, undelivered) for t in (sessions, mbs, tokens, offsets)
+            )
+            count = torch.tensor([undelivered.numel()], dtype=torch.int64)
         self.ops.npu_ffn_to_attention(
             out, sessions, mbs, tokens, offsets, count, self.deployment.channels[slot].group,
             self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
@@ -153,19 +178,23 @@ class ReferenceFFNLink(FFNLink):
         m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
         wait_for_micro_batch(ctx, area, m)
         assert area.info is not None
-        header, _, info = self._journals[self.deployment.channels[slot].group]
+        group = self.deployment.channels[slot].group
+        header, _, info, receipts = self._journals[group]
         header[0] = JOURNAL_EMPTY
         store_fence()
         info.copy_(area.info[:, m])
+        # Every session has sent micro-batch m, so each has counted its last receipt of m
+        # and counts the next only once this rank's results are back: stable until then.
+        receipts.numpy()[:] = [r[m] for r in self._receipts[group]]
         header.numpy()[1:] = (slot, 0, 0, batched_micro_batches(ctx), m)
         store_fence()  # the copy is whole before it counts
         header[0] = JOURNAL_COLLECTING
 
     def _journal(self, slot: int, batch: Batch) -> None:
         """Record `batch` (where each row came from, its expert) before any expert runs."""
-        header, rows, _ = self._journals[self.deployment.channels[slot].group]
+        header, rows, _, _ = self._journals[self.deployment.channels[slot].group]
         n = batch.count
-        sessions, mbs, tokens, offsets, _ = batch.handle
+        sessions, mbs, tokens, offsets, _, _ = batch.handle
         experts = batch.group_list[:, 0].repeat_interleave(batch.group_list[:, 1])
         for field, values in enumerate((sessions, mbs, tokens, offsets, experts)):
             rows[field, :n] = values[:n]
@@ -174,13 +203,20 @@ class ReferenceFFNLink(FFNLink):
         header[0] = JOURNAL_BATCHED
 
     def pending(self) -> tuple[int, Batch] | None:
-        """The micro-batch a predecessor journaled and never gave back, rebuilt from the
-        journal and the window's rows (which stay until the attention side has every
-        result of that slot, so they are still there)."""
+        """The micro-batch a predecessor journaled and did not finish giving back, rebuilt
+        from the journal and the window's rows, or None.
+
+        The predecessor may have died anywhere in `give_back`, so each row is given back
+        again only if it never arrived: its result flag is still 0 and its session has not
+        counted a receipt of the micro-batch since it was collected. Neither can change
+        under us (the session waits for this flag before it counts), and a session that
+        counted has combined the results and may be sending new rows into the same window
+        cells, so nothing of it is read or written. The experts still run on the whole
+        batch, so every row's result is the one the predecessor computed."""
         channels = self.deployment.channels
         for name in self.deployment.group_names:
             self._undo_consumed(name)
-        batched = [name for name, (header, _, _) in self._journals.items() if int(header[0])]
+        batched = [name for name, (header, *_) in self._journals.items() if int(header[0])]
         check(
             len(batched) <= 1,
             f"journals of FFN rank {self.rank}",
@@ -188,7 +224,7 @@ class ReferenceFFNLink(FFNLink):
             batched,
         )
         for name in batched:
-            header, rows, _ = self._journals[name]
+            header, rows, _, _ = self._journals[name]
             check(int(header[0]) == JOURNAL_BATCHED, "journal state", "0 or 1", int(header[0]))
             slot, layer, n = (int(v) for v in header[1:4])
             mine = [i for i, c in enumerate(channels) if c.group == name]
@@ -196,7 +232,11 @@ class ReferenceFFNLink(FFNLink):
             layout = self.deployment.layout
             check(0 <= n <= rows.shape[1], "journal count", f"[0, {rows.shape[1]}]", n)
             session, mb, token, where, expert = (rows[f, :n].long() for f in range(5))
-            group = get_window_group(self.deployment.channels[slot].group)
+            undelivered = self._undelivered(name, session, mb, token, where)
+            if undelivered.numel() == 0:
+                header[0] = JOURNAL_EMPTY  # all of it arrived: nothing to redo
+                return None
+            group = get_window_group(name)
             _, data = group.ffn_views(self.rank)
             picked = data[session, mb, token, where]  # (n, HS)
             if layout.quant:
@@ -215,8 +255,35 @@ class ReferenceFFNLink(FFNLink):
             for out, values in zip(handle, (session, mb, token, where), strict=True):
                 out[:n] = values
             count = torch.tensor([n], dtype=torch.int64)
-            return slot, Batch(batch_rows, group_list, layer, n, (*handle, count))
+            redo = None if undelivered.numel() == n else undelivered
+            return slot, Batch(batch_rows, group_list, layer, n, (*handle, count, redo))
         return None
+
+    def _undelivered(
+        self,
+        name: str,
+        session: torch.Tensor,
+        mb: torch.Tensor,
+        token: torch.Tensor,
+        where: torch.Tensor,
+    ) -> torch.Tensor:
+        """Indices (int64) of the journaled rows of group `name` whose results never
+        reached their session (see `pending`)."""
+        group = get_window_group(name)
+        _, _, _, at_collect = self._journals[name]
+        micro_batch = int(self._journals[name][0][5])
+        ranks = self.deployment.topology.attention_ranks
+        arrived = torch.ones(session.numel(), dtype=torch.bool)
+        for s in torch.unique(session).tolist():
+            check(
+                0 <= s < len(ranks), f"journal session of group {name!r}", f"[0, {len(ranks)})", s
+            )
+            rows = (session == s).nonzero().flatten()
+            if self._receipts[name][s][micro_batch] != int(at_collect[s]):
+                continue  # combined: these cells may hold its next micro-batch by now
+            flags, _ = group.attn_views(ranks[s])
+            arrived[rows] = flags[mb[rows], token[rows], where[rows]] == 1
+        return (~arrived).nonzero().flatten()
 
     def _undo_consumed(self, name: str) -> None:
         """A predecessor died while collecting from group `name`: put the micro-batch's info
@@ -228,7 +295,7 @@ class ReferenceFFNLink(FFNLink):
         batching is restored, not a guess at which steps ran. That is safe: no attention
         rank rewrites the micro-batch before its results come back, so these rows are still
         the ones it sent."""
-        header, _, info = self._journals[name]
+        header, _, info, _ = self._journals[name]
         if int(header[0]) != JOURNAL_COLLECTING:
             return
         slot, before, m = int(header[1]), int(header[4]), int(header[5])

@@ -102,6 +102,19 @@ class WindowGroup:
         start = align512(_window_bytes(self.spec, rank)) + CONTEXT_STORAGE_BYTES
         return self._transport.window(rank)[start : start + self.layout.ffn_journal_bytes]
 
+    def receipts(self, rank: int) -> torch.Tensor:
+        """Attention `rank`'s receipt counts, int32 [M] (`WindowLayout.attn_receipts_bytes`),
+        after its context storage: written by that rank, read by FFN ranks' successors."""
+        check(
+            not self.topology.is_ffn(rank),
+            "rank",
+            f"an attention rank of group {self.name!r}",
+            rank,
+        )
+        start = align512(_window_bytes(self.spec, rank)) + CONTEXT_STORAGE_BYTES
+        end = start + self.layout.attn_receipts_bytes
+        return self._transport.window(rank)[start:end].view(torch.int32)
+
     def doorbell(self, rank: int) -> Doorbell | None:
         """The doorbell of `rank`'s window (`afd_dispatch.windows.doorbell`), after its
         context storage and journal; None for windows given by someone else, which have
@@ -334,11 +347,13 @@ def _role_bytes(topology: RankTopology, layout: WindowLayout, rank: int) -> int:
 
 def _allocation_sizes(topology: RankTopology, layout: WindowLayout) -> list[int]:
     """Per rank: its window, then (512-aligned) room for one schedule context; an FFN rank's
-    journal after that; its doorbell last."""
+    journal or an attention rank's receipts after that; its doorbell last."""
     return [
         align512(_role_bytes(topology, layout, rank))
         + CONTEXT_STORAGE_BYTES
-        + (align512(layout.ffn_journal_bytes) if topology.is_ffn(rank) else 0)
+        + align512(
+            layout.ffn_journal_bytes if topology.is_ffn(rank) else layout.attn_receipts_bytes
+        )
         + DOORBELL_BYTES
         for rank in range(topology.world_size)
     ]

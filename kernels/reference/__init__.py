@@ -8,6 +8,7 @@ Each op is the registered custom op `torch.ops.afd.<name>`, with torch_npu's sch
 import torch
 
 from afd_dispatch.kernels.reference import ops as _ops  # noqa: F401  (registers torch.ops.afd)
+from afd_dispatch.kernels.reference.attention_worker_combine import wait_for_next_results
 from afd_dispatch.kernels.reference.quant import dequantize_rows, quantize_rows
 from afd_dispatch.kernels.reference.schedule_context import (
     ScheduleContextHolder,
@@ -40,4 +41,5 @@ __all__ = [
     "npu_ffn_to_attention",
     "npu_ffn_worker_batching",
     "quantize_rows",
+    "wait_for_next_results",
 ]

@@ -138,11 +138,8 @@ def attention_worker_combine(
         expert_scales, layer_id, hidden_size, token_dtype, need_schedule
     )
     dtype = dtype_of_code(token_dtype)
-    micro_batches, rows, flags = sc.resolved(
-        ctx,
-        (sc.COUNTS_BYTES, sc.ATTN_ADDRESS_BYTES),
-        ("combine", tokens, topk, hidden_size, dtype, bool(need_schedule)),
-        lambda: _combine_area(ctx, tokens, topk, hidden_size, dtype, bool(need_schedule)),
+    micro_batches, rows, flags = _resolved_area(
+        ctx, tokens, topk, hidden_size, dtype, bool(need_schedule)
     )
     last = sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, micro_batches)
     if flags is not None:
@@ -155,6 +152,37 @@ def attention_worker_combine(
         flags.cells[m] = 0
         sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return y, layer_id + 1
+
+
+def wait_for_next_results(
+    schedule_context: torch.Tensor, expert_scales: torch.Tensor, hidden_size: int, token_dtype: int
+) -> int:
+    """Wait as `attention_worker_combine(..., need_schedule=1)` with these arguments would,
+    until every result of the micro-batch it combines next has arrived, and return that
+    micro-batch's index; nothing is changed. A caller that must act between the results'
+    arrival and combine clearing their flags (the reference link's receipts) calls this
+    first; combine then finds the flags set."""
+    ctx = schedule_context
+    tokens, topk = expert_scales.shape
+    micro_batches, _, flags = _resolved_area(
+        ctx, tokens, topk, hidden_size, dtype_of_code(token_dtype), True
+    )
+    assert flags is not None
+    m = (sc.index_field(ctx, sc.ATTN_MICRO_BATCH_ID, micro_batches) + 1) % micro_batches
+    wait_for_results(ctx, flags, m)
+    return m
+
+
+def _resolved_area(
+    ctx: torch.Tensor, tokens: int, topk: int, hidden: int, dtype: torch.dtype, with_flags: bool
+) -> tuple[int, torch.Tensor, Flags | None]:
+    """`_combine_area`, kept while the context's counts and addresses stay the same."""
+    return sc.resolved(
+        ctx,
+        (sc.COUNTS_BYTES, sc.ATTN_ADDRESS_BYTES),
+        ("combine", tokens, topk, hidden, dtype, with_flags),
+        lambda: _combine_area(ctx, tokens, topk, hidden, dtype, with_flags),
+    )
 
 
 def _combine_area(
