@@ -222,6 +222,11 @@ def test_loop_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert close(row["value"], many / (one / 2)), row
         assert close(m["speedup"], one / many), row
         assert m.get("other_load_cores", 0.0) >= 0
+        busy = (m["attn_busy_ms"], m["ffn_busy_ms"])
+        assert all(b > 0 for b in busy), row
+        # the floor is the busier side plus a share of the other, over the same ideal
+        floor_ms = m["floor"] * one / 2
+        assert max(busy) < floor_ms <= max(busy) + min(busy) / 2 + 1e-9, row
     assert rows["pipeline_m2"]["target"] == {"op": "<=", "bound": 1.2}
     m = rows["compiled_call_overhead"]["metrics"]
     assert all(m[k] > 0 for k in ("raw_ops_us", "eager_us", "compiled_us", "compile_s"))

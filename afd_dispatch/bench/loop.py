@@ -48,6 +48,7 @@ from afd_dispatch.bench.report import (
     median,
     peak_rss_row,
     process_memory,
+    process_run_s,
     timed,
     torch_threads,
 )
@@ -493,9 +494,13 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
             ]
             for m in depths
         }
+        assert proc.pid is not None
+        meters = {m: CpuMeter(proc.pid) for m in depths}
         cases = [(_nothing, local.attention_step), (_nothing, local.experts_step)]
-        cases += [(_nothing, _step(model, endpoints[m], states[m])) for m in depths]
-        with OtherLoad([proc.pid] if proc.pid is not None else []) as load:
+        cases += [
+            (_nothing, meters[m].metered(_step(model, endpoints[m], states[m]))) for m in depths
+        ]
+        with OtherLoad([proc.pid]) as load:
             attn_samples, ffn_samples, *samples = interleaved(cases, repeat)
         # read while it is alive: its /proc entry goes with it
         ffn_memory = process_memory(proc.pid) if proc.pid is not None else None
@@ -514,6 +519,11 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
     ideal = steps[1] / 2
     rows = []
     for m in depths[1:]:
+        busy_attn, busy_ffn = meters[m].medians()
+        # Even with waits free, each side is busy for its own CPU time, and idles while
+        # the other does the step's first (attention) or last (FFN) of L * M units
+        units = shape.layers * m
+        floor = max(busy_attn, busy_ffn) + min(busy_attn, busy_ffn) / units
         rows.append(
             Row(
                 name=f"pipeline_m{m}",
@@ -523,6 +533,11 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
                     f"step time with M={m} in flight / (M=1 step time / 2); 1.0 = attention "
                     "and experts fully overlapped; attn_only / experts_only: each side's "
                     "compute of a step run alone, without AFD, in the same rounds; "
+                    "attn_busy / ffn_busy: CPU time of the attention thread and of the FFN "
+                    "process per step of this M (AFD's copies and host code included); "
+                    "floor: the step this M cannot beat over the same ideal, the busier "
+                    "side's CPU time plus one of the other side's L*M units (pipeline fill "
+                    "and drain); "
                     "other_load_cores: cores other processes kept busy meanwhile "
                     f"(H={shape.hidden}, {shape.tokens} tokens, "
                     f"K={shape.topk}, {shape.experts} experts of {shape.intermediate}, "
@@ -534,6 +549,9 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
                     "speedup": steps[1] / steps[m],
                     "attn_only_ms": attn_s * 1e3,
                     "experts_only_ms": ffn_s * 1e3,
+                    "attn_busy_ms": busy_attn * 1e3,
+                    "ffn_busy_ms": busy_ffn * 1e3,
+                    "floor": floor / ideal,
                 }
                 | ({"other_load_cores": load.cores} if math.isfinite(load.cores) else {}),
                 target=Target("<=", PIPELINE_TARGET) if m == 2 else None,
@@ -548,6 +566,27 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
             )
         )
     return rows
+
+
+class CpuMeter:
+    """CPU seconds per call of a wrapped step: this thread's (`time.thread_time`) and the
+    FFN process `pid`'s (`report.process_run_s`), the first call dropped (warm-up)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+
+    def metered(self, step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            own, ffn = time.thread_time(), process_run_s(self.pid)
+            step()
+            self.samples.append((time.thread_time() - own, process_run_s(self.pid) - ffn))
+
+        return run
+
+    def medians(self) -> tuple[float, float]:
+        kept = self.samples[1:] or self.samples
+        return median([a for a, _ in kept]), median([f for _, f in kept])
 
 
 def _step(

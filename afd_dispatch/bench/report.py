@@ -290,6 +290,20 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_run_s(pid: int) -> float:
+    """Seconds a live process's threads have run on a CPU, to the nanosecond: the sum of
+    `/proc/PID/task/*/schedstat` first fields (user + system ticks where that is missing,
+    NaN where neither is readable)."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as fh:
+                total += int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _process_cpu_s(pid)
+    return total / 1e9
+
+
 @dataclass(frozen=True)
 class ProcessMemory:
     """A process's resident set in MB (10^6 bytes): `peak_mb` its high-water mark since it
