@@ -149,6 +149,57 @@ def test_refusal_reaches_the_attention_side_naming_rank_and_reason(model: TinyMo
             assert torch.equal(got, expected(model, 0, x, ids, w))
 
 
+def desynchronised(endpoints: list[AttentionEndpoint], dep: Deployment, x, ids, w) -> None:  # type: ignore[no-untyped-def]
+    """Session 0 sends layer 0, session 1 layer 1, into the same slot."""
+    endpoints[0].send(0, 0, x, ids, w)
+    endpoints[1].send(0, 1, x, ids, w)
+
+
+def bad_local_id(endpoints: list[AttentionEndpoint], dep: Deployment, x, ids, w) -> None:  # type: ignore[no-untyped-def]
+    """Both send layer 1; then a slot id in FFN rank 0's window is corrupted."""
+    for e in endpoints:
+        e.send(0, 1, x, ids, w)
+    info, _ = get_window_group(dep.channels[0].group).ffn_views(dep.topology.ffn_ranks[0])
+    slots = info[1, 0, 2:]
+    slots[int((slots < 1_000_000).nonzero()[0])] = 99  # > expert_num, < the empty mark
+
+
+@pytest.mark.parametrize("bad", [desynchronised, bad_local_id], ids=lambda f: f.__name__)
+def test_a_micro_batch_batching_refuses_is_answered_and_serving_goes_on(
+    model: TinyMoEModel, bad: Callable[..., None]
+) -> None:
+    """A complete micro-batch whose window contents batching refuses (sessions that
+    disagree on the layer; a local expert id out of range) is answered with zeros to every
+    session and consumed, reported on the board, and the worker goes on: before, the
+    worker's link failed on it, and a restarted worker met it again until its restart
+    budget was spent."""
+    cfg = config(2, 1, micro_batch_num=1, max_tokens_per_micro_batch=4)
+    x, ids, w = inputs(model, 3, seed=3)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        board = HealthBoard.create(dep.topology, "inproc")
+        worker = FFNWorker(dep, dep.topology.ffn_ranks[0], banks(model), health=board)
+        endpoints = [AttentionEndpoint(dep, s, health=board) for s in range(2)]
+        thread = RankThread("ffn-0", worker.run)
+        thread.start()
+        try:
+            bad(endpoints, dep, x, ids, w)
+            rank = dep.topology.ffn_ranks[0]
+            for e in endpoints:
+                with pytest.raises(AFDRefusedError, match=rf"FFN rank {rank}: AFDInputError.*"):
+                    e.receive(0)
+            health = board.ffn(rank)
+            assert (health.refusals, health.refused_layer, health.link_failures) == (1, -1, 0)
+            assert thread.is_alive() and thread.error is None
+            for e in endpoints:  # the next micro-batch is served exactly
+                e.send(0, 1, x, ids, w)
+            for e in endpoints:
+                assert torch.equal(e.receive(0), expected(model, 1, x, ids, w))
+        finally:
+            worker.stop()
+            thread.join(10.0)
+        thread.outcome(0)
+
+
 def test_pipelined_refusal_raises_at_the_refused_slot_only(model: TinyMoEModel) -> None:
     """M = 2, send/receive interleaved: slot 0 (layer 0) is served, slot 1 (layer 1) is
     refused by rank 1; receive(0) returns slot 0's exact result, receive(1) raises."""

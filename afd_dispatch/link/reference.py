@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import check
+from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.kernels.reference.ffn_worker_batching import ffn_area, wait_for_micro_batch
@@ -23,9 +23,13 @@ from afd_dispatch.kernels.reference.schedule_context import (
     last_batched_layer,
 )
 from afd_dispatch.layout import (
+    EMPTY_ID_THRESHOLD,
+    EMPTY_LOCAL_ID,
+    FLAG_OFFSET,
     JOURNAL_BATCHED,
     JOURNAL_COLLECTING,
     JOURNAL_EMPTY,
+    SLOTS_OFFSET,
     TOKEN_DTYPE_INT8,
     token_dtype_code,
 )
@@ -137,12 +141,21 @@ class ReferenceFFNLink(FFNLink):
             for name in deployment.group_names
         }
 
+    refuses_bad_micro_batches = True
+
     def collect(self, slot: int) -> Batch:
         ctx = self._ctx[slot]
         self._before_batching(slot)
-        y, groups, sessions, mbs, tokens, offsets, scales, count = self.ops.npu_ffn_worker_batching(
-            ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype, need_schedule=1
-        )
+        try:
+            y, groups, sessions, mbs, tokens, offsets, scales, count = (
+                self.ops.npu_ffn_worker_batching(
+                    ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype,
+                    need_schedule=1,
+                )
+            )  # fmt: skip
+        except AFDInputError:  # the window's contents: put them back as they were, for refuse
+            self._undo_consumed(self.deployment.channels[slot].group)
+            raise
         n = int(count[0])
         quant = self.deployment.layout.quant
         rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]
@@ -168,6 +181,39 @@ class ReferenceFFNLink(FFNLink):
             self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
         )  # fmt: skip
         self._journals[self.deployment.channels[slot].group][0][0] = JOURNAL_EMPTY
+
+    def refuse(self, slot: int) -> int:
+        """See `FFNLink.refuse`. Every slot of the micro-batch that holds an id (valid or
+        not) is answered, since the attention side waits for each such slot's flag. The
+        micro-batch is consumed and the journal cleared before the answer: a death while
+        answering leaves the sessions to their deadline, never a replay."""
+        group_name = self.deployment.channels[slot].group
+        self._before_batching(slot)
+        header, _, info, _ = self._journals[group_name]
+        ctx = self._ctx[slot]
+        area = ffn_area(ctx, with_info=True)
+        m = int(header[5])
+        layout = self.deployment.layout
+        ids = info[:, SLOTS_OFFSET:].reshape(layout.sessions, layout.tokens, layout.slots)
+        session, token, where = (ids < EMPTY_ID_THRESHOLD).nonzero(as_tuple=True)
+        assert area.info is not None
+        window = area.info[:, m]
+        window[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
+        store_fence()  # slots are empty again before a sender may see the free flag
+        window[:, FLAG_OFFSET] = 0
+        sc.advance_polling_index(ctx, m, area.micro_batches, last_batched_layer(ctx))
+        store_fence()
+        header[0] = JOURNAL_EMPTY
+        n = session.numel()
+        if n:
+            zeros = torch.zeros(n, layout.hidden, dtype=layout.dtype)
+            self.ops.npu_ffn_to_attention(
+                zeros, session.int(), torch.full((n,), m, dtype=torch.int32), token.int(),
+                where.int(), torch.tensor([n]), group_name, self.deployment.topology.world_size,
+                self._shapes["token_info_table_shape"], self._shapes["token_data_shape"],
+                attn_rank_table=self._attn_ranks,
+            )  # fmt: skip
+        return n
 
     def _before_batching(self, slot: int) -> None:
         """Wait (as batching would) until every session flagged the micro-batch the context

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import AFDTimeoutError, check
+from afd_dispatch.errors import AFDInputError, AFDTimeoutError, check
 from afd_dispatch.link import Batch, FFNLink, ffn_link
 from afd_dispatch.runtime.checkpoint import (
     SharedExpertWeights,
@@ -133,6 +133,14 @@ class FFNWorker:
                 batch, self._pending = self._pending[1], None
             else:
                 batch = self.link.collect(micro_batch)
+        except AFDInputError as exc:  # a bad micro-batch, not a bad worker: answer, go on
+            self.tracer.record("batch", batch_start, time.monotonic_ns(), -1, micro_batch)
+            if not self.link.refuses_bad_micro_batches:
+                raise
+            self._report_refusal(-1, micro_batch, exc)
+            self.link.refuse(micro_batch)
+            self._cursor = (micro_batch + 1) % len(self.deployment.channels)
+            return 0
         except BaseException:
             self.tracer.record("batch", batch_start, time.monotonic_ns(), -1, micro_batch)
             raise
@@ -147,23 +155,24 @@ class FFNWorker:
             with self.tracer.span("experts", layer, micro_batch):
                 self._out[:n] = self._experts(batch)
         except Exception as exc:  # this message is bad, not the worker: answer, report, go on
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error(
-                "FFN rank %d refuses layer %d, micro-batch slot %d: %s",
-                self.rank,
-                layer,
-                micro_batch,
-                reason,
-            )
-            if self.health is not None:
-                self.health.report_refusal(self.rank, layer, micro_batch, reason)
+            self._report_refusal(layer, micro_batch, exc)
             self._out[:n] = 0
-            self.tracer.count("micro_batches_refused_total")
         with self.tracer.span("return", layer, micro_batch):
             self.link.give_back(micro_batch, batch, self._out)
         self.tracer.count("rows_served_total", n)
         self.tracer.count("micro_batches_served_total")
         return n
+
+    def _report_refusal(self, layer: int, micro_batch: int, exc: Exception) -> None:
+        """Log and count a micro-batch this rank answers with zeros (`layer` -1: its
+        layer ids were refused), and put it on the health board before the answer goes
+        out, so the attention side finds it there when the zeros arrive."""
+        reason = f"{type(exc).__name__}: {exc}"
+        what = f"layer {layer}, micro-batch slot" if layer >= 0 else "micro-batch slot"
+        log.error("FFN rank %d refuses %s %d: %s", self.rank, what, micro_batch, reason)
+        if self.health is not None:
+            self.health.report_refusal(self.rank, layer, micro_batch, reason)
+        self.tracer.count("micro_batches_refused_total")
 
     def _experts(self, batch: Batch) -> torch.Tensor:
         bank = self.banks.get(batch.layer)
