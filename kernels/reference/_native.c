@@ -308,6 +308,32 @@ static PyObject *f2a_scatter(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(bad);
 }
 
+/* How many rows ahead gather_batch asks for a window row before it copies it. */
+#define GATHER_AHEAD_ROWS 4
+
+/* Row copy of gather_batch: memcpy(dst, src, n), after a hint for the row it copies
+ * GATHER_AHEAD_ROWS later (`ahead`, `ahead_bytes` long; NULL: none): a prefetch of one
+ * cache line in each 4 KiB page of it. The rows sit scattered in the window and the
+ * hardware prefetcher starts afresh at every page, so without the hint each page of each
+ * row begins with a full memory latency. Prefetching whole rows, or non-temporal stores
+ * (the output is reused while still in cache), measured slower. A prefetch never faults
+ * and writes nothing: the output is the same bytes either way. */
+static inline void gather_row(char *restrict dst, const char *restrict src, size_t n,
+                              const char *ahead, size_t ahead_bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    if (ahead != NULL) {
+        uintptr_t first = (uintptr_t)ahead, end = first + ahead_bytes;
+        __builtin_prefetch(ahead, 0, 3);
+        for (uintptr_t page = (first + 4096) & ~(uintptr_t)4095; page < end; page += 4096)
+            __builtin_prefetch((const void *)page, 0, 3);
+    }
+#else
+    (void)ahead;
+    (void)ahead_bytes;
+#endif
+    memcpy(dst, src, n);
+}
+
 /* gather_batch(info, sessions_num, width, slots_offset, bs, slots, micro_batch,
  *              micro_batch_num, expert_num, empty_threshold, data, token_size, value_bytes,
  *              y, out_sessions, out_micro_batches, out_tokens, out_slots, window_rows,
@@ -337,9 +363,12 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
     long long *start = (long long *)calloc((size_t)expert_num + 1, sizeof(long long));
     /* the ids, read from the window once: a peer may write it while this runs */
     int32_t *own = (int32_t *)malloc((size_t)(total > 0 ? total : 1) * sizeof(int32_t));
-    if (start == NULL || own == NULL) {
+    /* the slots with an id, in slot order: the place loop looks GATHER_AHEAD_ROWS ahead */
+    long long *picked = (long long *)malloc((size_t)(total > 0 ? total : 1) * sizeof(long long));
+    if (start == NULL || own == NULL || picked == NULL) {
         free(start);
         free(own);
+        free(picked);
         return PyErr_NoMemory();
     }
     long long result = 0;
@@ -347,11 +376,13 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
     for (long long s = 0; s < sessions_num; s++)
         memcpy(own + s * per_session, rows + s * width + slots_offset,
                (size_t)per_session * sizeof(int32_t));
+    long long n = 0;
     for (long long i = 0; i < total; i++) { /* check and count */
         int32_t id = own[i];
         if (id >= threshold) continue;
         if (id < 0 || id >= expert_num) { result = -1 - i; break; }
         start[id + 1]++;
+        picked[n++] = i;
     }
     if (result == 0) {
         int64_t *groups = (int64_t *)(uintptr_t)group_list;
@@ -364,15 +395,24 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
             }
             start[e + 1] += start[e];
         }
-        for (long long i = 0; i < total; i++) { /* place, in slot order within an expert */
+        size_t row_bytes = (size_t)value_bytes + (scales ? 4 : 0); /* what a row's copy reads */
+        for (long long j = 0; j < n; j++) { /* place, in slot order within an expert */
+            long long i = picked[j];
             long long s = i / per_session, within = i % per_session;
             int32_t id = own[i];
-            if (id >= threshold) continue;
             long long k = start[id]++;
             long long token = within / slots, slot = within % slots;
             long long window_row = ((s * micro_batch_num + micro_batch) * bs + token) * slots + slot;
             const char *slot_bytes = (const char *)(uintptr_t)data + window_row * token_size;
-            memcpy((char *)(uintptr_t)y + k * value_bytes, slot_bytes, (size_t)value_bytes);
+            const char *ahead = NULL;
+            if (j + GATHER_AHEAD_ROWS < n) { /* the same window row formula, for that slot */
+                long long a = picked[j + GATHER_AHEAD_ROWS];
+                long long a_row = ((a / per_session) * micro_batch_num + micro_batch) * per_session
+                                  + a % per_session;
+                ahead = (const char *)(uintptr_t)data + a_row * token_size;
+            }
+            gather_row((char *)(uintptr_t)y + k * value_bytes, slot_bytes, (size_t)value_bytes,
+                       ahead, row_bytes);
             if (scales) /* int8 rows: the float32 scale right after the values */
                 memcpy((char *)(uintptr_t)scales + 4 * k, slot_bytes + value_bytes, 4);
             ((int32_t *)(uintptr_t)o_se)[k] = (int32_t)s;
@@ -386,6 +426,7 @@ static PyObject *gather_batch(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
     free(start);
     free(own);
+    free(picked);
     return PyLong_FromLongLong(result);
 }
 
