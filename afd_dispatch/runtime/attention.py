@@ -71,6 +71,7 @@ class AttentionEndpoint:
         self._scales = [torch.zeros(bs, k, dtype=torch.float32, device=on) for _ in range(m)]
         self._padded = [-1] * m  # per slot: the n its padding (mask, ids, scales) is set for
         self._moe_layers = frozenset(deployment.spec.moe_layers)
+        self._capacity, self._topk = bs, k
         self._in_flight: list[tuple[int, int] | None] = [None] * m  # (tokens, layer)
         self._next_send = 0
         self._next_receive = 0
@@ -84,34 +85,17 @@ class AttentionEndpoint:
         topk_weights: torch.Tensor,
     ) -> None:
         """Send n <= BS tokens: hidden (n, H), top-k ids and weights (n, K)."""
-        layout = self.deployment.layout
         n = hidden.shape[0]
-        check(
-            micro_batch == self._next_send,
-            "micro_batch",
-            f"{self._next_send} (cyclic send order)",
-            micro_batch,
-        )
-        check(
-            self._in_flight[micro_batch] is None,
-            "micro_batch",
-            "a slot whose result was received",
-            micro_batch,
-        )
-        check(n <= layout.tokens, "hidden.shape[0]", f"<= BS = {layout.tokens}", n)
-        check(
-            layer in self._moe_layers,
-            "layer",
-            f"a MoE layer of the model {sorted(self._moe_layers)}",
-            layer,
-        )
-        check(
-            tuple(topk_ids.shape) == (n, layout.topk)
-            and tuple(topk_weights.shape) == (n, layout.topk),
-            "topk_ids / topk_weights shape",
-            f"({n}, K={layout.topk})",
-            (tuple(topk_ids.shape), tuple(topk_weights.shape)),
-        )
+        shape = (n, self._topk)
+        if (  # one test on the hot path; `_check_send` names what is wrong
+            micro_batch != self._next_send
+            or self._in_flight[micro_batch] is not None
+            or n > self._capacity
+            or layer not in self._moe_layers
+            or topk_ids.shape != shape
+            or topk_weights.shape != shape
+        ):
+            self._check_send(micro_batch, layer, n, topk_ids, topk_weights)
         x, ids, mask, scales = (
             t[micro_batch] for t in (self._x, self._ids, self._mask, self._scales)
         )
@@ -135,16 +119,53 @@ class AttentionEndpoint:
         self._in_flight[micro_batch] = (n, layer)
         self._next_send = (micro_batch + 1) % len(self._in_flight)
 
-    def receive(self, micro_batch: int) -> torch.Tensor:
-        """Wait for slot `micro_batch`'s results and return its (n, H) MoE output."""
+    def _check_send(
+        self,
+        micro_batch: int,
+        layer: int,
+        n: int,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+    ) -> None:
+        """Raise `AFDInputError` naming the first argument of a `send` that is wrong."""
         check(
-            micro_batch == self._next_receive,
+            micro_batch == self._next_send,
             "micro_batch",
-            f"{self._next_receive} (results come back in send order)",
+            f"{self._next_send} (cyclic send order)",
             micro_batch,
         )
-        pending = self._in_flight[micro_batch]
-        check(pending is not None, "micro_batch", "a slot that was sent", micro_batch)
+        check(
+            self._in_flight[micro_batch] is None,
+            "micro_batch",
+            "a slot whose result was received",
+            micro_batch,
+        )
+        check(n <= self._capacity, "hidden.shape[0]", f"<= BS = {self._capacity}", n)
+        check(
+            layer in self._moe_layers,
+            "layer",
+            f"a MoE layer of the model {sorted(self._moe_layers)}",
+            layer,
+        )
+        check(
+            tuple(topk_ids.shape) == (n, self._topk)
+            and tuple(topk_weights.shape) == (n, self._topk),
+            "topk_ids / topk_weights shape",
+            f"({n}, K={self._topk})",
+            (tuple(topk_ids.shape), tuple(topk_weights.shape)),
+        )
+
+    def receive(self, micro_batch: int) -> torch.Tensor:
+        """Wait for slot `micro_batch`'s results and return its (n, H) MoE output."""
+        pending = self._in_flight[micro_batch] if micro_batch == self._next_receive else None
+        if pending is None:
+            check(
+                micro_batch == self._next_receive,
+                "micro_batch",
+                f"{self._next_receive} (results come back in send order)",
+                micro_batch,
+            )
+            check(pending is not None, "micro_batch", "a slot that was sent", micro_batch)
         assert pending is not None
         n, layer = pending
         start = time.monotonic_ns()
