@@ -22,6 +22,7 @@ from afd_dispatch.topology import MAX_RANKS_PER_ROLE, RankTopology
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a list, an object)
 MAX_SHOWN_CHARS = 200  # of a bad value, in the error message
+MIN_TIMEOUT_S = 0.1  # of wait_timeout_s and startup_timeout_s
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
 ROLES = ("attention",)  # no process runs the FFN side from a config (see `role` below)
 BACKENDS = ("auto", "reference", "npu")
@@ -62,8 +63,8 @@ class AFDConfig:
     group                      window group / communicator name, [A-Za-z0-9_.-]{1,64}
     ffn_start_rank_id          first FFN rank of the communicator
     hccl_buffsize_mb           HCCL_BUFFSIZE the windows must fit, 1..65536
-    wait_timeout_s             deadline of every flag wait, (0, 3600]
-    startup_timeout_s          deadline for workers to come up, (0, 3600]
+    wait_timeout_s             deadline of every flag wait, [0.1, 3600]
+    startup_timeout_s          deadline for workers to come up, [0.1, 3600]
     window_groups              "shared": one group, M micro-batches in it; "per_micro_batch":
                                one group of M = 1 per micro-batch (what A3's F2A requires,
                                so the only value backend npu takes)
@@ -142,8 +143,10 @@ class AFDConfig:
         )
         _int(self, "ffn_start_rank_id", 0, self.num_attention_workers)
         _int(self, "hccl_buffsize_mb", 1, 65536)
-        _seconds(self, "wait_timeout_s")
-        _seconds(self, "startup_timeout_s")
+        # below 0.1 s a wait expires before a loaded host has run the other side at all,
+        # and an idle FFN loop that re-enters its wait at each expiry keeps a core busy
+        _seconds(self, "wait_timeout_s", least=MIN_TIMEOUT_S)
+        _seconds(self, "startup_timeout_s", least=MIN_TIMEOUT_S)
         # the supervisor probes every 0.5 s and reports a rank stalled after 2 s of silence:
         # a shorter bound would kill actors whose answer was merely not collected yet
         _seconds(self, "ffn_stall_timeout_s", least=3.0)

@@ -81,6 +81,8 @@ KEY_CASES: list[tuple[str, Any, str]] = [
     ("hccl_buffsize_mb", 65537, "65537"),
     ("wait_timeout_s", 0, "0"),
     ("wait_timeout_s", -1.5, "-1.5"),
+    ("wait_timeout_s", 0.099, "0.099"),  # expires before a loaded host ran the other side
+    ("startup_timeout_s", 1e-09, "1e-09"),
     ("wait_timeout_s", 3601, "3601"),
     ("wait_timeout_s", True, "True"),
     ("wait_timeout_s", "30", "'30'"),
@@ -143,7 +145,7 @@ def test_base_config_and_boundaries_are_accepted() -> None:
             expert_replicas={"0": 767, "999999": 1},
             hccl_buffsize_mb=65536,
             wait_timeout_s=3600,
-            startup_timeout_s=0.001,
+            startup_timeout_s=0.1,
         )
     )
     assert edge.expert_replicas == {0: 767, 999999: 1}

@@ -50,6 +50,7 @@ class _Rank:
     probe_sent: float = 0.0  # monotonic
     entered: float = 0.0  # monotonic time the current state was entered
     last_error: str = ""  # of the last failed probe: why it died
+    link_failure: str = ""  # the board's last link failure since it was last up: why it exited
     answered_once: bool = False
     events: tuple[int, int] = (0, 0)  # refusals, link failures logged so far
 
@@ -113,8 +114,8 @@ class Supervisor:
         with self._lock:
             for rank, r in self._ranks.items():
                 try:
+                    self._log_events(rank, r)  # first: a link failure is why it is now down
                     self._poll_rank(rank, r, time.monotonic())
-                    self._log_events(rank, r)
                 except Exception as exc:  # the supervisor must outlive a bad round
                     log.warning("AFD supervisor: FFN rank %d not checked this round: %s", rank, exc)
 
@@ -128,7 +129,7 @@ class Supervisor:
         ray_state = str(record.get("State", ""))
         if ray_state == "DEAD":
             budget = self.config.ffn_max_restarts
-            why = r.last_error or death_cause(record.get("DeathCause"))
+            why = r.link_failure or r.last_error or death_cause(record.get("DeathCause"))
             self._set(
                 rank, r, RankState.FAILED,
                 f"Ray will not restart it (ffn_max_restarts {budget}, {r.restarts} used): {why}",
@@ -139,7 +140,8 @@ class Supervisor:
             restarting = bool(r.restarts) or r.answered_once
             state = RankState.RESTARTING if restarting else RankState.STARTING
             if state is not r.state:
-                self._set(rank, r, state, r.last_error or "Ray is starting its actor", now)
+                why = r.link_failure or r.last_error or "Ray is starting its actor"
+                self._set(rank, r, state, why, now)
             if now - r.entered > self.config.startup_timeout_s:
                 self._kill(rank, r, now - r.entered, "startup_timeout_s", now)
             return
@@ -160,7 +162,7 @@ class Supervisor:
                     rank, r, RankState.FAILED, f"its serving thread ended: {info['error']}", now
                 )
             else:
-                r.last_error = ""
+                r.last_error = r.link_failure = ""
                 self._set(rank, r, RankState.UP, "", now, answered=True)
             return
         waited = now - r.probe_sent
@@ -206,6 +208,8 @@ class Supervisor:
             return
         refused, failed = events[0] - r.events[0], events[1] - r.events[1]
         r.events = events
+        if failed:
+            r.link_failure = f"its link failed: {health.event}"
         log.error(
             "AFD: FFN rank %d: %d micro-batch(es) refused, %d link failure(s); the last: %s",
             rank, refused, failed, health.event,
