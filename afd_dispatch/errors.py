@@ -33,6 +33,13 @@ class AFDInputError(ValueError):
         return (_rebuild, (type(self), args), state)
 
 
+class AFDBadMicroBatchError(AFDInputError):
+    """A complete micro-batch in an FFN rank's window holds what batching refuses (sessions
+    that disagree on its layer, a local expert id out of range). The message is the
+    refusal's; the window is as it was before the call, so the FFN side can answer the
+    micro-batch with zeros (`FFNLink.refuse`) instead of failing on it for good."""
+
+
 class AFDTimeoutError(TimeoutError):
     """A wait on window flags passed its deadline.
 

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from afd_dispatch.errors import (
+    AFDBadMicroBatchError,
     AFDHandshakeError,
     AFDInputError,
     AFDPeerError,
@@ -45,6 +46,11 @@ ROOTS = ("afd_dispatch", "afd_dispatch.kernels", "afd_dispatch.integrations")
 # Constructor args per exception class, shaped like the project's own raises.
 ARGS: dict[type[BaseException], tuple[Any, ...]] = {
     AFDInputError: ("micro_batch_num", "an integer in [1, 8]", 9),
+    AFDBadMicroBatchError: (
+        "FFN rank 2 of group 'g': window layer ids (micro-batch 0)",
+        "one layer id from every session",
+        [0, 1],
+    ),
     AFDTimeoutError: (
         "attention rank 0 waited for session 3, micro-batch 1; flags of FFN ranks [2] "
         "missing (deadline 5 s passed)",

@@ -185,7 +185,10 @@ def test_a_micro_batch_batching_refuses_is_answered_and_serving_goes_on(
             bad(endpoints, dep, x, ids, w)
             rank = dep.topology.ffn_ranks[0]
             for e in endpoints:
-                with pytest.raises(AFDRefusedError, match=rf"FFN rank {rank}: AFDInputError.*"):
+                with pytest.raises(
+                    AFDRefusedError,
+                    match=rf"FFN rank {rank}: AFDBadMicroBatchError: FFN rank {rank} ",
+                ):
                     e.receive(0)
             health = board.ffn(rank)
             assert (health.refusals, health.refused_layer, health.link_failures) == (1, -1, 0)

@@ -33,9 +33,10 @@ import ray_cluster
 import torch
 from ray_cluster import wait_for
 
-from afd_dispatch import AFDConfig, AFDTimeoutError
+from afd_dispatch import AFDConfig, AFDTimeoutError, get_window_group
 from afd_dispatch.errors import AFDPeerError
 from afd_dispatch.integrations.ray import FFNWorkerPool
+from afd_dispatch.layout import FLAG_OFFSET
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import RankState
@@ -228,6 +229,29 @@ def test_restart_that_cannot_load_the_checkpoint_is_named(
         endpoint = AttentionEndpoint(dep, 0, health=board)
         x, ids, w = inputs(model, 5, seed=4)
         with pytest.raises(AFDPeerError, match="FFN rank 1 failed"):
+            endpoint.exchange(model.moe_layers[0], x, ids, w)
+
+
+def test_a_rank_whose_link_failed_is_named_down_for_that_failure(
+    local_ray: None, tiny: tuple[TinyMoEModel, Path]
+) -> None:
+    """A corrupt flag in FFN rank 1's window (a value no writer of ours writes) fails its
+    link: the actor reports it and exits. With no restarts left the rank is FAILED, and
+    the board and the attention side give the link failure as the reason, not Ray's
+    generic account of a dead worker process."""
+    model, path = tiny
+    with pool_of(make_config(ffn_max_restarts=0), model, path) as (dep, pool):
+        board = pool.health
+        assert board is not None
+        rank = dep.topology.ffn_ranks[1]
+        info, _ = get_window_group(dep.channels[0].group).ffn_views(rank)
+        info[0, dep.channels[0].micro_batch, FLAG_OFFSET] = 7
+        wait_for(lambda: board.ffn(rank).state is RankState.FAILED, STATE_WITHIN_S, board.describe)
+        detail = board.ffn(rank).detail
+        assert "its link failed: AFDInputError" in detail and "window flags" in detail, detail
+        endpoint = AttentionEndpoint(dep, 0, health=board)
+        x, ids, w = inputs(model, 5, seed=5)
+        with pytest.raises(AFDPeerError, match=f"FFN rank {rank} failed.*its link failed"):
             endpoint.exchange(model.moe_layers[0], x, ids, w)
 
 

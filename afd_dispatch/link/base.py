@@ -90,23 +90,22 @@ class FFNLink(ABC):
     """
 
     device: torch.device = torch.device("cpu")
-    # Whether `refuse` can answer a micro-batch whose window contents `collect` refused
-    refuses_bad_micro_batches: bool = False
 
     @abstractmethod
     def collect(self, slot: int) -> Batch:
         """Wait until every session sent slot `slot` and return its rows. Raises
         `AFDTimeoutError` naming the missing sessions after `wait_timeout_s`, and
-        `ScheduleStopped` once `stop()` was called. A link that `refuses_bad_micro_batches`
-        raises `AFDInputError` for a complete micro-batch whose contents are invalid
-        (layer ids that disagree, a local expert id out of range) with the window as it
+        `ScheduleStopped` once `stop()` was called. A link that can `refuse` raises
+        `AFDBadMicroBatchError` for a complete micro-batch whose contents are invalid
+        (layer ids that disagree, a local expert id out of range), with the window as it
         was before the call, for `refuse`."""
 
     def refuse(self, slot: int) -> int:
-        """Answer the micro-batch at `slot` that `collect` refused: every row any session
-        sent gets a zero result, and the micro-batch is consumed as `collect` would, so
-        that no session waits for it and the next slot follows. Returns the rows answered.
-        Only where `refuses_bad_micro_batches`."""
+        """Answer the micro-batch at `slot` that `collect` refused (raised
+        `AFDBadMicroBatchError`): every row any session sent gets a zero result, and the
+        micro-batch is consumed as `collect` would, so that no session waits for it and
+        the next slot follows. Returns the rows answered.
+        Links that never raise `AFDBadMicroBatchError` need not implement it."""
         raise NotImplementedError(f"{type(self).__name__} cannot refuse a micro-batch")
 
     @abstractmethod

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.errors import AFDBadMicroBatchError, AFDInputError, check
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.kernels.reference.ffn_worker_batching import ffn_area, wait_for_micro_batch
@@ -141,8 +141,6 @@ class ReferenceFFNLink(FFNLink):
             for name in deployment.group_names
         }
 
-    refuses_bad_micro_batches = True
-
     def collect(self, slot: int) -> Batch:
         ctx = self._ctx[slot]
         self._before_batching(slot)
@@ -153,9 +151,9 @@ class ReferenceFFNLink(FFNLink):
                     need_schedule=1,
                 )
             )  # fmt: skip
-        except AFDInputError:  # the window's contents: put them back as they were, for refuse
+        except AFDInputError as exc:  # the window's contents: put them back, for refuse
             self._undo_consumed(self.deployment.channels[slot].group)
-            raise
+            raise AFDBadMicroBatchError(exc.argument, exc.allowed, exc.value) from exc
         n = int(count[0])
         quant = self.deployment.layout.quant
         rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]

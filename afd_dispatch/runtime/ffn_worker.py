@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import AFDInputError, AFDTimeoutError, check
+from afd_dispatch.errors import AFDBadMicroBatchError, AFDTimeoutError, check
 from afd_dispatch.link import Batch, FFNLink, ffn_link
 from afd_dispatch.runtime.checkpoint import (
     SharedExpertWeights,
@@ -133,10 +133,8 @@ class FFNWorker:
                 batch, self._pending = self._pending[1], None
             else:
                 batch = self.link.collect(micro_batch)
-        except AFDInputError as exc:  # a bad micro-batch, not a bad worker: answer, go on
+        except AFDBadMicroBatchError as exc:  # a bad micro-batch, not a bad worker: answer
             self.tracer.record("batch", batch_start, time.monotonic_ns(), -1, micro_batch)
-            if not self.link.refuses_bad_micro_batches:
-                raise
             self._report_refusal(-1, micro_batch, exc)
             self.link.refuse(micro_batch)
             self._cursor = (micro_batch + 1) % len(self.deployment.channels)
