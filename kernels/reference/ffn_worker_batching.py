@@ -167,11 +167,6 @@ def ffn_worker_batching(
         wait_for_micro_batch(ctx, area, m)
         rows = area.flags_and_ids[:, m]  # (A, 2 + BS*E)
         layer = _consistent_layer(area, rows, m, layer_num)
-        ids = rows[:, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
-        sessions = torch.arange(area.sessions, dtype=torch.int64)
-        micro_batches = torch.full((area.sessions,), m, dtype=torch.int64)
-    else:
-        ids, sessions, micro_batches = _published(ctx, area)
     capacity = area.sessions * per_session
     # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
     y = output_buffer((capacity, hidden), out_dtype)
@@ -184,6 +179,12 @@ def ffn_worker_batching(
         gathered = _gather_native(area, m, expert_num, y, outputs, group_list, scales)
     gathered_natively = gathered is not None
     if gathered is None:  # the torch code; or the C loop found a bad id, which this names
+        if need_schedule:
+            ids = rows[:, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
+            sessions = torch.arange(area.sessions, dtype=torch.int64)
+            micro_batches = torch.full((area.sessions,), m, dtype=torch.int64)
+        else:
+            ids, sessions, micro_batches = _published(ctx, area)
         gathered = _gather(area, ids, sessions, micro_batches, expert_num, y, outputs, group_list)
     n, window_rows = gathered
     if quant and not gathered_natively:
@@ -429,6 +430,8 @@ def _int32_buffer(
 
 def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
     flags = area.flags_and_ids[:, m, FLAG_OFFSET]
+    if bool(flags.eq(1).all()):
+        return  # already here (the usual case once the link waited): nothing to set up
 
     def ready() -> bool:
         if bool(flags.eq(1).all()):
@@ -461,14 +464,14 @@ def _check_flags(area: FfnArea, flags: torch.Tensor) -> None:
 
 
 def _consistent_layer(area: FfnArea, rows: torch.Tensor, m: int, layer_num: int) -> int:
-    layers = rows[:, LAYER_OFFSET]
-    layer = int(layers[0])
-    check(
-        bool((layers == layer).all()),
-        f"{area.who}: window layer ids (micro-batch {m})",
-        "one layer id from every session",
-        layers.tolist(),
-    )
+    layers = rows[:, LAYER_OFFSET].tolist()  # one read of the window's words
+    layer = layers[0]
+    if layers.count(layer) != len(layers):
+        raise AFDInputError(
+            f"{area.who}: window layer ids (micro-batch {m})",
+            "one layer id from every session",
+            layers,
+        )
     if layer_num > 0:
         check(
             0 <= layer < layer_num,
