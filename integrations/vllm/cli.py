@@ -126,7 +126,9 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
             # the windows of this model outgrow the config's key, which the message names
             raise AFDInputError("hccl_buffsize_mb", exc.allowed, exc.value) from None
     except AFDInputError as exc:
-        refused = ConfigRefused(f"error: {flag}: {exc}")
+        # an error about the flag itself already starts with its name
+        said = str(exc) if exc.argument == flag else f"{flag}: {exc}"
+        refused = ConfigRefused(f"error: {said}")
         print(refused.message, file=sys.stderr, flush=True)
         raise refused from None
     return config
