@@ -7,7 +7,18 @@ AFD server's output tokens/s over the colocated server's. Where the AFD time goe
 the AFD counters on the AFD server's `/metrics` (seconds per phase, per process), taken
 before and after the timed rounds. Each server's processes (the API server, its engine
 cores, their model workers, the Ray FFN actors, the rest of its session: Ray's own, vLLM's
-helpers) report their peak resident set, read from `/proc` once the timed rounds are done.
+helpers) report their peak resident set, read from `/proc` once the timed rounds are done,
+and the CPU time they used over the timed rounds (`/proc/PID/task/*/schedstat`, read before
+and after them): rows `cpu_<mode>`, CPU ms per decode step (a step: one token for every
+request). On a host with C CPUs no step can be shorter than that / C.
+
+With `trace_png`, the AFD server is started once more after the timed runs, with
+`"trace": true` (the timed runs are never traced): after a warm-up it serves one round of
+the same requests, then dumps the spans of its attention session and its FFN ranks
+(`AFD_TRACE_DIR`, see `integrations/vllm/metrics.py`). `afd_dispatch.bench.timeline`
+splits every steady decode step of that round (every request decoding) into phases; the
+step of median duration is drawn, and the phases' means are reported as rows `trace_*`
+(with what the attention thread did: on a CPU, runnable without one, asleep).
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from afd_dispatch.bench import timeline
 from afd_dispatch.bench.report import (
+    OtherLoad,
     ProcessMemory,
     Report,
     Row,
@@ -31,10 +44,13 @@ from afd_dispatch.bench.report import (
     peak_rss_row,
     process_memory,
 )
+from afd_dispatch.integrations.vllm import metrics as afd_metrics
 from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters, vllm_server
 
 TARGET_RATIO = 0.7
 SETTLE_S = 20.0  # counters are published once a second; they settle well within this
+TRACE_WAIT_S = 30.0  # for every process's span dump (asked once, answered within ~1 s)
+TRACE_POLL_S = 0.5
 ARCH = "qwen3_moe"
 AFD_CONFIG = {
     "num_attention_workers": 1,
@@ -75,6 +91,42 @@ SHAPES = {
 
 
 @dataclass
+class CpuUse:
+    """CPU use of a server's processes over a measured window: per role (`ROLES`,
+    "server", "other"), seconds on a CPU and seconds runnable but waiting for one, summed
+    over its processes and their threads (`/proc/PID/task/TID/schedstat`)."""
+
+    wall_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    wait_s: dict[str, float] = field(default_factory=dict)
+    processes: dict[str, int] = field(default_factory=dict)  # role -> how many
+    other_cores: float = float("nan")  # CPUs the host's other processes kept busy
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.cpu_s.values())
+
+
+@contextlib.contextmanager
+def measure_cpu(server_pid: int) -> Iterator[CpuUse]:
+    """Measure the CPU use of server `server_pid`'s session (`session_processes`, as they
+    are at the start) over the block; the result is filled in when the block ends."""
+    use = CpuUse()
+    processes = session_processes(server_pid)
+    before = {pid: schedstat(pid) for _, pid in processes}
+    start = time.perf_counter()
+    with OtherLoad([pid for _, pid in processes]) as other:
+        yield use
+    use.wall_s = time.perf_counter() - start
+    after = {pid: schedstat(pid) for _, pid in processes}
+    use.other_cores = other.cores
+    for role, pid in processes:
+        use.processes[role] = use.processes.get(role, 0) + 1
+        use.cpu_s[role] = use.cpu_s.get(role, 0.0) + after[pid][0] - before[pid][0]
+        use.wait_s[role] = use.wait_s.get(role, 0.0) + after[pid][1] - before[pid][1]
+
+
+@dataclass
 class ServerRun:
     """What one server did with the request set: every timed round's wall time and tokens."""
 
@@ -84,6 +136,7 @@ class ServerRun:
     counters: dict[tuple[str, str], float] = field(default_factory=dict)  # timed rounds only
     idle_s: float = 0.0  # from the warm-up's end to the first timed round (counters settling)
     memory: list[tuple[str, ProcessMemory]] = field(default_factory=list)  # (role, process)
+    cpu: CpuUse = field(default_factory=CpuUse)  # over the timed rounds
 
     @property
     def rates(self) -> list[float]:
@@ -157,23 +210,19 @@ def serve(
 ) -> ServerRun:
     """Start one server (AFD with `afd_config`, as many data-parallel ranks as its
     attention workers; colocated without), warm it up, time `repeat` rounds, stop it."""
-    from afd_dispatch.config import AFDConfig
-
-    extra: tuple[str, ...] = ()
-    if afd_config is not None:
-        ranks = AFDConfig.from_json(afd_config).num_attention_workers
-        extra = ("--data-parallel-size", str(ranks)) if ranks > 1 else ()
     run = ServerRun(mode)
     log = os.path.join(logs, f"vllm-{mode}.log")
+    extra = server_args(afd_config)
     with private_tmpdir(), vllm_server(model, log, afd_config, extra) as server:
         one_round(server, ServingShape(requests=2, max_tokens=4))  # first-request paths
         warm = time.perf_counter()
         before = settled_counters(server) if afd_config is not None else {}
         run.idle_s = time.perf_counter() - warm
-        for _ in range(repeat):
-            wall, tokens = one_round(server, shape)
-            run.walls_s.append(wall)
-            run.tokens.append(tokens)
+        with measure_cpu(server.process.pid) as run.cpu:
+            for _ in range(repeat):
+                wall, tokens = one_round(server, shape)
+                run.walls_s.append(wall)
+                run.tokens.append(tokens)
         if afd_config is not None:
             after = settled_counters(server)
             run.counters = {k: v - before.get(k, 0.0) for k, v in after.items()}
@@ -181,11 +230,247 @@ def serve(
     return run
 
 
-def session_memory(pid: int) -> list[tuple[str, ProcessMemory]]:
-    """(role, memory) of server `pid` ("server") and of every other live process of its
+def server_args(afd_config: str | None) -> tuple[str, ...]:
+    """`vllm serve` flags beyond the model's: as many data-parallel ranks as attention
+    workers."""
+    from afd_dispatch.config import AFDConfig
+
+    if afd_config is None:
+        return ()
+    ranks = AFDConfig.from_json(afd_config).num_attention_workers
+    return ("--data-parallel-size", str(ranks)) if ranks > 1 else ()
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """`name`=`value` in this process's environment (servers started inside inherit it)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+@dataclass
+class TracedRun:
+    """One round of requests served by an AFD server with "trace": true, and its spans."""
+
+    trace: timeline.Trace  # the spans overlapping the round, forward marks inside it
+    wall_s: float
+    tokens: int
+    sessions: int
+    cpu: CpuUse = field(default_factory=CpuUse)  # over the round
+
+
+def traced_round(
+    model: str, shape: ServingShape, logs: str, afd_config: str, wait_s: float = TRACE_WAIT_S
+) -> TracedRun:
+    """Start the AFD server of `afd_config` with "trace": true, warm it up, serve one round
+    of `shape`, collect every process's spans (waiting at most `wait_s` s), stop it."""
+    from afd_dispatch.config import AFDConfig
+
+    traced = json.dumps({**json.loads(afd_config), "trace": True})
+    sessions = AFDConfig.from_json(traced).num_attention_workers
+    log = os.path.join(logs, "vllm-afd-traced.log")
+    with (
+        tempfile.TemporaryDirectory(prefix="afd-trace-") as directory,
+        environment(afd_metrics.TRACE_ENV, directory),
+        private_tmpdir(),
+        vllm_server(model, log, traced, server_args(traced)) as server,
+    ):
+        one_round(server, ServingShape(requests=2, max_tokens=4))  # first-request paths
+        with measure_cpu(server.process.pid) as cpu:
+            start = time.monotonic_ns()  # CLOCK_MONOTONIC: the server's spans share it
+            wall, tokens = one_round(server, shape)
+            end = time.monotonic_ns()
+        documents = collect_traces(directory, sessions, wait_s)
+    trace = timeline.Trace.from_documents(documents).window(start, end)
+    return TracedRun(trace, wall, tokens, sessions, cpu)
+
+
+def collect_traces(directory: str, sessions: int, wait_s: float) -> list[dict[str, object]]:
+    """Ask the server's processes for their spans (`metrics.request_trace`) and wait,
+    sleeping, until the answers hold every attention session's spans and an FFN rank's.
+    Raises TimeoutError after `wait_s` s naming what came."""
+    request = f"{os.getpid()}-{time.monotonic_ns()}"
+    afd_metrics.request_trace(directory, request)
+    wanted = {f"attention {s}" for s in range(sessions)}
+    deadline = time.monotonic() + wait_s
+    while True:
+        documents = afd_metrics.read_traces(directory, request)
+        processes = timeline.Trace.from_documents(documents.values()).processes()
+        if wanted <= processes and any(p.startswith("FFN ") for p in processes):
+            return list(documents.values())
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"span dumps of the traced AFD server after {wait_s:g} s: {sorted(documents)} "
+                f"answered, with the spans of {sorted(processes)}; wanted {sorted(wanted)} "
+                "and the FFN ranks'"
+            )
+        time.sleep(TRACE_POLL_S)
+
+
+def trace_rows(
+    traced: TracedRun,
+    shape: ServingShape,
+    png_path: str,
+    colocated: ServerRun,
+    afd: ServerRun,
+) -> tuple[list[Row], str]:
+    """Profile every steady decode step of the traced round (`shape.requests` tokens), draw
+    the median one to `png_path` (a Chrome trace of it and its neighbours beside it,
+    `.trace.json`), and return the rows and the phase table."""
+    steps = timeline.steps(traced.trace, "attention 0", tokens=shape.requests)
+    if not steps:
+        raise RuntimeError(
+            f"the traced round has no decode step of {shape.requests} tokens on attention 0 "
+            f"({len(traced.trace.forwards)} forward marks, {len(traced.trace.spans)} spans)"
+        )
+    profiles = [timeline.profile(traced.trace, step) for step in steps]
+    pictured = timeline.typical(profiles)
+    colocated_ms = shape.requests / colocated.tokens_per_s * 1e3
+    afd_ms = shape.requests / afd.tokens_per_s * 1e3
+    references = {
+        f"colocated vllm serve: {shape.requests} / its tok/s (timed runs)": colocated_ms,
+        f"AFD untraced: {shape.requests} / its tok/s (timed runs)": afd_ms,
+    }
+    if afd.cpu.wall_s > 0:  # the floor its CPU cost sets on this host's CPUs
+        cpus = os.cpu_count() or 1
+        per_step_ms = afd.cpu.total_s / (sum(afd.tokens) / shape.requests) * 1e3
+        references[f"AFD untraced: its CPU ms per step / {cpus} CPUs"] = per_step_ms / cpus
+    timeline.render(pictured, png_path, profiles, references)
+    i = profiles.index(pictured)
+    near = traced.trace.window(
+        steps[max(0, i - 1)].start_ns, steps[min(len(steps) - 1, i + 1)].end_ns
+    )
+    with open(os.path.splitext(png_path)[0] + ".trace.json", "w", encoding="utf-8") as fh:
+        json.dump(near.chrome(), fh)
+    mean = timeline.mean_phases(profiles)
+    total = sum(mean.values())
+    durations = [p.step.duration_ns / 1e6 for p in profiles]
+    rows = [
+        Row(
+            name="trace_step",
+            value=total / 1e6,
+            unit="ms",
+            description=f"a steady decode step of the traced AFD server ({shape.requests} "
+            "tokens; from one forward reaching its first MoE layer to the next), mean over "
+            "the traced round's steps; pictured: the median step; *_ms_per_token: requests "
+            "/ output tokens/s of the timed runs (their wall time per decode step, prefill "
+            "and HTTP included)",
+            metrics={
+                "steps": float(len(profiles)),
+                "pictured_step_ms": pictured.step.duration_ns / 1e6,
+                "min_step_ms": min(durations),
+                "max_step_ms": max(durations),
+                "traced_tok_s": traced.tokens / traced.wall_s,
+                "afd_timed_ms_per_token": afd_ms,
+                "colocated_ms_per_token": colocated_ms,
+            },
+        )
+    ]
+    for key, label, _ in timeline.PHASES:
+        rows.append(
+            Row(
+                name=f"trace_{key}",
+                value=mean[key] / total,
+                unit="share of step",
+                description=f"{label}: its mean share of the traced decode steps",
+                metrics={
+                    "mean_ms": mean[key] / 1e6,
+                    "pictured_ms": pictured.phases[key] / 1e6,
+                },
+            )
+        )
+    thread = timeline.mean_thread(profiles) or {}
+    for region, where in timeline.THREAD_REGIONS if thread else ():
+        rows.append(
+            Row(
+                name=f"trace_thread_{region}",
+                value=thread[(region, "on_cpu")] / 1e6,
+                unit="ms",
+                description=f"the attention session's thread {where}, per traced decode step "
+                f"(mean): ms on a CPU; no_cpu: runnable without one; asleep ({where}); "
+                f"from {timeline.STATE_SOURCE}",
+                metrics={
+                    "no_cpu_ms": thread[(region, "no_cpu")] / 1e6,
+                    "asleep_ms": thread[(region, "asleep")] / 1e6,
+                },
+            )
+        )
+    texts = [timeline.phase_table(profiles, pictured, references)]
+    traced_row = cpu_row(
+        "trace_cpu", "the traced AFD server", traced.cpu, traced.tokens / shape.requests
+    )
+    rows.append(traced_row)
+    texts.append(cpu_text("the traced round", traced.cpu, traced_row))
+    for label, run in (
+        ("the untraced AFD server's timed rounds", afd),
+        ("the colocated server's timed rounds", colocated),
+    ):
+        if run.cpu.wall_s > 0:  # measured
+            row = cpu_row(
+                f"cpu_{run.mode}",
+                f"the {run.mode} server",
+                run.cpu,
+                sum(run.tokens) / shape.requests,
+            )
+            texts.append(cpu_text(label, run.cpu, row))
+    return rows, "\n".join(texts)
+
+
+def cpu_row(name: str, what: str, use: CpuUse, steps: float) -> Row:
+    """Row `name`: the CPU time `use` cost per decode step (`steps` of them: the window's
+    output tokens / the concurrent requests, prefill included), per role beside it."""
+    wall = use.wall_s
+    metrics = {"host_cpus": float(os.cpu_count() or 1), "cores": use.total_s / wall}
+    if use.other_cores == use.other_cores:  # not NaN: /proc was readable
+        metrics["other_processes_cores"] = use.other_cores
+    for role in sorted(use.cpu_s):
+        metrics[f"{role}_ms_per_step"] = use.cpu_s[role] / steps * 1e3
+        metrics[f"{role}_cores"] = use.cpu_s[role] / wall
+        metrics[f"{role}_waiting_for_cpu"] = use.wait_s[role] / wall
+    return Row(
+        name=name,
+        value=use.total_s / steps * 1e3,
+        unit="CPU ms per step",
+        description=f"CPU time of {what}'s processes per decode step (one token for every "
+        "request; output tokens / requests steps, prefill included), from "
+        "/proc/PID/task/*/schedstat; per role: <role>_ms_per_step, <role>_cores (on a CPU "
+        "/ wall), <role>_waiting_for_cpu (runnable without a CPU / wall); "
+        "other_processes_cores: the rest of the host",
+        metrics=metrics,
+    )
+
+
+def cpu_text(label: str, use: CpuUse, row: Row) -> str:
+    """A CPU row as lines under the phase table."""
+    m = row.metrics
+    cpus = m["host_cpus"]
+    other = m.get("other_processes_cores")
+    lines = [
+        f"CPU, {label} ({use.wall_s:.2f} s on {cpus:.0f} CPUs"
+        + ("" if other is None else f"; other processes {other:.2f} cores")
+        + f"): {row.value:.1f} ms of CPU per decode step, so no step shorter than "
+        f"{row.value / cpus:.1f} ms; per role: CPU ms per step, cores on a CPU, cores' worth "
+        "runnable without one"
+    ]
+    for role in sorted(use.cpu_s, key=lambda r: -use.cpu_s[r]):
+        lines.append(
+            f"  {role} ({use.processes[role]} process(es)): {m[f'{role}_ms_per_step']:.2f}, "
+            f"{m[f'{role}_cores']:.2f}, {m[f'{role}_waiting_for_cpu']:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def session_processes(pid: int) -> list[tuple[str, int]]:
+    """(role, pid) of server `pid` ("server") and of every other live process of its
     session (`vllm_server` starts it in its own; Ray's processes and the FFN actors stay in
-    it): a role of `ROLES` by the process title, else "other". Processes gone meanwhile
-    are left out."""
+    it): a role of `ROLES` by the process title, else "other"."""
     import psutil  # a dependency of vLLM, which this level runs
 
     out = []
@@ -196,12 +481,38 @@ def session_memory(pid: int) -> list[tuple[str, ProcessMemory]]:
         except OSError:  # exited meanwhile
             continue
         title = " ".join(proc.info["cmdline"] or [])
-        memory = process_memory(proc.pid)
-        if memory is None:  # exited meanwhile, or a zombie (no VmHWM)
-            continue
         role = next((r for r, prefix, _ in ROLES if title.startswith(prefix)), "other")
-        out.append(("server" if proc.pid == pid else role, memory))
+        out.append(("server" if proc.pid == pid else role, proc.pid))
     return out
+
+
+def session_memory(pid: int) -> list[tuple[str, ProcessMemory]]:
+    """(role, memory) of every process of server `pid`'s session (`session_processes`).
+    Processes gone meanwhile are left out."""
+    out = []
+    for role, child in session_processes(pid):
+        memory = process_memory(child)
+        if memory is not None:  # else: exited meanwhile, or a zombie (no VmHWM)
+            out.append((role, memory))
+    return out
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of process `pid`, summed
+    over its live threads (`/proc/PID/task/TID/schedstat`); (0, 0) where unreadable."""
+    run = wait = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as fh:
+                fields = fh.read().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return run / 1e9, wait / 1e9
 
 
 def memory_rows(run: ServerRun) -> list[Row]:
@@ -339,8 +650,12 @@ def breakdown(run: ServerRun) -> list[Row]:
     return rows
 
 
-def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
-    """Colocated, then AFD (`afd_config`, a JSON object; default `AFD_CONFIG`)."""
+def run(
+    shape_name: str, repeat: int, afd_config: str | None = None, trace_png: str | None = None
+) -> Report:
+    """Colocated, then AFD (`afd_config`, a JSON object; default `AFD_CONFIG`), then AFD
+    with two attention ranks; with `trace_png`, then the AFD server traced (see the
+    module's docstring), one decode step drawn there."""
     from afd_dispatch.config import AFDConfig
     from afd_dispatch.tiny_hf import build_tiny_model
 
@@ -358,6 +673,7 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
         runs = {
             mode: serve(model, mode, shape, repeat, work, text) for mode, text in configs.items()
         }
+        traced = traced_round(model, shape, work, afd_config) if trace_png else None
     colocated, afd, dp2 = runs["colocated"], runs["afd"], runs["afd_dp2"]
     report.add(
         Row(
@@ -405,6 +721,13 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
     )
     report.rows += breakdown(afd)
     for server_run in (colocated, afd, dp2):
+        steps = sum(server_run.tokens) / shape.requests
+        report.add(
+            cpu_row(
+                f"cpu_{server_run.mode}", f"the {server_run.mode} server", server_run.cpu, steps
+            )
+        )
+    for server_run in (colocated, afd, dp2):
         report.rows += memory_rows(server_run)
     report.notes.append(
         "servers run one after the other on this host; shares: phase seconds from the AFD "
@@ -412,4 +735,11 @@ def run(shape_name: str, repeat: int, afd_config: str | None = None) -> Report:
         "rounds' wall time"
     )
     report.notes.append(f"AFD config: {afd_config}")
+    if traced is not None and trace_png:
+        rows, table = trace_rows(traced, shape, trace_png, colocated, afd)
+        report.rows += rows
+        report.notes.append(
+            'the traced AFD server ("trace": true, started after the timed runs): '
+            f"{trace_png} and its merged Chrome trace beside it\n{table}"
+        )
     return report

@@ -14,6 +14,15 @@ With several API servers (vLLM's default with data-parallel ranks) `/metrics` se
 prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`), so one publisher,
 session 0's, also mirrors every snapshot into multiprocess counters
 (`MultiprocessExporter`).
+
+Spans, with `"trace": true` in the AFD config: where `AFD_TRACE_DIR` names a directory,
+every publisher whose source has spans (a worker's attention session, the owner's FFN
+ranks) writes them as a Chrome/Perfetto trace, `<dir>/<name>.trace.json`, when asked to:
+`request_trace(dir, id)` writes the request, each publisher answers within a publish
+period (1 s) with the newest `TRACE_DUMP_SPANS` spans of each of its processes, and its
+answer carries the request's id (`otherData.afd_request`). Each publisher also writes one
+when it closes (the server stops), best effort. A dump never runs while nobody asks, so
+tracing costs the hot path only the spans' recording, in bounded memory.
 """
 
 from __future__ import annotations
@@ -25,14 +34,22 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
+
+from afd_dispatch.runtime.trace import Span, chrome_trace
 
 log = logging.getLogger(__name__)
 ENV = "AFD_METRICS_DIR"
 SUFFIX = ".json"
 PUBLISH_PERIOD_S = 1.0
 PREFIX = "afd_"
+TRACE_ENV = "AFD_TRACE_DIR"
+TRACE_REQUEST = "request"  # the file in the trace directory that asks for a dump: an id
+TRACE_SUFFIX = ".trace.json"
+TRACE_DUMP_SPANS = 20_000  # per process: the newest spans a dump writes
+FORWARD = "forward"  # the instant events marking a model forward (args: tokens)
+CPU = "cpu"  # the counter events of a thread's CPU accounting (args: run_ns, wait_ns)
 
 
 class _HasCounters(Protocol):
@@ -178,25 +195,141 @@ class MultiprocessExporter:
                     self._last[(name, label)] = value
 
 
+def newest_spans(spans: Iterable[Span], limit: int = TRACE_DUMP_SPANS) -> list[Span]:
+    """The `limit` latest-starting spans of each process among `spans`, in start order."""
+    by_process: dict[str, list[Span]] = {}
+    for span in spans:
+        by_process.setdefault(span.process, []).append(span)
+    kept: list[Span] = []
+    for mine in by_process.values():
+        kept.extend(sorted(mine, key=lambda s: s.start_ns)[-limit:])
+    return sorted(kept, key=lambda s: s.start_ns)
+
+
+def trace_document(
+    spans: Iterable[Span],
+    forwards: Iterable[tuple[int, int]] = (),
+    process: str = "",
+    cpu: Iterable[tuple[int, int, int]] = (),
+) -> dict[str, Any]:
+    """`spans` as a Chrome/Perfetto trace (`chrome_trace`), plus, on `process`'s track, one
+    instant event `FORWARD` per (start ns on CLOCK_MONOTONIC, tokens) of `forwards` (where a
+    model forward reached its first MoE layer, and how many tokens it ran) and one counter
+    event `CPU` per (ns on CLOCK_MONOTONIC, ns on a CPU, ns runnable without one) of `cpu`
+    (a thread's cumulative CPU accounting at that time)."""
+    document = chrome_trace(spans)
+    events: list[dict[str, Any]] = document["traceEvents"]
+    marks, counts = list(forwards), list(cpu)
+    if not marks and not counts:
+        return document
+    pids = {e["args"]["name"]: e["pid"] for e in events if e.get("ph") == "M"}
+    if process not in pids:
+        pids[process] = max(pids.values(), default=0) + 1
+        events.append(
+            {"ph": "M", "name": "process_name", "pid": pids[process], "tid": 0,
+             "args": {"name": process}}
+        )  # fmt: skip
+    for start_ns, tokens in marks:
+        events.append(
+            {"ph": "i", "s": "t", "name": FORWARD, "cat": FORWARD, "pid": pids[process],
+             "tid": 0, "ts": start_ns / 1000, "args": {"tokens": tokens}}
+        )  # fmt: skip
+    for at_ns, run_ns, wait_ns in counts:
+        events.append(
+            {"ph": "C", "name": CPU, "cat": CPU, "pid": pids[process], "tid": 0,
+             "ts": at_ns / 1000, "args": {"run_ns": run_ns, "wait_ns": wait_ns}}
+        )  # fmt: skip
+    return document
+
+
+def request_trace(directory: str, request: str) -> None:
+    """Ask every publisher of a server started with `TRACE_ENV` = `directory` for a dump
+    tagged `request` (they answer within `PUBLISH_PERIOD_S`)."""
+    _write_private(os.path.join(directory, TRACE_REQUEST), request)
+
+
+def read_traces(directory: str, request: str) -> dict[str, dict[str, Any]]:
+    """{publisher name: Chrome trace} of the dumps in `directory` that answer `request`."""
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(TRACE_SUFFIX))
+    except OSError:
+        return out
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as fh:
+                document = json.load(fh)
+        except (OSError, ValueError):
+            continue  # being replaced: read it next time
+        if isinstance(document, dict) and document.get("otherData", {}).get("afd_request") == (
+            request
+        ):
+            out[name.removesuffix(TRACE_SUFFIX)] = document
+    return out
+
+
+def _write_private(path: str, text: str) -> None:
+    """Replace `path` with `text` at once (owner-only; a reader sees the old or the new)."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 class CounterPublisher:
-    """Writes `source.counters()` to `<AFD_METRICS_DIR>/<name>.json` every `PUBLISH_PERIOD_S`."""
+    """Writes `source.counters()` to `<AFD_METRICS_DIR>/<name>.json` every `PUBLISH_PERIOD_S`,
+    and, where `source` has a `trace()` (a Chrome trace of its spans) and `AFD_TRACE_DIR`
+    is set, answers dump requests there (see the module's docstring)."""
 
     def __init__(self, source: _HasCounters, name: str, export_all: bool = False) -> None:
         self.source = source
+        self.name = name
         directory = os.environ.get(ENV)
         self.path = os.path.join(directory, name + SUFFIX) if directory else None
         self.exporter = (
             MultiprocessExporter(directory) if directory and export_all and multiprocess() else None
         )
+        traces = os.environ.get(TRACE_ENV)
+        self.trace_dir = traces if traces and callable(getattr(source, "trace", None)) else None
+        self._answered: str | None = None  # the last dump request answered
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if self.path:
+        if self.path or self.trace_dir:
             self._thread = threading.Thread(target=self._run, name="afd-metrics", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(PUBLISH_PERIOD_S):
             self.publish()
+            self.dump_trace()
+
+    def dump_trace(self, final: bool = False) -> bool:
+        """Write `<AFD_TRACE_DIR>/<name>.trace.json` if a request came since the last one
+        answered (or, `final`, in any case); whether it wrote. Never raises."""
+        if not self.trace_dir:
+            return False
+        try:
+            try:
+                with open(os.path.join(self.trace_dir, TRACE_REQUEST), encoding="utf-8") as fh:
+                    request = fh.read().strip()
+            except FileNotFoundError:
+                request = ""
+            if not final and (not request or request == self._answered):
+                return False
+            self._answered = request
+            document = self.source.trace()  # type: ignore[attr-defined]
+            document["otherData"] = {
+                "afd_request": request,
+                "afd_source": self.name,
+                "afd_pid": os.getpid(),
+                "afd_final": final,
+            }
+            path = os.path.join(self.trace_dir, self.name + TRACE_SUFFIX)
+            _write_private(path, json.dumps(document))
+            return True
+        except Exception as exc:  # tracing must never take the server down
+            log.warning("AFD trace dump to %s failed: %s", self.trace_dir, exc)
+            return False
 
     def publish(self) -> None:
         if not self.path:
@@ -217,3 +350,4 @@ class CounterPublisher:
         if self._thread is not None:
             self._thread.join(timeout=2 * PUBLISH_PERIOD_S)
         self.publish()
+        self.dump_trace(final=True)

@@ -32,10 +32,12 @@ import torch
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDTimeoutError
 from afd_dispatch.integrations.ray import FFNWorkerPool, calls
+from afd_dispatch.integrations.vllm import metrics
 from afd_dispatch.link.npu import Rendezvous, serve_rendezvous
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.runtime.trace import Span
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, WindowGroupSpec, attach_window_group
 
@@ -203,6 +205,15 @@ class DeploymentOwner:
         """The FFN ranks' counters, {"FFN r": {name: value}}, and the pool's ("pool"). A
         rank that does not answer at once (frozen, restarting) shows its last values."""
         return {} if self.pool is None else self.pool.traces(COUNTERS_TIMEOUT_S)[1]
+
+    def spans(self) -> list[Span]:
+        """The FFN ranks' spans (none unless the config's "trace" is on); a rank that does
+        not answer at once shows the spans it answered last."""
+        return [] if self.pool is None else self.pool.traces(COUNTERS_TIMEOUT_S)[0]
+
+    def trace(self) -> dict[str, Any]:
+        """The FFN ranks' newest spans as a Chrome/Perfetto trace (`metrics` dumps it)."""
+        return metrics.trace_document(metrics.newest_spans(self.spans()))
 
     def close(self) -> None:
         if self._directory is not None:

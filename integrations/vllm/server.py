@@ -12,6 +12,14 @@ ran while an error was reported, and every later one, naming AFD and the rank, a
 answers `/health` with 503. (Stopping for good is deliberate: the zeros went into KV
 blocks that vLLM's prefix cache may hand to later requests, and an exchange that broke
 midway leaves slots in flight. The server must be restarted; its health probe says so.)
+
+With `"trace": true` the session also records a "moe" span around every MoE layer's hook
+call (AFD's host code around the ops lies inside it and outside send and combine; vLLM's
+own work lies outside it), where each model forward reaches its first MoE layer, with its
+tokens, and, at every hook call's entry and where each of its spans ends (send, combine,
+the call itself), the calling thread's CPU accounting (`/proc/thread-self/schedstat`: ns
+on a CPU, ns runnable without one). All are kept in
+bounded memory and dumped by the metrics publisher on request (`metrics.TRACE_ENV`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ import atexit
 import logging
 import os
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,12 +45,66 @@ from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.runtime.trace import Tracer
+from afd_dispatch.runtime.trace import Span, Tracer
 from afd_dispatch.windows import WindowGroup
 
 log = logging.getLogger(__name__)
 _server: AttentionServer | None = None
 _lock = threading.Lock()
+TRACE_MAX_SPANS = 40_000  # with "trace": true the session keeps the newest 20,000-40,000
+TRACE_MAX_FORWARDS = 10_000  # forward marks kept (the newest)
+TRACE_MAX_CPU_MARKS = 40_000  # CPU accounting marks kept (the newest; 2 + 2 M per hook call)
+
+
+@dataclass
+class MarkingTracer(Tracer):
+    """A `Tracer` that, while enabled, calls `on_record(end_ns)` after recording each span:
+    the session takes a CPU mark where every span of its thread ends (send, combine, moe)."""
+
+    on_record: Callable[[int], None] | None = None
+
+    def record(
+        self, name: str, start_ns: int, end_ns: int, layer: int = -1, micro_batch: int = -1
+    ) -> None:
+        super().record(name, start_ns, end_ns, layer, micro_batch)
+        if self.enabled and self.on_record is not None:
+            self.on_record(end_ns)
+
+
+class ThreadClock:
+    """The calling thread's CPU accounting: (ns on a CPU, ns runnable waiting for one).
+
+    On-CPU time is `time.thread_time_ns()` (exact at the call: the kernel brings the
+    running thread's clock up to date; schedstat's own first field lags by up to a tick);
+    the waiting is schedstat's run delay (`/proc/thread-self/schedstat`, Linux >= 3.17, up
+    to date for a running thread: it grows only while the thread is off a CPU), read
+    through one descriptor per thread, about 1 us a read. None where it cannot be read.
+    """
+
+    PATH = "/proc/thread-self/schedstat"
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+        self._broken = False
+
+    def read(self) -> tuple[int, int] | None:
+        if self._broken:
+            return None
+        ident = threading.get_ident()
+        try:
+            fd = self._fds.get(ident)
+            if fd is None:
+                fd = self._fds[ident] = os.open(self.PATH, os.O_RDONLY)
+            wait = int(os.pread(fd, 128, 0).split()[1])
+            return time.thread_time_ns(), wait
+        except (OSError, ValueError, IndexError):
+            self._broken = True  # no such file here: stop asking
+            return None
+
+    def close(self) -> None:
+        fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
 
 class AttentionServer:
@@ -74,7 +140,16 @@ class AttentionServer:
         self.groups: list[WindowGroup] = []  # attached here, closed here
         self.health: HealthBoard | None = None  # attached here (closed here) or the owner's
         self._own_board = False
-        self.tracer = Tracer(f"attention {session}", enabled=config.trace)
+        self.tracer = MarkingTracer(
+            f"attention {session}", enabled=config.trace, max_spans=TRACE_MAX_SPANS
+        )
+        # (monotonic ns, tokens) where each forward reached its first MoE layer ("trace")
+        self._forwards: deque[tuple[int, int]] = deque(maxlen=TRACE_MAX_FORWARDS)
+        # (monotonic ns, ns on a CPU, ns runnable without one) at hook entries and exits
+        self._cpu: deque[tuple[int, int, int]] = deque(maxlen=TRACE_MAX_CPU_MARKS)
+        self._clock = ThreadClock()
+        self.tracer.on_record = self._cpu_mark
+        self._first_moe_layer = -1
         self._metrics: metrics.CounterPublisher | None = None
         try:
             if attachment is None:
@@ -100,6 +175,7 @@ class AttentionServer:
             self.endpoint = AttentionEndpoint(
                 self.deployment, session, tracer=self.tracer, link=link, health=self.health
             )
+            self._first_moe_layer = min(self.deployment.spec.moe_layers)
         except BaseException:
             self.close()
             raise
@@ -120,6 +196,30 @@ class AttentionServer:
         ranks then send the same number of rounds. On an AFD error: zeros, and the error on
         the health board (see the module's docstring).
         """
+        if not self.tracer.enabled:
+            return self._moe(layer, x, topk_ids, topk_weights, dp_max_tokens)
+        start = time.monotonic_ns()
+        self._cpu_mark(start)
+        if layer == self._first_moe_layer:
+            self._forwards.append((start, int(x.shape[0])))
+        try:
+            return self._moe(layer, x, topk_ids, topk_weights, dp_max_tokens)
+        finally:
+            self.tracer.record("moe", start, time.monotonic_ns(), layer)  # a CPU mark too
+
+    def _cpu_mark(self, now_ns: int) -> None:
+        cpu = self._clock.read()
+        if cpu is not None:
+            self._cpu.append((now_ns, *cpu))
+
+    def _moe(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        dp_max_tokens: int | None,
+    ) -> torch.Tensor:
         if self.health is not None and self.health.cannot_serve():
             return torch.zeros_like(x)  # the front end fails these requests
         try:
@@ -174,10 +274,22 @@ class AttentionServer:
             counters |= self.owner.counters()
         return counters
 
+    def trace(self) -> dict[str, Any]:
+        """This session's newest spans and forward marks as a Chrome/Perfetto trace
+        (`metrics.trace_document`), with the FFN ranks' where this process owns the
+        deployment; no spans unless the config's "trace" is on."""
+        spans: list[Span] = self.tracer.snapshot()[0]
+        if self.owner is not None:
+            spans += self.owner.spans()
+        return metrics.trace_document(
+            metrics.newest_spans(spans), list(self._forwards), self.tracer.process, list(self._cpu)
+        )
+
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        self._clock.close()
         endpoint = getattr(self, "endpoint", None)
         if endpoint is not None:
             endpoint.link.close()
