@@ -75,6 +75,11 @@ class Tracer:
         with self._lock:
             return list(self.spans), dict(self.counters)
 
+    def counter_values(self) -> dict[str, float]:
+        """The counters alone (what a metrics poll needs: no copy of the spans)."""
+        with self._lock:
+            return dict(self.counters)
+
     def clear(self) -> None:
         with self._lock:
             self.spans.clear()

@@ -117,6 +117,9 @@ class FFNWorkerActor:
     def trace(self) -> tuple[list[Span], dict[str, float]]:
         return self.worker.tracer.snapshot() if self.worker is not None else ([], {})
 
+    def counters(self) -> dict[str, float]:
+        return self.worker.tracer.counter_values() if self.worker is not None else {}
+
     def stop(self) -> None:
         self._stopping = True
         if self.worker is not None and self._thread is not None:

@@ -75,7 +75,8 @@ class FFNWorkerPool:
         self.health = health
         self._own_health = health is None
         self.supervisor: Supervisor | None = None
-        self._last_traces: dict[int, tuple[list[Span], dict[str, float]]] = {}
+        self._last_spans: dict[int, list[Span]] = {}  # per rank, what it answered last
+        self._last_counters: dict[int, dict[str, float]] = {}
         self.model_path = model_path
         self.groups = groups
         self.ffn_config = ffn_config or deployment.config
@@ -208,26 +209,39 @@ class FFNWorkerPool:
         """Every FFN rank's spans and counters, plus the supervisor's counters. A rank that
         does not answer within `timeout_s` (default `wait_timeout_s`: frozen, restarting)
         contributes what it answered last."""
+        for rank, answer in self._ask("trace", timeout_s).items():
+            self._last_spans[rank], self._last_counters[rank] = answer
+        spans = [span for s in self._last_spans.values() for span in s]
+        return spans, self._counters()
+
+    def counters(self, timeout_s: float | None = None) -> dict[str, dict[str, float]]:
+        """`traces` without the spans, which a rank then does not copy or send (a metrics
+        poll runs every second; with "trace" on, the spans run to many thousands)."""
+        self._last_counters.update(self._ask("counters", timeout_s))
+        return self._counters()
+
+    def _ask(self, method: str, timeout_s: float | None) -> dict[int, Any]:
+        """Each FFN actor's answer to `method()` that came within `timeout_s`."""
         import ray
 
         timeout = self.deployment.config.wait_timeout_s if timeout_s is None else timeout_s
-        refs = {rank: actor.trace.remote() for rank, actor in self.actors.items()}
+        refs = {rank: getattr(actor, method).remote() for rank, actor in self.actors.items()}
         done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        answers = {}
         for rank, ref in refs.items():
             if ref in done:
                 try:
-                    self._last_traces[rank] = ray.get(ref, timeout=0)
+                    answers[rank] = ray.get(ref, timeout=0)
                 except ray.exceptions.RayError as exc:
-                    log.debug("AFD: FFN rank %d traces unavailable: %s", rank, exc)
-        spans: list[Span] = []
-        counters: dict[str, dict[str, float]] = {}
-        for rank, (s, c) in self._last_traces.items():
-            spans.extend(s)
-            counters[f"FFN {rank}"] = dict(c)
+                    log.debug("AFD: FFN rank %d %s unavailable: %s", rank, method, exc)
+        return answers
+
+    def _counters(self) -> dict[str, dict[str, float]]:
+        counters = {f"FFN {rank}": dict(c) for rank, c in self._last_counters.items()}
         if self.supervisor is not None:
             for process, values in self.supervisor.counters().items():
                 counters[process] = counters.get(process, {}) | values
-        return spans, counters
+        return counters
 
     def info(self) -> dict[int, dict[str, Any]]:
         """Each FFN rank's `FFNWorkerActor.info`. Raises `AFDPeerError` naming a rank whose

@@ -204,7 +204,7 @@ class DeploymentOwner:
     def counters(self) -> dict[str, dict[str, float]]:
         """The FFN ranks' counters, {"FFN r": {name: value}}, and the pool's ("pool"). A
         rank that does not answer at once (frozen, restarting) shows its last values."""
-        return {} if self.pool is None else self.pool.traces(COUNTERS_TIMEOUT_S)[1]
+        return {} if self.pool is None else self.pool.counters(COUNTERS_TIMEOUT_S)
 
     def spans(self) -> list[Span]:
         """The FFN ranks' spans (none unless the config's "trace" is on); a rank that does
