@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDTimeoutError
+from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDPeerError, AFDTimeoutError
 from afd_dispatch.integrations.ray import FFNWorkerPool, calls
 from afd_dispatch.integrations.vllm import metrics
 from afd_dispatch.link.npu import Rendezvous, serve_rendezvous
@@ -307,20 +307,24 @@ def find_attachment(config: AFDConfig, key: str = "") -> Attachment:
     ensure_ray(config.ray_address)
     name = directory_name(config, key)
     deadline = time.monotonic() + config.startup_timeout_s
+    last = ""  # why the last lookup that found the actor failed
     while True:
         try:
             actor = ray.get_actor(name, namespace=NAMESPACE)
             left = max(0.1, deadline - time.monotonic())
-            text = ray.get(actor.attachment.remote(), timeout=left)
+            text = calls.get(actor.attachment.remote(), left, f"AFD deployment {name!r}")
             break
-        except (ValueError, ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            pass  # not there (yet), or its owner is going away: look again until the deadline
+        except ValueError:  # not there (yet): look again until the deadline
+            last = ""
+        except (AFDTimeoutError, AFDPeerError) as exc:  # its owner is going away, or slow
+            last = str(exc)
         if time.monotonic() > deadline:
             raise AFDTimeoutError(
                 f"no AFD deployment {name!r} (Ray namespace {NAMESPACE!r}) in the Ray cluster "
                 f"at {config.ray_address} after {config.startup_timeout_s:g} s "
                 "(startup_timeout_s): the vllm serve that launches data-parallel rank 0 "
                 "publishes it once its FFN actors are up; start it with the same AFD config"
+                + (f" (the last lookup found it but failed: {last})" if last else "")
             )
         time.sleep(LOOKUP_PERIOD_S)
     return Attachment.from_json(str(text))
