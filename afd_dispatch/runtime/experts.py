@@ -33,7 +33,11 @@ def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.
         return fn(x)
     pad = (-n) % TILE_ROWS
     if pad:
-        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        padded = x.new_zeros(n + pad, *x.shape[1:])
+        padded[:n] = x
+        x = padded
+    if x.shape[0] == TILE_ROWS:  # one tile (decode's usual group): no list, no cat
+        return fn(x)[:n]
     return torch.cat([fn(x[i : i + TILE_ROWS]) for i in range(0, x.shape[0], TILE_ROWS)])[:n]
 
 

@@ -86,12 +86,12 @@ def _publish(windows: WindowGroup, call: AttentionToFfnCall, headers: Sequence[i
     s, m = call.session, call.micro_batch
     store_fence()  # rows, ids and layer before the flag that publishes them
     for r in headers:
-        windows.ffn_views(r)[0][s, m, FLAG_OFFSET] = 1
+        windows.ffn_views(r)[0].numpy()[s, m, FLAG_OFFSET] = 1
     store_fence()  # the flags before the rings that announce them
     for r in headers:
         windows.ring(r)
     own_info, _ = windows.attn_views(call.topology.attention_rank(s))
-    own_info[m, call.active_tokens :] = 1
+    own_info.numpy()[m, call.active_tokens :] = 1
 
 
 def _send_native(
@@ -238,9 +238,13 @@ def _wait_until_consumed(
     no half-written message behind.
     """
     s, m = call.session, call.micro_batch
+    flags = [(r, info.numpy()) for r, (info, _) in views.items()]  # scalar reads, no torch
 
     def busy() -> list[int]:
-        return [r for r, (info, _) in views.items() if int(info[s, m, FLAG_OFFSET]) != 0]
+        return [r for r, info in flags if info[s, m, FLAG_OFFSET] != 0]
+
+    if not busy():
+        return  # the usual case: nothing to wait for, no wait to set up
 
     def describe() -> str:
         return (
