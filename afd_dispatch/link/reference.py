@@ -129,10 +129,12 @@ class ReferenceFFNLink(FFNLink):
         # What this rank batched and has not given back yet, per slot, in the group's shared
         # memory: a restarted worker redoes it (`pending`) instead of losing it.
         # (one journal per window group: this rank has at most one batch in flight)
-        self._journals = {
-            name: layout.ffn_journal_views(get_window_group(name).journal_storage(rank))
-            for name in deployment.group_names
-        }
+        # (header and receipts as numpy: scalar stores without a torch call each)
+        self._journals: dict[str, tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]] = {}
+        for name in deployment.group_names:
+            views = layout.ffn_journal_views(get_window_group(name).journal_storage(rank))
+            header, rows, info, receipts = views
+            self._journals[name] = (header.numpy(), rows, info, receipts.numpy())
         # Each session's receipt counts per group (`WindowGroup.receipts`), read-only here
         self._receipts = {
             name: [
@@ -230,8 +232,8 @@ class ReferenceFFNLink(FFNLink):
         info.copy_(area.info[:, m])
         # Every session has sent micro-batch m, so each has counted its last receipt of m
         # and counts the next only once this rank's results are back: stable until then.
-        receipts.numpy()[:] = [r[m] for r in self._receipts[group]]
-        header.numpy()[1:] = (slot, 0, 0, batched_micro_batches(ctx), m)
+        receipts[:] = [r[m] for r in self._receipts[group]]
+        header[1:] = (slot, 0, 0, batched_micro_batches(ctx), m)
         store_fence()  # the copy is whole before it counts
         header[0] = JOURNAL_COLLECTING
 
@@ -245,7 +247,7 @@ class ReferenceFFNLink(FFNLink):
         for field, values in enumerate((sessions, mbs, tokens, offsets)):
             fields[field, :n] = values.numpy()[:n]
         fields[4, :n] = np.repeat(groups[:, 0], groups[:, 1])
-        header.numpy()[1:4] = (slot, batch.layer, n)
+        header[1:4] = (slot, batch.layer, n)
         store_fence()  # the record is whole before it counts
         header[0] = JOURNAL_BATCHED
 
