@@ -113,7 +113,7 @@ def check_attention_to_ffn(
             active = mask_prefix_length(active_mask[0])
         ids = expert_ids[0, :active]
         if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(ids))
             check(
                 lo >= 0 and hi < moe_expert_num,
                 "expert_ids",
@@ -137,9 +137,9 @@ def _structure_key(*args: object) -> tuple[object, ...] | None:
     key: list[object] = []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and i == _TABLE_ARGUMENT:  # checked by value
-            key.append((a.dtype, tuple(a.shape), a.device.type, id(a), a._version))
+            key.append((a.dtype, a.shape, a.device.type, id(a), a._version))
         elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, tuple(a.shape), a.device.type))
+            key.append((a.dtype, a.shape, a.device.type))
         elif isinstance(a, (list, tuple)):
             key.append(tuple(a))
         else:
@@ -289,12 +289,13 @@ def _validated_table(table: torch.Tensor, topology: RankTopology, moe_expert_num
 def mask_prefix_length(mask: torch.Tensor) -> int:
     """Number of active tokens of a (BS,) bool mask; it must be a prefix of Trues."""
     n = int(mask.sum())
-    check(
-        bool(mask[:n].all()),
-        "active_mask",
-        "a prefix of True values followed only by False",
-        mask.int().tolist(),
-    )
+    if not bool(mask[:n].all()):
+        check(
+            False,
+            "active_mask",
+            "a prefix of True values followed only by False",
+            mask.int().tolist(),
+        )
     return n
 
 
@@ -463,8 +464,9 @@ def _scalar(t: torch.Tensor, name: str) -> None:
 
 
 def _scalar_value(t: torch.Tensor, name: str, lo: int, hi: int) -> int:
-    value = int(t[0])
-    check(lo <= value < hi, name, f"in [{lo}, {hi})", value)
+    value = int(t.item())  # (1,) by the structural checks; item() is the cheapest read
+    if not lo <= value < hi:
+        check(False, name, f"in [{lo}, {hi})", value)
     return value
 
 
