@@ -316,15 +316,20 @@ def check_ffn_to_attention(
     check(x.dim() == 2, "x.dim()", "2 (Y, H)", x.dim())
     check(x.dtype in TOKEN_DTYPES, "x.dtype", "float16, bfloat16 or float32", x.dtype)
     rows, hidden = int(x.shape[0]), int(x.shape[1])
-    for name, t in (
+    named = (
         ("session_ids", session_ids),
         ("micro_batch_ids", micro_batch_ids),
         ("token_ids", token_ids),
         ("expert_offsets", expert_offsets),
+    )
+    if not all(  # one test on the hot path; the loop below names what is wrong
+        isinstance(t, torch.Tensor) and t.dtype in _INT_DTYPES and t.shape == (rows,)
+        for _, t in named
     ):
-        _tensor(t, name)
-        check(t.dtype in _INT_DTYPES, f"{name}.dtype", "int32 or int64", t.dtype)
-        check(tuple(t.shape) == (rows,), f"{name}.shape", f"(Y={rows},)", tuple(t.shape))
+        for name, t in named:
+            _tensor(t, name)
+            check(t.dtype in _INT_DTYPES, f"{name}.dtype", "int32 or int64", t.dtype)
+            check(tuple(t.shape) == (rows,), f"{name}.shape", f"(Y={rows},)", tuple(t.shape))
     _scalar(actual_token_num, "actual_token_num")
     m, bs, e = _shape(token_info_table_shape, "token_info_table_shape", 3)
     data_shape = _shape(token_data_shape, "token_data_shape", 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from afd_dispatch.contract import check_ffn_to_attention
@@ -111,17 +112,17 @@ def _send_native(
     if targets is None:
         return False
     index, data_rows, info_rows, _views = targets  # the views keep the windows mapped
-    touched = torch.zeros(data_rows.numel(), dtype=torch.uint8)
+    touched = np.zeros(data_rows.numel(), dtype=np.uint8)  # numpy: no torch call per flag
     bad = native(
         "f2a_scatter",
         x.data_ptr(), layout.hidden * x.element_size(), n, *(t.data_ptr() for t in ids),
         index.data_ptr(), index.numel(), data_rows.data_ptr(), info_rows.data_ptr(),
-        layout.micro_batches, layout.tokens, layout.slots, touched.data_ptr(),
+        layout.micro_batches, layout.tokens, layout.slots, touched.ctypes.data,
     )  # fmt: skip
     if bad >= 0:
         return False
     ranks = topology.attention_ranks
-    for i in touched.nonzero().flatten().tolist():
+    for i in touched.nonzero()[0].tolist():
         windows.ring(ranks[i])
     return True
 
