@@ -73,13 +73,16 @@ class ExpertBank:
 
     def apply(self, row: int, x: torch.Tensor) -> torch.Tensor:
         if row < self.num_experts:
-            check(row in self.routed, "expert row", f"one of the hosted {sorted(self.routed)}", row)
-            return swiglu(x, self.routed[row], self.batch_invariant)
-        j = row - self.num_experts
-        check(
-            j in self.shared, "shared expert row", f"one of the hosted {sorted(self.shared)}", row
-        )
-        return shared_expert(x, self.shared[j], self.batch_invariant)
+            routed = self.routed.get(row)
+            if routed is None:
+                check(False, "expert row", f"one of the hosted {sorted(self.routed)}", row)
+            assert routed is not None
+            return swiglu(x, routed, self.batch_invariant)
+        shared = self.shared.get(row - self.num_experts)
+        if shared is None:
+            check(False, "shared expert row", f"one of the hosted {sorted(self.shared)}", row)
+        assert shared is not None
+        return shared_expert(x, shared, self.batch_invariant)
 
     @property
     def dtype(self) -> torch.dtype:
