@@ -517,6 +517,42 @@ def test_worker_that_died_while_collecting_is_redone_by_its_successor(
         ]
 
 
+# (cut before the flags were cleared, the header is not consumed: the session cannot move on)
+@pytest.mark.parametrize("when", ["flags_cleared", "index_advanced", "inside_collect"])
+@pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
+def test_a_session_that_moved_on_past_a_killed_collect_is_not_rewound(
+    model: TinyMoEModel, window_groups: str, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slot 1 carries no tokens, so the session waits for nothing from the FFN rank: once
+    batching consumed the header it moves on and sends its next messages, slot 1's into the
+    very info row the dead worker journaled. The successor must not put the old header back
+    over it (the message would be lost and the rank wait forever): it serves it."""
+    cfg = config(
+        1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
+        window_groups=window_groups,
+    )  # fmt: skip
+    reference = colocated(model)
+    x, ids, w = moe_inputs(model, 3, seed=1)
+    y, ids2, w2 = moe_inputs(model, 3, seed=2)
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        endpoint = AttentionEndpoint(dep, 0)
+        first = FFNWorker(dep, 0, banks(model))
+        endpoint.send(0, 0, x, ids, w)
+        first.serve_one()
+        endpoint.receive(0)
+        endpoint.send(1, 0, x[:0], ids[:0], w[:0])
+        die_while_collecting(first, 1, when, monkeypatch)
+        del first
+        gc.collect()
+        assert endpoint.receive(1).shape == (0, H)  # nothing to wait for
+        endpoint.send(0, 1, x, ids, w)
+        endpoint.send(1, 1, y, ids2, w2)  # into the row the dead worker journaled
+        second = FFNWorker(dep, 0, banks(model))
+        assert sorted(second.serve_one() for _ in range(2)) == [9, 9]
+        assert torch.equal(endpoint.receive(0), reference.moe(1, x, ids, w))
+        assert torch.equal(endpoint.receive(1), reference.moe(1, y, ids2, w2))
+
+
 class CutF2A:
     """The reference ops, except that `npu_ffn_to_attention` delivers only the rows
     `delivers(row, session)` picks, and records how many rows each session got; with
@@ -632,6 +668,64 @@ def test_worker_killed_while_giving_back_redelivers_only_what_never_arrived(
         assert second.serve_one() > 0  # slot 1
         receive(1, 1, 3)
         assert FFNWorker(dep, 0, banks(model)).link.pending() is None
+
+
+@pytest.mark.parametrize("window_groups", ["shared", "per_micro_batch"])
+def test_a_session_combining_while_the_successor_looks_is_not_redelivered(
+    model: TinyMoEModel, window_groups: str
+) -> None:
+    """Session 0 got all of slot 1's rows from the dead worker; it combines just as the
+    successor looks at its window (found by a reviewer: with the receipt count read before
+    the flags, a combine in between read as "never delivered", and session 0's next slot 1
+    received its previous results again). Only session 1's rows are given back."""
+    cfg = config(
+        2, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
+        window_groups=window_groups,
+    )  # fmt: skip
+    reference = colocated(model)
+    inputs = {(s, i): moe_inputs(model, 3, seed=10 * s + i) for s in range(2) for i in range(4)}
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        ep = [AttentionEndpoint(dep, s) for s in range(2)]
+        first = FFNWorker(dep, 0, banks(model))
+        for s in (0, 1):
+            ep[s].send(0, 0, *inputs[s, 0])
+        first.serve_one()
+        for s in (0, 1):
+            ep[s].receive(0)
+            ep[s].send(1, 0, *inputs[s, 1])
+        first.link.ops = CutF2A(first.link.ops, GIVE_BACK_CUTS["session_0_only"], dies=True)
+        with pytest.raises(Killed):
+            first.serve_one()
+        del first
+        gc.collect()
+        group = get_window_group(dep.channels[1].group)
+        real, combined = group.attn_views, []
+
+        def attn_views(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if rank == ep[0].rank and not combined:  # session 0 combines right now
+                combined.append(ep[0].receive(1))
+            return real(rank)
+
+        group.attn_views = attn_views  # type: ignore[method-assign]
+        try:
+            second = FFNWorker(dep, 0, banks(model))
+        finally:
+            del group.attn_views
+        assert torch.equal(combined[0], reference.moe(0, *inputs[0, 1]))
+        recording = second.link.ops = CutF2A(second.link.ops)
+        ep[0].send(0, 1, *inputs[0, 2])
+        ep[0].send(1, 1, *inputs[0, 3])  # refills slot 1's cells
+        second.serve_one()  # the redo of slot 1
+        assert recording.rows_per_session == [{1: 9}]  # session 1 only
+        assert torch.equal(ep[1].receive(1), reference.moe(0, *inputs[1, 1]))
+        ep[1].send(0, 1, *inputs[1, 2])
+        second.serve_one()  # slot 0
+        for s in (0, 1):
+            assert torch.equal(ep[s].receive(0), reference.moe(1, *inputs[s, 2]))
+        ep[1].send(1, 1, *inputs[1, 3])
+        second.serve_one()  # slot 1
+        for s in (0, 1):
+            assert torch.equal(ep[s].receive(1), reference.moe(1, *inputs[s, 3]))
 
 
 def test_fresh_windows_start_at_slot_zero(model: TinyMoEModel) -> None:

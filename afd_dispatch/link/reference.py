@@ -260,8 +260,9 @@ class ReferenceFFNLink(FFNLink):
         counted a receipt of the micro-batch since it was collected. Neither can change
         under us (the session waits for this flag before it counts), and a session that
         counted has combined the results and may be sending new rows into the same window
-        cells, so nothing of it is read or written. The experts still run on the whole
-        batch, so every row's result is the one the predecessor computed."""
+        cells, so nothing of it is written (its rows are read with the rest and their
+        results dropped). The experts still run on the whole batch, so with
+        `batch_invariant` every row's result is the one the predecessor computed."""
         channels = self.deployment.channels
         for name in self.deployment.group_names:
             self._undo_consumed(name)
@@ -328,10 +329,15 @@ class ReferenceFFNLink(FFNLink):
                 0 <= s < len(ranks), f"journal session of group {name!r}", f"[0, {len(ranks)})", s
             )
             rows = (session == s).nonzero().flatten()
+            # Flags first, then the count: the session counts before combine clears the
+            # flags, so a flag read as 0 with the count unchanged after it was never set
+            # (read the other way round, a combine in between looks undelivered).
+            flags, _ = group.attn_views(ranks[s])
+            seen = flags[mb[rows], token[rows], where[rows]] == 1
+            store_fence()
             if self._receipts[name][s][micro_batch] != int(at_collect[s]):
                 continue  # combined: these cells may hold its next micro-batch by now
-            flags, _ = group.attn_views(ranks[s])
-            arrived[rows] = flags[mb[rows], token[rows], where[rows]] == 1
+            arrived[rows] = seen
         return (~arrived).nonzero().flatten()
 
     def _undo_consumed(self, name: str) -> None:
@@ -341,16 +347,28 @@ class ReferenceFFNLink(FFNLink):
 
         Batching consumes in steps (empty the slot ids, clear the flags, advance the polling
         index, count), and death may fall between any two, so the whole state before
-        batching is restored, not a guess at which steps ran. That is safe: no attention
-        rank rewrites the micro-batch before its results come back, so these rows are still
-        the ones it sent."""
+        batching is restored, not a guess at which steps ran. For a session with rows here
+        that is safe: it rewrites the micro-batch only once its results are back. A session
+        with no rows here waits for nothing from this rank, so once its flag was cleared it
+        may be writing its next message into the same row: its row is put back only while
+        it still reads as consumed (flag 0, no ids). (One writing at that very moment can
+        still meet the restored flag; batching then finds the layers disagree and the
+        micro-batch is refused, not served wrong.)"""
         header, _, info, _ = self._journals[name]
         if int(header[0]) != JOURNAL_COLLECTING:
             return
         slot, before, m = int(header[1]), int(header[4]), int(header[5])
         ctx = self._ctx[slot]
         window_info, _ = get_window_group(name).ffn_views(self.rank)
-        window_info[:, m] = info
+        ids = info[:, SLOTS_OFFSET:]
+        for s in range(info.shape[0]):
+            now = window_info[s, m]
+            waits_for_us = bool((ids[s] < EMPTY_ID_THRESHOLD).any())
+            consumed = int(now[FLAG_OFFSET]) == 0 and bool(
+                (now[SLOTS_OFFSET:] >= EMPTY_ID_THRESHOLD).all()
+            )
+            if waits_for_us or consumed:
+                now.copy_(info[s])
         sc.put(ctx, sc.FFN_POLLING_INDEX, m)
         sc.put(ctx, sc.REF_BATCHED_COUNT, before)
         store_fence()

@@ -51,6 +51,7 @@ class _Rank:
     entered: float = 0.0  # monotonic time the current state was entered
     last_error: str = ""  # of the last failed probe: why it died
     link_failure: str = ""  # the board's last link failure since it was last up: why it exited
+    link_failure_restarts: int = -1  # Ray's restart count when it was reported
     answered_once: bool = False
     events: tuple[int, int] = (0, 0)  # refusals, link failures logged so far
 
@@ -129,10 +130,12 @@ class Supervisor:
         ray_state = str(record.get("State", ""))
         if ray_state == "DEAD":
             budget = self.config.ffn_max_restarts
-            why = r.link_failure or r.last_error or death_cause(record.get("DeathCause"))
+            cause = death_cause(record.get("DeathCause"))
+            if not cause.startswith("its constructor raised"):  # that one names itself
+                cause = self._link_failure(r) or r.last_error or cause
             self._set(
                 rank, r, RankState.FAILED,
-                f"Ray will not restart it (ffn_max_restarts {budget}, {r.restarts} used): {why}",
+                f"Ray will not restart it (ffn_max_restarts {budget}, {r.restarts} used): {cause}",
                 now,
             )  # fmt: skip
             return
@@ -140,7 +143,7 @@ class Supervisor:
             restarting = bool(r.restarts) or r.answered_once
             state = RankState.RESTARTING if restarting else RankState.STARTING
             if state is not r.state:
-                why = r.link_failure or r.last_error or "Ray is starting its actor"
+                why = self._link_failure(r) or r.last_error or "Ray is starting its actor"
                 self._set(rank, r, state, why, now)
             if now - r.entered > self.config.startup_timeout_s:
                 self._kill(rank, r, now - r.entered, "startup_timeout_s", now)
@@ -189,6 +192,12 @@ class Supervisor:
         r.last_error = f"killed after no answer for {waited:.1f} s ({bound} {limit:g} s)"
         self._set(rank, r, RankState.RESTARTING, r.last_error, now)
 
+    @staticmethod
+    def _link_failure(r: _Rank) -> str:
+        """The link failure that took the rank down, unless it restarted since (a later
+        death, say its constructor raising, has a cause of its own)."""
+        return r.link_failure if r.restarts <= r.link_failure_restarts + 1 else ""
+
     def _set(
         self, rank: int, r: _Rank, state: RankState, detail: str, now: float, answered: bool = False
     ) -> None:
@@ -210,6 +219,7 @@ class Supervisor:
         r.events = events
         if failed:
             r.link_failure = f"its link failed: {health.event}"
+            r.link_failure_restarts = r.restarts
         log.error(
             "AFD: FFN rank %d: %d micro-batch(es) refused, %d link failure(s); the last: %s",
             rank, refused, failed, health.event,

@@ -244,6 +244,7 @@ def _wait_until_consumed(
         return [r for r, info in flags if info[s, m, FLAG_OFFSET] != 0]
 
     if not busy():
+        store_fence()  # as `wait_until` does
         return  # the usual case: nothing to wait for, no wait to set up
 
     def describe() -> str:

@@ -26,7 +26,7 @@ from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.kernels.reference import schedule_context as sc
 from afd_dispatch.kernels.reference.rows import weighted_sum
 from afd_dispatch.layout import WindowLayout, dtype_of_code, token_dtype_code
-from afd_dispatch.windows import ScheduleStopped, wait_until
+from afd_dispatch.windows import ScheduleStopped, store_fence, wait_until
 from afd_dispatch.windows.doorbell import Doorbell
 
 
@@ -228,6 +228,7 @@ def attention_worker_scheduler(schedule_context: torch.Tensor) -> torch.Tensor:
 def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
     cells = flags.cells[m]
     if bool(cells.eq(1).all()):
+        store_fence()  # as `wait_until` does: the results are read only after the flags
         return  # already here (always, after the link's own wait): nothing to set up
 
     def describe() -> str:

@@ -431,6 +431,7 @@ def _int32_buffer(
 def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
     flags = area.flags_and_ids[:, m, FLAG_OFFSET]
     if bool(flags.eq(1).all()):
+        store_fence()  # as `wait_until` does: the rows are read only after the flags
         return  # already here (the usual case once the link waited): nothing to set up
 
     def ready() -> bool:
