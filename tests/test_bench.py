@@ -271,7 +271,6 @@ def test_memory_case_refuses_a_partial_round() -> None:
 def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Three real vLLM servers (colocated, AFD, AFD with two DP ranks), smallest request
     set, one round."""
-    pytest.importorskip("vllm")
     data = run_level("serving", tmp_path, 1, capsys)
     rows = rows_by_name(data)
     head = rows["afd_vs_colocated"]
