@@ -11,6 +11,7 @@ import gc
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -591,6 +592,47 @@ GIVE_BACK_CUTS = {
 }
 
 
+@dataclasses.dataclass
+class TwoSessions:
+    """A = 2, F = 1, M = 2 deployment whose FFN worker died inside give-back of slot 1."""
+
+    dep: Deployment
+    endpoints: list[AttentionEndpoint]
+    inputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    delivered: dict[int, int]  # rows per session the dead worker gave back
+
+
+@contextmanager
+def killed_inside_give_back(
+    model: TinyMoEModel, window_groups: str, cut: str
+) -> Iterator[TwoSessions]:
+    """Both sessions send slot 0 (layer 0, inputs 0), served and received exactly; then
+    slot 1 (layer 0, inputs 1), whose worker dies in F2A having given back `cut`'s rows.
+    Inputs 2 and 3 are left for layer 1."""
+    cfg = config(
+        2, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
+        window_groups=window_groups,
+    )  # fmt: skip
+    reference = colocated(model)
+    inputs = {(s, i): moe_inputs(model, 3, seed=10 * s + i) for s in range(2) for i in range(4)}
+    with deployment(cfg, model.spec, torch.float32) as dep:
+        endpoints = [AttentionEndpoint(dep, s) for s in range(2)]
+        first = FFNWorker(dep, 0, banks(model))
+        for s in (0, 1):
+            endpoints[s].send(0, 0, *inputs[s, 0])
+        first.serve_one()
+        for s in (0, 1):
+            assert torch.equal(endpoints[s].receive(0), reference.moe(0, *inputs[s, 0]))
+            endpoints[s].send(1, 0, *inputs[s, 1])
+        dying = first.link.ops = CutF2A(first.link.ops, GIVE_BACK_CUTS[cut], dies=True)
+        with pytest.raises(Killed):
+            first.serve_one()
+        (delivered,) = dying.rows_per_session
+        del first
+        gc.collect()
+        yield TwoSessions(dep, endpoints, inputs, delivered)
+
+
 @pytest.mark.parametrize(
     ("cut", "session_0_moves_on"),
     # session 0 can combine (and move on) only once all of its rows arrived
@@ -607,14 +649,10 @@ def test_worker_killed_while_giving_back_redelivers_only_what_never_arrived(
     every session gets each micro-batch's exact result once, and no session gets results
     it has already combined again (a second delivery would pose as its next micro-batch's
     results)."""
-    cfg = config(
-        2, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
-        window_groups=window_groups,
-    )  # fmt: skip
     reference = colocated(model)
-    inputs = {(s, i): moe_inputs(model, 3, seed=10 * s + i) for s in range(2) for i in range(6)}
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        endpoints = [AttentionEndpoint(dep, s) for s in range(2)]
+    with killed_inside_give_back(model, window_groups, cut) as killed:
+        dep, endpoints, inputs = killed.dep, killed.endpoints, killed.inputs
+        delivered = killed.delivered
 
         def send(slot: int, layer: int, i: int, sessions: tuple[int, ...] = (0, 1)) -> None:
             for s in sessions:
@@ -625,17 +663,6 @@ def test_worker_killed_while_giving_back_redelivers_only_what_never_arrived(
                 got = endpoints[s].receive(slot)
                 assert torch.equal(got, reference.moe(layer, *inputs[s, i])), (s, slot, i)
 
-        first = FFNWorker(dep, 0, banks(model))
-        send(0, 0, 0)
-        first.serve_one()
-        receive(0, 0, 0)
-        send(1, 0, 1)
-        dying = first.link.ops = CutF2A(first.link.ops, GIVE_BACK_CUTS[cut], dies=True)
-        with pytest.raises(Killed):
-            first.serve_one()
-        (delivered,) = dying.rows_per_session
-        del first
-        gc.collect()
         if session_0_moves_on:  # combine slot 1, then refill slot 0 and slot 1's cells
             receive(1, 0, 1, sessions=(0,))
             send(0, 1, 2, sessions=(0,))
@@ -678,26 +705,9 @@ def test_a_session_combining_while_the_successor_looks_is_not_redelivered(
     successor looks at its window (found by a reviewer: with the receipt count read before
     the flags, a combine in between read as "never delivered", and session 0's next slot 1
     received its previous results again). Only session 1's rows are given back."""
-    cfg = config(
-        2, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=3.0,
-        window_groups=window_groups,
-    )  # fmt: skip
     reference = colocated(model)
-    inputs = {(s, i): moe_inputs(model, 3, seed=10 * s + i) for s in range(2) for i in range(4)}
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        ep = [AttentionEndpoint(dep, s) for s in range(2)]
-        first = FFNWorker(dep, 0, banks(model))
-        for s in (0, 1):
-            ep[s].send(0, 0, *inputs[s, 0])
-        first.serve_one()
-        for s in (0, 1):
-            ep[s].receive(0)
-            ep[s].send(1, 0, *inputs[s, 1])
-        first.link.ops = CutF2A(first.link.ops, GIVE_BACK_CUTS["session_0_only"], dies=True)
-        with pytest.raises(Killed):
-            first.serve_one()
-        del first
-        gc.collect()
+    with killed_inside_give_back(model, window_groups, "session_0_only") as killed:
+        dep, ep, inputs = killed.dep, killed.endpoints, killed.inputs
         group = get_window_group(dep.channels[1].group)
         real, combined = group.attn_views, []
 

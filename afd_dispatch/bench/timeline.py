@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from afd_dispatch.integrations.vllm.metrics import CPU, FORWARD
+from afd_dispatch.integrations.vllm.metrics import CPU, FORWARD, add_marks
 from afd_dispatch.runtime.trace import Span, chrome_trace
 
 NS_PER_MS = 1e6
@@ -175,28 +175,13 @@ class Trace:
     def chrome(self) -> dict[str, Any]:
         """All of it as one Chrome/Perfetto trace (one track per process)."""
         document = chrome_trace(self.spans)
-        events: list[dict[str, Any]] = document["traceEvents"]
-        pids = {e["args"]["name"]: e["pid"] for e in events if e.get("ph") == "M"}
-
-        def pid(process: str) -> int:
-            if process not in pids:
-                pids[process] = max(pids.values(), default=0) + 1
-                events.append(
-                    {"ph": "M", "name": "process_name", "pid": pids[process], "tid": 0,
-                     "args": {"name": process}}
-                )  # fmt: skip
-            return pids[process]
-
-        for f in self.forwards:
-            events.append(
-                {"ph": "i", "s": "t", "name": FORWARD, "cat": FORWARD, "pid": pid(f.process),
-                 "tid": 0, "ts": f.start_ns / 1000, "args": {"tokens": f.tokens}}
-            )  # fmt: skip
-        for c in self.cpu:
-            events.append(
-                {"ph": "C", "name": CPU, "cat": CPU, "pid": pid(c.process), "tid": 0,
-                 "ts": c.at_ns / 1000, "args": {"run_ns": c.run_ns, "wait_ns": c.wait_ns}}
-            )  # fmt: skip
+        for process in sorted({f.process for f in self.forwards} | {c.process for c in self.cpu}):
+            add_marks(
+                document,
+                process,
+                [(f.start_ns, f.tokens) for f in self.forwards if f.process == process],
+                [(c.at_ns, c.run_ns, c.wait_ns) for c in self.cpu if c.process == process],
+            )
         return document
 
 

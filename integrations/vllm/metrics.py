@@ -218,10 +218,22 @@ def trace_document(
     event `CPU` per (ns on CLOCK_MONOTONIC, ns on a CPU, ns runnable without one) of `cpu`
     (a thread's cumulative CPU accounting at that time)."""
     document = chrome_trace(spans)
-    events: list[dict[str, Any]] = document["traceEvents"]
+    add_marks(document, process, forwards, cpu)
+    return document
+
+
+def add_marks(
+    document: dict[str, Any],
+    process: str,
+    forwards: Iterable[tuple[int, int]],
+    cpu: Iterable[tuple[int, int, int]],
+) -> None:
+    """Append `trace_document`'s forward and CPU events of `process` to a Chrome trace,
+    giving `process` a track of its own if it has none yet."""
     marks, counts = list(forwards), list(cpu)
     if not marks and not counts:
-        return document
+        return
+    events: list[dict[str, Any]] = document["traceEvents"]
     pids = {e["args"]["name"]: e["pid"] for e in events if e.get("ph") == "M"}
     if process not in pids:
         pids[process] = max(pids.values(), default=0) + 1
@@ -239,7 +251,6 @@ def trace_document(
             {"ph": "C", "name": CPU, "cat": CPU, "pid": pids[process], "tid": 0,
              "ts": at_ns / 1000, "args": {"run_ns": run_ns, "wait_ns": wait_ns}}
         )  # fmt: skip
-    return document
 
 
 def request_trace(directory: str, request: str) -> None:
