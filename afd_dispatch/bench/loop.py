@@ -48,7 +48,7 @@ from afd_dispatch.bench.report import (
     median,
     peak_rss_row,
     process_memory,
-    process_run_s,
+    schedstat,
     timed,
     torch_threads,
 )
@@ -570,7 +570,7 @@ def pipelining(shape: MoEShape, repeat: int, depths: Sequence[int] = (1, 2, 3)) 
 
 class CpuMeter:
     """CPU seconds per call of a wrapped step: this thread's (`time.thread_time`) and the
-    FFN process `pid`'s (`report.process_run_s`), the first call dropped (warm-up)."""
+    FFN process `pid`'s (`report.schedstat`), the first call dropped (warm-up)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -578,9 +578,9 @@ class CpuMeter:
 
     def metered(self, step: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            own, ffn = time.thread_time(), process_run_s(self.pid)
+            own, ffn = time.thread_time(), schedstat(self.pid)[0]
             step()
-            self.samples.append((time.thread_time() - own, process_run_s(self.pid) - ffn))
+            self.samples.append((time.thread_time() - own, schedstat(self.pid)[0] - ffn))
 
         return run
 

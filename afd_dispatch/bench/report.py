@@ -290,18 +290,23 @@ def _process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_run_s(pid: int) -> float:
-    """Seconds a live process's threads have run on a CPU, to the nanosecond: the sum of
-    `/proc/PID/task/*/schedstat` first fields (user + system ticks where that is missing,
-    NaN where neither is readable)."""
-    total = 0
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of process `pid`, summed
+    over its live threads (`/proc/PID/task/TID/schedstat`, to the nanosecond); (0, 0)
+    where unreadable (the process is gone)."""
+    run = wait = 0
     try:
-        for task in os.listdir(f"/proc/{pid}/task"):
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for task in tasks:
+        try:
             with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as fh:
-                total += int(fh.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return _process_cpu_s(pid)
-    return total / 1e9
+                fields = fh.read().split()
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return run / 1e9, wait / 1e9
 
 
 @dataclass(frozen=True)

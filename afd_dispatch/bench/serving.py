@@ -43,6 +43,7 @@ from afd_dispatch.bench.report import (
     median,
     peak_rss_row,
     process_memory,
+    schedstat,
 )
 from afd_dispatch.integrations.vllm import metrics as afd_metrics
 from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters, vllm_server
@@ -495,24 +496,6 @@ def session_memory(pid: int) -> list[tuple[str, ProcessMemory]]:
         if memory is not None:  # else: exited meanwhile, or a zombie (no VmHWM)
             out.append((role, memory))
     return out
-
-
-def schedstat(pid: int) -> tuple[float, float]:
-    """(seconds on a CPU, seconds runnable but waiting for one) of process `pid`, summed
-    over its live threads (`/proc/PID/task/TID/schedstat`); (0, 0) where unreadable."""
-    run = wait = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0, 0.0
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as fh:
-                fields = fh.read().split()
-            run, wait = run + int(fields[0]), wait + int(fields[1])
-        except (OSError, ValueError, IndexError):
-            continue  # exited meanwhile
-    return run / 1e9, wait / 1e9
 
 
 def memory_rows(run: ServerRun) -> list[Row]:
