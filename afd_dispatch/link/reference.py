@@ -16,7 +16,11 @@ import torch
 from afd_dispatch.errors import AFDBadMicroBatchError, AFDInputError, check
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.kernels.reference import schedule_context as sc
-from afd_dispatch.kernels.reference.ffn_worker_batching import ffn_area, wait_for_micro_batch
+from afd_dispatch.kernels.reference.ffn_worker_batching import (
+    consume_micro_batch,
+    ffn_area,
+    wait_for_micro_batch,
+)
 from afd_dispatch.kernels.reference.schedule_context import (
     ScheduleContextHolder,
     batched_micro_batches,
@@ -25,7 +29,6 @@ from afd_dispatch.kernels.reference.schedule_context import (
 )
 from afd_dispatch.layout import (
     EMPTY_ID_THRESHOLD,
-    EMPTY_LOCAL_ID,
     FLAG_OFFSET,
     JOURNAL_BATCHED,
     JOURNAL_COLLECTING,
@@ -197,12 +200,7 @@ class ReferenceFFNLink(FFNLink):
         layout = self.deployment.layout
         ids = info[:, SLOTS_OFFSET:].reshape(layout.sessions, layout.tokens, layout.slots)
         session, token, where = (ids < EMPTY_ID_THRESHOLD).nonzero(as_tuple=True)
-        assert area.info is not None
-        window = area.info[:, m]
-        window[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
-        store_fence()  # slots are empty again before a sender may see the free flag
-        window[:, FLAG_OFFSET] = 0
-        sc.advance_polling_index(ctx, m, area.micro_batches, last_batched_layer(ctx))
+        consume_micro_batch(ctx, area, m, last_batched_layer(ctx))
         store_fence()
         header[0] = JOURNAL_EMPTY
         n = session.numel()

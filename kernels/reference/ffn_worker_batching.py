@@ -193,10 +193,7 @@ def ffn_worker_batching(
                   window_rows, n, f"{area.who}: window row")  # fmt: skip
 
     if need_schedule:
-        rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
-        store_fence()  # slots are empty again before a sender may see the free flag
-        rows[:, FLAG_OFFSET] = 0
-        sc.advance_polling_index(ctx, m, area.micro_batches, layer)
+        consume_micro_batch(ctx, area, m, layer)
     actual = torch.tensor([n], dtype=torch.int64)
     return (y, group_list, *outputs, dynamic_scale, actual)
 
@@ -426,6 +423,16 @@ def _int32_buffer(
     ctx: torch.Tensor, field: tuple[int, int], size_field: tuple[int, int], nbytes: int
 ) -> torch.Tensor:
     return sc.sized_buffer(ctx, field, size_field, nbytes).data.view(torch.int32)
+
+
+def consume_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int, layer: int) -> None:
+    """What batching does with a micro-batch it collected (`need_schedule=1`): empty its
+    slots, free its flags for the senders, and poll the next one."""
+    rows = area.flags_and_ids[:, m]
+    rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
+    store_fence()  # slots are empty again before a sender may see the free flag
+    rows[:, FLAG_OFFSET] = 0
+    sc.advance_polling_index(ctx, m, area.micro_batches, layer)
 
 
 def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
