@@ -59,6 +59,11 @@ def model() -> TinyMoEModel:
     )
 
 
+def rows_of(model: TinyMoEModel, tokens: int) -> int:
+    """The rows an FFN rank hosting every expert serves for `tokens` tokens."""
+    return tokens * (model.config.topk + model.spec.num_shared_experts)
+
+
 def banks(model: TinyMoEModel) -> dict[int, ExpertBank]:
     """Every expert of every layer (an FFN rank given more than it hosts still serves)."""
     return model.expert_banks(True)
@@ -549,7 +554,7 @@ def test_a_session_that_moved_on_past_a_killed_collect_is_not_rewound(
         endpoint.send(0, 1, x, ids, w)
         endpoint.send(1, 1, y, ids2, w2)  # into the row the dead worker journaled
         second = FFNWorker(dep, 0, banks(model))
-        assert sorted(second.serve_one() for _ in range(2)) == [9, 9]
+        assert sorted(second.serve_one() for _ in range(2)) == [rows_of(model, 3)] * 2
         assert torch.equal(endpoint.receive(0), reference.moe(1, x, ids, w))
         assert torch.equal(endpoint.receive(1), reference.moe(1, y, ids2, w2))
 
@@ -675,7 +680,7 @@ def test_worker_killed_while_giving_back_redelivers_only_what_never_arrived(
         else:
             assert second.serve_one() > 0  # slot 1 again
             (redelivered,) = recording.rows_per_session
-            total = {s: 3 * 3 for s in (0, 1)}  # K routed + 1 shared row per token
+            total = {s: rows_of(model, 3) for s in (0, 1)}
             assert redelivered == {s: total[s] - delivered.get(s, 0) for s in redelivered}
             assert set(redelivered) | {s for s, n in delivered.items() if n == total[s]} == {0, 1}
         if session_0_moves_on:  # its new slot 1 is not served: no result may pose as it
@@ -726,7 +731,7 @@ def test_a_session_combining_while_the_successor_looks_is_not_redelivered(
         ep[0].send(0, 1, *inputs[0, 2])
         ep[0].send(1, 1, *inputs[0, 3])  # refills slot 1's cells
         second.serve_one()  # the redo of slot 1
-        assert recording.rows_per_session == [{1: 9}]  # session 1 only
+        assert recording.rows_per_session == [{1: rows_of(model, 3)}]  # session 1 only
         assert torch.equal(ep[1].receive(1), reference.moe(0, *inputs[1, 1]))
         ep[1].send(0, 1, *inputs[1, 2])
         second.serve_one()  # slot 0
