@@ -20,6 +20,7 @@ from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import create_window_group
 from afd_dispatch.windows.doorbell import Doorbell, futex_available
 from afd_dispatch.windows.transport import SharedMemoryTransport
+from afd_dispatch.windows import wait
 from afd_dispatch.windows.wait import wait_until
 
 LONG_S = 10.0  # a sleep no ring ended
@@ -143,3 +144,30 @@ def test_a_long_wait_on_a_doorbell_burns_no_core() -> None:
     timer.join()
     assert time.monotonic() - wall >= 1.5
     assert time.process_time() - cpu < 0.3  # of 1.5 s waited: asleep nearly all of it
+
+
+def test_a_doorbell_wait_checks_its_flags_once_per_wake_up() -> None:
+    """With a doorbell nothing wakes a waiter but a ring or the bounded sleep: no eager polls,
+    no timer back-off from microseconds (each check is a wake-up on a busy 2-core host)."""
+    bell = Doorbell(torch.zeros(1, dtype=torch.int32))
+    flag = torch.zeros(1, dtype=torch.int32)
+    checks = 0
+
+    def ready() -> bool:
+        nonlocal checks
+        checks += 1
+        return int(flag[0]) == 1
+
+    waited_s, rings = 0.5, 3
+    ringer = threading.Thread(
+        target=lambda: [(time.sleep(waited_s / (rings + 1)), bell.ring()) for _ in range(rings)]
+    )
+    ringer.start()
+    timer = threading.Timer(waited_s, lambda: (flag.__setitem__(0, 1), bell.ring()))
+    timer.start()
+    wait_until(ready, LONG_S, lambda: "flag", doorbell=bell)
+    timer.join()
+    ringer.join()
+    # the first check, the one after reading the word, one per ring (the flag's included),
+    # one per bounded sleep that no ring ended
+    assert checks <= 2 + (rings + 1) + waited_s / wait.DOORBELL_MAX_SLEEP_S

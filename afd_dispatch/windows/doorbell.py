@@ -8,10 +8,10 @@ checks its flags and, if they are not ready, sleeps until the word moves or a ti
 passes (FUTEX_WAIT on the value it read: a ring between its check and its sleep makes the
 sleep return at once).
 
-The window's flags stay the source of truth: a lost or spurious wake-up costs latency,
-never correctness, since every sleep is bounded by the caller's back-off (what a waiter
-without doorbells sleeps anyway). Where futex is unavailable (not Linux, an unknown
-architecture) `wait` just sleeps: today's sleep-polling.
+The window's flags stay the source of truth: a spurious wake-up costs one flag check, and
+a wake-up that never comes (a writer that stores flags without ringing) costs latency, never
+correctness, since every sleep is bounded (`wait.DOORBELL_MAX_SLEEP_S`). Where futex is
+unavailable (not Linux, an unknown architecture) `wait` just sleeps: sleep-polling.
 """
 
 from __future__ import annotations

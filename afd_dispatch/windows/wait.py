@@ -1,8 +1,10 @@
 """Waiting on window flags without burning a core, and ordering window stores.
 
-A flag wait polls a few times back to back (a decode step's answer is often already
-there), then sleeps with exponential back-off capped at `MAX_SLEEP_S`. On a 2-core host a
-spinning poller would starve the very process it waits for.
+With a doorbell (`afd_dispatch.windows.doorbell`), a flag wait checks the flags once per
+wake-up and otherwise sleeps in the kernel until the writer rings. Without one, it polls a
+few times back to back (a decode step's answer is often already there), then sleeps with
+exponential back-off capped at `MAX_SLEEP_S`. On a 2-core host a spinning poller, or one
+that wakes on a timer, would starve the very process it waits for.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ EAGER_POLLS = 4
 FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 1e-3
 WATCH_PERIOD_S = 0.05  # how often a watched wait asks about its peers
-DOORBELL_MAX_SLEEP_S = WATCH_PERIOD_S  # with a doorbell a ring ends the sleep early
+DOORBELL_MAX_SLEEP_S = WATCH_PERIOD_S  # a ring ends the sleep; this bounds a missed one
 EXTEND_S = 1.0  # how far past its deadline a wait runs per `Watch.extend`
 
 _fence_lock = threading.Lock()
@@ -81,7 +83,8 @@ def wait_until(
     `describe_missing()` is called only on expiry and must say who waited and what is
     still missing. `stopped()`, when given, aborts the wait with `ScheduleStopped`. A
     `watching` block's `Watch` may fail the wait early or extend it past its deadline.
-    With the `doorbell` of the window waited on, the back-off sleeps end at its ring.
+    With the `doorbell` of the window waited on, it sleeps until a ring (or a bounded
+    `DOORBELL_MAX_SLEEP_S`), checking the flags once per wake-up.
     """
     if _ready_then_fence(ready):
         return
@@ -89,9 +92,10 @@ def wait_until(
     start = time.monotonic()
     deadline = start + timeout_s
     next_watch = start + WATCH_PERIOD_S
-    for _ in range(EAGER_POLLS):
-        if _ready_then_fence(ready):
-            return
+    if doorbell is None:
+        for _ in range(EAGER_POLLS):
+            if _ready_then_fence(ready):
+                return
     sleep_s = FIRST_SLEEP_S
     while True:
         if stopped is not None and stopped():
@@ -113,14 +117,19 @@ def wait_until(
             )
         if doorbell is None:
             time.sleep(min(sleep_s, deadline - now))
-        else:
-            seen = doorbell.value()
-            if _ready_then_fence(ready):  # a ring before `seen` was read is not waited for
+            sleep_s = min(sleep_s * 2, MAX_SLEEP_S)
+            if _ready_then_fence(ready):
                 return
-            doorbell.wait(seen, min(sleep_s, deadline - now))
+            continue
+        # One flag check per wake-up: the word is read before the flags, so a ring after
+        # the check ends the sleep at once. Writers fence between their flag stores and
+        # their ring, so a waiter that read a rung word sees the flags that ring announced:
+        # it can sleep until the ring, not poll with back-off.
+        seen = doorbell.value()
+        store_fence()  # the word before the flags (AArch64 may reorder two loads)
         if _ready_then_fence(ready):
             return
-        sleep_s = min(sleep_s * 2, MAX_SLEEP_S if doorbell is None else DOORBELL_MAX_SLEEP_S)
+        doorbell.wait(seen, min(DOORBELL_MAX_SLEEP_S, deadline - now))
 
 
 def _ready_then_fence(ready: Callable[[], bool]) -> bool:
