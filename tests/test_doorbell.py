@@ -17,10 +17,9 @@ import torch
 
 from afd_dispatch.layout import WindowLayout
 from afd_dispatch.topology import RankTopology
-from afd_dispatch.windows import create_window_group
+from afd_dispatch.windows import create_window_group, wait
 from afd_dispatch.windows.doorbell import Doorbell, futex_available
 from afd_dispatch.windows.transport import SharedMemoryTransport
-from afd_dispatch.windows import wait
 from afd_dispatch.windows.wait import wait_until
 
 LONG_S = 10.0  # a sleep no ring ended
