@@ -187,6 +187,11 @@ class FFNWorker:
     def run(self) -> None:
         """Serve until `stop()`; an idle deadline just means no traffic yet. Any other error
         is reported (health board, log) and raised: the link is in an unknown state."""
+        # The process's torch thread count, for this thread too: BLAS and OpenMP keep it per
+        # thread, and a thread that never set it runs each matmul on one thread per core,
+        # whatever `torch.get_num_threads()` reports (torch 2.13: on a 2-core host, twice
+        # the CPU for the experts, a helper thread spinning between matmuls).
+        torch.set_num_threads(torch.get_num_threads())
         while not self._stop.is_set():
             try:
                 self.serve_one()

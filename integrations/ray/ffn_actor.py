@@ -142,7 +142,8 @@ def _attach_board(deployment: Deployment, token: str | None) -> HealthBoard | No
 def _use_assigned_cpus() -> None:
     """As many torch threads as CPUs Ray assigned this actor. torch would otherwise start
     one per core of the host, and its spinning OpenMP threads would fight vLLM's own on
-    the same cores (on a 2-core host that made the experts ~60x slower)."""
+    the same cores (on a 2-core host that made the experts ~60x slower). The serving
+    thread applies the same count to itself (`FFNWorker.run`)."""
     import ray
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
