@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from afd_dispatch.errors import AFDInputError, check
@@ -113,7 +114,7 @@ def check_attention_to_ffn(
             active = mask_prefix_length(active_mask[0])
         ids = expert_ids[0, :active]
         if ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(ids))
+            lo, hi = _min_max(ids)
             check(
                 lo >= 0 and hi < moe_expert_num,
                 "expert_ids",
@@ -286,10 +287,24 @@ def _validated_table(table: torch.Tensor, topology: RankTopology, moe_expert_num
     return shared
 
 
+def _min_max(values: torch.Tensor) -> tuple[int, int]:
+    if values.is_cpu:  # numpy reads host memory without a torch call per reduction
+        cells = values.numpy()
+        return int(cells.min()), int(cells.max())
+    lo, hi = torch.aminmax(values)
+    return int(lo), int(hi)
+
+
 def mask_prefix_length(mask: torch.Tensor) -> int:
     """Number of active tokens of a (BS,) bool mask; it must be a prefix of Trues."""
-    n = int(mask.sum())
-    if not bool(mask[:n].all()):
+    if mask.is_cpu:  # numpy: two reductions without a torch call each
+        cells = mask.numpy()
+        n = int(np.count_nonzero(cells))
+        prefix = bool(cells[:n].all())
+    else:
+        n = int(mask.sum())
+        prefix = bool(mask[:n].all())
+    if not prefix:
         check(
             False,
             "active_mask",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from afd_dispatch.errors import check
@@ -58,8 +59,9 @@ class RankTopology:
     def ffn_ranks(self) -> range:
         return range(self.ffn_start_rank_id, self.ffn_start_rank_id + self.num_ffn)
 
-    @property
+    @functools.cached_property
     def attention_ranks(self) -> tuple[int, ...]:
+        # kept: the ops look ranks up per call, and this is O(world size) to build
         return tuple(r for r in range(self.world_size) if r not in self.ffn_ranks)
 
     def is_ffn(self, rank: int) -> bool:

@@ -73,16 +73,17 @@ class Doorbell:
                 f"a doorbell is one aligned int32 word, got {word.dtype} {tuple(word.shape)}"
             )
         self.word = word
+        self._cell = word.numpy()  # the same memory; a numpy scalar access costs no torch call
         self.address = word.data_ptr()
         self._futex = futex_available()
 
     def value(self) -> int:
-        return int(self.word[0])
+        return int(self._cell[0])
 
     def ring(self) -> None:
         """Bump the word (a plain store: a concurrent ring may be lost, but the word still
         moves away from what any sleeper read) and wake every sleeper."""
-        self.word[0] = (int(self.word[0]) + 1) & 0x7FFFFFFF
+        self._cell[0] = (int(self._cell[0]) + 1) & 0x7FFFFFFF
         if self._futex:
             assert _wake_syscall is not None
             _wake_syscall(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from afd_dispatch.contract import AttentionToFfnCall, check_attention_to_ffn
@@ -12,6 +14,7 @@ from afd_dispatch.kernels.reference.rows import move_rows, native, native_availa
 from afd_dispatch.layout import FLAG_OFFSET, LAYER_OFFSET, SLOTS_OFFSET, WindowLayout
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, get_window_group, store_fence, wait_until
+from afd_dispatch.windows.doorbell import Doorbell
 
 
 def attention_to_ffn(
@@ -61,7 +64,8 @@ def attention_to_ffn(
     receivers = [int(r) for r in torch.unique(dest)]
     headers = list(call.topology.ffn_ranks) if call.sync_flag == 0 else receivers
     views = {r: windows.ffn_views(r) for r in headers}
-    _wait_until_consumed(windows, views, call)
+    all_info = _slot_views(windows, call).info
+    _wait_until_consumed(windows, {r: all_info[r] for r in headers}, call)
 
     width, row_elems = layout.slots, layout.row_elems
     flat_dest = dest.reshape(-1)  # position p = t * E + e, also the row within (s, m)
@@ -83,15 +87,50 @@ def attention_to_ffn(
 def _publish(windows: WindowGroup, call: AttentionToFfnCall, headers: Sequence[int]) -> None:
     """Flag the message on every header rank (its rows and ids are written), ring them, and
     pre-set this rank's result flags of the masked tokens, which get no results."""
-    s, m = call.session, call.micro_batch
+    slot = _slot_views(windows, call)
+    m = call.micro_batch
     store_fence()  # rows, ids and layer before the flag that publishes them
     for r in headers:
-        windows.ffn_views(r)[0].numpy()[s, m, FLAG_OFFSET] = 1
+        slot.info[r][m, FLAG_OFFSET] = 1
     store_fence()  # the flags before the rings that announce them
     for r in headers:
-        windows.ring(r)
-    own_info, _ = windows.attn_views(call.topology.attention_rank(s))
-    own_info.numpy()[m, call.active_tokens :] = 1
+        bell = slot.bells[r]
+        if bell is not None:
+            bell.ring()
+    slot.own_info[m, call.active_tokens :] = 1
+
+
+@dataclass(frozen=True)
+class _SlotViews:
+    """What A2F touches for one (session, micro-batch), resolved once per window group:
+    numpy views (the window's own memory) of each FFN rank's info rows of the session and of
+    this rank's result flags, each FFN rank's doorbell, and the addresses the C loop takes."""
+
+    info: dict[int, np.ndarray]  # FFN rank -> int32 [M, 2 + BS*E] of this session
+    bells: dict[int, Doorbell | None]
+    own_info: np.ndarray  # int32 [M, BS*E]: this attention rank's result flags
+    data_rows: torch.Tensor  # int64 [F]: address of each FFN rank's (s, m) slot rows
+    info_rows: torch.Tensor  # int64 [F]: address of each FFN rank's (s, m) info row
+    touched: torch.Tensor  # uint8 [F], the C loop's scratch: which ranks got a row
+
+
+def _slot_views(windows: WindowGroup, call: AttentionToFfnCall) -> _SlotViews:
+    s, m = call.session, call.micro_batch
+    key = ("a2f_slot", s, m)
+    slot = windows.memo.get(key)
+    if slot is None:
+        ranks = list(call.topology.ffn_ranks)
+        views = [windows.ffn_views(r) for r in ranks]
+        own_info, _ = windows.attn_views(call.topology.attention_rank(s))
+        slot = windows.memo[key] = _SlotViews(
+            info={r: v[0][s].numpy() for r, v in zip(ranks, views, strict=True)},
+            bells={r: windows.doorbell(r) for r in ranks},
+            own_info=own_info.numpy(),
+            data_rows=torch.tensor([v[1][s, m].data_ptr() for v in views], dtype=torch.int64),
+            info_rows=torch.tensor([v[0][s, m].data_ptr() for v in views], dtype=torch.int64),
+            touched=torch.zeros(len(ranks), dtype=torch.uint8),
+        )
+    return slot
 
 
 def _send_native(
@@ -106,25 +145,24 @@ def _send_native(
     rank is waited for up front) and rows per token (no per-expert smooth scales)."""
     layout, topology = call.layout, call.topology
     s, m, n = call.session, call.micro_batch, call.active_tokens
-    headers = list(topology.ffn_ranks)
-    views = {r: windows.ffn_views(r) for r in headers}
+    slot = _slot_views(windows, call)
+    headers = list(slot.info)
     tokens = x[0, :n]
     if layout.quant:
         source, _ = _source_rows(tokens, layout, None, None)
     else:
         source = tokens.contiguous()
-    _wait_until_consumed(windows, views, call)
-    data_rows, info_rows = _row_addresses(windows, call)
+    _wait_until_consumed(windows, slot.info, call)
     ids = expert_ids[0, :n].contiguous()
-    table = expert_rank_table[0].to(torch.int64).contiguous()
-    touched = torch.zeros(len(headers), dtype=torch.uint8)
+    table = expert_rank_table[0].to(torch.int64).contiguous()  # read per call: untrusted
+    touched = slot.touched
     row_bytes = source.shape[1] * source.element_size()
     bad = native(
         "a2f_scatter",
         source.data_ptr(), row_bytes, 0, n, layout.topk, layout.slots, ids.data_ptr(),
         ids.element_size(), call.moe_expert_num, table.data_ptr(), table.shape[0],
-        table.shape[1], s, topology.ffn_start_rank_id, len(headers), data_rows.data_ptr(),
-        info_rows.data_ptr(), layout.attn_to_ffn_token_size, row_bytes, touched.data_ptr(),
+        table.shape[1], s, topology.ffn_start_rank_id, len(headers), slot.data_rows.data_ptr(),
+        slot.info_rows.data_ptr(), layout.attn_to_ffn_token_size, row_bytes, touched.data_ptr(),
     )  # fmt: skip
     if bad >= 0:
         t, e = divmod(bad, layout.slots)
@@ -136,21 +174,8 @@ def _send_native(
             table[g].tolist(),
         )
     for r in headers:
-        views[r][0][s, m, LAYER_OFFSET] = call.layer
+        slot.info[r][m, LAYER_OFFSET] = call.layer
     _publish(windows, call, headers)
-
-
-def _row_addresses(windows: WindowGroup, call: AttentionToFfnCall) -> tuple[torch.Tensor, ...]:
-    """int64 addresses, per FFN rank: of its (session, micro-batch) slots and info row."""
-    key = ("a2f_rows", call.session, call.micro_batch)
-    if key not in windows.memo:
-        s, m = call.session, call.micro_batch
-        views = [windows.ffn_views(r) for r in call.topology.ffn_ranks]
-        windows.memo[key] = tuple(
-            torch.tensor([v[i][s, m].data_ptr() for v in views], dtype=torch.int64) for i in (1, 0)
-        )
-    data_rows, info_rows = windows.memo[key]
-    return data_rows, info_rows
 
 
 def _source_rows(
@@ -228,20 +253,18 @@ def check_group_matches(windows: WindowGroup, topology: RankTopology, layout: Wi
 
 
 def _wait_until_consumed(
-    windows: WindowGroup,
-    views: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    call: AttentionToFfnCall,
+    windows: WindowGroup, info: dict[int, np.ndarray], call: AttentionToFfnCall
 ) -> None:
     """Back-pressure: every destination must have consumed our previous (s, m) message.
 
-    All destinations are waited for before the first byte is written, so a timeout leaves
-    no half-written message behind.
+    `info`: each destination's info rows of this session (`_SlotViews.info`). All
+    destinations are waited for before the first byte is written, so a timeout leaves no
+    half-written message behind.
     """
     s, m = call.session, call.micro_batch
-    flags = [(r, info.numpy()) for r, (info, _) in views.items()]  # scalar reads, no torch
 
     def busy() -> list[int]:
-        return [r for r, info in flags if info[s, m, FLAG_OFFSET] != 0]
+        return [r for r, rows in info.items() if rows[m, FLAG_OFFSET] != 0]
 
     if not busy():
         store_fence()  # as `wait_until` does

@@ -17,8 +17,10 @@ E - K >= 0 of a context that sets it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from afd_dispatch.contract import check_combine_call
@@ -38,6 +40,11 @@ class Flags:
     timeout_s: float
     who: str
     doorbell: Doorbell | None = None  # of the window the flags are in, if a group's
+
+    @functools.cached_property
+    def words(self) -> np.ndarray:
+        """`cells` as numpy (the same memory): reads and stores without a torch call each."""
+        return self.cells.numpy()
 
 
 def window_name(buffer: sc.Buffer, ctx: torch.Tensor, field: tuple[int, int]) -> str:
@@ -149,7 +156,7 @@ def attention_worker_combine(
         m = last
     y = weighted_sum(rows[m], expert_scales, topk, dtype)
     if flags is not None:
-        flags.cells[m] = 0
+        flags.words[m] = 0
         sc.put(ctx, sc.ATTN_MICRO_BATCH_ID, m)
     return y, layer_id + 1
 
@@ -226,8 +233,8 @@ def attention_worker_scheduler(schedule_context: torch.Tensor) -> torch.Tensor:
 
 
 def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
-    cells = flags.cells[m]
-    if bool(cells.eq(1).all()):
+    cells, words = flags.cells[m], flags.words[m]
+    if (words == 1).all():
         store_fence()  # as `wait_until` does: the results are read only after the flags
         return  # already here (always, after the link's own wait): nothing to set up
 
@@ -241,16 +248,16 @@ def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
         )
 
     def ready() -> bool:
-        if bool(cells.eq(1).all()):
+        if (words == 1).all():
             return True
         # A corrupt flag would never turn 1: fail at once instead of at the deadline.
-        if bool(((cells != 0) & (cells != 1)).any()):
+        if ((words != 0) & (words != 1)).any():
             raise AFDInputError(
                 f"{flags.who}: window flags of micro-batch {m}",
                 "0 or 1",
                 sorted(set(cells.flatten().tolist())),
             )
-        return bool((cells == 1).all())
+        return bool((words == 1).all())
 
     stopped = lambda: sc.get(ctx, sc.RUN_FLAG) == 0  # noqa: E731
     wait_until(ready, flags.timeout_s, describe, stopped, flags.doorbell)

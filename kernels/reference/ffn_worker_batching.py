@@ -17,9 +17,11 @@ instead of indexing out of bounds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from afd_dispatch.contract import check_batching_call
@@ -76,6 +78,12 @@ class FfnArea:
     def flags_and_ids(self) -> torch.Tensor:
         assert self.info is not None, "the info region was not resolved"
         return self.info
+
+    @functools.cached_property
+    def info_words(self) -> np.ndarray:
+        """`flags_and_ids` as numpy (the same memory): its flag and id words are read and
+        stored without a torch call each."""
+        return self.flags_and_ids.numpy()
 
 
 def ffn_area(ctx: torch.Tensor, with_info: bool) -> FfnArea:
@@ -165,13 +173,12 @@ def ffn_worker_batching(
     if need_schedule:
         m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
         wait_for_micro_batch(ctx, area, m)
-        rows = area.flags_and_ids[:, m]  # (A, 2 + BS*E)
-        layer = _consistent_layer(area, rows, m, layer_num)
+        layer = _consistent_layer(area, area.info_words[:, m], m, layer_num)
     capacity = area.sessions * per_session
     # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
     y = output_buffer((capacity, hidden), out_dtype)
     group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
-    outputs = [torch.zeros(capacity, dtype=torch.int32) for _ in range(4)]
+    outputs = list(torch.zeros(4, capacity, dtype=torch.int32).unbind())  # one allocation
     dynamic_scale = torch.zeros(capacity, dtype=torch.float32)
     gathered = None
     if need_schedule and native_available():
@@ -180,7 +187,7 @@ def ffn_worker_batching(
     gathered_natively = gathered is not None
     if gathered is None:  # the torch code; or the C loop found a bad id, which this names
         if need_schedule:
-            ids = rows[:, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
+            ids = area.flags_and_ids[:, m, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
             sessions = torch.arange(area.sessions, dtype=torch.int64)
             micro_batches = torch.full((area.sessions,), m, dtype=torch.int64)
         else:
@@ -428,7 +435,7 @@ def _int32_buffer(
 def consume_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int, layer: int) -> None:
     """What batching does with a micro-batch it collected (`need_schedule=1`): empty its
     slots, free its flags for the senders, and poll the next one."""
-    rows = area.flags_and_ids[:, m]
+    rows = area.info_words[:, m]
     rows[:, SLOTS_OFFSET:] = EMPTY_LOCAL_ID
     store_fence()  # slots are empty again before a sender may see the free flag
     rows[:, FLAG_OFFSET] = 0
@@ -436,19 +443,19 @@ def consume_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int, layer: int) ->
 
 
 def wait_for_micro_batch(ctx: torch.Tensor, area: FfnArea, m: int) -> None:
-    flags = area.flags_and_ids[:, m, FLAG_OFFSET]
-    if bool(flags.eq(1).all()):
+    cells = area.info_words[:, m, FLAG_OFFSET]
+    if (cells == 1).all():
         store_fence()  # as `wait_until` does: the rows are read only after the flags
         return  # already here (the usual case once the link waited): nothing to set up
 
     def ready() -> bool:
-        if bool(flags.eq(1).all()):
+        if (cells == 1).all():
             return True
-        _check_flags(area, flags)  # a corrupt flag would never turn 1: fail now
+        _check_flags(area, cells)  # a corrupt flag would never turn 1: fail now
         return False
 
     def describe() -> str:
-        missing = (flags != 1).nonzero().flatten().tolist()
+        missing = np.flatnonzero(cells != 1).tolist()
         return (
             f"{area.who} waited for micro-batch {m}: header flags still missing from "
             f"sessions {missing}{_attention_ranks(area, missing)}"
@@ -465,13 +472,14 @@ def _attention_ranks(area: FfnArea, sessions: list[int]) -> str:
     return f" (attention ranks {[topology.attention_rank(s) for s in sessions]})"
 
 
-def _check_flags(area: FfnArea, flags: torch.Tensor) -> None:
+def _check_flags(area: FfnArea, flags: torch.Tensor | np.ndarray) -> None:
     # A corrupt flag would never turn 1: fail at once instead of at the deadline.
-    if bool(((flags != 0) & (flags != 1)).any()):
+    words = flags.numpy() if isinstance(flags, torch.Tensor) else flags
+    if ((words != 0) & (words != 1)).any():
         raise AFDInputError(f"{area.who}: window flags", "0 or 1", flags.tolist())
 
 
-def _consistent_layer(area: FfnArea, rows: torch.Tensor, m: int, layer_num: int) -> int:
+def _consistent_layer(area: FfnArea, rows: np.ndarray, m: int, layer_num: int) -> int:
     layers = rows[:, LAYER_OFFSET].tolist()  # one read of the window's words
     layer = layers[0]
     if layers.count(layer) != len(layers):
