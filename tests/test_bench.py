@@ -269,8 +269,8 @@ def test_memory_case_refuses_a_partial_round() -> None:
 
 
 def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Three real vLLM servers (colocated, AFD, AFD with two DP ranks), smallest request
-    set, one round."""
+    """Four real vLLM servers (colocated, AFD, AFD at M = 1, AFD with two DP ranks),
+    smallest request set, one round."""
     data = run_level("serving", tmp_path, 1, capsys)
     rows = rows_by_name(data)
     head = rows["afd_vs_colocated"]
@@ -281,6 +281,12 @@ def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert close(m["afd_tok_s"], m["tokens_per_round"] / m["afd_wall_s"])  # one round
     assert m["colocated_spread"] == m["afd_spread"] == 1.0  # fastest / slowest of one round
     assert close(m["extra_wall_s"], m["afd_wall_s"] - m["colocated_wall_s"])
+    m1 = rows["afd_m1_vs_colocated"]  # one micro-batch per layer
+    d1 = m1["metrics"]
+    assert d1["afd_m1_tok_s"] > 0 and d1["afd_m1_spread"] == 1.0
+    assert close(m1["value"], d1["afd_m1_tok_s"] / m["colocated_tok_s"])
+    assert close(d1["afd_m1_vs_afd"], d1["afd_m1_tok_s"] / m["afd_tok_s"])
+    assert close(d1["afd_m1_tok_s"], m["tokens_per_round"] / d1["afd_m1_wall_s"])
     dp2 = rows["afd_dp2_vs_colocated"]  # two attention ranks: vllm serve --data-parallel-size 2
     d = dp2["metrics"]
     assert d["afd_dp2_tok_s"] > 0 and d["afd_dp2_spread"] == 1.0

@@ -636,9 +636,9 @@ def breakdown(run: ServerRun) -> list[Row]:
 def run(
     shape_name: str, repeat: int, afd_config: str | None = None, trace_png: str | None = None
 ) -> Report:
-    """Colocated, then AFD (`afd_config`, a JSON object; default `AFD_CONFIG`), then AFD
-    with two attention ranks; with `trace_png`, then the AFD server traced (see the
-    module's docstring), one decode step drawn there."""
+    """Colocated, then AFD (`afd_config`, a JSON object; default `AFD_CONFIG`), the same
+    with one micro-batch, then with two attention ranks; with `trace_png`, then the AFD
+    server traced (see the module's docstring), one decode step drawn there."""
     from afd_dispatch.config import AFDConfig
     from afd_dispatch.tiny_hf import build_tiny_model
 
@@ -647,9 +647,13 @@ def run(
     # the same deployment with two attention ranks: vLLM's data-parallel ranks 0 and 1
     dp2_config = json.dumps({**config.to_dict(), "num_attention_workers": 2})
     AFDConfig.from_json(dp2_config)
+    # and with one micro-batch: with no other work to overlap (vLLM runs no DBO on the
+    # CPU), M = 1 sends half the messages of M = 2
+    m1_config = json.dumps({**config.to_dict(), "micro_batch_num": 1})
+    AFDConfig.from_json(m1_config)
     shape = SHAPES[shape_name]
     report = Report("serving", shape_name, repeat)
-    configs = {"colocated": None, "afd": afd_config, "afd_dp2": dp2_config}
+    configs = {"colocated": None, "afd": afd_config, "afd_m1": m1_config, "afd_dp2": dp2_config}
     with tempfile.TemporaryDirectory(prefix="afd-bench-serving-") as work:
         model = os.path.join(work, f"tiny-{ARCH}")
         build_tiny_model(ARCH, model, seed=0, dtype="float32")
@@ -657,7 +661,7 @@ def run(
             mode: serve(model, mode, shape, repeat, work, text) for mode, text in configs.items()
         }
         traced = traced_round(model, shape, work, afd_config) if trace_png else None
-    colocated, afd, dp2 = runs["colocated"], runs["afd"], runs["afd_dp2"]
+    colocated, afd, m1, dp2 = runs["colocated"], runs["afd"], runs["afd_m1"], runs["afd_dp2"]
     report.add(
         Row(
             name="afd_vs_colocated",
@@ -686,6 +690,23 @@ def run(
     )
     report.add(
         Row(
+            name="afd_m1_vs_colocated",
+            value=m1.tokens_per_s / colocated.tokens_per_s,
+            unit="x",
+            description=(
+                "the same with M=1 (one micro-batch per MoE layer: half the messages, no "
+                "overlap to lose, since vLLM runs no DBO on the CPU) / colocated vllm serve"
+            ),
+            metrics={
+                "afd_m1_tok_s": m1.tokens_per_s,
+                "afd_m1_vs_afd": m1.tokens_per_s / afd.tokens_per_s,
+                "afd_m1_wall_s": m1.wall_s,
+                "afd_m1_spread": max(m1.rates) / min(m1.rates),
+            },
+        )
+    )
+    report.add(
+        Row(
             name="afd_dp2_vs_colocated",
             value=dp2.tokens_per_s / colocated.tokens_per_s,
             unit="x",
@@ -703,7 +724,7 @@ def run(
         )
     )
     report.rows += breakdown(afd)
-    for server_run in (colocated, afd, dp2):
+    for server_run in (colocated, afd, m1, dp2):
         steps = sum(server_run.tokens) / shape.requests
         report.add(
             cpu_row(
