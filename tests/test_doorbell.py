@@ -8,6 +8,7 @@ Bounds below are hang bounds (a sleeper that a ring did not wake would sleep its
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 import uuid
@@ -170,3 +171,85 @@ def test_a_doorbell_wait_checks_its_flags_once_per_wake_up() -> None:
     # the first check, the one after reading the word, one per ring (the flag's included),
     # one per bounded sleep that no ring ended
     assert checks <= 2 + (rings + 1) + waited_s / wait.DOORBELL_MAX_SLEEP_S
+
+
+RINGS_PER_PROCESS = 200_000
+GO, READY = 0, 2  # words of the shared 64 bytes: the start signal, one ready word per ringer
+
+
+def _ring_many(token: str, index: int, rings: int) -> None:
+    transport = SharedMemoryTransport([64], token)
+    words = transport.window(0).view(torch.int32)
+    bell = Doorbell(words[1:2])
+    words[READY + index] = 1
+    while int(words[GO]) == 0:  # all ringers start together
+        time.sleep(0.001)
+    for _ in range(rings):
+        bell.ring()
+    transport.close()
+
+
+def test_rings_from_two_processes_at_once_all_count() -> None:
+    """A ring is an atomic add: two writers ringing together never move the word back (a
+    waiter that read the newer value would sleep through the other's ring)."""
+    transport = SharedMemoryTransport([64])
+    try:
+        words = transport.window(0).view(torch.int32)
+        bell = Doorbell(words[1:2])
+        before = bell.value()
+        ctx = mp.get_context("spawn")
+        ringers = [
+            ctx.Process(target=_ring_many, args=(transport.token, i, RINGS_PER_PROCESS))
+            for i in range(2)
+        ]
+        for ringer in ringers:
+            ringer.start()
+        deadline = time.monotonic() + 60
+        while int(words[READY : READY + 2].sum()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        words[GO] = 1
+        for ringer in ringers:
+            ringer.join(120)
+            assert ringer.exitcode == 0
+        assert bell.value() - before == 2 * RINGS_PER_PROCESS
+    finally:
+        transport.close()
+
+
+def _ring_without_doorbells(token: str) -> None:
+    os.environ["AFD_NO_DOORBELL"] = "1"  # this process's waiters poll; its rings still wake
+    transport = SharedMemoryTransport([64], token)
+    words = transport.window(0).view(torch.int32)
+    time.sleep(1.0)
+    words[0] = 1
+    transport.window(0).view(torch.int64)[1] = time.monotonic_ns()  # when it rang
+    Doorbell(words[1:2]).ring()
+    transport.close()
+
+
+def test_a_writer_whose_waiters_poll_still_wakes_a_sleeper() -> None:
+    """`AFD_NO_DOORBELL=1` in one process of a deployment (an actor's environment) only
+    makes its own waiters poll: its rings wake the other processes' sleepers."""
+    transport = SharedMemoryTransport([64])
+    try:
+        words = transport.window(0).view(torch.int32)
+        ctx = mp.get_context("spawn")
+        child = ctx.Process(target=_ring_without_doorbells, args=(transport.token,))
+        child.start()
+        try:
+            bell = Doorbell(words[1:2])
+            assert bell.sleeps
+            seen = bell.value()
+            start = time.monotonic()
+            while int(words[0]) != 1 and time.monotonic() - start < 60:
+                bell.wait(seen, LONG_S)  # one long sleep: only the child's ring ends it early
+                seen = bell.value()
+            woke_ns = time.monotonic_ns()
+            assert int(words[0]) == 1
+            rang_ns = int(transport.window(0).view(torch.int64)[1])
+            assert (woke_ns - rang_ns) / 1e9 < WOKEN_WITHIN_S
+        finally:
+            child.join(60)
+        assert child.exitcode == 0
+    finally:
+        transport.close()

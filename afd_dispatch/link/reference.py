@@ -385,3 +385,5 @@ class ReferenceFFNLink(FFNLink):
     def stop(self) -> None:
         for holder in self._contexts.values():
             holder.stop_schedule()
+        for name in self.deployment.group_names:  # a waiting batching sees it at once
+            get_window_group(name).ring(self.rank)

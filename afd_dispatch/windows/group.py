@@ -27,7 +27,7 @@ from afd_dispatch.layout import (
     align512,
 )
 from afd_dispatch.topology import RankTopology
-from afd_dispatch.windows.doorbell import Doorbell, futex_available
+from afd_dispatch.windows.doorbell import Doorbell
 from afd_dispatch.windows.memory import Region, register_memory, resolve, unregister_memory
 from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
 
@@ -118,12 +118,13 @@ class WindowGroup:
     def doorbell(self, rank: int) -> Doorbell | None:
         """The doorbell of `rank`'s window (`afd_dispatch.windows.doorbell`), after its
         context storage and journal; None for windows given by someone else, which have
-        no room for one, and where futex is unavailable or `AFD_NO_DOORBELL=1` (the
-        waiters then sleep-poll)."""
+        no room for one. Writers ring it wherever futex exists; whether waiters sleep on it
+        is `Doorbell.sleeps` (so `AFD_NO_DOORBELL=1` in one process of a deployment only
+        makes that process's waiters poll)."""
         if rank not in self._doorbells:
             self.topology.role_of(rank)
             bell = None
-            if self._transport.kind != "given" and futex_available():
+            if self._transport.kind != "given":
                 start = _allocation_sizes(self.topology, self.layout)[rank] - DOORBELL_BYTES
                 word = self._transport.window(rank)[start : start + 4].view(torch.int32)
                 bell = Doorbell(word)

@@ -88,6 +88,8 @@ def wait_until(
     """
     if _ready_then_fence(ready):
         return
+    if doorbell is not None and not doorbell.sleeps:
+        doorbell = None  # no futex here, or AFD_NO_DOORBELL=1: poll
     watch: Watch | None = getattr(_local, "watch", None)
     start = time.monotonic()
     deadline = start + timeout_s
@@ -122,9 +124,9 @@ def wait_until(
                 return
             continue
         # One flag check per wake-up: the word is read before the flags, so a ring after
-        # the check ends the sleep at once. Writers fence between their flag stores and
-        # their ring, so a waiter that read a rung word sees the flags that ring announced:
-        # it can sleep until the ring, not poll with back-off.
+        # the check ends the sleep at once. A ring is an atomic add in a syscall after the
+        # writer's flag stores, so a waiter that read a rung word sees the flags that ring
+        # announced, and no ring is lost to another: it can sleep until the ring, not poll.
         seen = doorbell.value()
         store_fence()  # the word before the flags (AArch64 may reorder two loads)
         if _ready_then_fence(ready):
