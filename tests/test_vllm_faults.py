@@ -3,17 +3,20 @@
 One server (`ffn_max_restarts` 1 per actor, `wait_timeout_s` 5, `ffn_stall_timeout_s` 8)
 goes through, in order:
 
-1. an FFN actor SIGKILLed under 8 concurrent 160-token decodes: Ray restarts it, all 8
+Each fault comes once vLLM runs all the requests of its load, and the tests check that
+requests were still running after it.
+
+1. an FFN actor SIGKILLed under 8 concurrent 320-token decodes: Ray restarts it, all 8
    complete with the colocated server's tokens;
 2. the other FFN actor frozen (SIGSTOP) under 8 more, for longer than `wait_timeout_s`:
    `/health` answers 503 naming AFD and the stalled rank meanwhile, the supervisor kills
    the frozen actor after `ffn_stall_timeout_s`, Ray restarts it, every request completes
    with the colocated tokens, `/health` is 200 again; `/metrics` counts one restart per
    rank and two ranks up;
-3. the first victim's successor SIGKILLed under 4 concurrent decodes (its restart budget
-   is spent): those requests fail with 503 naming AFD (none returns its zero-filled
-   tokens), `/health` says 503 and a new request fails at once with 503, both naming AFD
-   and the rank; the server stays up; `/metrics` shows one rank up;
+3. the first victim's successor SIGKILLed under 4 concurrent 320-token decodes
+   (its restart budget is spent): those requests fail with 503 naming AFD (none returns
+   its zero-filled tokens), `/health` says 503 and a new request fails at once with 503,
+   both naming AFD and the rank; the server stays up; `/metrics` shows one rank up;
 4. the engine core SIGKILLed: the server stops by itself with a non-zero exit status.
 """
 
@@ -34,13 +37,13 @@ import pytest
 from server_leftovers import processes, wait_until
 from vllm_scenarios import (
     GONE_WITHIN_S,
-    KILL_AFTER_S,
     LOAD,
     PROMPTS,
     SETTLE_S,
     Record,
     afd_config,
     concurrently,
+    fault_under_load,
     ffn_actor_pids,
     run_server,
     running,
@@ -112,13 +115,9 @@ def faults(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Reco
         first, second = actors
 
         # 1. SIGKILL under load
-        def kill() -> None:
-            time.sleep(KILL_AFTER_S)
-            os.kill(first, signal.SIGKILL)
-
-        record.tokens |= {
-            f"kill/{k}": v for k, v in under(server, threading.Thread(target=kill)).items()
-        }
+        landed: list[bool] = []
+        kill = fault_under_load(server, REQUESTS, lambda: os.kill(first, signal.SIGKILL), landed)
+        record.tokens |= {f"kill/{k}": v for k, v in under(server, kill).items()}
         notes["back_after_kill"] = wait_until(
             lambda: (
                 not running(first) and len(ffn_actor_pids(server)) == 2 and health(server)[0] == 200
@@ -133,12 +132,9 @@ def faults(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Reco
         watcher = threading.Thread(target=watch_health, args=(server, stop, seen))
         watcher.start()
 
-        def freeze() -> None:
-            time.sleep(KILL_AFTER_S)
-            os.kill(second, signal.SIGSTOP)
-
+        freeze = fault_under_load(server, REQUESTS, lambda: os.kill(second, signal.SIGSTOP), landed)
         try:
-            frozen = under(server, threading.Thread(target=freeze))
+            frozen = under(server, freeze)
         finally:
             if running(second):
                 os.kill(second, signal.SIGCONT)
@@ -154,15 +150,12 @@ def faults(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Reco
         notes["metrics_after_freeze"] = metrics(server)
 
         # 3. the restart budget of the first victim's rank is spent, under load
-        def kill_successor() -> None:
-            time.sleep(KILL_AFTER_S)
-            os.kill(successor, signal.SIGKILL)
-
-        killer = threading.Thread(target=kill_successor)
+        killer = fault_under_load(server, 4, lambda: os.kill(successor, signal.SIGKILL), landed)
         killer.start()
         with ThreadPoolExecutor(max_workers=4) as pool:
             notes["in_flight"] = list(pool.map(lambda i: post_status(server, LOAD), range(4)))
         killer.join()
+        notes["landed"] = landed  # each fault came while requests were running
         # first restarting, then FAILED once Ray refuses the restart
         notes["failed_seen"] = wait_until(lambda: "failed" in health(server)[1], BACK_WITHIN_S)
         notes["failed_health"] = health(server)
@@ -189,6 +182,7 @@ def test_killed_ffn_actor_under_8_requests_all_complete(
     faults: Record, colocated: dict[str, list[int]]
 ) -> None:
     assert faults.notes["actors"] == 2
+    assert faults.notes["landed"] == [True, True, True]  # every fault came under load
     kills = {k: v for k, v in faults.tokens.items() if k.startswith("kill/")}
     assert len(kills) == REQUESTS
     for label, tokens in kills.items():

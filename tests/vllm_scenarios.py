@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,13 +19,15 @@ from typing import Any
 
 import psutil
 import pytest
-from server_leftovers import Footprint, processes, shm_files
+from prometheus_client.parser import text_string_to_metric_families
+from server_leftovers import Footprint, processes, shm_files, wait_until
 
 from afd_dispatch.integrations.vllm.launch import Server, vllm_server
 
 MAX_TOKENS = 12
-LOAD = 160  # tokens per request of the load an FFN actor is killed under
-KILL_AFTER_S = 1.5
+# tokens per request of the load a fault lands in: long enough that the requests still
+# decode when the fault comes (a prompt and these stay under --max-model-len 512)
+LOAD = 320
 SENTENCE = "the quick brown fox jumps over a lazy dog while small birds sing at dawn"
 WORDS = SENTENCE.split()
 PROMPTS = tuple(" ".join(WORDS[i % 7 : i % 7 + 2 + i % 9]) + f" {i}" for i in range(16))
@@ -127,3 +130,26 @@ def ffn_actor_pids(server: Server) -> set[int]:
         for p in processes().values()
         if p.sid == server.process.pid and p.cmdline.startswith("ray::FFNWorkerActor")
     }
+
+
+def running_requests(server: Server) -> float:
+    """vLLM's own count of requests in the running batch, over all its engines
+    (`vllm:num_requests_running`)."""
+    families = text_string_to_metric_families(server.get_text("/metrics"))
+    samples = [s for f in families for s in f.samples if s.name == "vllm:num_requests_running"]
+    return sum(s.value for s in samples)
+
+
+def fault_under_load(
+    server: Server, requests: int, fault: Callable[[], None], landed: list[bool]
+) -> threading.Thread:
+    """A thread that runs `fault` once vLLM runs all `requests` (not after a fixed delay:
+    on a fast host a load can end before any delay), then appends to `landed` whether
+    requests were still running right after it, i.e. whether it came under load."""
+
+    def run() -> None:
+        wait_until(lambda: running_requests(server) >= requests, SETTLE_S, 0.05)
+        fault()
+        landed.append(running_requests(server) > 0)
+
+    return threading.Thread(target=run)
