@@ -253,3 +253,13 @@ def test_a_writer_whose_waiters_poll_still_wakes_a_sleeper() -> None:
         assert child.exitcode == 0
     finally:
         transport.close()
+
+
+def test_store_fence_is_a_full_barrier_from_the_c_extension() -> None:
+    """The install builds `afd_dispatch/windows/_fence.c`; without it `store_fence` falls
+    back to a lock, which on AArch64 (A3 hosts) lets a flag pass the rows it publishes."""
+    from afd_dispatch.windows import _fence
+
+    assert wait.FENCE == "native"
+    assert wait._native_fence is _fence.fence
+    assert wait.store_fence() is None and _fence.fence() is None

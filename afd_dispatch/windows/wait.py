@@ -9,6 +9,8 @@ that wakes on a timer, would starve the very process it waits for.
 
 from __future__ import annotations
 
+import logging
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +27,18 @@ WATCH_PERIOD_S = 0.05  # how often a watched wait asks about its peers
 DOORBELL_MAX_SLEEP_S = WATCH_PERIOD_S  # a ring ends the sleep; this bounds a missed one
 EXTEND_S = 1.0  # how far past its deadline a wait runs per `Watch.extend`
 
+try:  # built by `pip install` (afd_dispatch/windows/_fence.c); optional, see store_fence
+    from afd_dispatch.windows._fence import fence as _native_fence
+except ImportError:
+    _native_fence = None
 _fence_lock = threading.Lock()
+FENCE = "native" if _native_fence is not None else "lock"  # what store_fence runs
+if _native_fence is None and platform.machine() not in ("x86_64", "AMD64"):
+    logging.getLogger(__name__).warning(
+        "AFD: afd_dispatch.windows._fence is not built; on %s a lock is not a full memory "
+        "barrier, so reference windows may publish a flag before its rows",
+        platform.machine(),
+    )
 _local = threading.local()
 
 
@@ -56,13 +69,19 @@ def watching(watch: Watch | None) -> Iterator[None]:
 
 
 def store_fence() -> None:
-    """Order the window stores before this call ahead of those after it.
+    """A full memory barrier: window stores before it are visible before those after it,
+    and no load after it is satisfied before them.
 
     Readers in other processes poll a flag and then read the data it guards, so data must
-    be visible before its flag. Taking and releasing a lock executes an atomic
-    read-modify-write, a full barrier on x86 and on AArch64, and costs well under a
-    microsecond; Python offers no cheaper portable fence.
+    be visible before its flag, and a reader must not read the data before the flag. It is
+    `__atomic_thread_fence(__ATOMIC_SEQ_CST)` from the C extension `_fence` (`mfence` on
+    x86-64, `dmb ish` on AArch64). Without the extension it takes and releases a lock: a
+    locked read-modify-write, a full barrier on x86-64, but on AArch64 only an acquire and
+    a release, which let a later store pass an earlier one (a warning at import says so).
     """
+    if _native_fence is not None:
+        _native_fence()
+        return
     with _fence_lock:
         pass
 
