@@ -103,12 +103,11 @@ def a2f3(vllm_model: str, logs: Path, colocated: dict[str, list[int]]) -> Record
         record.notes["actors"] = len(actors)
         victim = min(actors)
         landed: list[bool] = []
-        kill = partial(os.kill, victim, signal.SIGKILL)
-        killer = fault_under_load(server, len(PROMPTS), kill, landed)
-        killer.start()
-        load = concurrently(server, spread(LOAD))
+        with fault_under_load(
+            server, len(PROMPTS), partial(os.kill, victim, signal.SIGKILL), landed
+        ):
+            load = concurrently(server, spread(LOAD))
         record.tokens |= {f"decode/{k}": v for k, v in load.items()}
-        killer.join()
         record.notes["killed_under_load"] = landed == [True]
         # Ray reaps the victim and renames its successor's process in its own time
         record.notes["restarted"] = wait_until(

@@ -8,11 +8,14 @@ the assertions need.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,16 +143,27 @@ def running_requests(server: Server) -> float:
     return sum(s.value for s in samples)
 
 
+@contextmanager
 def fault_under_load(
     server: Server, requests: int, fault: Callable[[], None], landed: list[bool]
-) -> threading.Thread:
-    """A thread that runs `fault` once vLLM runs all `requests` (not after a fixed delay:
-    on a fast host a load can end before any delay), then appends to `landed` whether
-    requests were still running right after it, i.e. whether it came under load."""
+) -> Iterator[None]:
+    """While the block runs a load, run `fault` in a thread once vLLM runs `requests`
+    requests (not after a fixed delay: on a fast host a load can end before any delay).
+    Appends to `landed` whether it came under load: vLLM did report `requests` running,
+    and the fault fired before the block (the load) ended. A fault that raises never
+    lands."""
+    reached, fired_at = [False], [math.inf]
 
     def run() -> None:
-        wait_until(lambda: running_requests(server) >= requests, SETTLE_S, 0.05)
+        reached[0] = wait_until(lambda: running_requests(server) >= requests, SETTLE_S, 0.05)
         fault()
-        landed.append(running_requests(server) > 0)
+        fired_at[0] = time.monotonic()
 
-    return threading.Thread(target=run)
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        ended_at = time.monotonic()
+        thread.join()
+        landed.append(reached[0] and fired_at[0] < ended_at)
