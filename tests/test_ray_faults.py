@@ -11,12 +11,15 @@
    attention side name the rank and the constructor's exception.
 4. A pool Ray cannot place: `start()` fails within `startup_timeout_s`, naming the
    placement, the CPUs the cluster has free and what to change; nothing is left behind.
+5. Ray's GCS frozen (SIGSTOP): a supervisor round gives up on the actor table after its
+   deadline and names it; once the GCS answers again, the next rounds find the rank up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -36,10 +39,12 @@ from ray_cluster import wait_for
 from afd_dispatch import AFDConfig, AFDTimeoutError, get_window_group
 from afd_dispatch.errors import AFDPeerError
 from afd_dispatch.integrations.ray import FFNWorkerPool
+from afd_dispatch.integrations.ray import supervisor as supervisor_module
+from afd_dispatch.integrations.ray.supervisor import Supervisor
 from afd_dispatch.layout import FLAG_OFFSET
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.health import RankState
+from afd_dispatch.runtime.health import HealthBoard, RankState
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.routing import route
 from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
@@ -277,3 +282,51 @@ def test_unplaceable_pool_times_out_naming_the_placement_and_the_cause(
     finally:
         for group in groups:
             group.close()
+
+
+def test_a_frozen_gcs_costs_the_supervisor_a_round_not_a_hang(
+    local_ray: None,
+    tiny: tuple[TinyMoEModel, Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import psutil
+    import ray
+
+    class Answering:
+        def info(self) -> dict[str, Any]:
+            return {}
+
+    actor: Any = ray.remote(Answering).remote()
+    ray.get(actor.info.remote(), timeout=60)
+    spec = MoESpec.from_pretrained(tiny[1])
+    dep = Deployment(make_config(), spec, torch.float32)
+    rank = dep.topology.ffn_ranks[0]
+    board = HealthBoard.create(dep.topology, "inproc")
+    try:
+        supervisor = Supervisor({rank: actor}, board, dep.config)
+        gcs = [p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
+        assert len(gcs) == 1, gcs  # this module's own Ray
+        monkeypatch.setattr(supervisor_module, "ACTOR_TABLE_TIMEOUT_S", 1.0)
+        poller = threading.Thread(target=supervisor.poll)  # a hang must not hang the test
+        gcs[0].suspend()
+        try:
+            with caplog.at_level(logging.WARNING):
+                start = time.monotonic()
+                poller.start()
+                poller.join(timeout=10.0)
+                took = time.monotonic() - start
+        finally:
+            gcs[0].resume()
+            poller.join()
+        assert took < 5.0, took  # the deadline (1 s), not the GCS's silence
+        assert f"FFN rank {rank} not checked this round" in caplog.text, caplog.text
+        assert "actor table (the GCS)" in caplog.text and "within 1 s" in caplog.text
+        wait_for(
+            lambda: (supervisor.poll(), board.ffn(rank).state)[1] is RankState.UP,
+            STATE_WITHIN_S,
+            lambda: f"rank {rank} is {board.ffn(rank).state}",
+        )
+    finally:
+        board.close()
+        ray.kill(actor)

@@ -19,7 +19,9 @@ complete. What FFN ranks report themselves (refused micro-batches, link failures
 here as it appears on the board.
 
 Ray's actor table is read with `ray._private.state.actors`, Ray's own debugging accessor
-(no dashboard needed); `check_ray` refuses a Ray whose records lack the fields used.
+(no dashboard needed); `check_ray` refuses a Ray whose records lack the fields used. Each
+read has a deadline (`ACTOR_TABLE_TIMEOUT_S`): the accessor blocks until the GCS answers,
+and a GCS that does not answer costs a rank one round, logged, never a hung supervisor.
 """
 
 from __future__ import annotations
@@ -27,16 +29,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from afd_dispatch.config import AFDConfig
+from afd_dispatch.errors import AFDTimeoutError
 from afd_dispatch.integrations.ray.calls import cause_of, describe_actor_error
 from afd_dispatch.runtime.health import HealthBoard, RankState
 
 log = logging.getLogger(__name__)
 PROBE_PERIOD_S = 0.5
 STALL_NOTICE_S = 2.0  # an answer this late is reported (health 503), not yet acted on
+ACTOR_TABLE_TIMEOUT_S = 5.0  # one read of an actor's record from the GCS
 _COMING = {"DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING"}
 
 
@@ -57,11 +62,32 @@ class _Rank:
 
 
 def actor_record(actor_id: str) -> dict[str, Any]:
-    """Ray's actor-table record of `actor_id`: "State", "NumRestarts", "DeathCause", ..."""
+    """Ray's actor-table record of `actor_id`: "State", "NumRestarts", "DeathCause", ...
+
+    Read in a daemon thread, waited for at most `ACTOR_TABLE_TIMEOUT_S`: Ray's accessor
+    blocks until the GCS answers, and the supervisor reads it holding the lock its
+    `counters()` (the metrics) take. Raises `AFDTimeoutError` naming the actor and the GCS;
+    a read that answers late ends in its thread.
+    """
     from ray._private import state
 
-    record: dict[str, Any] = state.actors(actor_id=actor_id)
-    return record
+    record: Future[dict[str, Any]] = Future()
+
+    def read() -> None:
+        try:
+            record.set_result(state.actors(actor_id=actor_id))
+        except BaseException as exc:  # handed to the waiter, whatever it is
+            record.set_exception(exc)
+
+    threading.Thread(target=read, name="afd-actor-table", daemon=True).start()
+    timeout_s = ACTOR_TABLE_TIMEOUT_S
+    try:
+        return record.result(timeout=timeout_s)
+    except TimeoutError:
+        raise AFDTimeoutError(
+            f"AFD supervisor: Ray's actor table (the GCS) gave no record of actor {actor_id} "
+            f"within {timeout_s:g} s (ACTOR_TABLE_TIMEOUT_S)"
+        ) from None
 
 
 class Supervisor:
