@@ -305,7 +305,11 @@ def test_a_frozen_gcs_costs_the_supervisor_a_round_not_a_hang(
     board = HealthBoard.create(dep.topology, "inproc")
     try:
         supervisor = Supervisor({rank: actor}, board, dep.config)
-        gcs = [p for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
+        gcs = []
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # a Ray worker may exit meanwhile
+                if child.name() == "gcs_server":
+                    gcs.append(child)
         assert len(gcs) == 1, gcs  # this module's own Ray
         monkeypatch.setattr(supervisor_module, "ACTOR_TABLE_TIMEOUT_S", 1.0)
         poller = threading.Thread(target=supervisor.poll)  # a hang must not hang the test
@@ -314,11 +318,16 @@ def test_a_frozen_gcs_costs_the_supervisor_a_round_not_a_hang(
             with caplog.at_level(logging.WARNING):
                 start = time.monotonic()
                 poller.start()
+                time.sleep(0.3)
+                counted = supervisor.counters()  # the metrics do not wait for the GCS
+                counters_took = time.monotonic() - start
                 poller.join(timeout=10.0)
                 took = time.monotonic() - start
         finally:
             gcs[0].resume()
             poller.join()
+        assert counters_took < 0.9, counters_took  # before the round's deadline (1 s)
+        assert counted["pool"]["ffn_ranks_up"] == 0.0, counted
         assert took < 5.0, took  # the deadline (1 s), not the GCS's silence
         assert f"FFN rank {rank} not checked this round" in caplog.text, caplog.text
         assert "actor table (the GCS)" in caplog.text and "within 1 s" in caplog.text

@@ -9,9 +9,9 @@ run one after the other (each takes several GB), each recording what its tests a
 - AFD, A:F = 2:3 with expert 0 on every FFN rank: 16 concurrent requests; a burst pinned to
   rank 0 while rank 1 idles (rank 1 runs vLLM's dummy batches, sending empty micro-batches);
   one long prompt on rank 0 alongside short decodes on rank 1 (different numbers of
-  exchange rounds, agreed from vLLM's DP token counts); an FFN actor SIGKILLed while 16
-  requests of 160 tokens run (Ray restarts it; every request completes, and the kill
-  landed before the last one did);
+  exchange rounds, agreed from vLLM's DP token counts); an FFN actor SIGKILLed once vLLM
+  runs all 16 requests of 320 tokens (Ray restarts it; every request completes, and the
+  kill landed before the last one did);
 - AFD, A:F = 3:2: 16 concurrent requests; then one engine core is SIGKILLed: the server
   goes down by itself, and nothing of it is left (FFN actors, Ray, windows, janitors).
 

@@ -149,15 +149,24 @@ def fault_under_load(
 ) -> Iterator[None]:
     """While the block runs a load, run `fault` in a thread once vLLM runs `requests`
     requests (not after a fixed delay: on a fast host a load can end before any delay).
-    Appends to `landed` whether it came under load: vLLM did report `requests` running,
-    and the fault fired before the block (the load) ended. A fault that raises never
-    lands."""
-    reached, fired_at = [False], [math.inf]
+    Appends to `landed` whether it came under load: vLLM reported `requests` running and
+    the fault fired before the block (the load) ended. A fault whose count never came, or
+    that would come after the block, is not fired at all: an actor killed at a random
+    later moment would only confuse what the scenario does next."""
+    ended = threading.Event()
+    fired_at = [math.inf]
+
+    def count() -> float:
+        try:
+            return running_requests(server)
+        except OSError:  # /metrics unreachable for a moment: not yet
+            return -1.0
 
     def run() -> None:
-        reached[0] = wait_until(lambda: running_requests(server) >= requests, SETTLE_S, 0.05)
-        fault()
-        fired_at[0] = time.monotonic()
+        reached = wait_until(lambda: ended.is_set() or count() >= requests, SETTLE_S, 0.2)
+        if reached and not ended.is_set():
+            fault()
+            fired_at[0] = time.monotonic()
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -165,5 +174,6 @@ def fault_under_load(
         yield
     finally:
         ended_at = time.monotonic()
+        ended.set()
         thread.join()
-        landed.append(reached[0] and fired_at[0] < ended_at)
+        landed.append(fired_at[0] < ended_at)

@@ -20,8 +20,9 @@ here as it appears on the board.
 
 Ray's actor table is read with `ray._private.state.actors`, Ray's own debugging accessor
 (no dashboard needed); `check_ray` refuses a Ray whose records lack the fields used. Each
-read has a deadline (`ACTOR_TABLE_TIMEOUT_S`): the accessor blocks until the GCS answers,
-and a GCS that does not answer costs a rank one round, logged, never a hung supervisor.
+round's reads have one deadline (`ACTOR_TABLE_TIMEOUT_S`) and run outside the lock the
+metrics take: the accessor blocks until the GCS answers, and a GCS that does not answer
+costs the ranks one round, logged, never a hung supervisor or a hung `/metrics`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +43,7 @@ from afd_dispatch.runtime.health import HealthBoard, RankState
 log = logging.getLogger(__name__)
 PROBE_PERIOD_S = 0.5
 STALL_NOTICE_S = 2.0  # an answer this late is reported (health 503), not yet acted on
-ACTOR_TABLE_TIMEOUT_S = 5.0  # one read of an actor's record from the GCS
+ACTOR_TABLE_TIMEOUT_S = 5.0  # a round's reads of the actors' records from the GCS
 _COMING = {"DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING"}
 
 
@@ -61,33 +63,42 @@ class _Rank:
     events: tuple[int, int] = (0, 0)  # refusals, link failures logged so far
 
 
-def actor_record(actor_id: str) -> dict[str, Any]:
-    """Ray's actor-table record of `actor_id`: "State", "NumRestarts", "DeathCause", ...
+def actor_records(actor_ids: Sequence[str]) -> dict[str, dict[str, Any] | BaseException]:
+    """Ray's actor-table record of each of `actor_ids` ("State", "NumRestarts",
+    "DeathCause", ...), or what reading it raised.
 
-    Read in a daemon thread, waited for at most `ACTOR_TABLE_TIMEOUT_S`: Ray's accessor
-    blocks until the GCS answers, and the supervisor reads it holding the lock its
-    `counters()` (the metrics) take. Raises `AFDTimeoutError` naming the actor and the GCS;
-    a read that answers late ends in its thread.
+    Ray's accessor blocks until the GCS answers, so each record is read in a daemon thread
+    of its own, and all within one deadline, `ACTOR_TABLE_TIMEOUT_S`. A record not read by
+    then is an `AFDTimeoutError` naming the actor and the GCS; its read ends in its thread
+    whenever the GCS answers.
     """
     from ray._private import state
 
-    record: Future[dict[str, Any]] = Future()
+    reads: dict[str, Future[dict[str, Any]]] = {}
+    for actor_id in actor_ids:
+        record: Future[dict[str, Any]] = Future()
 
-    def read() -> None:
-        try:
-            record.set_result(state.actors(actor_id=actor_id))
-        except BaseException as exc:  # handed to the waiter, whatever it is
-            record.set_exception(exc)
+        def read(record: Future[dict[str, Any]] = record, actor_id: str = actor_id) -> None:
+            try:
+                record.set_result(state.actors(actor_id=actor_id))
+            except BaseException as exc:  # handed to the reader, whatever it is
+                record.set_exception(exc)
 
-    threading.Thread(target=read, name="afd-actor-table", daemon=True).start()
+        threading.Thread(target=read, name="afd-actor-table", daemon=True).start()
+        reads[actor_id] = record
     timeout_s = ACTOR_TABLE_TIMEOUT_S
-    try:
-        return record.result(timeout=timeout_s)
-    except TimeoutError:
-        raise AFDTimeoutError(
-            f"AFD supervisor: Ray's actor table (the GCS) gave no record of actor {actor_id} "
-            f"within {timeout_s:g} s (ACTOR_TABLE_TIMEOUT_S)"
-        ) from None
+    wait(reads.values(), timeout=timeout_s)
+    out: dict[str, dict[str, Any] | BaseException] = {}
+    for actor_id, record in reads.items():
+        if not record.done():
+            out[actor_id] = AFDTimeoutError(
+                f"AFD supervisor: Ray's actor table (the GCS) gave no record of actor "
+                f"{actor_id} within {timeout_s:g} s (ACTOR_TABLE_TIMEOUT_S)"
+            )
+        else:
+            failed = record.exception()
+            out[actor_id] = failed if failed is not None else record.result()
+    return out
 
 
 class Supervisor:
@@ -120,7 +131,7 @@ class Supervisor:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10 * PROBE_PERIOD_S)
+            self._thread.join(timeout=ACTOR_TABLE_TIMEOUT_S + 10 * PROBE_PERIOD_S)
             self._thread = None
 
     def _run(self) -> None:
@@ -137,21 +148,29 @@ class Supervisor:
 
     # -- one round -------------------------------------------------------------------------------
     def poll(self) -> None:
-        """One round over every rank; a failure on one rank is logged, the others go on."""
+        """One round over every rank; a failure on one rank is logged, the others go on.
+        The actor table is read before the lock is taken: `counters()` never waits for
+        the GCS. (Only this round changes a rank's state, so reading it unlocked is safe.)"""
+        live = [r.actor_id for r in self._ranks.values() if r.state is not RankState.FAILED]
+        records = actor_records(live)
         with self._lock:
             for rank, r in self._ranks.items():
                 try:
                     self._log_events(rank, r)  # first: a link failure is why it is now down
-                    self._poll_rank(rank, r, time.monotonic())
+                    if r.actor_id in records:
+                        self._poll_rank(rank, r, time.monotonic(), records[r.actor_id])
                 except Exception as exc:  # the supervisor must outlive a bad round
                     log.warning("AFD supervisor: FFN rank %d not checked this round: %s", rank, exc)
 
-    def _poll_rank(self, rank: int, r: _Rank, now: float) -> None:
+    def _poll_rank(
+        self, rank: int, r: _Rank, now: float, record: dict[str, Any] | BaseException
+    ) -> None:
         import ray
 
         if r.state is RankState.FAILED:
             return  # Ray's DEAD is final
-        record = actor_record(r.actor_id)
+        if isinstance(record, BaseException):
+            raise record
         r.restarts = int(record.get("NumRestarts", r.restarts))
         ray_state = str(record.get("State", ""))
         if ray_state == "DEAD":
