@@ -1,8 +1,10 @@
-"""Suite-wide pytest set-up: the `slow` marker, and what several vLLM modules share.
+"""Suite-wide pytest set-up: the markers, and what several vLLM modules share.
 
-Tests marked `slow` (the full-size rows of the hardware team's golden grids, see
-tests/test_golden_*.py, and the `vllm serve` scenarios) run with everything else, as CI
-runs them; deselect them for a quick local run with `pytest -m "not slow"`.
+Markers (`MARKERS`): `e2e` starts `vllm serve` (a server, or the command refusing a
+config); `ray` starts a Ray of its own outside a server; `slow` takes more than about ten
+seconds on a 2-core host (the servers, the Ray modules, the full-size rows of the hardware
+team's golden grids, see tests/test_golden_*.py). CI runs everything; the quick local run
+is `pytest -m "not e2e and not slow"`.
 
 `model`, `logs` and `colocated` are session-scoped: the colocated reference server runs
 once for every module that compares against it.
@@ -18,9 +20,16 @@ from vllm_scenarios import LOAD, LONG, Record, complete, concurrently, run_serve
 from afd_dispatch.integrations.vllm.launch import Server
 from afd_dispatch.tiny_hf import build_tiny_model
 
+MARKERS = {
+    "e2e": "starts `vllm serve` (deselect: -m 'not e2e')",
+    "ray": "starts a Ray of its own, outside a vLLM server (deselect: -m 'not ray')",
+    "slow": "over about 10 s on a 2-core host (deselect: -m 'not slow')",
+}
+
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: full-size golden rows (deselect: -m 'not slow')")
+    for name, description in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
 
 
 @pytest.fixture(scope="session")

@@ -186,6 +186,7 @@ def test_ops_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert m["MB"] * 1e6 == pytest.approx(slot_rows * row_bytes), name
 
 
+@pytest.mark.slow
 def test_loop_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The memory case over 200 micro-batches (the bench runs 10,000)."""
     extra = ("--memory-micro-batches", "200")
@@ -268,6 +269,8 @@ def test_memory_case_refuses_a_partial_round() -> None:
         memory.measure(micro_batches=2, traced=0)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_serving_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Four real vLLM servers (colocated, AFD, AFD at M = 1, AFD with two DP ranks),
     smallest request set, one round."""

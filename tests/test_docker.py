@@ -342,6 +342,7 @@ def test_afd_dispatch_subcommands_and_options_exist() -> None:
         assert not missing, f"{file}: afd-dispatch {sub}: no option {sorted(missing)}"
 
 
+@pytest.mark.slow
 def test_vllm_serve_subcommand_and_options_exist() -> None:
     """`vllm serve` (A3) and `afd-vllm serve` (CPU) take the same arguments: checked through
     afd-vllm, whose parser is vLLM's with the plugin's `--afd-config`."""

@@ -220,6 +220,7 @@ def raiser() -> Iterator[Any]:
 RAY_RAISED = [cls for cls in ARGS if issubclass(cls, Exception)]
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("cls", RAY_RAISED, ids=_ids(RAY_RAISED))
 def test_a_ray_actor_raises_and_the_driver_reads_it(raiser: Any, cls: type[BaseException]) -> None:
     import ray
@@ -238,6 +239,7 @@ def test_a_ray_actor_raises_and_the_driver_reads_it(raiser: Any, cls: type[BaseE
         assert getattr(err, name) == value
 
 
+@pytest.mark.ray
 def test_a_ray_actor_raises_with_an_unpicklable_value(raiser: Any) -> None:
     import ray
     from ray.exceptions import RayTaskError

@@ -49,6 +49,8 @@ from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.routing import route
 from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 BS = 8
 STARTUP_TIMEOUT_S = 120.0
 STATE_WITHIN_S = 60.0  # for the supervisor to see a kill, a restart or a death

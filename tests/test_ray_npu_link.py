@@ -28,6 +28,8 @@ from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEModel, decode
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 JOIN_S = 120.0
 
 

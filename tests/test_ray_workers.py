@@ -62,6 +62,8 @@ from afd_dispatch.runtime.tiny_moe import (
 )
 from afd_dispatch.windows import WindowGroup
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 BS = 8  # max_tokens_per_micro_batch
 SEQS = 6  # sequences per attention rank
 PROMPT_LEN = 3

@@ -255,6 +255,8 @@ def refusals(models: dict[str, str]) -> dict[str, Refusal]:
     return out
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
 def test_bad_afd_config_refused_before_any_worker(name: str, refusals: dict[str, Refusal]) -> None:
     run = refusals[name]

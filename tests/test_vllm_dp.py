@@ -46,7 +46,7 @@ from vllm_scenarios import (
 
 from afd_dispatch.integrations.vllm.launch import Server, settled_afd_counters
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def dp(size: int) -> tuple[str, ...]:

@@ -58,6 +58,8 @@ from afd_dispatch.integrations.vllm.launch import (
 )
 from afd_dispatch.tiny_hf import build_tiny_model
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 ARCHS = ("qwen3_moe", "qwen2_moe")
 NUM_FFN = 2
 MOE_LAYERS = 2  # both decoder layers of the tiny checkpoints are MoE

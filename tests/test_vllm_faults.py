@@ -52,7 +52,7 @@ from vllm_scenarios import (
 
 from afd_dispatch.integrations.vllm.launch import Server, afd_counters
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REQUESTS = 8
 BACK_WITHIN_S = 90.0  # a Ray restart on a loaded 2-core host: Ray worker, torch, experts
 

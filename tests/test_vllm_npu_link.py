@@ -22,6 +22,8 @@ from npu_ranks import EMULATOR
 from afd_dispatch.integrations.vllm.launch import vllm_server
 from afd_dispatch.tiny_hf import TinyShape, build_tiny_model
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 SHAPE = TinyShape(hidden_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=128)
 PROMPTS = ("the quick brown fox", "hello world", "a small model answers")
 MAX_TOKENS = 8

@@ -166,6 +166,8 @@ def find(address: str, group: str, timeout_s: float) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_other_nodes_find_the_published_deployment(tmp_path: Path) -> None:
     group = f"dp{time.monotonic_ns() % 10**9}"
     stderr = tmp_path / "publisher.err"
