@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy afd_dispatch kernels integrations
+bash scripts/typecheck.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -27,10 +27,18 @@ WATCH_PERIOD_S = 0.05  # how often a watched wait asks about its peers
 DOORBELL_MAX_SLEEP_S = WATCH_PERIOD_S  # a ring ends the sleep; this bounds a missed one
 EXTEND_S = 1.0  # how far past its deadline a wait runs per `Watch.extend`
 
-try:  # built by `pip install` (afd_dispatch/windows/_fence.c); optional, see store_fence
-    from afd_dispatch.windows._fence import fence as _native_fence
-except ImportError:
-    _native_fence = None
+
+def _built_fence() -> Callable[[], None] | None:
+    """The C barrier, built by `pip install` (afd_dispatch/windows/_fence.c); optional, see
+    store_fence."""
+    try:
+        from afd_dispatch.windows._fence import fence
+    except ImportError:
+        return None
+    return fence
+
+
+_native_fence = _built_fence()
 _fence_lock = threading.Lock()
 FENCE = "native" if _native_fence is not None else "lock"  # what store_fence runs
 if _native_fence is None and platform.machine() not in ("x86_64", "AMD64"):

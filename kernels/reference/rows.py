@@ -24,9 +24,9 @@ NATIVE_ABI = 3  # the argument lists this file calls `_native` with (its NATIVE_
 log = logging.getLogger(__name__)
 
 try:
-    from afd_dispatch.kernels.reference import _native  # type: ignore[attr-defined]
+    from afd_dispatch.kernels.reference import _native
 except ImportError:  # not built (no C compiler at install): the torch code runs
-    _native = None
+    _native = None  # type: ignore[assignment]  # (mypy types the name as the module only)
 if _native is not None and getattr(_native, "ABI", None) != NATIVE_ABI:
     log.warning(
         "afd-dispatch: the C extension %s was built from another version of the sources "
@@ -36,7 +36,7 @@ if _native is not None and getattr(_native, "ABI", None) != NATIVE_ABI:
         getattr(_native, "ABI", None),
         NATIVE_ABI,
     )
-    _native = None
+    _native = None  # type: ignore[assignment]
 
 _use_native = _native is not None and os.environ.get("AFD_NO_NATIVE", "") != "1"
 
