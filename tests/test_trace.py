@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from afd_dispatch import AFDConfig
 from afd_dispatch.runtime.attention import AttentionEndpoint
@@ -58,6 +58,7 @@ from afd_dispatch.runtime.trace import (
     Tracer,
     merge,
     overlap_ns,
+    process_label,
     prometheus_lines,
     write_chrome_trace,
 )
@@ -336,69 +337,37 @@ def test_one_micro_batch_alternates_attention_and_experts(sequential: TracedRun)
 
 # -- counters --------------------------------------------------------------------------------
 
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
-_VALUE = r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|Inf|NaN)"
-_SAMPLE = re.compile(rf"({_NAME})(?:\{{(.*)\}})? ({_VALUE})(?: -?\d+)?")
 
-
-def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """A strict reader of the Prometheus text format (0.0.4), as far as counters go.
-
-    Every family is announced by one TYPE line and its samples follow it as one group; label
-    values unescape \\\\, \\" and \\n. Returns {(metric, labels): value}.
-    """
-    assert text.endswith("\n")
+def read_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(metric, labels): value} of Prometheus text, read by prometheus_client's parser;
+    no sample twice."""
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    typed: set[str] = set()
-    family: str | None = None
-    for line in text[:-1].split("\n"):
-        if line.startswith("#"):
-            m = re.fullmatch(rf"# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)", line)
-            if m is None:
-                assert re.fullmatch(rf"# HELP {_NAME} .*", line), line
-                continue
-            assert m[1] not in typed, f"second TYPE line for {m[1]}"
-            typed.add(m[1])
-            family = m[1]
-            continue
-        m = _SAMPLE.fullmatch(line)
-        assert m is not None, f"not a sample line: {line!r}"
-        assert m[1] == family, f"{m[1]} outside its TYPE group"
-        labels: list[tuple[str, str]] = []
-        rest = m[2] or ""
-        while rest:
-            lm = _LABEL.match(rest)
-            assert lm is not None, f"bad labels in {line!r}"
-            value = re.sub(r"\\(.)", lambda e: "\n" if e[1] == "n" else e[1], lm[2])
-            labels.append((lm[1], value))
-            rest = rest[lm.end() :]
-            assert rest == "" or rest.startswith(","), line
-            rest = rest[1:]
-        key = (m[1], tuple(sorted(labels)))
-        assert key not in samples, f"duplicate sample {key}"
-        samples[key] = float(m[3])  # Python reads Inf / NaN / exponents as Prometheus does
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = sample.value
     return samples
 
 
 def test_prometheus_counters_count_the_run(either: TracedRun) -> None:
     text = prometheus_lines(either.counters)
-    samples = parse_prometheus(text)
-    by = {(name, dict(labels)["process"]): v for (name, labels), v in samples.items()}
+    samples = read_samples(text)
+    by = {(name, labels): v for (name, (labels,)), v in samples.items()}  # one label each
     layers, k, shared = MODEL.num_layers, MODEL.topk, 1
 
-    sent = {s: by[("afd_tokens_sent_total", f"attention {s}")] for s in range(SESSIONS)}
+    sent = {s: by[("afd_tokens_sent_total", ("session", str(s)))] for s in range(SESSIONS)}
     assert sent == {s: STEPS * layers * TOKENS for s in range(SESSIONS)}
     # FFN 0 hosts the routed experts, FFN 1 (alone) the shared one: K rows, 1 row a token
-    rows = [by[("afd_rows_served_total", f"FFN {r}")] for r in range(FFN_RANKS)]
+    rows = [by[("afd_rows_served_total", ("ffn_rank", str(r)))] for r in range(FFN_RANKS)]
     assert rows == [k * sum(sent.values()), shared * sum(sent.values())]
     for r in range(FFN_RANKS):
-        served = by[("afd_micro_batches_served_total", f"FFN {r}")]
+        served = by[("afd_micro_batches_served_total", ("ffn_rank", str(r)))]
         assert served == STEPS * layers * either.micro_batches  # every rank serves every slot
 
     durations: dict[tuple[str, str], int] = defaultdict(int)
     for s in either.file_spans:
-        durations[(f"afd_{s.name}_seconds_total", s.process)] += s.duration_ns
+        durations[(f"afd_{s.name}_seconds_total", process_label(s.process))] += s.duration_ns
     seconds = {key: v for key, v in by.items() if key[0].endswith("_seconds_total")}
     assert set(seconds) == set(durations)
     for key, total_ns in durations.items():
@@ -419,11 +388,14 @@ def test_prometheus_values_and_labels_read_back_exactly() -> None:
     odd.count("tokens_sent_total", 0.1)
     odd.count("tokens_sent_total", 0.2)
     odd.count("d\u00e9j\u00e0-vu", 1)  # a metric name is ASCII [a-zA-Z0-9_:] only
-    samples = parse_prometheus(prometheus_lines(merge([big, odd])[1]))
+    pool = Tracer("pool")
+    pool.count("ffn_ranks_up", 2)  # no _total: a gauge
+    samples = read_samples(prometheus_lines(merge([big, odd, pool])[1]))
     assert samples == {
-        ("afd_d_j__vu", (("process", "attention 0"),)): 1.0,
-        ("afd_rows_served_total", (("process", 'FFN "7"\\x\n'),)): float(2**40 + 3),
-        ("afd_tokens_sent_total", (("process", "attention 0"),)): 0.1 + 0.2,
+        ("afd_d_j__vu", (("session", "0"),)): 1.0,
+        ("afd_ffn_ranks_up", (("process", "pool"),)): 2.0,
+        ("afd_rows_served_total", (("ffn_rank", '"7"\\x\n'),)): float(2**40 + 3),
+        ("afd_tokens_sent_total", (("session", "0"),)): 0.1 + 0.2,
     }
 
 

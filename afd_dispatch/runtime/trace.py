@@ -160,19 +160,69 @@ def write_chrome_trace(path: str | os.PathLike[str], spans: Iterable[Span]) -> N
         json.dump(chrome_trace(spans), fh)
 
 
-def prometheus_lines(counters: Mapping[str, Mapping[str, float]], prefix: str = "afd_") -> str:
-    """Counters of several processes ({process: {name: value}}) in Prometheus text format."""
-    by_name: dict[str, list[tuple[str, float]]] = defaultdict(list)
+PREFIX = "afd_"  # of every AFD metric's name
+
+
+def process_label(process: str) -> tuple[str, str]:
+    """The label of a tracer's process: "attention 3" -> ("session", "3"), "FFN 1" ->
+    ("ffn_rank", "1"), anything else ("pool") -> ("process", itself)."""
+    role, _, rank = process.rpartition(" ")
+    if role == "attention":
+        return "session", rank
+    if role == "FFN":
+        return "ffn_rank", rank
+    return "process", process
+
+
+def is_counter(name: str) -> bool:
+    """Names ending in `_total` are counters; the others gauges."""
+    return name.endswith("_total")
+
+
+def metric_name(name: str) -> str:
+    """A counter's name as a metric: `PREFIX`, and ASCII [a-zA-Z0-9_] only."""
+    return PREFIX + "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
+
+
+def metric_families(counters: Mapping[str, Mapping[str, float]]) -> list[Any]:
+    """Counters of several processes ({process: {name: value}}) as prometheus_client metric
+    families, one per name, each sample labelled by its process (`process_label`)."""
+    from prometheus_client.metrics_core import Metric
+
+    by_name: dict[str, list[tuple[tuple[str, str], float]]] = defaultdict(list)
     for process, values in counters.items():
         for name, value in values.items():
-            by_name[name].append((process, value))
-    lines = []
-    for name in sorted(by_name):
-        metric = prefix + "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
-        lines.append(f"# TYPE {metric} counter")
-        for process, value in sorted(by_name[name]):
-            label = process.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            # repr: the shortest text that reads back as the same double (".9g" froze a
-            # counter past 1e9 for increments under 10)
-            lines.append(f'{metric}{{process="{label}"}} {float(value)!r}')
-    return "\n".join(lines) + "\n"
+            by_name[name].append((process_label(process), float(value)))
+    families = []
+    for name, samples in sorted(by_name.items()):
+        metric = metric_name(name)
+        counter = is_counter(name)
+        family = Metric(metric.removesuffix("_total") if counter else metric, f"AFD {name}",
+                        "counter" if counter else "gauge")  # fmt: skip
+        for (key, label), value in sorted(samples):
+            family.add_sample(metric, {key: label}, value)
+        families.append(family)
+    return families
+
+
+class _Families:
+    """A prometheus_client collector of fixed families."""
+
+    def __init__(self, families: list[Any]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Any]:
+        return self.families
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+def prometheus_lines(counters: Mapping[str, Mapping[str, float]]) -> str:
+    """Counters of several processes ({process: {name: value}}) in the Prometheus text
+    format, as vLLM's `/metrics` shows them (`metric_families`)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(metric_families(counters)))
+    return generate_latest(registry).decode()

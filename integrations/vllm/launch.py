@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from afd_dispatch.integrations.vllm import metrics, owner
+from afd_dispatch.runtime.trace import PREFIX
 
 START_TIMEOUT_S = 300.0
 GROUP_GRACE_S = 10.0  # for the server's processes to finish after it exits
@@ -64,17 +64,18 @@ class Server:
             return "".join(fh.readlines()[-lines:])
 
 
-_AFD_SAMPLE = re.compile(r'^(afd_[A-Za-z0-9_]+)\{([a-z_]+)="([^"]*)"\} (\S+)$')
-
-
 def afd_counters(text: str) -> dict[tuple[str, str], float]:
     """{(metric, "label=value"): value} of the AFD samples of a `/metrics` page, e.g.
-    ("afd_tokens_sent_total", "session=1") or ("afd_rows_served_total", "ffn_rank=0")."""
+    ("afd_tokens_sent_total", "session=1") or ("afd_rows_served_total", "ffn_rank=0").
+    Raises ValueError where the page is not Prometheus text (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        match = _AFD_SAMPLE.match(line)
-        if match:
-            out[(match.group(1), f"{match.group(2)}={match.group(3)}")] = float(match.group(4))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(PREFIX) and len(sample.labels) == 1:
+                ((key, label),) = sample.labels.items()
+                out[(sample.name, f"{key}={label}")] = sample.value
     return out
 
 

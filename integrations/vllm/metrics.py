@@ -37,13 +37,19 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from afd_dispatch.runtime.trace import Span, chrome_trace
+from afd_dispatch.runtime.trace import (
+    Span,
+    chrome_trace,
+    is_counter,
+    metric_families,
+    metric_name,
+    process_label,
+)
 
 log = logging.getLogger(__name__)
 ENV = "AFD_METRICS_DIR"
 SUFFIX = ".json"
 PUBLISH_PERIOD_S = 1.0
-PREFIX = "afd_"
 TRACE_ENV = "AFD_TRACE_DIR"
 TRACE_REQUEST = "request"  # the file in the trace directory that asks for a dump: an id
 TRACE_SUFFIX = ".trace.json"
@@ -83,14 +89,6 @@ def _remove_directory(directory: str, owner: int) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def labels(process: str) -> tuple[str, str]:
-    """The label of a tracer's process name: "attention 3" -> session 3, "FFN 1" -> ffn_rank 1."""
-    role, _, rank = process.rpartition(" ")
-    return ("session" if role == "attention" else "ffn_rank" if role == "FFN" else "process"), (
-        rank if role in ("attention", "FFN") else process
-    )
-
-
 class SnapshotCollector:
     """A prometheus collector yielding the counters of the latest snapshots in a directory."""
 
@@ -114,31 +112,10 @@ class SnapshotCollector:
         return out
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        by_name: dict[str, list[tuple[tuple[str, str], float]]] = {}
-        for process, values in self.snapshot().items():
-            for name, value in values.items():
-                by_name.setdefault(name, []).append((labels(process), value))
-        for name, samples in sorted(by_name.items()):
-            metric = metric_name(name)
-            keys = sorted({key for (key, _), _ in samples})
-            kind = CounterMetricFamily if is_counter(name) else GaugeMetricFamily
-            family = kind(metric, f"AFD {name}", labels=keys)
-            for (key, value_label), value in samples:
-                family.add_metric([value_label if k == key else "" for k in keys], value)
-            yield family
+        yield from metric_families(self.snapshot())
 
     def describe(self) -> list[Any]:
         return []  # names are known only at scrape time
-
-
-def is_counter(name: str) -> bool:
-    return name.endswith("_total")
-
-
-def metric_name(name: str) -> str:
-    return PREFIX + "".join(c if c.isascii() and c.isalnum() else "_" for c in name)
 
 
 def multiprocess() -> bool:
@@ -167,7 +144,7 @@ class MultiprocessExporter:
         from prometheus_client import Counter, Gauge
 
         for process, values in self.collector.snapshot().items():
-            key, label = labels(process)
+            key, label = process_label(process)
             for name, value in values.items():
                 if not is_counter(name):
                     if name not in self._gauges:
