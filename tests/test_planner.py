@@ -28,21 +28,12 @@ from afd_dispatch.planner.calibration import (
     log_error,
     mean_context,
 )
+from afd_dispatch.planner.cost import active_experts, evaluate
+from afd_dispatch.planner.ep import evaluate_ep
 from afd_dispatch.planner.hardware import FIGURE_NAMES, HardwareProfile
-from afd_dispatch.planner.model import (
-    KV_BLOCK_TOKENS,
-    RATIOS,
-    AFDLayout,
-    ModelShape,
-    Precision,
-    Target,
-    Workload,
-    active_experts,
-    evaluate,
-    evaluate_ep,
-    kv_cache_tokens,
-    search,
-)
+from afd_dispatch.planner.memory import KV_BLOCK_TOKENS, kv_cache_tokens
+from afd_dispatch.planner.search import RATIOS, Target, search
+from afd_dispatch.planner.shape import AFDLayout, ModelShape, Precision, Workload
 from afd_dispatch.runtime.deployment import Deployment
 
 DATA = Path(__file__).parent / "data"

@@ -10,7 +10,7 @@ the two overheads that minimise the squared log error of predicted / published.
 The memory check of each case uses the deployment as it ran: the data's
 ``memory_utilization`` (the launchers' ``--gpu-memory-utilization``) in place of the
 profile's, and its ``weight_split`` (afd-plugin's attention/FFN role split, see
-`afd_dispatch.planner.model.WEIGHT_SPLITS`).
+`afd_dispatch.planner.memory.WEIGHT_SPLITS`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from afd_dispatch.planner.cost import evaluate
+from afd_dispatch.planner.ep import evaluate_ep
 from afd_dispatch.planner.hardware import HardwareProfile
-from afd_dispatch.planner.model import (
-    AFDLayout,
-    ModelShape,
-    Precision,
-    Workload,
-    evaluate,
-    evaluate_ep,
-)
+from afd_dispatch.planner.shape import AFDLayout, ModelShape, Precision, Workload
 
 DATA_FILE = "calibration_afd_plugin_dsv32_a3.json"
 

@@ -3,7 +3,8 @@
     afd-dispatch plan MODEL_DIR_OR_CONFIG [--context N] [--tpot-ms X | --throughput-per-die Y]
     afd-dispatch plan --calibrate [--fit]
 
-The formulas are in `afd_dispatch.planner.model` and `docs/planner.md`.
+The formulas are in `afd_dispatch.planner` (`cost`, `memory`, `search`, `ep`) and
+`docs/planner.md`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,11 @@ from typing import Any
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH
 from afd_dispatch.planner.calibration import CalibrationRow, calibrate, fit_overheads, load_data
+from afd_dispatch.planner.cost import Plan
+from afd_dispatch.planner.ep import EPPlan, search_ep
 from afd_dispatch.planner.hardware import FIGURE_NAMES, HardwareProfile
-from afd_dispatch.planner.model import (
-    BYTES,
-    MAX_DIES,
-    EPPlan,
-    ModelShape,
-    Plan,
-    Precision,
-    SearchResult,
-    Target,
-    Workload,
-    search,
-    search_ep,
-)
+from afd_dispatch.planner.search import MAX_DIES, SearchResult, Target, search
+from afd_dispatch.planner.shape import BYTES, ModelShape, Precision, Workload
 
 
 def build_parser() -> argparse.ArgumentParser:
