@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from afd_dispatch.bench import serving, timeline
+from afd_dispatch.bench import serving, serving_servers, timeline, timeline_png
 from afd_dispatch.integrations.vllm import metrics
 from afd_dispatch.runtime.trace import Span
 
@@ -222,7 +222,7 @@ def test_table_typical_step_and_png(tmp_path: Path) -> None:
     for key in timeline.PHASE_KEYS:
         assert timeline.LABELS[key] in table
     path = tmp_path / "step.png"
-    timeline.render(pictured, path, profiles, {"colocated step": 3.6})
+    timeline_png.render(pictured, path, profiles, {"colocated step": 3.6})
     raw = path.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", raw[16:24])
@@ -292,10 +292,10 @@ def test_the_bench_collects_every_process_dump(
         metrics.CounterPublisher(ffn, "ffn"),
     ]
     try:
-        got = serving.collect_traces(str(tmp_path), sessions=1, wait_s=20.0)
+        got = serving_servers.collect_traces(str(tmp_path), sessions=1, wait_s=20.0)
         assert timeline.Trace.from_documents(got) == timeline.Trace.from_documents(documents())
         with pytest.raises(TimeoutError, match=r"attention 1"):
-            serving.collect_traces(str(tmp_path), sessions=2, wait_s=1.5)
+            serving_servers.collect_traces(str(tmp_path), sessions=2, wait_s=1.5)
     finally:
         for publisher in publishers:
             publisher.close()
@@ -348,12 +348,12 @@ def test_the_session_marks_its_threads_cpu_where_each_span_ends(tmp_path: Path) 
 def test_the_serving_bench_rows_png_and_trace(tmp_path: Path) -> None:
     """`bench --level serving --trace-png`'s last part, on the synthetic steps: the rows,
     the PNG and the Chrome trace of the pictured step and its neighbours."""
-    traced = serving.TracedRun(
+    traced = serving_servers.TracedRun(
         timeline.Trace.from_documents(documents()),
         wall_s=0.5,
         tokens=512,
         sessions=1,
-        cpu=serving.CpuUse(
+        cpu=serving_servers.CpuUse(
             wall_s=0.5,
             cpu_s={"worker": 0.25, "ffn_actor": 0.4},
             wait_s={"worker": 0.1, "ffn_actor": 0.2},
@@ -361,10 +361,10 @@ def test_the_serving_bench_rows_png_and_trace(tmp_path: Path) -> None:
             other_cores=0.1,
         ),
     )
-    shape = serving.ServingShape(requests=16, max_tokens=32)
-    colocated = serving.ServerRun("colocated", walls_s=[0.25], tokens=[512])
-    afd = serving.ServerRun("afd", walls_s=[1.0], tokens=[512])
-    afd.cpu = serving.CpuUse(wall_s=1.0, cpu_s={"worker": 0.64}, wait_s={"worker": 0.0})
+    shape = serving_servers.ServingShape(requests=16, max_tokens=32)
+    colocated = serving_servers.ServerRun("colocated", walls_s=[0.25], tokens=[512])
+    afd = serving_servers.ServerRun("afd", walls_s=[1.0], tokens=[512])
+    afd.cpu = serving_servers.CpuUse(wall_s=1.0, cpu_s={"worker": 0.64}, wait_s={"worker": 0.0})
     afd.cpu.processes["worker"] = 1
     png = tmp_path / "step.png"
     rows, table = serving.trace_rows(traced, shape, str(png), colocated, afd)

@@ -15,7 +15,7 @@ import os
 import torch
 from afd_threads import config, deployment, ffn_workers
 
-from afd_dispatch.bench.loop import MoEShape, make_banks, routing
+from afd_dispatch.bench.loop_shapes import MoEShape, make_banks, routing
 from afd_dispatch.runtime.attention import AttentionEndpoint
 
 SHAPE = MoEShape(hidden=128, tokens=8, topk=2, experts=4, intermediate=64, layers=1)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.bench.loop import (
+from afd_dispatch.bench.loop_shapes import (
     START_TIMEOUT_S,
     TINY,
     MoEShape,
