@@ -1,14 +1,24 @@
-"""`AFDConfig`: what `--afd-config` takes, parsed and checked as untrusted input."""
+"""`AFDConfig`: what `--afd-config` takes, declared, and checked as untrusted input.
+
+Each key is a field of a pydantic dataclass, as vLLM declares its own configs: its type,
+its `Literal` choices and its bounds are in the declaration, pydantic checks them (strict:
+no "2" for 2, no true for 1), and a refusal is an `AFDInputError` naming the key, what it
+allows (`allowed`, read off the same declaration) and the value. What one key cannot say
+alone (a rank range that depends on A and F, replicas per expert) is checked after them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
 
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.kernels import resolve_backend
@@ -23,6 +33,7 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a list, an object)
 MAX_SHOWN_CHARS = 200  # of a bad value, in the error message
 MIN_TIMEOUT_S = 0.1  # of wait_timeout_s and startup_timeout_s
+MAX_TIMEOUT_S = 3600.0
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
 ROLES = ("attention",)  # no process runs the FFN side from a config (see `role` below)
 BACKENDS = ("auto", "reference", "npu")
@@ -31,13 +42,79 @@ TRANSPORTS = ("auto", "inproc", "shm", "hccl")
 LINK_TRANSPORTS = {"reference": ("auto", "inproc", "shm"), "npu": ("auto", "hccl")}
 WINDOW_GROUPS = ("shared", "per_micro_batch")
 SHARED_EXPERTS_ON = ("ffn", "attention")
+GROUP_NAME = r"[A-Za-z0-9_.-]{1,64}"
 _RAY_ADDRESS = re.compile(
     r"(auto|local|ray://[A-Za-z0-9_.:\[\]-]{1,255}|[A-Za-z0-9_.\[\]-]{1,253}:[0-9]{1,5})"
 )
-_GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-@dataclass(frozen=True)
+def _allowed(text: str) -> Any:
+    """What a key allows, said in its refusal where the declaration alone says too little."""
+    return Field(json_schema_extra={"allowed": text})
+
+
+Ranks = Annotated[int, Field(ge=1, le=MAX_RANKS_PER_ROLE)]
+Seconds = Annotated[float, Field(ge=MIN_TIMEOUT_S, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
+Switch = Annotated[bool, _allowed("true or false")]
+
+_C = TypeVar("_C")
+
+
+def _refusing(cls: type[_C]) -> type[_C]:
+    """Make the constructor raise `AFDInputError` (key, allowed, value) where pydantic
+    raised `ValidationError`; an `AFDInputError` raised by a check inside passes as it is."""
+    validate: Callable[..., None] = cls.__init__  # type: ignore[misc]
+
+    @functools.wraps(validate)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            validate(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise _input_error(args, kwargs, exc) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def allowed(name: str) -> str:
+    """What key `name` of `AFDConfig` allows, in words, read off its declaration."""
+    info = vars(AFDConfig)["__pydantic_fields__"][name]  # pydantic's FieldInfo
+    extra = info.json_schema_extra
+    if isinstance(extra, dict) and "allowed" in extra:
+        return str(extra["allowed"])
+    kind = info.annotation
+    if getattr(kind, "__origin__", None) is Literal:
+        return f"one of {list(get_args(kind))}"
+    bounds = {type(m).__name__: m for m in info.metadata}
+    lo = getattr(bounds.get("Ge"), "ge", None)
+    hi = getattr(bounds.get("Le"), "le", None)
+    what = "seconds" if kind is float else "an integer"
+    if hi is None:
+        return f"{what} >= {lo:g}"
+    return f"{what} in [{lo:g}, {hi:g}]"
+
+
+def _input_error(
+    args: tuple[Any, ...], kwargs: dict[str, Any], exc: ValidationError
+) -> AFDInputError:
+    """The first refusal of `exc` (pydantic reports keys in declaration order, as the
+    checks ran before) as `AFDInputError`, showing the whole value given for the key."""
+    first = exc.errors(include_url=False)[0]
+    raised = first.get("ctx", {}).get("error")
+    if isinstance(raised, AFDInputError):  # a check of __post_init__: already says it all
+        return raised
+    names = [f.name for f in dataclasses.fields(AFDConfig) if f.init]
+    given = dict(zip(names, args, strict=False)) | kwargs
+    name = str(first["loc"][0]) if first["loc"] else "--afd-config"
+    if name not in names:
+        return AFDInputError(f"key {_shown(name)!r}", f"one of {sorted(names)}", _shown(name))
+    if first["type"] == "missing" or first["type"] == "missing_argument":
+        return AFDInputError(name, "present (a required key)", None)
+    return AFDInputError(name, allowed(name), _shown(given.get(name, first.get("input"))))
+
+
+@_refusing
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
 class AFDConfig:
     """An AFD deployment, as one JSON object.
 
@@ -87,100 +164,85 @@ class AFDConfig:
     gets those refusals from the link when it starts.
     """
 
-    num_attention_workers: int
-    num_ffn_workers: int
-    role: str = "attention"
-    micro_batch_num: int = 2
-    max_tokens_per_micro_batch: int = 256
-    shared_expert_ranks: tuple[int, ...] = ()
-    expert_replicas: int | Mapping[int, int] = 1
-    quant_mode: str = "none"
-    sync_flag: int = 0
-    backend: str = "auto"
-    transport: str = "auto"
-    group: str = "afd"
-    ffn_start_rank_id: int = 0
-    hccl_buffsize_mb: int = DEFAULT_HCCL_BUFFSIZE_MB
-    wait_timeout_s: float = 30.0
-    startup_timeout_s: float = 120.0
-    window_groups: str = "shared"
-    ray_address: str | None = None
-    ffn_max_restarts: int = 3
-    ffn_stall_timeout_s: float = 10.0
-    batch_invariant: bool = False
-    trace: bool = False
-    shared_experts_on: str = "ffn"
-    _topology: RankTopology = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        _int(self, "num_attention_workers", 1, MAX_RANKS_PER_ROLE)
-        _int(self, "num_ffn_workers", 1, MAX_RANKS_PER_ROLE)
-        _check(
-            isinstance(self.role, str) and self.role in ROLES,
-            "role",
+    num_attention_workers: Ranks
+    num_ffn_workers: Ranks
+    role: Annotated[
+        Literal["attention"],
+        _allowed(
             '"attention" (the process reading the config is the attention side and starts '
-            'the FFN ranks itself, as Ray actors; nothing runs an FFN process from "ffn")',
-            self.role,
-        )
-        _int(self, "micro_batch_num", 1, MAX_MICRO_BATCHES)
-        _int(self, "max_tokens_per_micro_batch", 1, MAX_TOKENS_PER_MICRO_BATCH)
-        _choice(self, "quant_mode", tuple(QUANT_MODE_CODES))
-        _check(
-            _is_int(self.sync_flag) and self.sync_flag == 0,
-            "sync_flag",
+            'the FFN ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
+        ),
+    ] = "attention"
+    micro_batch_num: Annotated[int, Field(ge=1, le=MAX_MICRO_BATCHES)] = 2
+    max_tokens_per_micro_batch: Annotated[int, Field(ge=1, le=MAX_TOKENS_PER_MICRO_BATCH)] = 256
+    shared_expert_ranks: Annotated[
+        tuple[int, ...], Field(strict=False), _allowed("a list of ranks")
+    ] = ()
+    expert_replicas: Annotated[
+        int | dict[int, int], _allowed('an integer or an object {"expert id": count}')
+    ] = 1
+    quant_mode: Literal["none", "int8"] = "none"
+    sync_flag: Annotated[
+        Literal[0],
+        _allowed(
             "0 (each FFN rank's batching waits for a header from every attention rank; with "
             "1 a rank that gets no slot of a micro-batch gets no header, waits for it until "
-            "wait_timeout_s, and so does every later micro-batch sent to it)",
-            self.sync_flag,
-        )
-        _choice(self, "backend", BACKENDS)
-        _choice(self, "transport", TRANSPORTS)
+            "wait_timeout_s, and so does every later micro-batch sent to it)"
+        ),
+    ] = 0
+    backend: Literal["auto", "reference", "npu"] = "auto"
+    transport: Literal["auto", "inproc", "shm", "hccl"] = "auto"
+    group: Annotated[
+        str,
+        Field(pattern=f"^{GROUP_NAME}$"),
+        _allowed(f"a string matching {GROUP_NAME}"),
+    ] = "afd"
+    ffn_start_rank_id: Annotated[
+        int, Field(ge=0), _allowed("an integer in [0, num_attention_workers]")
+    ] = 0
+    hccl_buffsize_mb: Annotated[int, Field(ge=1, le=65536)] = DEFAULT_HCCL_BUFFSIZE_MB
+    # below 0.1 s a wait expires before a loaded host has run the other side at all,
+    # and an idle FFN loop that re-enters its wait at each expiry keeps a core busy
+    wait_timeout_s: Seconds = 30.0
+    startup_timeout_s: Seconds = 120.0
+    window_groups: Literal["shared", "per_micro_batch"] = "shared"
+    ray_address: Annotated[
+        str | None,
+        _allowed('null, "auto", "local", "host:port" or "ray://host:port" (port 1..65535)'),
+    ] = None
+    ffn_max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
+    # the supervisor probes every 0.5 s and reports a rank stalled after 2 s of silence:
+    # a shorter bound would kill actors whose answer was merely not collected yet
+    ffn_stall_timeout_s: Annotated[float, Field(ge=3.0, le=MAX_TIMEOUT_S, allow_inf_nan=False)] = (
+        10.0
+    )
+    batch_invariant: Switch = False
+    trace: Switch = False
+    shared_experts_on: Literal["ffn", "attention"] = "ffn"
+
+    def __post_init__(self) -> None:
         _check(
-            isinstance(self.group, str) and _GROUP_NAME.fullmatch(self.group) is not None,
-            "group",
-            "a string matching [A-Za-z0-9_.-]{1,64}",
-            self.group,
+            self.ffn_start_rank_id <= self.num_attention_workers,
+            "ffn_start_rank_id",
+            f"an integer in [0, {self.num_attention_workers}]",
+            self.ffn_start_rank_id,
         )
-        _int(self, "ffn_start_rank_id", 0, self.num_attention_workers)
-        _int(self, "hccl_buffsize_mb", 1, 65536)
-        # below 0.1 s a wait expires before a loaded host has run the other side at all,
-        # and an idle FFN loop that re-enters its wait at each expiry keeps a core busy
-        _seconds(self, "wait_timeout_s", least=MIN_TIMEOUT_S)
-        _seconds(self, "startup_timeout_s", least=MIN_TIMEOUT_S)
-        # the supervisor probes every 0.5 s and reports a rank stalled after 2 s of silence:
-        # a shorter bound would kill actors whose answer was merely not collected yet
-        _seconds(self, "ffn_stall_timeout_s", least=3.0)
-        _choice(self, "window_groups", WINDOW_GROUPS)
-        _choice(self, "shared_experts_on", SHARED_EXPERTS_ON)
         _check(
             self.ray_address is None
-            or (
-                isinstance(self.ray_address, str)
-                and _RAY_ADDRESS.fullmatch(self.ray_address) is not None
-                and 1 <= _port(self.ray_address) <= 65535
-            ),
+            or (_RAY_ADDRESS.fullmatch(self.ray_address) is not None
+                and 1 <= _port(self.ray_address) <= 65535),
             "ray_address",
-            'null, "auto", "local", "host:port" or "ray://host:port" (port 1..65535)',
+            allowed("ray_address"),
             self.ray_address,
-        )
-        _int(self, "ffn_max_restarts", 0, 100)
-        for flag in ("batch_invariant", "trace"):
-            _check(
-                isinstance(getattr(self, flag), bool), flag, "true or false", getattr(self, flag)
-            )
+        )  # fmt: skip
         topology = RankTopology(
             self.num_attention_workers, self.num_ffn_workers, self.ffn_start_rank_id
         )
         object.__setattr__(self, "_topology", topology)
         self._check_shared_ranks(topology)
-        self._check_replicas()
 
     def _check_shared_ranks(self, topology: RankTopology) -> None:
         ranks = self.shared_expert_ranks
-        if isinstance(ranks, list):
-            ranks = tuple(ranks)
-            object.__setattr__(self, "shared_expert_ranks", ranks)
-        _check(isinstance(ranks, tuple), "shared_expert_ranks", "a list of ranks", ranks)
         _check(
             not ranks or self.shared_experts_on == "ffn",
             "shared_expert_ranks",
@@ -196,7 +258,12 @@ class AFDConfig:
                 f"FFN ranks in [{lo}, {hi})",
                 list(ranks),
             )
-        _check(len(set(ranks)) == len(ranks), "shared_expert_ranks", "distinct ranks", list(ranks))
+        _check(
+            len(set(ranks)) == len(ranks),
+            "shared_expert_ranks",
+            "distinct ranks",
+            list(ranks),
+        )
         _check(
             len(ranks) < topology.num_ffn,
             "shared_expert_ranks",
@@ -204,36 +271,28 @@ class AFDConfig:
             list(ranks),
         )
 
-    def _check_replicas(self) -> None:
-        # Replicas of one expert go to distinct ranks among those not reserved for shared experts.
-        most = self.num_ffn_workers - len(self.shared_expert_ranks)
-        replicas = self.expert_replicas
-        if _is_int(replicas):
-            _check(
-                1 <= replicas <= most,  # type: ignore[operator]
-                "expert_replicas",
-                f"an integer in [1, {most}] (FFN ranks without shared experts)",
-                replicas,
-            )
-            return
-        _check(
-            isinstance(replicas, Mapping),
-            "expert_replicas",
-            'an integer or an object {"expert id": count}',
-            replicas,
-        )
+    @field_validator("expert_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any, info: ValidationInfo) -> Any:
+        """Replicas of one expert go to distinct FFN ranks among those without shared
+        experts; JSON's object keys are strings, so {"3": 2} names expert 3."""
+        if "num_ffn_workers" not in info.data or "shared_expert_ranks" not in info.data:
+            return value  # refused already: that key's error comes first
+        most = info.data["num_ffn_workers"] - len(info.data["shared_expert_ranks"])
+        within = f"an integer in [1, {most}] (FFN ranks without shared experts)"
+        if _is_int(value):
+            _check(1 <= value <= most, "expert_replicas", within, value)
+            return value
+        _check(isinstance(value, Mapping), "expert_replicas", allowed("expert_replicas"), value)
         parsed: dict[int, int] = {}
-        for key, count in replicas.items():  # type: ignore[union-attr]
+        for key, count in value.items():
             expert = _parse_expert_key(key)
             _check(expert not in parsed, "expert_replicas", "each expert id once", key)
             _check(
-                _is_int(count) and 1 <= count <= most,
-                f"expert_replicas[{key!r}]",
-                f"an integer in [1, {most}] (FFN ranks without shared experts)",
-                count,
+                _is_int(count) and 1 <= count <= most, f"expert_replicas[{key!r}]", within, count
             )
             parsed[expert] = count
-        object.__setattr__(self, "expert_replicas", dict(sorted(parsed.items())))
+        return dict(sorted(parsed.items()))
 
     # -- parsing ---------------------------------------------------------------------------
     @classmethod
@@ -245,7 +304,10 @@ class AFDConfig:
     def read_json(text_or_path: str) -> Any:
         """The JSON value given inline (starts with "{") or as a file path, unchecked."""
         _check(
-            isinstance(text_or_path, str), "--afd-config", "a JSON string or a path", text_or_path
+            isinstance(text_or_path, str),
+            "--afd-config",
+            "a JSON string or a path",
+            text_or_path,
         )
         inline = text_or_path.lstrip().startswith("{")
         text = text_or_path if inline else _read_config_file(text_or_path)
@@ -262,7 +324,9 @@ class AFDConfig:
             data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             raise AFDInputError(
-                "--afd-config", "valid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+                "--afd-config",
+                "valid JSON",
+                f"{exc.msg} at line {exc.lineno} column {exc.colno}",
             ) from None
         except (ValueError, RecursionError) as exc:  # over-long integers, deep nesting
             if isinstance(exc, AFDInputError):
@@ -277,7 +341,10 @@ class AFDConfig:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
             _check(
-                key in known, f"--afd-config key {_shown(key)!r}", f"one of {sorted(known)}", key
+                key in known,
+                f"--afd-config key {_shown(key)!r}",
+                f"one of {sorted(known)}",
+                key,
             )
         for required in ("num_attention_workers", "num_ffn_workers"):
             _check(required in data, required, "present (a required key)", None)
@@ -288,10 +355,7 @@ class AFDConfig:
                 f"a value nested at most {MAX_VALUE_DEPTH} lists or objects deep",
                 _Cut(f"<{type(value).__name__} nested deeper>"),
             )
-        values = dict(data)
-        if "shared_expert_ranks" in values and isinstance(values["shared_expert_ranks"], list):
-            values["shared_expert_ranks"] = tuple(values["shared_expert_ranks"])
-        config = cls(**values)
+        config = cls(**data)
         config.check_runnable()
         return config
 
@@ -334,7 +398,7 @@ class AFDConfig:
     # -- derived ---------------------------------------------------------------------------
     @property
     def topology(self) -> RankTopology:
-        return self._topology
+        return self._topology  # type: ignore[no-any-return, attr-defined]
 
     @property
     def world_size(self) -> int:
@@ -372,27 +436,6 @@ def _shown(value: Any) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(cfg: AFDConfig, name: str, lo: int, hi: int) -> None:
-    value = getattr(cfg, name)
-    _check(_is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
-
-
-def _seconds(cfg: AFDConfig, name: str, least: float = 0.0) -> None:
-    value = getattr(cfg, name)
-    # compared as they are: an int too large for a float must not raise OverflowError;
-    # nan and inf fail the comparison
-    ok = _is_int(value) or isinstance(value, float)
-    if least > 0:
-        _check(ok and least <= value <= 3600, name, f"seconds in [{least:g}, 3600]", value)
-    else:
-        _check(ok and 0 < value <= 3600, name, "seconds in (0, 3600]", value)
-
-
-def _choice(cfg: AFDConfig, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(cfg, name)
-    _check(isinstance(value, str) and value in allowed, name, f"one of {list(allowed)}", value)
 
 
 def _port(address: str) -> int:
