@@ -80,6 +80,7 @@ RSS_GROWTH_TARGET_MB = 1.0
 # micro-batches: the same over 2,000, 4,000 and 8,000 of them.
 HEAP_GROWTH_TARGET_KB = 64.0
 RESULT_TIMEOUT_S = 300.0  # phases 2 and 3 on a busy host
+EXIT_DRAIN_S = 5.0  # for the last message of a process that has exited
 TOP_SITES = 3  # source lines named where the Python heap grew
 # tracemalloc's own objects (its snapshots) are not the worker's
 _NOT_TRACEMALLOC = (tracemalloc.Filter(False, tracemalloc.__file__),)
@@ -274,7 +275,13 @@ def _reply(replies: Queue[Any], proc: BaseProcess, timeout_s: float, what: str) 
             return replies.get(timeout=1.0)
         except queue.Empty:
             if not proc.is_alive():
-                raise RuntimeError(f"FFN process exited ({proc.exitcode}) without {what}") from None
+                # what it put just before it exited may still be on its way through the pipe
+                try:
+                    return replies.get(timeout=EXIT_DRAIN_S)
+                except queue.Empty:
+                    raise RuntimeError(
+                        f"FFN process exited ({proc.exitcode}) without {what}"
+                    ) from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"FFN process: no {what} within {timeout_s:g} s") from None
 
