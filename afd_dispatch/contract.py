@@ -14,11 +14,11 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
+from afd_dispatch.contract_cache import a2f_structures, structure_key, validated_table
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import (
     MAX_TOKENS_PER_MICRO_BATCH,
@@ -33,7 +33,6 @@ from afd_dispatch.layout import (
     TOKEN_DTYPES,
     WindowLayout,
 )
-from afd_dispatch.placement import validate_expert_rank_table
 from afd_dispatch.topology import RankTopology
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -86,23 +85,23 @@ def check_attention_to_ffn(
 ) -> AttentionToFfnCall:
     """Check a `npu_attention_to_ffn` call; return what it describes. Raises
     `AFDInputError` naming the argument. The checks of types, shapes and the table are
-    done once per distinct call structure (`_structure_key`); with `values`, the values
+    done once per distinct call structure (`structure_key`); with `values`, the values
     (session, micro-batch and layer ids, the mask, the expert ids) on every call."""
     args = (
         x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table, world_size,
         ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape,
         moe_expert_num, scales, active_mask, quant_mode, sync_flag, ffn_start_rank_id,
     )  # fmt: skip
-    key = _structure_key(*args)
-    hit = _a2f_structures.get(key) if key is not None else None
+    key = structure_key(*args)
+    hit = a2f_structures.get(key) if key is not None else None
     if hit is not None and hit[0]() is expert_rank_table:
         layout, topology = hit[1], hit[2]
     else:
         layout, topology = _check_attention_to_ffn_structure(*args)
         if key is not None:
-            if len(_a2f_structures) > 64:
-                _a2f_structures.clear()
-            _a2f_structures[key] = (weakref.ref(expert_rank_table), layout, topology)
+            if len(a2f_structures) > 64:
+                a2f_structures.clear()
+            a2f_structures[key] = (weakref.ref(expert_rank_table), layout, topology)
     session = micro_batch = layer = 0
     bs = layout.tokens
     active = bs
@@ -124,32 +123,6 @@ def check_attention_to_ffn(
     return AttentionToFfnCall(
         layout, topology, session, micro_batch, layer, active, moe_expert_num, quant_mode, sync_flag
     )
-
-
-_TABLE_ARGUMENT = 5  # expert_rank_table's position in the call
-# structure key -> (weak reference to the expert table, layout, topology)
-_a2f_structures: dict[tuple[object, ...], tuple[Any, WindowLayout, RankTopology]] = {}
-
-
-def _structure_key(*args: object) -> tuple[object, ...] | None:
-    """What the structural checks of a call depend on: each tensor's type, dtype, shape and
-    (for the expert table) identity and version; every other argument as given. None when
-    an argument is not hashable that way (the full checks then run, and name it)."""
-    key: list[object] = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and i == _TABLE_ARGUMENT:  # checked by value
-            key.append((a.dtype, a.shape, a.device.type, id(a), a._version))
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.shape, a.device.type))
-        elif isinstance(a, (list, tuple)):
-            key.append(tuple(a))
-        else:
-            key.append(a)
-    try:
-        hash(tuple(key))
-    except TypeError:
-        return None
-    return tuple(key)
 
 
 def _check_attention_to_ffn_structure(
@@ -211,7 +184,7 @@ def _check_attention_to_ffn_structure(
     attn_shape = _shape(attn_token_info_table_shape, "attn_token_info_table_shape", 3)
     sessions, micro_batches = info_shape[0], attn_shape[0]
     topology = RankTopology.from_world(world_size, sessions, ffn_start_rank_id)
-    shared = _validated_table(expert_rank_table, topology, moe_expert_num)
+    shared = validated_table(expert_rank_table, topology, moe_expert_num)
     quant = quant_mode == QUANT_INT8
     data_shape = _shape(ffn_token_data_shape, "ffn_token_data_shape", 5)
     layout = WindowLayout(
@@ -256,35 +229,6 @@ def _slot_bytes(row_elems: int, hidden: int, dtype: torch.dtype, quant: bool) ->
     what = f"H = {hidden} plus the 4-byte scale of an int8 row" if quant else f"H = {hidden}"
     check(row_elems >= need, "ffn_token_data_shape[4] (HS)", f">= {need} ({what})", row_elems)
     return row_elems * elem
-
-
-# id(table) -> (weak reference, version, topology, moe_expert_num, S): a table is checked once,
-# not on every call of every layer (on A3 each check is a device-to-host copy).
-_checked_tables: dict[int, tuple[weakref.ref[torch.Tensor], int, RankTopology, int, int]] = {}
-
-
-def _validated_table(table: torch.Tensor, topology: RankTopology, moe_expert_num: int) -> int:
-    if isinstance(table, torch.Tensor):
-        hit = _checked_tables.get(id(table))
-        if hit is not None:
-            ref, version, topo, experts, shared = hit
-            if (
-                ref() is table
-                and version == table._version
-                and (topo, experts) == (topology, moe_expert_num)
-            ):
-                return shared
-    shared = validate_expert_rank_table(table, topology, moe_expert_num)
-    if len(_checked_tables) > 64:
-        _checked_tables.clear()
-    _checked_tables[id(table)] = (
-        weakref.ref(table),
-        table._version,
-        topology,
-        moe_expert_num,
-        shared,
-    )
-    return shared
 
 
 def _min_max(values: torch.Tensor) -> tuple[int, int]:
@@ -468,10 +412,6 @@ def check_combine_call(
 
 
 # -- small helpers -------------------------------------------------------------------------
-def _dtype_name(layout: WindowLayout) -> str:
-    return "int8 + scale" if layout.quant else str(layout.dtype)
-
-
 def _tensor(t: object, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise AFDInputError(name, "a tensor", type(t).__name__)

@@ -194,9 +194,9 @@ def test_each_op_has_the_torch_npu_calling_convention(name: str) -> None:
 
 
 def test_create_schedule_context_holder_has_the_reference_signature() -> None:
-    from afd_dispatch.kernels.reference import schedule_context
+    from afd_dispatch.kernels.reference import context_holder
 
-    want = inspect.signature(schedule_context.create_schedule_context_holder)
+    want = inspect.signature(context_holder.create_schedule_context_holder)
     assert _parameters(inspect.signature(npu.create_schedule_context_holder)) == _parameters(want)
 
 

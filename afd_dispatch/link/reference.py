@@ -16,15 +16,14 @@ import torch
 from afd_dispatch.errors import AFDBadMicroBatchError, AFDInputError, check
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.kernels.reference import schedule_context as sc
+from afd_dispatch.kernels.reference.context_holder import ScheduleContextHolder, context_for
 from afd_dispatch.kernels.reference.ffn_worker_batching import (
     consume_micro_batch,
     ffn_area,
     wait_for_micro_batch,
 )
 from afd_dispatch.kernels.reference.schedule_context import (
-    ScheduleContextHolder,
     batched_micro_batches,
-    context_for,
     last_batched_layer,
 )
 from afd_dispatch.layout import (

@@ -9,13 +9,13 @@ import torch
 
 from afd_dispatch.kernels.reference import ops as _ops  # noqa: F401  (registers torch.ops.afd)
 from afd_dispatch.kernels.reference.attention_worker_combine import wait_for_next_results
-from afd_dispatch.kernels.reference.quant import dequantize_rows, quantize_rows
-from afd_dispatch.kernels.reference.schedule_context import (
+from afd_dispatch.kernels.reference.context_holder import (
     ScheduleContextHolder,
     context_for,
     create_schedule_context_holder,
-    last_batched_layer,
 )
+from afd_dispatch.kernels.reference.quant import dequantize_rows, quantize_rows
+from afd_dispatch.kernels.reference.schedule_context import last_batched_layer
 
 npu_attention_to_ffn = torch.ops.afd.npu_attention_to_ffn
 npu_ffn_worker_batching = torch.ops.afd.npu_ffn_worker_batching
