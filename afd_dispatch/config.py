@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args
@@ -28,10 +27,18 @@ from afd_dispatch.layout import (
     MAX_TOKENS_PER_MICRO_BATCH,
 )
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE, RankTopology
+from afd_dispatch.untrusted_json import (
+    Cut,
+    is_int,
+    loads,
+    read_text,
+    refuse_unless,
+    shown,
+    too_deep,
+)
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a list, an object)
-MAX_SHOWN_CHARS = 200  # of a bad value, in the error message
 MIN_TIMEOUT_S = 0.1  # of wait_timeout_s and startup_timeout_s
 MAX_TIMEOUT_S = 3600.0
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
@@ -107,10 +114,10 @@ def _input_error(
     given = dict(zip(names, args, strict=False)) | kwargs
     name = str(first["loc"][0]) if first["loc"] else "--afd-config"
     if name not in names:
-        return AFDInputError(f"key {_shown(name)!r}", f"one of {sorted(names)}", _shown(name))
+        return AFDInputError(f"key {shown(name)!r}", f"one of {sorted(names)}", shown(name))
     if first["type"] == "missing" or first["type"] == "missing_argument":
         return AFDInputError(name, "present (a required key)", None)
-    return AFDInputError(name, allowed(name), _shown(given.get(name, first.get("input"))))
+    return AFDInputError(name, allowed(name), shown(given.get(name, first.get("input"))))
 
 
 @_refusing
@@ -221,13 +228,13 @@ class AFDConfig:
     shared_experts_on: Literal["ffn", "attention"] = "ffn"
 
     def __post_init__(self) -> None:
-        _check(
+        refuse_unless(
             self.ffn_start_rank_id <= self.num_attention_workers,
             "ffn_start_rank_id",
             f"an integer in [0, {self.num_attention_workers}]",
             self.ffn_start_rank_id,
         )
-        _check(
+        refuse_unless(
             self.ray_address is None
             or (_RAY_ADDRESS.fullmatch(self.ray_address) is not None
                 and 1 <= _port(self.ray_address) <= 65535),
@@ -243,7 +250,7 @@ class AFDConfig:
 
     def _check_shared_ranks(self, topology: RankTopology) -> None:
         ranks = self.shared_expert_ranks
-        _check(
+        refuse_unless(
             not ranks or self.shared_experts_on == "ffn",
             "shared_expert_ranks",
             'empty with shared_experts_on "attention" (the attention side runs the shared '
@@ -252,19 +259,19 @@ class AFDConfig:
         )
         lo, hi = topology.ffn_ranks.start, topology.ffn_ranks.stop
         for r in ranks:
-            _check(
-                _is_int(r) and lo <= r < hi,
+            refuse_unless(
+                is_int(r) and lo <= r < hi,
                 "shared_expert_ranks",
                 f"FFN ranks in [{lo}, {hi})",
                 list(ranks),
             )
-        _check(
+        refuse_unless(
             len(set(ranks)) == len(ranks),
             "shared_expert_ranks",
             "distinct ranks",
             list(ranks),
         )
-        _check(
+        refuse_unless(
             len(ranks) < topology.num_ffn,
             "shared_expert_ranks",
             f"at most F - 1 = {topology.num_ffn - 1} ranks (one must host routed experts)",
@@ -280,16 +287,18 @@ class AFDConfig:
             return value  # refused already: that key's error comes first
         most = info.data["num_ffn_workers"] - len(info.data["shared_expert_ranks"])
         within = f"an integer in [1, {most}] (FFN ranks without shared experts)"
-        if _is_int(value):
-            _check(1 <= value <= most, "expert_replicas", within, value)
+        if is_int(value):
+            refuse_unless(1 <= value <= most, "expert_replicas", within, value)
             return value
-        _check(isinstance(value, Mapping), "expert_replicas", allowed("expert_replicas"), value)
+        refuse_unless(
+            isinstance(value, Mapping), "expert_replicas", allowed("expert_replicas"), value
+        )
         parsed: dict[int, int] = {}
         for key, count in value.items():
             expert = _parse_expert_key(key)
-            _check(expert not in parsed, "expert_replicas", "each expert id once", key)
-            _check(
-                _is_int(count) and 1 <= count <= most, f"expert_replicas[{key!r}]", within, count
+            refuse_unless(expert not in parsed, "expert_replicas", "each expert id once", key)
+            refuse_unless(
+                is_int(count) and 1 <= count <= most, f"expert_replicas[{key!r}]", within, count
             )
             parsed[expert] = count
         return dict(sorted(parsed.items()))
@@ -303,57 +312,48 @@ class AFDConfig:
     @staticmethod
     def read_json(text_or_path: str) -> Any:
         """The JSON value given inline (starts with "{") or as a file path, unchecked."""
-        _check(
+        refuse_unless(
             isinstance(text_or_path, str),
             "--afd-config",
             "a JSON string or a path",
             text_or_path,
         )
         inline = text_or_path.lstrip().startswith("{")
-        text = text_or_path if inline else _read_config_file(text_or_path)
+        text = text_or_path
+        if not inline:
+            allowed = "a JSON object or the path of a readable UTF-8 file"
+            text = read_text(text_or_path, "--afd-config", MAX_CONFIG_BYTES, allowed)
         # a command line that is not UTF-8 reaches Python with its bytes as lone surrogates,
         # and JSON may escape any ("\ud800"): counted, not refused by encode() with an error
         size = len(text.encode(errors="surrogatepass"))
-        _check(
+        refuse_unless(
             size <= MAX_CONFIG_BYTES,
             "--afd-config",
             f"at most {MAX_CONFIG_BYTES} bytes",
             f"{size} bytes",
         )
-        try:
-            data = json.loads(text, object_pairs_hook=_unique_keys)
-        except json.JSONDecodeError as exc:
-            raise AFDInputError(
-                "--afd-config",
-                "valid JSON",
-                f"{exc.msg} at line {exc.lineno} column {exc.colno}",
-            ) from None
-        except (ValueError, RecursionError) as exc:  # over-long integers, deep nesting
-            if isinstance(exc, AFDInputError):
-                raise
-            raise AFDInputError("--afd-config", "valid JSON", str(exc)[:200]) from None
-        return data
+        return loads(text, "--afd-config")
 
     @classmethod
     def from_dict(cls, data: Any) -> AFDConfig:
         """A user's config (a JSON object's values): every key checked, and `check_runnable`."""
-        _check(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
+        refuse_unless(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
-            _check(
+            refuse_unless(
                 key in known,
-                f"--afd-config key {_shown(key)!r}",
+                f"--afd-config key {shown(key)!r}",
                 f"one of {sorted(known)}",
                 key,
             )
         for required in ("num_attention_workers", "num_ffn_workers"):
-            _check(required in data, required, "present (a required key)", None)
+            refuse_unless(required in data, required, "present (a required key)", None)
         for key, value in data.items():
-            _check(
-                not _too_deep(value),
+            refuse_unless(
+                not too_deep(value, MAX_VALUE_DEPTH),
                 key,
                 f"a value nested at most {MAX_VALUE_DEPTH} lists or objects deep",
-                _Cut(f"<{type(value).__name__} nested deeper>"),
+                Cut(f"<{type(value).__name__} nested deeper>"),
             )
         config = cls(**data)
         config.check_runnable()
@@ -371,13 +371,13 @@ class AFDConfig:
             if backend == "npu"
             else "its windows are this host's memory; \"hccl\" is the NPU link's"
         )
-        _check(
+        refuse_unless(
             self.transport in transports,
             "transport",
             f"one of {list(transports)} with backend {backend!r} ({auto}{why})",
             self.transport,
         )
-        _check(
+        refuse_unless(
             backend != "npu" or self.window_groups == "per_micro_batch",
             "window_groups",
             f"\"per_micro_batch\" with backend 'npu' ({auto}A3's npu_ffn_to_attention writes "
@@ -409,98 +409,19 @@ class AFDConfig:
         return QUANT_MODE_CODES[self.quant_mode]
 
 
-def _check(condition: bool, argument: str, allowed: str, value: Any) -> None:
-    """`afd_dispatch.errors.check` for untrusted values: the message shows at most
-    `MAX_SHOWN_CHARS` of the value's repr (a bad value may be a megabyte long)."""
-    if not condition:
-        raise AFDInputError(argument, allowed, _shown(value))
-
-
-class _Cut(str):
-    """The start of a repr too long to show whole; shown as it is (no extra quotes)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _shown(value: Any) -> Any:
-    """`value`, or when its repr is long (or too deep to make), a `_Cut` summary of it."""
-    try:
-        text = repr(value)
-    except RecursionError:  # from_dict refuses such nesting first; code may still pass it
-        return _Cut(f"<{type(value).__name__} nested too deep to show>")
-    if len(text) <= MAX_SHOWN_CHARS:
-        return value
-    return _Cut(f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _port(address: str) -> int:
     """The port of a ray_address that names one, else 1 (a name alone: "auto", "ray://h")."""
     _, colon, port = address.rpartition(":")
     return int(port) if colon and port.isascii() and port.isdigit() else 1
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether `value` nests lists / objects more than `MAX_VALUE_DEPTH` deep (iterative:
-    the check itself must not recurse)."""
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, tuple, Mapping)):
-            if depth >= MAX_VALUE_DEPTH:
-                return True
-            children = item.values() if isinstance(item, Mapping) else item
-            stack.extend((child, depth + 1) for child in children)
-    return False
-
-
 def _parse_expert_key(key: Any) -> int:
-    if _is_int(key):
+    if is_int(key):
         return int(key)
-    _check(
+    refuse_unless(
         isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 6,
         "expert_replicas",
         "keys that are expert ids (decimal integers >= 0)",
         key,
     )
     return int(key)
-
-
-def _read_config_file(path: str) -> str:
-    try:
-        size = os.stat(path).st_size
-    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
-        why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        raise AFDInputError(
-            "--afd-config",
-            "a JSON object or the path of a readable file",
-            f"{_shown(path)!r} ({why})",
-        ) from None
-    _check(
-        size <= MAX_CONFIG_BYTES,
-        "--afd-config",
-        f"a file of at most {MAX_CONFIG_BYTES} bytes",
-        size,
-    )
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read(MAX_CONFIG_BYTES + 1)
-    except (OSError, UnicodeDecodeError) as exc:  # a directory, a binary file
-        raise AFDInputError(
-            "--afd-config",
-            "a JSON object or the path of a readable UTF-8 file",
-            f"{_shown(path)!r} ({exc})",
-        ) from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`json.loads` hook: a key given twice is ambiguous in an untrusted config, not "last wins"."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        _check(key not in out, "--afd-config", "each key at most once per object", key)
-        out[key] = value
-    return out

@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="$PWD/${VENV:-.venv}"
 site=build/typecheck
-rm -rf "$site"
+# setuptools copies into build/lib.* and never deletes there: a module removed from the
+# sources would still be installed from an earlier build
+rm -rf "$site" build/lib.*
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
   --no-build-isolation --no-compile --target "$site" .
 cd "$site"

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.errors import check
+from afd_dispatch.untrusted_json import is_number, read_object
 
 PROFILE_DIR = "profiles"
 MAX_PROFILE_BYTES = 1 << 20
@@ -85,13 +86,13 @@ class HardwareProfile:
     def __post_init__(self) -> None:
         for name in _POSITIVE:
             value = getattr(self, name)
-            check(_is_number(value) and value > 0, name, "a number > 0", value)
+            check(is_number(value) and value > 0, name, "a number > 0", value)
         for name in _FRACTIONS:
             value = getattr(self, name)
-            check(_is_number(value) and 0 < value <= 1, name, "a number in (0, 1]", value)
+            check(is_number(value) and 0 < value <= 1, name, "a number in (0, 1]", value)
         for name in _NON_NEGATIVE:
             value = getattr(self, name)
-            check(_is_number(value) and value >= 0, name, "a number >= 0", value)
+            check(is_number(value) and value >= 0, name, "a number >= 0", value)
 
     # -- effective rates (the peaks times their efficiencies), in SI units ------------------
     @property
@@ -145,7 +146,7 @@ class HardwareProfile:
             arg = f"{where}['figures'][{key!r}]"
             check(isinstance(entry, dict), arg, '{"value", "estimate", "source"}', entry)
             value, estimate, source = entry.get("value"), entry.get("estimate"), entry.get("source")
-            check(_is_number(value), f"{arg}['value']", "a number", value)
+            check(is_number(value), f"{arg}['value']", "a number", value)
             check(isinstance(estimate, bool), f"{arg}['estimate']", "true or false", estimate)
             check(isinstance(source, str) and source != "", f"{arg}['source']", "a text", source)
             figures[key] = Figure(float(value), bool(estimate), str(source))
@@ -163,7 +164,9 @@ class HardwareProfile:
     def load(cls, name_or_path: str) -> HardwareProfile:
         """A shipped profile by name (``atlas_a3``) or a profile JSON file by path."""
         if os.path.exists(name_or_path):
-            return cls.from_dict(_read_json(name_or_path), name_or_path)
+            return cls.from_dict(
+                read_object(name_or_path, "hardware", MAX_PROFILE_BYTES), name_or_path
+            )
         names = shipped_profiles()
         check(
             name_or_path in names,
@@ -211,17 +214,3 @@ def shipped_profiles() -> list[str]:
     """Names of the profiles shipped in `afd_dispatch/planner/profiles/`."""
     folder = resources.files(__package__) / PROFILE_DIR
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
-
-
-def _read_json(path: str) -> Any:
-    try:
-        size = os.stat(path).st_size
-        check(size <= MAX_PROFILE_BYTES, path, f"at most {MAX_PROFILE_BYTES} bytes", size)
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AFDInputError("hardware", "a readable JSON profile", f"{path!r} ({exc})") from None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

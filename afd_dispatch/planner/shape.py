@@ -11,8 +11,9 @@ from typing import Any
 
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH
-from afd_dispatch.runtime.model_spec import MAX_JSON_BYTES, MoESpec, read_json_object
+from afd_dispatch.runtime.model_spec import MAX_JSON_BYTES, MoESpec
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE
+from afd_dispatch.untrusted_json import read_object
 
 BYTES = {"bf16": 2, "int8": 1}
 HEAD_BYTES = 2  # embedding and lm_head stay in bf16 (W8A8 checkpoints keep them so)
@@ -233,7 +234,7 @@ class ModelShape:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        config = read_json_object(path, "config.json", MAX_JSON_BYTES)
+        config = read_object(path, "config.json", MAX_JSON_BYTES)
         name = os.path.basename(os.path.dirname(os.path.abspath(path))) or None
         return cls.from_hf_config(config, name)
 

@@ -44,7 +44,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from afd_dispatch.errors import AFDInputError, check
-from afd_dispatch.runtime.model_spec import MoESpec, read_json_object
+from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.untrusted_json import read_object
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -362,7 +363,7 @@ class _Checkpoint:
 
 
 def _read_index(index: str) -> dict[str, str]:
-    data = read_json_object(index, INDEX_FILE, MAX_INDEX_BYTES)
+    data = read_object(index, INDEX_FILE, MAX_INDEX_BYTES)
     weight_map = data.get("weight_map")
     check(
         isinstance(weight_map, dict),

@@ -23,6 +23,7 @@ from afd_dispatch.runtime.model_spec import (
     MAX_ROUTED_SCALING,
     check_groups,
 )
+from afd_dispatch.untrusted_json import is_int, is_number
 
 # The expert count's key, then the aliases transformers' `attribute_map` also accepts.
 # transformers 5.19 itself writes Qwen3-MoE's count as `num_local_experts`, while the
@@ -103,7 +104,7 @@ def deepseek_fields(
         for key in ("n_group", "topk_group"):
             value = keys.config.get(key)
             check(
-                value is None or (_is_int(value) and value == 1),
+                value is None or (is_int(value) and value == 1),
                 f"config[{key!r}]",
                 "1 or null with topk_method 'greedy'",
                 value,
@@ -184,7 +185,7 @@ class ConfigKeys:
         if value is None and allow_null:
             return 0
         check(
-            _is_int(value) and lo <= value <= hi,
+            is_int(value) and lo <= value <= hi,
             f"config[{key!r}]",
             f"an integer in [{lo}, {hi}]",
             value,
@@ -199,7 +200,7 @@ class ConfigKeys:
     def number(self, key: str, hi: float, default: float) -> float:
         value = self._get(key, default)
         check(
-            _is_number(value) and math.isfinite(value) and 0 < value <= hi,
+            is_number(value) and math.isfinite(value) and 0 < value <= hi,
             f"config[{key!r}]",
             f"a number in (0, {hi:g}]",
             value,
@@ -221,7 +222,7 @@ class ConfigKeys:
         check(
             isinstance(value, list)
             and len(value) <= layers
-            and all(_is_int(x) and 0 <= x < layers for x in value),
+            and all(is_int(x) and 0 <= x < layers for x in value),
             f"config[{key!r}]",
             f"a list of layer indices in [0, {layers})",
             value,
@@ -247,9 +248,3 @@ class ConfigKeys:
 
 
 # -- small helpers -------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -12,7 +12,6 @@ wrong-shaped weights or silently skip experts. Keys AFD does not use are ignored
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -21,9 +20,10 @@ from typing import Any
 
 import torch
 
-from afd_dispatch.errors import AFDInputError, check
+from afd_dispatch.errors import check
 from afd_dispatch.layout import MAX_TOPK
 from afd_dispatch.runtime.routing import RouterSpec
+from afd_dispatch.untrusted_json import is_int, is_number, read_object
 
 ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Which tensor names hold the experts (see `afd_dispatch.runtime.checkpoint`). DeepSeek V2
@@ -117,7 +117,7 @@ class MoESpec:
         check(
             isinstance(layers, tuple)
             and len(layers) >= 1
-            and all(_is_int(x) and 0 <= x < self.num_layers for x in layers)
+            and all(is_int(x) and 0 <= x < self.num_layers for x in layers)
             and list(layers) == sorted(set(layers)),
             "moe_layers",
             f"a non-empty ascending tuple of distinct layer indices in [0, {self.num_layers})",
@@ -128,7 +128,7 @@ class MoESpec:
         _int_field(self, "moe_intermediate_size", 1, MAX_INTERMEDIATE_SIZE)
         check(
             self.num_shared_experts in SHARED_SLOTS[self.architecture]
-            and _is_int(self.num_shared_experts),
+            and is_int(self.num_shared_experts),
             "num_shared_experts",
             f"one of {list(SHARED_SLOTS[self.architecture])} for {self.architecture}",
             self.num_shared_experts,
@@ -148,7 +148,7 @@ class MoESpec:
         )
         value = self.routed_scaling_factor
         check(
-            _is_number(value) and math.isfinite(value) and 0 < value <= MAX_ROUTED_SCALING,
+            is_number(value) and math.isfinite(value) and 0 < value <= MAX_ROUTED_SCALING,
             "routed_scaling_factor",
             f"a number in (0, {MAX_ROUTED_SCALING:g}]",
             value,
@@ -211,7 +211,7 @@ class MoESpec:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        return cls.from_hf_config(read_json_object(path, "config.json", MAX_JSON_BYTES))
+        return cls.from_hf_config(read_object(path, "config.json", MAX_JSON_BYTES))
 
     @classmethod
     def from_hf_config(cls, config: Any) -> MoESpec:
@@ -270,14 +270,14 @@ def check_groups(experts: int, topk: int, method: str, n_group: Any, topk_group:
         check(topk_group == 1, "topk_group", "1 (greedy routing has no expert groups)", topk_group)
         return
     check(
-        _is_int(n_group) and 1 <= n_group <= experts and experts % n_group == 0,
+        is_int(n_group) and 1 <= n_group <= experts and experts % n_group == 0,
         "n_group",
         f"a divisor of num_experts={experts}",
         n_group,
     )
     per_group = experts // n_group
     check(
-        _is_int(topk_group) and 1 <= topk_group <= n_group,
+        is_int(topk_group) and 1 <= topk_group <= n_group,
         "topk_group",
         f"an integer in [1, n_group={n_group}]",
         topk_group,
@@ -298,53 +298,6 @@ def check_groups(experts: int, topk: int, method: str, n_group: Any, topk_group:
 
 
 # -- small helpers -------------------------------------------------------------------------
-def read_json_object(path: str, argument: str, max_bytes: int) -> dict[str, Any]:
-    """Read a JSON object from an untrusted file of at most `max_bytes` bytes.
-
-    Unreadable files, oversize files, invalid JSON, a top-level value that is not an object
-    and keys given twice in one object all raise `AFDInputError(argument, ...)`.
-    """
-    try:
-        size = os.stat(path).st_size
-        check(size <= max_bytes, argument, f"a file of at most {max_bytes} bytes", size)
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read(max_bytes + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AFDInputError(argument, "a readable UTF-8 JSON file", f"{path!r} ({exc})") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_unique_keys(argument))
-    except json.JSONDecodeError as exc:
-        raise AFDInputError(
-            argument, "valid JSON", f"{path!r}: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except (ValueError, RecursionError) as exc:  # over-long integers, deep nesting
-        if isinstance(exc, AFDInputError):
-            raise
-        raise AFDInputError(argument, "valid JSON", f"{path!r}: {str(exc)[:200]}") from None
-    check(isinstance(data, dict), argument, "a JSON object", type(data).__name__)
-    return data  # type: ignore[no-any-return]
-
-
-def _unique_keys(argument: str) -> Any:
-    # A key given twice is ambiguous in an untrusted file, not "last wins".
-    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            check(key not in out, argument, "each key at most once per object", key)
-            out[key] = value
-        return out
-
-    return hook
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _int_field(spec: MoESpec, name: str, lo: int, hi: int) -> None:
     value = getattr(spec, name)
-    check(_is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
+    check(is_int(value) and lo <= value <= hi, name, f"an integer in [{lo}, {hi}]", value)
