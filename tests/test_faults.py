@@ -156,12 +156,13 @@ def desynchronised(endpoints: list[AttentionEndpoint], dep: Deployment, x, ids, 
 
 
 def bad_local_id(endpoints: list[AttentionEndpoint], dep: Deployment, x, ids, w) -> None:  # type: ignore[no-untyped-def]
-    """Both send layer 1; then a slot id in FFN rank 0's window is corrupted."""
-    for e in endpoints:
-        e.send(0, 1, x, ids, w)
+    """Both send layer 1; a slot id session 1 wrote in FFN rank 0's window is corrupted
+    before session 0 sends (after, the worker may have batched the micro-batch already)."""
+    endpoints[1].send(0, 1, x, ids, w)
     info, _ = get_window_group(dep.channels[0].group).ffn_views(dep.topology.ffn_ranks[0])
-    slots = info[1, 0, 2:]
+    slots = info[1, 0, 2:]  # [session, micro-batch, 2 + BS * E]
     slots[int((slots < 1_000_000).nonzero()[0])] = 99  # > expert_num, < the empty mark
+    endpoints[0].send(0, 1, x, ids, w)
 
 
 @pytest.mark.parametrize("bad", [desynchronised, bad_local_id], ids=lambda f: f.__name__)
