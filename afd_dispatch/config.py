@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -42,7 +43,16 @@ MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a
 MIN_TIMEOUT_S = 0.1  # of wait_timeout_s and startup_timeout_s
 MAX_TIMEOUT_S = 3600.0
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
-ROLES = ("attention",)  # no process runs the FFN side from a config (see `role` below)
+RENAMED_KEYS = {"num_attention_workers": "num_attention_ranks", "num_ffn_workers": "num_ffn_ranks"}
+"""Old key -> today's (afd-plugin's, and the field's usual term); the old one is still read,
+with a FutureWarning, and refused beside the new one."""
+ROLE_ALLOWED = (
+    '"attention" (the process reading the config is the attention side and starts the FFN '
+    'ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
+)
+DEPRECATED_KEYS = (*RENAMED_KEYS, "role")
+"""Still read: `role` was never used (the config's reader is always the attention side), so
+"attention" is dropped with a FutureWarning and anything else refused (`ROLE_ALLOWED`)."""
 BACKENDS = ("auto", "reference", "npu")
 TRANSPORTS = ("auto", "inproc", "shm", "hccl")
 # the transports each link runs on (afd_dispatch.link refuses the others when it starts)
@@ -125,14 +135,11 @@ def _input_error(
 class AFDConfig:
     """An AFD deployment, as one JSON object.
 
-    Keys (all optional but the two worker counts):
+    Keys (all optional but the two rank counts; `DEPRECATED_KEYS` are still read):
 
     =========================  ==========================================================
-    role                       "attention": the process reading it is the attention side,
-                               which starts the FFN ranks itself (Ray actors); "ffn" is
-                               refused, since nothing would run an FFN process from it
-    num_attention_workers      A, attention ranks, 1..768
-    num_ffn_workers            F, FFN ranks, 1..768 (any ratio, A < F included)
+    num_attention_ranks        A, attention ranks, 1..768
+    num_ffn_ranks              F, FFN ranks, 1..768 (any ratio, A < F included)
     micro_batch_num            M, micro-batches in flight, 1..8
     max_tokens_per_micro_batch BS, tokens per micro-batch and attention rank, 1..512
     shared_expert_ranks        FFN ranks that host the shared experts (only those);
@@ -171,15 +178,8 @@ class AFDConfig:
     gets those refusals from the link when it starts.
     """
 
-    num_attention_workers: Ranks
-    num_ffn_workers: Ranks
-    role: Annotated[
-        Literal["attention"],
-        _allowed(
-            '"attention" (the process reading the config is the attention side and starts '
-            'the FFN ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
-        ),
-    ] = "attention"
+    num_attention_ranks: Ranks
+    num_ffn_ranks: Ranks
     micro_batch_num: Annotated[int, Field(ge=1, le=MAX_MICRO_BATCHES)] = 2
     max_tokens_per_micro_batch: Annotated[int, Field(ge=1, le=MAX_TOKENS_PER_MICRO_BATCH)] = 256
     shared_expert_ranks: Annotated[
@@ -205,7 +205,7 @@ class AFDConfig:
         _allowed(f"a string matching {GROUP_NAME}"),
     ] = "afd"
     ffn_start_rank_id: Annotated[
-        int, Field(ge=0), _allowed("an integer in [0, num_attention_workers]")
+        int, Field(ge=0), _allowed("an integer in [0, num_attention_ranks]")
     ] = 0
     hccl_buffsize_mb: Annotated[int, Field(ge=1, le=65536)] = DEFAULT_HCCL_BUFFSIZE_MB
     # below 0.1 s a wait expires before a loaded host has run the other side at all,
@@ -229,9 +229,9 @@ class AFDConfig:
 
     def __post_init__(self) -> None:
         refuse_unless(
-            self.ffn_start_rank_id <= self.num_attention_workers,
+            self.ffn_start_rank_id <= self.num_attention_ranks,
             "ffn_start_rank_id",
-            f"an integer in [0, {self.num_attention_workers}]",
+            f"an integer in [0, {self.num_attention_ranks}]",
             self.ffn_start_rank_id,
         )
         refuse_unless(
@@ -243,7 +243,7 @@ class AFDConfig:
             self.ray_address,
         )  # fmt: skip
         topology = RankTopology(
-            self.num_attention_workers, self.num_ffn_workers, self.ffn_start_rank_id
+            self.num_attention_ranks, self.num_ffn_ranks, self.ffn_start_rank_id
         )
         object.__setattr__(self, "_topology", topology)
         self._check_shared_ranks(topology)
@@ -272,9 +272,9 @@ class AFDConfig:
             list(ranks),
         )
         refuse_unless(
-            len(ranks) < topology.num_ffn,
+            len(ranks) < topology.num_ffn_ranks,
             "shared_expert_ranks",
-            f"at most F - 1 = {topology.num_ffn - 1} ranks (one must host routed experts)",
+            f"at most F - 1 = {topology.num_ffn_ranks - 1} ranks (one must host routed experts)",
             list(ranks),
         )
 
@@ -283,9 +283,9 @@ class AFDConfig:
     def _replicas(cls, value: Any, info: ValidationInfo) -> Any:
         """Replicas of one expert go to distinct FFN ranks among those without shared
         experts; JSON's object keys are strings, so {"3": 2} names expert 3."""
-        if "num_ffn_workers" not in info.data or "shared_expert_ranks" not in info.data:
+        if "num_ffn_ranks" not in info.data or "shared_expert_ranks" not in info.data:
             return value  # refused already: that key's error comes first
-        most = info.data["num_ffn_workers"] - len(info.data["shared_expert_ranks"])
+        most = info.data["num_ffn_ranks"] - len(info.data["shared_expert_ranks"])
         within = f"an integer in [1, {most}] (FFN ranks without shared experts)"
         if is_int(value):
             refuse_unless(1 <= value <= most, "expert_replicas", within, value)
@@ -338,6 +338,7 @@ class AFDConfig:
     def from_dict(cls, data: Any) -> AFDConfig:
         """A user's config (a JSON object's values): every key checked, and `check_runnable`."""
         refuse_unless(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
+        data = _current_keys(data)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
             refuse_unless(
@@ -346,7 +347,7 @@ class AFDConfig:
                 f"one of {sorted(known)}",
                 key,
             )
-        for required in ("num_attention_workers", "num_ffn_workers"):
+        for required in ("num_attention_ranks", "num_ffn_ranks"):
             refuse_unless(required in data, required, "present (a required key)", None)
         for key, value in data.items():
             refuse_unless(
@@ -402,7 +403,7 @@ class AFDConfig:
 
     @property
     def world_size(self) -> int:
-        return self.num_attention_workers + self.num_ffn_workers
+        return self.num_attention_ranks + self.num_ffn_ranks
 
     @property
     def quant_mode_code(self) -> int:
@@ -425,3 +426,27 @@ def _parse_expert_key(key: Any) -> int:
         key,
     )
     return int(key)
+
+
+def _current_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with `DEPRECATED_KEYS` in today's terms, a FutureWarning for each one given."""
+    out = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in out:
+            refuse_unless(new not in out, old, f"absent beside {new!r} (its old name)", out[old])
+            warnings.warn(
+                f"--afd-config key {old!r} is deprecated: it is {new!r} now",
+                FutureWarning,
+                stacklevel=3,
+            )
+            out[new] = out.pop(old)
+    if "role" in out:
+        refuse_unless(out["role"] == "attention", "role", ROLE_ALLOWED, out["role"])
+        warnings.warn(
+            "--afd-config key 'role' is deprecated and ignored: the process that reads the "
+            "config is always the attention side",
+            FutureWarning,
+            stacklevel=3,
+        )
+        del out["role"]
+    return out

@@ -24,8 +24,8 @@ from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEMo
 from afd_dispatch.runtime.trace import Tracer, prometheus_lines, write_chrome_trace
 
 DEFAULT_CONFIG = {
-    "num_attention_workers": 2,
-    "num_ffn_workers": 3,
+    "num_attention_ranks": 2,
+    "num_ffn_ranks": 3,
     "micro_batch_num": 2,
     "max_tokens_per_micro_batch": 8,
     "expert_replicas": {"0": 2},
@@ -41,7 +41,7 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
     model = TinyMoEModel(TinyMoEConfig())
     deployment = Deployment(config, model.spec, torch.float32)
     torch.manual_seed(0)
-    sessions = config.num_attention_workers
+    sessions = config.num_attention_ranks
     tokens = config.micro_batch_num * min(4, config.max_tokens_per_micro_batch)
     prompts = [torch.randint(0, model.config.vocab_size, (tokens, 3)) for _ in range(sessions)]
     tracers = [Tracer(f"attention {s}", enabled=config.trace) for s in range(sessions)]

@@ -20,12 +20,15 @@ class RankTopology:
     rank `F + s`). Any A:F ratio is allowed, A < F included.
     """
 
-    num_attention: int
-    num_ffn: int
+    num_attention_ranks: int
+    num_ffn_ranks: int
     ffn_start_rank_id: int = 0
 
     def __post_init__(self) -> None:
-        for name, value in (("num_attention", self.num_attention), ("num_ffn", self.num_ffn)):
+        for name, value in (
+            ("num_attention_ranks", self.num_attention_ranks),
+            ("num_ffn_ranks", self.num_ffn_ranks),
+        ):
             check(
                 isinstance(value, int) and 1 <= value <= MAX_RANKS_PER_ROLE,
                 name,
@@ -33,31 +36,31 @@ class RankTopology:
                 value,
             )
         check(
-            0 <= self.ffn_start_rank_id <= self.num_attention,
+            0 <= self.ffn_start_rank_id <= self.num_attention_ranks,
             "ffn_start_rank_id",
-            f"in [0, {self.num_attention}] (world_size - F)",
+            f"in [0, {self.num_attention_ranks}] (world_size - F)",
             self.ffn_start_rank_id,
         )
 
     @classmethod
     def from_world(
-        cls, world_size: int, num_attention: int, ffn_start_rank_id: int = 0
+        cls, world_size: int, num_attention_ranks: int, ffn_start_rank_id: int = 0
     ) -> RankTopology:
         check(
-            world_size > num_attention,
+            world_size > num_attention_ranks,
             "world_size",
-            f"> A = {num_attention} (at least one FFN rank)",
+            f"> A = {num_attention_ranks} (at least one FFN rank)",
             world_size,
         )
-        return cls(num_attention, world_size - num_attention, ffn_start_rank_id)
+        return cls(num_attention_ranks, world_size - num_attention_ranks, ffn_start_rank_id)
 
     @property
     def world_size(self) -> int:
-        return self.num_attention + self.num_ffn
+        return self.num_attention_ranks + self.num_ffn_ranks
 
     @property
     def ffn_ranks(self) -> range:
-        return range(self.ffn_start_rank_id, self.ffn_start_rank_id + self.num_ffn)
+        return range(self.ffn_start_rank_id, self.ffn_start_rank_id + self.num_ffn_ranks)
 
     @functools.cached_property
     def attention_ranks(self) -> tuple[int, ...]:
@@ -69,9 +72,9 @@ class RankTopology:
 
     def attention_rank(self, session_id: int) -> int:
         check(
-            0 <= session_id < self.num_attention,
+            0 <= session_id < self.num_attention_ranks,
             "session_id",
-            f"in [0, {self.num_attention})",
+            f"in [0, {self.num_attention_ranks})",
             session_id,
         )
         return self.attention_ranks[session_id]

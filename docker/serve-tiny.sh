@@ -10,7 +10,7 @@
 set -euo pipefail
 
 model_dir="${AFD_MODEL_DIR:-/models/tiny}"
-default_config='{"num_attention_workers": 1, "num_ffn_workers": 2}'
+default_config='{"num_attention_ranks": 1, "num_ffn_ranks": 2}'
 afd_config="${AFD_CONFIG:-$default_config}"
 
 if [ ! -f "$model_dir/config.json" ]; then

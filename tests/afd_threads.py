@@ -82,13 +82,13 @@ def counters_when_served(
         time.sleep(0.01)
 
 
-def config(num_attention: int, num_ffn: int, **keys: Any) -> AFDConfig:
+def config(num_attention_ranks: int, num_ffn_ranks: int, **keys: Any) -> AFDConfig:
     """A reference-backend config under a group name no other test uses."""
     keys.setdefault("wait_timeout_s", WAIT_TIMEOUT_S)
     keys.setdefault("batch_invariant", True)
     return AFDConfig(
-        num_attention_workers=num_attention,
-        num_ffn_workers=num_ffn,
+        num_attention_ranks=num_attention_ranks,
+        num_ffn_ranks=num_ffn_ranks,
         backend="reference",
         group=f"t{uuid.uuid4().hex[:12]}",
         **keys,

@@ -265,14 +265,14 @@ ExpectedWindow = ExpectedFfnWindow | ExpectedAttnWindow
 @contextlib.contextmanager
 def window_group(
     dims: Dims,
-    num_ffn: int,
+    num_ffn_ranks: int,
     dtype: torch.dtype,
     *,
     ffn_start_rank_id: int = 0,
     timeout_s: float = 5.0,
 ) -> Iterator[WindowGroup]:
     """A fresh in-process group with a unique name, destroyed afterwards."""
-    topology = RankTopology(dims.A, num_ffn, ffn_start_rank_id)
+    topology = RankTopology(dims.A, num_ffn_ranks, ffn_start_rank_id)
     layout = WindowLayout(dims.A, dims.M, dims.BS, dims.K, dims.S, dims.H, dtype, dims.quant)
     name = f"bytes-{uuid.uuid4().hex[:12]}"
     group = create_window_group(name, topology, layout, transport="inproc", timeout_s=timeout_s)

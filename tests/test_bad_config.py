@@ -24,7 +24,7 @@ from afd_dispatch import (
 )
 from afd_dispatch.config import MAX_CONFIG_BYTES
 
-BASE: dict[str, Any] = {"num_attention_workers": 2, "num_ffn_workers": 2}
+BASE: dict[str, Any] = {"num_attention_ranks": 2, "num_ffn_ranks": 2}
 
 
 def rejected(call: Any, argument: str, shown: str) -> AFDInputError:
@@ -46,15 +46,15 @@ def config_text(**overrides: Any) -> str:
 # == AFDConfig.from_json: one key at a time =================================================
 KEY_CASES: list[tuple[str, Any, str]] = [
     # (key, bad value, shown in the error's value)
-    ("num_attention_workers", 0, "0"),
-    ("num_attention_workers", 769, "769"),
-    ("num_attention_workers", True, "True"),
-    ("num_attention_workers", "2", "'2'"),
-    ("num_attention_workers", 2.0, "2.0"),
-    ("num_attention_workers", None, "None"),
-    ("num_ffn_workers", -1, "-1"),
-    ("num_ffn_workers", [2], "[2]"),
-    ("num_ffn_workers", False, "False"),
+    ("num_attention_ranks", 0, "0"),
+    ("num_attention_ranks", 769, "769"),
+    ("num_attention_ranks", True, "True"),
+    ("num_attention_ranks", "2", "'2'"),
+    ("num_attention_ranks", 2.0, "2.0"),
+    ("num_attention_ranks", None, "None"),
+    ("num_ffn_ranks", -1, "-1"),
+    ("num_ffn_ranks", [2], "[2]"),
+    ("num_ffn_ranks", False, "False"),
     ("role", "router", "router"),
     ("role", 1, "1"),
     ("micro_batch_num", 0, "0"),
@@ -136,8 +136,8 @@ def test_base_config_and_boundaries_are_accepted() -> None:
     assert cfg.world_size == 4
     edge = AFDConfig.from_json(
         config_text(
-            num_attention_workers=768,
-            num_ffn_workers=768,
+            num_attention_ranks=768,
+            num_ffn_ranks=768,
             micro_batch_num=8,
             max_tokens_per_micro_batch=512,
             ffn_start_rank_id=768,
@@ -162,24 +162,24 @@ def test_shared_ranks_follow_ffn_start_rank_id() -> None:
 @pytest.mark.parametrize(
     ("text", "argument", "shown"),
     [
-        pytest.param('{"num_attention_workers": 2,', "--afd-config", "line 1", id="truncated"),
-        pytest.param('{"num_attention_workers": 2} x', "--afd-config", "Extra data", id="extra"),
-        pytest.param("{'num_attention_workers': 2}", "--afd-config", "property name", id="quote"),
-        pytest.param('{"num_ffn_workers": 2}', "num_attention_workers", "None", id="no-A"),
-        pytest.param('{"num_attention_workers": 2}', "num_ffn_workers", "None", id="no-F"),
-        pytest.param("{}", "num_attention_workers", "None", id="empty"),
+        pytest.param('{"num_attention_ranks": 2,', "--afd-config", "line 1", id="truncated"),
+        pytest.param('{"num_attention_ranks": 2} x', "--afd-config", "Extra data", id="extra"),
+        pytest.param("{'num_attention_ranks': 2}", "--afd-config", "property name", id="quote"),
+        pytest.param('{"num_ffn_ranks": 2}', "num_attention_ranks", "None", id="no-A"),
+        pytest.param('{"num_attention_ranks": 2}', "num_ffn_ranks", "None", id="no-F"),
+        pytest.param("{}", "num_attention_ranks", "None", id="empty"),
         pytest.param(
             config_text(colour="red"), "--afd-config key 'colour'", "colour", id="unknown-key"
         ),
         pytest.param(config_text(_topology=1), "'_topology'", "_topology", id="private-key"),
         pytest.param(
-            '{"num_attention_workers": 2, "num_ffn_workers": 2, "num_ffn_workers": 3}',
+            '{"num_attention_ranks": 2, "num_ffn_ranks": 2, "num_ffn_ranks": 3}',
             "--afd-config",
-            "num_ffn_workers",
+            "num_ffn_ranks",
             id="duplicate-key",
         ),
         pytest.param(
-            '{"num_attention_workers": 1' + "0" * 5000 + ', "num_ffn_workers": 1}',
+            '{"num_attention_ranks": 1' + "0" * 5000 + ', "num_ffn_ranks": 1}',
             "--afd-config",
             "digits",
             id="huge-integer",
@@ -360,3 +360,25 @@ def test_validate_expert_rank_table_names_the_argument_it_is_given() -> None:
         "--table.dtype",
         "int64",
     )
+
+
+# == deprecated keys ========================================================================
+def test_old_key_names_are_read_with_a_warning_and_refused_beside_the_new() -> None:
+    with pytest.warns(FutureWarning) as warned:
+        old = AFDConfig.from_json('{"num_attention_workers": 2, "num_ffn_workers": 3}')
+    assert old == AFDConfig(num_attention_ranks=2, num_ffn_ranks=3)
+    said = sorted(str(w.message) for w in warned)
+    assert said == [
+        "--afd-config key 'num_attention_workers' is deprecated: it is 'num_attention_ranks' now",
+        "--afd-config key 'num_ffn_workers' is deprecated: it is 'num_ffn_ranks' now",
+    ]
+    both = {**BASE, "num_ffn_workers": 2}
+    err = rejected(lambda: AFDConfig.from_dict(both), "num_ffn_workers", "2")
+    assert "'num_ffn_ranks'" in err.allowed
+
+
+def test_role_is_dropped_with_a_warning_and_only_attention_is_taken() -> None:
+    with pytest.warns(FutureWarning, match="'role' is deprecated and ignored"):
+        config = AFDConfig.from_dict({**BASE, "role": "attention"})
+    assert config == AFDConfig.from_dict(BASE) and "role" not in config.to_dict()
+    rejected(lambda: AFDConfig.from_dict({**BASE, "role": "ffn"}), "role", "ffn")

@@ -49,7 +49,7 @@ from afd_dispatch.integrations.vllm import cli
 from afd_dispatch.tiny_hf import build_tiny_model
 
 KEYS = sorted(f.name for f in dataclasses.fields(AFDConfig) if f.init)
-BASE = {"num_attention_workers": 1, "num_ffn_workers": 2}  # accepted by `vllm serve` here
+BASE = {"num_attention_ranks": 1, "num_ffn_ranks": 2}  # accepted by `vllm serve` here
 FAST = settings(max_examples=400, deadline=None, database=None)
 LONGEST_MESSAGE = 1500  # the list of keys (~500), plus at most 200 of the key and of the value
 
@@ -80,8 +80,8 @@ def _seconds_cases() -> list[Any]:
 
 # values worth trying per key besides random JSON: each accepted value and each boundary
 INTERESTING: dict[str, list[Any]] = {
-    "num_attention_workers": [0, 1, 2, 768, 769],
-    "num_ffn_workers": [0, 1, 2, 3, 768, 769],
+    "num_attention_ranks": [0, 1, 2, 768, 769],
+    "num_ffn_ranks": [0, 1, 2, 3, 768, 769],
     "role": ["attention", "ffn", "Attention"],
     "micro_batch_num": [0, 1, 2, 8, 9],
     "max_tokens_per_micro_batch": [0, 1, 512, 513],
@@ -148,7 +148,7 @@ def documents() -> st.SearchStrategy[Any]:
     keys = st.one_of(st.sampled_from(KEYS), near_key(), ANY_TEXT)
     objects = st.builds(
         lambda base, extra: {**base, **extra},
-        st.sampled_from([{}, BASE, {"num_ffn_workers": 2}]),
+        st.sampled_from([{}, BASE, {"num_ffn_ranks": 2}]),
         st.dictionaries(
             keys,
             st.one_of(
@@ -250,7 +250,7 @@ def test_deep_nesting_is_refused_naming_the_key_or_the_flag(
 def test_nesting_near_the_parser_limit_names_the_key(depth: int) -> None:
     """Where json.loads still succeeds, showing the value must not recurse past the limit
     (repr of a list ~990 deep raised RecursionError inside the error's constructor)."""
-    doc = '{"num_attention_workers": 1, "num_ffn_workers": 2, "group": '
+    doc = '{"num_attention_ranks": 1, "num_ffn_ranks": 2, "group": '
     outcome = parsed(doc + "[" * depth + "]" * depth + "}")
     assert isinstance(outcome, AFDInputError)
     assert outcome.argument in ("group", "--afd-config")
@@ -269,7 +269,7 @@ def test_any_text_is_refused_naming_the_flag_unless_it_is_a_config(text: str) ->
 @given(raw=st.binary(max_size=60))
 def test_a_command_line_that_is_not_utf8_is_refused(raw: bytes) -> None:
     """argv as Python decodes it: bytes that are not UTF-8 become lone surrogates."""
-    text = b'{"num_attention_workers": 1, "num_ffn_workers": 2, "group": "' + raw + b'"}'
+    text = b'{"num_attention_ranks": 1, "num_ffn_ranks": 2, "group": "' + raw + b'"}'
     outcome = parsed(os.fsdecode(text))
     if isinstance(outcome, AFDInputError):
         assert names_a_key_or_the_flag(outcome), str(outcome)

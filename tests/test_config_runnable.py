@@ -116,10 +116,9 @@ def test_sync_flag_1_leaves_an_ffn_rank_waiting_for_a_header(
 def test_sync_flag_1_is_refused_naming_the_reason() -> None:
     """What the test above shows, refused when the config is read."""
     for make in (
-        lambda: AFDConfig(num_attention_workers=1, num_ffn_workers=2, sync_flag=1),
+        lambda: AFDConfig(num_attention_ranks=1, num_ffn_ranks=2, sync_flag=1),
         lambda: AFDConfig.from_json(
-            '{"num_attention_workers": 1, "num_ffn_workers": 2, "micro_batch_num": 2, '
-            '"sync_flag": 1}'
+            '{"num_attention_ranks": 1, "num_ffn_ranks": 2, "micro_batch_num": 2, "sync_flag": 1}'
         ),
     ):
         with pytest.raises(AFDInputError) as refused:
@@ -128,7 +127,7 @@ def test_sync_flag_1_is_refused_naming_the_reason() -> None:
         assert (err.argument, err.value) == ("sync_flag", 1)
         assert err.allowed.startswith("0 (")
         assert "header from every attention rank" in err.allowed
-    assert AFDConfig(num_attention_workers=1, num_ffn_workers=2, sync_flag=0).sync_flag == 0
+    assert AFDConfig(num_attention_ranks=1, num_ffn_ranks=2, sync_flag=0).sync_flag == 0
 
 
 # == transport and window_groups against the backend =========================================
@@ -148,7 +147,7 @@ def test_a_transport_the_link_does_not_run_fails_only_when_a_rank_starts(
             assert refused.value.argument == "transport"
 
 
-BASE = '{"num_attention_workers": 1, "num_ffn_workers": 2, '
+BASE = '{"num_attention_ranks": 1, "num_ffn_ranks": 2, '
 NPU = '"backend": "npu", "window_groups": "per_micro_batch", '
 
 
@@ -206,7 +205,7 @@ def test_shared_expert_ranks_with_shared_experts_on_attention(with_shared: TinyM
     assert spec.num_shared_experts == 1
 
     def once_accepted(backend: str) -> AFDConfig:
-        cfg = AFDConfig(num_attention_workers=1, num_ffn_workers=3, backend=backend)
+        cfg = AFDConfig(num_attention_ranks=1, num_ffn_ranks=3, backend=backend)
         return as_once_accepted(cfg, shared_experts_on="attention", shared_expert_ranks=(2,))
 
     with pytest.raises(AFDInputError, match="when the model has no shared expert"):
@@ -230,8 +229,8 @@ def test_role_ffn_changes_nothing_and_is_refused(with_shared: TinyMoEModel) -> N
     """No part of the runtime reads `role`: the FFN actors are started by the attention
     side with its config, and a server given "ffn" would serve as the attention side.
     (afd-plugin's spelling of it in --additional-config was refused already.)"""
-    attention = AFDConfig(num_attention_workers=1, num_ffn_workers=2)
-    ffn = as_once_accepted(AFDConfig(num_attention_workers=1, num_ffn_workers=2), role="ffn")
+    attention = AFDConfig(num_attention_ranks=1, num_ffn_ranks=2)
+    ffn = as_once_accepted(AFDConfig(num_attention_ranks=1, num_ffn_ranks=2), role="ffn")
     spec = with_shared.spec
     assert Deployment(ffn, spec).params() == Deployment(attention, spec).params()
 

@@ -594,12 +594,12 @@ def test_serve_tiny_builds_once_then_serves(tmp_path: Path) -> None:
     assert calls == [
         f"afd-dispatch tiny-model --arch qwen3_moe --out {model}",
         f"afd-vllm serve {model} --afd-config "
-        '{"num_attention_workers": 1, "num_ffn_workers": 2} '
+        '{"num_attention_ranks": 1, "num_ffn_ranks": 2} '
         "--gpu-memory-utilization 0.1 --host 0.0.0.0 --port 8000 --max-model-len 256",
     ]
     model.mkdir()
     (model / "config.json").write_text("{}")
-    config = '{"num_attention_workers": 2, "num_ffn_workers": 3}'
+    config = '{"num_attention_ranks": 2, "num_ffn_ranks": 3}'
     proc, calls = _run_script(
         SERVE_TINY, tmp_path, AFD_MODEL_DIR=str(model), AFD_CONFIG=config, PORT="9000"
     )

@@ -177,7 +177,7 @@ def test_op_plugin_attention_to_ffn() -> None:
     table = expert_rank_table(rng, locals_per_rank_card=False)
     assert not shares_a_local_id(table)
 
-    topology = RankTopology(num_attention=ATTN_RANKS, num_ffn=FFN_RANKS)
+    topology = RankTopology(num_attention_ranks=ATTN_RANKS, num_ffn_ranks=FFN_RANKS)
     assert list(topology.ffn_ranks) == list(range(FFN_RANKS))
     with group_of(topology) as group:
         for r in topology.ffn_ranks:
@@ -219,7 +219,7 @@ def test_op_plugin_table_as_drawn_upstream_is_refused() -> None:
     x, ids = a2f_inputs(rng)
     table = expert_rank_table(rng, locals_per_rank_card=True)
     assert shares_a_local_id(table)
-    topology = RankTopology(num_attention=ATTN_RANKS, num_ffn=FFN_RANKS)
+    topology = RankTopology(num_attention_ranks=ATTN_RANKS, num_ffn_ranks=FFN_RANKS)
     with group_of(topology) as group:
         before = {r: read(group, r).copy() for r in range(WORLD)}
         with pytest.raises(AFDInputError, match="local ids unique per rank"):
@@ -237,7 +237,9 @@ def test_op_plugin_ffn_to_attention() -> None:
     tokens = np.tile(np.repeat(np.arange(BS, dtype=np.int32), E), ATTN_RANKS * M)
     offsets = np.tile(np.arange(E, dtype=np.int32), rows // E)
 
-    topology = RankTopology(num_attention=ATTN_RANKS, num_ffn=FFN_RANKS, ffn_start_rank_id=11)
+    topology = RankTopology(
+        num_attention_ranks=ATTN_RANKS, num_ffn_ranks=FFN_RANKS, ffn_start_rank_id=11
+    )
     assert list(topology.attention_ranks) == list(range(ATTN_RANKS))
     with group_of(topology) as group:
         ffn_before = {r: read(group, r).copy() for r in topology.ffn_ranks}

@@ -308,12 +308,12 @@ def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def full_round(harness: Harness, m: int) -> None:
     """Micro-batch m through every rank, so that the failure below is on another one."""
     topology = harness.group.topology
-    for s in range(topology.num_attention):
+    for s in range(topology.num_attention_ranks):
         x, ids, _ = inputs(s)
         harness.send(s, m, 0, x, ids)
     for r in topology.ffn_ranks:
         harness.serve(r, expert)
-    for s in range(topology.num_attention):
+    for s in range(topology.num_attention_ranks):
         harness.combine(s, inputs(s)[2], 0)
 
 

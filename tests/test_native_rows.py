@@ -151,7 +151,7 @@ def run_four_ops(quant: bool, seed: int) -> list[bytes]:
     from afd_dispatch.topology import RankTopology
     from afd_dispatch.windows import create_window_group
 
-    topology = RankTopology(num_attention=2, num_ffn=3)
+    topology = RankTopology(num_attention_ranks=2, num_ffn_ranks=3)
     sessions, micro_batches, bs, topk, shared, hidden, experts = 2, 2, 6, 3, 1, 64, 9
     dtype = torch.bfloat16
     layout = WindowLayout(sessions, micro_batches, bs, topk, shared, hidden, dtype, quant)
@@ -247,7 +247,7 @@ def test_a2f_refuses_a_corrupt_table_row_before_writing() -> None:
     from afd_dispatch.topology import RankTopology
     from afd_dispatch.windows import create_window_group
 
-    topology = RankTopology(num_attention=1, num_ffn=2)
+    topology = RankTopology(num_attention_ranks=1, num_ffn_ranks=2)
     layout = WindowLayout(1, 1, 4, 2, 1, 32, torch.float32, False)
     group = create_window_group("native-corrupt-table", topology, layout, "inproc")
     try:

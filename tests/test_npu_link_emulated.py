@@ -64,8 +64,8 @@ def prompts() -> list[torch.Tensor]:
 
 def config_json(backend: str, **keys: Any) -> str:
     cfg = {
-        "num_attention_workers": A,
-        "num_ffn_workers": F,
+        "num_attention_ranks": A,
+        "num_ffn_ranks": F,
         "micro_batch_num": M,
         "max_tokens_per_micro_batch": BS,
         "shared_expert_ranks": [F - 1],

@@ -53,8 +53,8 @@ def torch_npu(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
 
 def deployment(**keys: Any) -> Deployment:
     cfg: dict[str, Any] = {
-        "num_attention_workers": 1,
-        "num_ffn_workers": 1,
+        "num_attention_ranks": 1,
+        "num_ffn_ranks": 1,
         "backend": "npu",
         "transport": "hccl",
         "window_groups": "per_micro_batch",

@@ -22,8 +22,8 @@ from afd_dispatch.errors import AFDInputError
 def test_config_parses_inline_json_and_files(tmp_path) -> None:
     text = json.dumps(
         {
-            "num_attention_workers": 2,
-            "num_ffn_workers": 3,
+            "num_attention_ranks": 2,
+            "num_ffn_ranks": 3,
             "micro_batch_num": 3,
             "shared_expert_ranks": [2],
             "expert_replicas": {"0": 2, "5": 2},
@@ -42,7 +42,7 @@ def test_config_parses_inline_json_and_files(tmp_path) -> None:
 
 
 def test_config_is_frozen() -> None:
-    cfg = AFDConfig(num_attention_workers=1, num_ffn_workers=1)
+    cfg = AFDConfig(num_attention_ranks=1, num_ffn_ranks=1)
     with pytest.raises(AttributeError):
         cfg.micro_batch_num = 3  # type: ignore[misc]
 
@@ -66,7 +66,7 @@ def test_default_topology_has_attention_after_ffn() -> None:
 
 
 def test_placement_spreads_routed_experts_and_replicas() -> None:
-    topo = RankTopology(num_attention=2, num_ffn=4)
+    topo = RankTopology(num_attention_ranks=2, num_ffn_ranks=4)
     table = build_expert_rank_table(topo, num_routed=8, replicas=2)
     validate_expert_rank_table(table, topo, 8)
     rows = table[0].tolist()
@@ -78,7 +78,7 @@ def test_placement_spreads_routed_experts_and_replicas() -> None:
 
 
 def test_shared_experts_live_on_their_own_ranks() -> None:
-    topo = RankTopology(num_attention=3, num_ffn=3)
+    topo = RankTopology(num_attention_ranks=3, num_ffn_ranks=3)
     table = build_expert_rank_table(topo, 6, num_shared=1, shared_expert_ranks=[2])
     assert validate_expert_rank_table(table, topo, 6) == 1
     assert local_experts(table, 2) == {0: 6}  # only the shared row, on its own rank
@@ -87,7 +87,7 @@ def test_shared_experts_live_on_their_own_ranks() -> None:
 
 
 def test_shared_expert_replicas_are_picked_by_session() -> None:
-    topo = RankTopology(num_attention=4, num_ffn=3)
+    topo = RankTopology(num_attention_ranks=4, num_ffn_ranks=3)
     table = build_expert_rank_table(topo, 2, num_shared=1, shared_expert_ranks=[1, 2])
     count, r0, _, r1, _ = table[0, 2].tolist()
     assert count == 2 and (r0, r1) == (1, 2)
@@ -136,5 +136,5 @@ def test_views_cover_the_window_without_overlap() -> None:
 def test_config_replicas_fit_the_ranks_left_for_routed_experts() -> None:
     with pytest.raises(AFDInputError, match=r"expert_replicas.*\[1, 2\]"):
         AFDConfig(
-            num_attention_workers=1, num_ffn_workers=3, shared_expert_ranks=(2,), expert_replicas=3
+            num_attention_ranks=1, num_ffn_ranks=3, shared_expert_ranks=(2,), expert_replicas=3
         )

@@ -53,8 +53,8 @@ class Message:
 
 @dataclass(frozen=True)
 class LoopCase:
-    num_attention: int
-    num_ffn: int
+    num_attention_ranks: int
+    num_ffn_ranks: int
     ffn_start_rank_id: int
     micro_batches: int
     tokens: int
@@ -116,8 +116,8 @@ def loop_cases(draw: st.DrawFn) -> LoopCase:
         )
     )
     return LoopCase(
-        num_attention=a,
-        num_ffn=f,
+        num_attention_ranks=a,
+        num_ffn_ranks=f,
         ffn_start_rank_id=ffn_start,
         micro_batches=m,
         tokens=bs,
@@ -213,9 +213,9 @@ def quant_error_bound(
 )
 @given(case=loop_cases())
 def test_loop_matches_direct_computation(case: LoopCase) -> None:
-    topology = RankTopology(case.num_attention, case.num_ffn, case.ffn_start_rank_id)
+    topology = RankTopology(case.num_attention_ranks, case.num_ffn_ranks, case.ffn_start_rank_id)
     layout = WindowLayout(
-        case.num_attention,
+        case.num_attention_ranks,
         case.micro_batches,
         case.tokens,
         case.topk,
@@ -244,7 +244,7 @@ def test_loop_matches_direct_computation(case: LoopCase) -> None:
         for batch in case.messages():
             inputs = {}
             for msg in batch:
-                for s in range(case.num_attention):
+                for s in range(case.num_attention_ranks):
                     x = torch.randn(case.tokens, case.hidden, generator=gen)
                     if case.zero_rows:
                         x[(torch.arange(case.tokens) + msg.layer) % 3 == 0] = 0.0
@@ -261,7 +261,7 @@ def test_loop_matches_direct_computation(case: LoopCase) -> None:
                 for r in topology.ffn_ranks:
                     harness.serve(r, expert)
             for msg in batch:
-                for s in range(case.num_attention):
+                for s in range(case.num_attention_ranks):
                     x, ids, w, n = inputs[msg.micro_batch, s]
                     y = harness.combine(s, w, msg.layer)
                     assert y.shape == (case.tokens, case.hidden) and y.dtype == torch.float32

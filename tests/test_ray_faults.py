@@ -73,7 +73,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyMoEModel, Path]:
 def make_config(**keys: Any) -> AFDConfig:
     keys.setdefault("wait_timeout_s", 30.0)
     return AFDConfig(
-        num_attention_workers=1, num_ffn_workers=2, micro_batch_num=2,
+        num_attention_ranks=1, num_ffn_ranks=2, micro_batch_num=2,
         max_tokens_per_micro_batch=BS, backend="reference", transport="shm",
         startup_timeout_s=STARTUP_TIMEOUT_S, batch_invariant=True,
         group=f"rf{uuid.uuid4().hex[:12]}", **keys,

@@ -103,8 +103,8 @@ def make_config(a: int, f: int, m: int, **keys: Any) -> AFDConfig:
     keys.setdefault("wait_timeout_s", WAIT_TIMEOUT_S)
     keys.setdefault("group", f"ray{uuid.uuid4().hex[:12]}")
     return AFDConfig(
-        num_attention_workers=a,
-        num_ffn_workers=f,
+        num_attention_ranks=a,
+        num_ffn_ranks=f,
         micro_batch_num=m,
         max_tokens_per_micro_batch=BS,
         backend="reference",
@@ -441,7 +441,7 @@ def test_actor_killed_between_steps_is_restarted_and_the_decode_continues(
     victim = 1
     # every attention rank waits here after step KILL_AFTER_STEP until the victim is dead,
     # so the kill lands while every FFN rank is idle (nothing in flight)
-    pause = threading.Barrier(cfg.num_attention_workers + 1, timeout=WAIT_TIMEOUT_S)
+    pause = threading.Barrier(cfg.num_attention_ranks + 1, timeout=WAIT_TIMEOUT_S)
     killed: dict[str, Any] = {}
 
     def between_steps(step: int) -> None:
@@ -586,7 +586,7 @@ from afd_dispatch.runtime.model_spec import MoESpec
 
 address, model_path, group = sys.argv[1:4]
 config = AFDConfig(
-    num_attention_workers=1, num_ffn_workers=3, max_tokens_per_micro_batch=8,
+    num_attention_ranks=1, num_ffn_ranks=3, max_tokens_per_micro_batch=8,
     backend="reference", transport="shm", group=group, ray_address=address,
     startup_timeout_s=120,
 )

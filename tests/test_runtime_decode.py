@@ -87,13 +87,13 @@ def afd_decode(
     model: TinyMoEModel,
     path: Path,
     prompts: list[torch.Tensor],
-    num_ffn: int,
+    num_ffn_ranks: int,
     dtype: torch.dtype,
     transport: str = "shm",
     **keys: Any,
 ) -> tuple[list[list[torch.Tensor]], list[dict[str, float]]]:
     """Each session's decode outputs, and each FFN rank's counters (`trace` on)."""
-    cfg = config(len(prompts), num_ffn, max_tokens_per_micro_batch=BS, **keys)
+    cfg = config(len(prompts), num_ffn_ranks, max_tokens_per_micro_batch=BS, **keys)
     with (
         deployment(cfg, model.spec, dtype, transport) as dep,
         ffn_workers(dep, lambda rank: load_banks(path, dep, rank, True)) as workers,
@@ -159,8 +159,8 @@ def assert_equal_runs(got: list[list[torch.Tensor]], want: list[list[torch.Tenso
 
 @dataclass(frozen=True)
 class Case:
-    num_attention: int
-    num_ffn: int
+    num_attention_ranks: int
+    num_ffn_ranks: int
     micro_batches: int
     keys: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -207,12 +207,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_afd_decode_equals_colocated(case: Case, checkpoints: Checkpoints) -> None:
     model, path = checkpoints(tiny(**case.model))
-    prompts = prompts_for(model, case.num_attention)
+    prompts = prompts_for(model, case.num_attention_ranks)
     got, counters = afd_decode(
         model,
         path,
         prompts,
-        case.num_ffn,
+        case.num_ffn_ranks,
         case.dtype,
         case.transport,
         micro_batch_num=case.micro_batches,
@@ -227,9 +227,9 @@ def test_afd_decode_equals_colocated(case: Case, checkpoints: Checkpoints) -> No
     slots = model.config.topk + model.spec.num_shared_experts
     assert [c["micro_batches_served_total"] for c in counters] == [
         passes * case.micro_batches
-    ] * case.num_ffn
+    ] * case.num_ffn_ranks
     rows = sum(c.get("rows_served_total", 0.0) for c in counters)
-    assert rows == sum(SEQUENCES[: case.num_attention]) * slots * passes
+    assert rows == sum(SEQUENCES[: case.num_attention_ranks]) * slots * passes
 
 
 def test_int8_decode(checkpoints: Checkpoints) -> None:

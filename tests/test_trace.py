@@ -126,8 +126,8 @@ def either(request: pytest.FixtureRequest) -> TracedRun:
 def run_traced(model: TinyMoEModel, micro_batches: int, path: Path) -> TracedRun:
     """Decode STEPS steps through AFD with tracing on; write and read back the trace."""
     config = AFDConfig(
-        num_attention_workers=SESSIONS,
-        num_ffn_workers=FFN_RANKS,
+        num_attention_ranks=SESSIONS,
+        num_ffn_ranks=FFN_RANKS,
         micro_batch_num=micro_batches,
         max_tokens_per_micro_batch=TOKENS // micro_batches,
         shared_expert_ranks=(1,),

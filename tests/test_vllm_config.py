@@ -44,7 +44,7 @@ from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.tiny_hf import build_tiny_model
 
 NUM_EXPERTS = 8  # of the tiny checkpoints
-A1F2 = {"num_attention_workers": 1, "num_ffn_workers": 2}
+A1F2 = {"num_attention_ranks": 1, "num_ffn_ranks": 2}
 # A normal start takes ~50-60 s here (vLLM's import alone ~10 s); a refusal must come long
 # before the engine would even start.
 REFUSED_WITHIN_S = 30.0
@@ -80,7 +80,7 @@ class Bad:
 
 BAD_CONFIGS: dict[str, Bad] = {
     "bad_json": Bad(
-        '{"num_attention_workers": 1, "num_ffn_workers": 2,',
+        '{"num_attention_ranks": 1, "num_ffn_ranks": 2,',
         ("--afd-config: expected valid JSON", "line 1 column"),
     ),
     "unknown_key": Bad(
@@ -88,12 +88,12 @@ BAD_CONFIGS: dict[str, Bad] = {
         ("--afd-config key 'num_fnn_workers'", "got 'num_fnn_workers'"),
     ),
     "two_attention_workers_one_dp_rank": Bad(
-        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 2}),
-        ("--data-parallel-size: expected num_attention_workers = 2", "got 1"),
+        json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 2}),
+        ("--data-parallel-size: expected num_attention_ranks = 2", "got 1"),
     ),
     "one_attention_worker_two_dp_ranks": Bad(
         config(),
-        ("--data-parallel-size: expected num_attention_workers = 1", "got 2"),
+        ("--data-parallel-size: expected num_attention_ranks = 1", "got 2"),
         DP2,
     ),
     # afd-plugin's keys: refused before any worker, as the input (they used to start
@@ -128,27 +128,27 @@ BAD_CONFIGS: dict[str, Bad] = {
     ),
     "additional_config_dp_size_differs": Bad(
         None,
-        ("--data-parallel-size: expected num_attention_workers = 2", "got 1"),
+        ("--data-parallel-size: expected num_attention_ranks = 2", "got 1"),
         additional(AFD_PLUGIN_2_1),
     ),
     "both_flags_disagree_on_f": Bad(
-        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1}),
+        json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 1}),
         (
-            "num_ffn_workers (given by --afd-config and by --additional-config afd)",
+            "num_ffn_ranks (given by --afd-config and by --additional-config afd)",
             "got {'--afd-config': 1, '--additional-config afd': 2}",
         ),
         DP2 + additional({"num_attention_ranks": 2, "num_ffn_ranks": 2}),
     ),
     "both_flags_disagree_on_a": Bad(
-        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1}),
+        json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 1}),
         (
-            "num_attention_workers (given by --afd-config and by --additional-config afd)",
+            "num_attention_ranks (given by --afd-config and by --additional-config afd)",
             "got {'--afd-config': 2, '--additional-config afd': 3}",
         ),
-        DP2 + additional({"num_attention_workers": 3}),
+        DP2 + additional({"num_attention_ranks": 3}),
     ),
     "dp_ranks_on_another_host_with_shared_memory": Bad(
-        json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1}),
+        json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 1}),
         ("--data-parallel-size-local: expected its default with backend reference", "got 1"),
         (*DP2, "--data-parallel-size-local", "1"),
     ),
@@ -448,13 +448,13 @@ def test_shared_expert_stays_on_attention_for_qwen2_moe(models: dict[str, str]) 
         (
             config(),
             {"data_parallel_size": 2},
-            "--data-parallel-size: expected num_attention_workers = 1",
+            "--data-parallel-size: expected num_attention_ranks = 1",
         ),
         (config(transport="hccl"), {}, "transport: expected one of ['auto', 'inproc', 'shm']"),
         (
-            json.dumps({"num_attention_workers": 2, "num_ffn_workers": 2}),
+            json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 2}),
             {},
-            "--data-parallel-size: expected num_attention_workers = 2 (each data-parallel "
+            "--data-parallel-size: expected num_attention_ranks = 2 (each data-parallel "
             "rank is one attention session), got 1",
         ),
         (config(shared_expert_ranks=[0]), {}, "shared_expert_ranks: expected empty with vLLM"),
@@ -532,7 +532,7 @@ def test_additional_config_afd_is_checked_and_other_keys_are_left_alone(
     base = ["--model", models["qwen3_moe"], *DP2]
     args = parser.parse_args([*base, *additional(plugin, **other)])
     extra = EngineArgs.from_cli_args(args).additional_config
-    ours = json.dumps({"num_attention_workers": 2, "num_ffn_workers": 1})
+    ours = json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 1})
     same = EngineArgs.from_cli_args(parser.parse_args([*base, "--afd-config", ours]))
     assert extra[cli.ADDITIONAL_CONFIG_KEY] == same.additional_config[cli.ADDITIONAL_CONFIG_KEY]
     assert {k: v for k, v in extra.items() if k != cli.ADDITIONAL_CONFIG_KEY} == other
@@ -540,7 +540,7 @@ def test_additional_config_afd_is_checked_and_other_keys_are_left_alone(
     # both flags, agreeing: one config; --afd-config's defaults do not clash with the other
     both = parser.parse_args([*base, "--afd-config", ours, *additional({"micro_batch_num": 3})])
     merged = EngineArgs.from_cli_args(both).additional_config[cli.ADDITIONAL_CONFIG_KEY]
-    assert merged["micro_batch_num"] == 3 and merged["num_ffn_workers"] == 1
+    assert merged["micro_batch_num"] == 3 and merged["num_ffn_ranks"] == 1
 
 
 @pytest.mark.parametrize(
@@ -552,7 +552,7 @@ def test_additional_config_afd_is_checked_and_other_keys_are_left_alone(
             "{'afd_role': 'attention', 'role': 'ffn'}",
         ),
         (
-            {"num_ffn_ranks": 2, "num_ffn_workers": 3},
+            {"num_ffn_ranks": 2, "num_ffn_workers": 3},  # its old name
             "keys 'num_ffn_ranks' and 'num_ffn_workers'",
             "{'num_ffn_ranks': 2, 'num_ffn_workers': 3}",
         ),

@@ -67,8 +67,8 @@ TOP_K = 2
 MICRO_BATCHES, TOKENS_PER_MICRO_BATCH = 2, 64
 AFD_CONFIG = json.dumps(
     {
-        "num_attention_workers": 1,
-        "num_ffn_workers": NUM_FFN,
+        "num_attention_ranks": 1,
+        "num_ffn_ranks": NUM_FFN,
         "micro_batch_num": MICRO_BATCHES,
         "max_tokens_per_micro_batch": TOKENS_PER_MICRO_BATCH,
         "expert_replicas": {"0": NUM_FFN},

@@ -35,8 +35,8 @@ def afd_config(backend: str) -> str | None:
     keys = {"transport": "hccl", "window_groups": "per_micro_batch"} if backend == "npu" else {}
     return json.dumps(
         {
-            "num_attention_workers": 1,
-            "num_ffn_workers": 2,
+            "num_attention_ranks": 1,
+            "num_ffn_ranks": 2,
             "micro_batch_num": 2,
             "max_tokens_per_micro_batch": 16,
             "batch_invariant": True,

@@ -37,7 +37,7 @@ from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.tiny_hf import build_tiny_model
 
-A2F1 = {"num_attention_workers": 2, "num_ffn_workers": 1, "max_tokens_per_micro_batch": 8}
+A2F1 = {"num_attention_ranks": 2, "num_ffn_ranks": 1, "max_tokens_per_micro_batch": 8}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ from afd_dispatch.integrations.ray import ensure_ray
 from afd_dispatch.integrations.vllm.owner import Attachment, publish_attachment
 
 address, group = sys.argv[1], sys.argv[2]
-config = AFDConfig(num_attention_workers=2, num_ffn_workers=1, backend="npu",
+config = AFDConfig(num_attention_ranks=2, num_ffn_ranks=1, backend="npu",
                    group=group, ray_address=address)
 ensure_ray(address)
 directory = publish_attachment(config, Attachment(4321, {"tokens": 8}, {}, ("10.0.0.7", 29500)))
@@ -144,7 +144,7 @@ from afd_dispatch.config import AFDConfig
 from afd_dispatch.integrations.vllm.owner import find_attachment
 
 address, group, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-config = AFDConfig(num_attention_workers=2, num_ffn_workers=1, backend="npu",
+config = AFDConfig(num_attention_ranks=2, num_ffn_ranks=1, backend="npu",
                    group=group, ray_address=address, startup_timeout_s=timeout)
 start = time.monotonic()
 try:

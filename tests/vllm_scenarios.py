@@ -43,8 +43,8 @@ SETTLE_S = 20.0
 def afd_config(attention: int, ffn: int, **extra: Any) -> str:
     return json.dumps(
         {
-            "num_attention_workers": attention,
-            "num_ffn_workers": ffn,
+            "num_attention_ranks": attention,
+            "num_ffn_ranks": ffn,
             "micro_batch_num": 2,
             "max_tokens_per_micro_batch": 32,
             "batch_invariant": True,

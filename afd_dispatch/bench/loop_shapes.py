@@ -80,8 +80,8 @@ def make_banks(shape: MoEShape, seed: int = 0) -> dict[int, ExpertBank]:
 def config_for(shape: MoEShape, micro_batches: int, tokens_per_slot: int) -> AFDConfig:
     """A = 1, F = 1, reference backend, under a group name no other run uses."""
     return AFDConfig(
-        num_attention_workers=1,
-        num_ffn_workers=1,
+        num_attention_ranks=1,
+        num_ffn_ranks=1,
         micro_batch_num=micro_batches,
         max_tokens_per_micro_batch=tokens_per_slot,
         backend="reference",

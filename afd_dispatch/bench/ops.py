@@ -84,7 +84,7 @@ class OpsFixture:
 
     def __init__(self, shape: OpsShape, quant: bool, seed: int = 0) -> None:
         self.shape = shape
-        self.topology = RankTopology(num_attention=1, num_ffn=shape.ffn_ranks)
+        self.topology = RankTopology(num_attention_ranks=1, num_ffn_ranks=shape.ffn_ranks)
         self.layout = WindowLayout(
             1, 1, shape.tokens, shape.topk, shape.shared, shape.hidden, shape.dtype, quant
         )

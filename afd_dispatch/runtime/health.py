@@ -105,8 +105,8 @@ class HealthBoard:
     def __init__(self, topology: RankTopology, transport: Transport) -> None:
         self.topology = topology
         self._transport = transport
-        self._f = topology.num_ffn
-        self._a = topology.num_attention
+        self._f = topology.num_ffn_ranks
+        self._a = topology.num_attention_ranks
         self._words, self._messages = health_board_views(transport.window(0), self._f, self._a)
         self._lock = threading.Lock()  # writers in one process (the pool's threads)
 
@@ -114,7 +114,7 @@ class HealthBoard:
     def create(cls, topology: RankTopology, transport: str = "shm") -> HealthBoard:
         """A fresh board: every FFN rank STARTING, every session healthy."""
         check(transport in ("shm", "inproc"), "transport", '"shm" or "inproc"', transport)
-        size = [health_board_bytes(topology.num_ffn, topology.num_attention)]
+        size = [health_board_bytes(topology.num_ffn_ranks, topology.num_attention_ranks)]
         made = SharedMemoryTransport(size) if transport == "shm" else InProcessTransport(size)
         board = cls(topology, made)
         for rank in topology.ffn_ranks:
@@ -124,7 +124,7 @@ class HealthBoard:
     @classmethod
     def attach(cls, topology: RankTopology, token: str) -> HealthBoard:
         """The board another process created; `token` as its `token` gave it."""
-        size = [health_board_bytes(topology.num_ffn, topology.num_attention)]
+        size = [health_board_bytes(topology.num_ffn_ranks, topology.num_attention_ranks)]
         return cls(topology, SharedMemoryTransport(size, token))
 
     @property

@@ -248,9 +248,9 @@ def create_window_group(
     """
     check(transport in TRANSPORTS, "transport", f"one of {list(TRANSPORTS)}", transport)
     check(
-        layout.sessions == topology.num_attention,
+        layout.sessions == topology.num_attention_ranks,
         "layout.sessions",
-        f"A = {topology.num_attention}",
+        f"A = {topology.num_attention_ranks}",
         layout.sessions,
     )
     check(timeout_s > 0, "timeout_s", "> 0", timeout_s)

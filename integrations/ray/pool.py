@@ -109,7 +109,7 @@ class FFNWorkerPool:
                 f"placement of {len(ranks)} FFN ranks ({self.num_cpus:g} CPU each, {strategy})",
                 f"startup_timeout_s; the cluster has {ray.available_resources().get('CPU', 0):g} "
                 f"of {ray.cluster_resources().get('CPU', 0):g} CPUs free: add nodes or CPUs, or "
-                "lower num_ffn_workers",
+                "lower num_ffn_ranks",
             )
             remote = ray.remote(FFNWorkerActor)
             config_json = self.ffn_config.to_json()

@@ -5,7 +5,7 @@ afd-plugin that mean something here are translated; the others are refused with 
 use instead. Facts about afd-plugin's keys are from its `afd_plugin/config.py` and README
 ("AFD Config"), snapshot 2e4378f2 (2026-08-08):
 
-- `num_attention_ranks`, `num_ffn_ranks`: attention and FFN workers -> our A and F.
+- `num_attention_ranks`, `num_ffn_ranks`: A and F, the same keys here.
 - `role` / `afd_role`: "attention" or "ffn". Here one `vllm serve` is the attention side
   and starts the FFN ranks itself as Ray actors, so only "attention" means something.
 - `compute_gate_on_attention`: the router runs on the attention ranks. vLLM's runner
@@ -20,18 +20,17 @@ Its booleans may be given as 0/1 or "true"/"false"/"yes"/"no"/"on"/"off".
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from afd_dispatch.config import AFDConfig
+from afd_dispatch.config import RENAMED_KEYS, AFDConfig
 from afd_dispatch.errors import AFDInputError, check
 
 FLAG = "--additional-config afd"
-RENAMED = {
-    "num_attention_ranks": "num_attention_workers",
-    "num_ffn_ranks": "num_ffn_workers",
-    "afd_role": "role",
-}
+# afd-plugin's names (its num_attention_ranks and num_ffn_ranks are ours too) and our
+# deprecated ones -> ours
+RENAMED = {"afd_role": "role", **RENAMED_KEYS}
 # afd-plugin key -> (the only value that means something here, why)
 FIXED = {
     "compute_gate_on_attention": (True, "vLLM's router always runs on the attention ranks"),
@@ -75,10 +74,16 @@ def translate(values: Any) -> dict[str, Any]:
             )
             continue
         target = RENAMED.get(key, key)
+        if key in RENAMED_KEYS:
+            warnings.warn(
+                f"{FLAG} key {key!r} is deprecated: it is {target!r} now",
+                FutureWarning,
+                stacklevel=2,
+            )
         check(
-            target in ours or key in RENAMED,
+            target in ours or target == "role",
             f"{FLAG} key {key!r}",
-            f"one of {sorted(ours | set(RENAMED) | set(FIXED))}",
+            f"one of {sorted(ours | set(RENAMED) | set(FIXED) | {'role'})}",
             key,
         )
         if target in out and out[target] != value:
@@ -89,7 +94,7 @@ def translate(values: Any) -> dict[str, Any]:
             )
         out[target] = value
         given[target] = key
-    role = out.get("role", "attention")
+    role = out.pop("role", "attention")  # nothing reads it: only "attention" is true here
     check(
         role == "attention",
         f"{FLAG} key {given.get('role', 'role')!r}",

@@ -127,9 +127,9 @@ def check_parallel(config: AFDConfig, parallel: Any) -> None:
     """
     data_parallel = int(getattr(parallel, "data_parallel_size", 1) or 1)
     check(
-        data_parallel == config.num_attention_workers,
+        data_parallel == config.num_attention_ranks,
         "--data-parallel-size",
-        f"num_attention_workers = {config.num_attention_workers} (each data-parallel rank "
+        f"num_attention_ranks = {config.num_attention_ranks} (each data-parallel rank "
         "is one attention session)",
         data_parallel,
     )

@@ -17,8 +17,8 @@ import time
 from afd_dispatch.integrations.vllm.launch import vllm_server
 
 DEFAULT_AFD_CONFIG = {
-    "num_attention_workers": 1,
-    "num_ffn_workers": 2,
+    "num_attention_ranks": 1,
+    "num_ffn_ranks": 2,
     "micro_batch_num": 2,
     "max_tokens_per_micro_batch": 64,
     "expert_replicas": {"0": 2},

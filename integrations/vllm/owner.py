@@ -128,7 +128,9 @@ class Attachment:
         """The deployment's ranks, from the owner's plan."""
         params = ProtocolParams.from_dict(self.params)
         return RankTopology(
-            params.num_attention, params.world_size - params.num_attention, params.ffn_start_rank_id
+            params.num_attention_ranks,
+            params.world_size - params.num_attention_ranks,
+            params.ffn_start_rank_id,
         )
 
     def health_board(self) -> HealthBoard | None:
@@ -185,7 +187,7 @@ class DeploymentOwner:
             "tokens",
             len(self.pool.actors),
             model_path,
-            config.num_attention_workers,
+            config.num_attention_ranks,
             config.micro_batch_num,
             config.max_tokens_per_micro_batch,
         )

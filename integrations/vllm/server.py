@@ -129,9 +129,9 @@ class AttentionServer:
             model_path,
         )
         check(
-            0 <= session < config.num_attention_workers,
+            0 <= session < config.num_attention_ranks,
             "data-parallel rank",
-            f"[0, {config.num_attention_workers}) (num_attention_workers)",
+            f"[0, {config.num_attention_ranks}) (num_attention_ranks)",
             session,
         )
         self.config = config
@@ -154,11 +154,11 @@ class AttentionServer:
         try:
             if attachment is None:
                 check(
-                    config.num_attention_workers == 1,
-                    "num_attention_workers",
+                    config.num_attention_ranks == 1,
+                    "num_attention_ranks",
                     "1 where no process launched the engines (data-parallel ranks share "
                     "a deployment that the engines' launcher owns)",
-                    config.num_attention_workers,
+                    config.num_attention_ranks,
                 )
                 self.owner = DeploymentOwner(config, model_path, dtype)
                 self.deployment = self.owner.deployment
@@ -244,7 +244,7 @@ class AttentionServer:
         dp_max_tokens: int | None,
     ) -> torch.Tensor:
         rounds = None
-        if self.deployment.topology.num_attention > 1:  # every session must send as many
+        if self.deployment.topology.num_attention_ranks > 1:  # every session must send as many
             check(
                 dp_max_tokens is not None,
                 "vLLM's data-parallel token counts (forward context dp_metadata)",

@@ -212,7 +212,7 @@ def slot_experts(ids: torch.Tensor, call: AttentionToFfnCall) -> torch.Tensor:
 
 # The argument each topology / layout field comes from, to name it when a call disagrees.
 _TOPOLOGY_ARGUMENTS = {
-    "num_attention": "ffn_token_info_table_shape[0] (A)",
+    "num_attention_ranks": "ffn_token_info_table_shape[0] (A)",
     "world_size": "world_size",
     "ffn_start_rank_id": "ffn_start_rank_id",
 }
