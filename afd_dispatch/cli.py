@@ -10,7 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "serve-demo": "afd_dispatch.integrations.vllm.demo",
         "demo": "afd_dispatch.demo",
-        "tiny-model": "afd_dispatch.tiny_hf",
+        "tiny-model": "afd_dispatch.fixtures.tiny_hf",
         "bench": "afd_dispatch.bench.cli",
         "plan": "afd_dispatch.planner.cli",
     }

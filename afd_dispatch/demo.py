@@ -17,10 +17,10 @@ import time
 import torch
 
 from afd_dispatch.config import AFDConfig
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel, decode
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel, decode
 from afd_dispatch.runtime.trace import Tracer, prometheus_lines, write_chrome_trace
 
 DEFAULT_CONFIG = {

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from afd_dispatch import AFDConfig, AFDTimeoutError
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank
 from afd_dispatch.runtime.ffn_worker import FFNWorker
 from afd_dispatch.runtime.health import HealthBoard
-from afd_dispatch.runtime.model_spec import MoESpec
 
 WAIT_TIMEOUT_S = 10.0  # every flag wait of the ops (a hang fails within this)
 JOIN_TIMEOUT_S = 2 * WAIT_TIMEOUT_S  # a thread blocked in a wait gives up before this

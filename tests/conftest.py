@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from vllm_scenarios import LOAD, LONG, Record, complete, concurrently, run_server, spread
 
+from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm.launch import Server
-from afd_dispatch.tiny_hf import build_tiny_model
 
 MARKERS = {
     "e2e": "starts `vllm serve` (deselect: -m 'not e2e')",

@@ -35,12 +35,12 @@ def run_rank(
         import torch
 
         from afd_dispatch import AFDConfig
+        from afd_dispatch.fixtures.tiny_moe import TinyMoEModel, decode
         from afd_dispatch.link import attention_link, ffn_link
+        from afd_dispatch.model.spec import MoESpec
         from afd_dispatch.runtime.attention import AttentionEndpoint
         from afd_dispatch.runtime.deployment import Deployment
         from afd_dispatch.runtime.ffn_worker import FFNWorker, load_banks
-        from afd_dispatch.runtime.model_spec import MoESpec
-        from afd_dispatch.runtime.tiny_moe import TinyMoEModel, decode
 
         torch.set_num_threads(1)
         dtype = getattr(torch, dtype_name)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from afd_dispatch import AFDInputError
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime import checkpoint
 from afd_dispatch.runtime.checkpoint import (
     ExpertWeights,
@@ -30,7 +31,6 @@ from afd_dispatch.runtime.checkpoint import (
     load_routed_experts,
     load_shared_expert,
 )
-from afd_dispatch.runtime.model_spec import MoESpec
 
 RECORD = json.loads((Path(__file__).parent / "data" / "hf_tiny_moe_checkpoints.json").read_text())
 H, INTER, E = 8, 4, 6  # hidden, expert intermediate, routed experts

@@ -45,8 +45,8 @@ from afd_dispatch.config import (
     AFDConfig,
 )
 from afd_dispatch.errors import AFDInputError
+from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm import cli
-from afd_dispatch.tiny_hf import build_tiny_model
 
 KEYS = sorted(f.name for f in dataclasses.fields(AFDConfig) if f.init)
 BASE = {"num_attention_ranks": 1, "num_ffn_ranks": 2}  # accepted by `vllm serve` here

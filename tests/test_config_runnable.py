@@ -22,12 +22,12 @@ import torch
 from afd_threads import config, counters_when_served, deployment, ffn_workers, receive_patiently
 
 from afd_dispatch import AFDConfig, AFDInputError, AFDTimeoutError
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.kernels import resolve_backend
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank
 from afd_dispatch.runtime.ffn_worker import FFNWorker
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 
 H = 32
 SHORT_WAIT_S = 2.0  # the deadline the stuck micro-batch runs into

@@ -26,15 +26,15 @@ from afd_threads import RankThread, config, deployment, ffn_workers
 
 from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
 from afd_dispatch.errors import AFDPeerError, AFDRefusedError
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.layout import STATE_WORD, health_board_views
 from afd_dispatch.link import attention_link
+from afd_dispatch.model.routing import route
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank
 from afd_dispatch.runtime.ffn_worker import FFNWorker
 from afd_dispatch.runtime.health import HealthBoard, RankState
-from afd_dispatch.runtime.routing import route
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.topology import RankTopology
 
 H = 32

@@ -29,11 +29,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from afd_dispatch.fixtures.tiny_moe import TinyMoEConfig, TinyMoEModel
 from afd_dispatch.integrations.vllm.health import AFDHealthMiddleware
 from afd_dispatch.integrations.vllm.owner import ENV, Attachment
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard, RankState
-from afd_dispatch.runtime.tiny_moe import TinyMoEConfig, TinyMoEModel
 
 
 @pytest.fixture

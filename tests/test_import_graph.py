@@ -1,5 +1,6 @@
 """Who may depend on what: the runtime and the integrations see the op backends only
-through `afd_dispatch.link`.
+through `afd_dispatch.link`; the model description and the planner do not depend on the
+runtime.
 
 Read from the source (ast), not from `sys.modules`, so a lazy import inside a function
 counts too. The link package is the one place that may import a backend.
@@ -17,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = sorted(
     [
         *(ROOT / "afd_dispatch" / "runtime").glob("*.py"),
+        *(ROOT / "afd_dispatch" / "model").glob("*.py"),
+        *(ROOT / "afd_dispatch" / "fixtures").glob("*.py"),
         *(ROOT / "integrations").rglob("*.py"),
         ROOT / "afd_dispatch" / "demo.py",
     ]
@@ -88,3 +91,18 @@ def test_a_violation_is_seen(tmp_path: Path) -> None:
     )
     assert any(m.startswith(BACKEND_PREFIXES) for m in imported_modules(bad))
     assert backend_sniffing(bad) == [3]
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [
+            *(ROOT / "afd_dispatch" / "planner").glob("*.py"),
+            *(ROOT / "afd_dispatch" / "model").glob("*.py"),
+        ]
+    ),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_the_planner_and_the_model_description_do_not_depend_on_the_runtime(path: Path) -> None:
+    runtime = [m for m in imported_modules(path) if m.startswith("afd_dispatch.runtime")]
+    assert runtime == [], f"{path.relative_to(ROOT)} imports {runtime}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from afd_dispatch import AFDInputError
-from afd_dispatch.runtime.model_spec import MAX_JSON_BYTES, MoESpec
+from afd_dispatch.model.spec import MAX_JSON_BYTES, MoESpec
 
 RECORD = json.loads((Path(__file__).parent / "data" / "hf_tiny_moe_checkpoints.json").read_text())
 

@@ -25,10 +25,10 @@ from npu_ranks import run_rank
 from test_runtime_decode import Int8Inputs
 
 from afd_dispatch import AFDConfig
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel, decode
 from afd_dispatch.link.npu import serve_rendezvous
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.ffn_worker import load_banks
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel, decode
 
 A, F, M, BS = 2, 2, 2, 4
 PROMPT_LEN, STEPS = 2, 1

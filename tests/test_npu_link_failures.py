@@ -23,8 +23,8 @@ from afd_dispatch import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDTimeoutError
 from afd_dispatch.link import attention_link, ffn_link, link_kind
 from afd_dispatch.link.npu import Rendezvous, check_window, serve_rendezvous
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
 
 STARTUP_S = 2.0
 MARGIN_S = 8.0  # a start-up failure comes within its deadline plus this (slow CI hosts)

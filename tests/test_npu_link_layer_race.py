@@ -23,8 +23,8 @@ from afd_dispatch.kernels import npu as npu_ops
 from afd_dispatch.layout import LAYER_OFFSET
 from afd_dispatch.link import attention_link, ffn_link
 from afd_dispatch.link.npu import serve_rendezvous
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
 
 H, BS = 1024, 2
 

@@ -38,16 +38,16 @@ from ray_cluster import wait_for
 
 from afd_dispatch import AFDConfig, AFDTimeoutError, get_window_group
 from afd_dispatch.errors import AFDPeerError
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.integrations.ray import supervisor as supervisor_module
 from afd_dispatch.integrations.ray.supervisor import Supervisor
 from afd_dispatch.layout import FLAG_OFFSET
+from afd_dispatch.model.routing import route
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard, RankState
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.runtime.routing import route
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -20,13 +20,13 @@ from test_npu_link_emulated import MODEL, PROMPT_LEN, STEPS, config_json, prompt
 from test_runtime_decode import Int8Inputs
 
 from afd_dispatch import AFDConfig
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEModel, decode
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.link import attention_link
 from afd_dispatch.link.npu import serve_rendezvous
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEModel, decode
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -48,18 +48,18 @@ from ray_cluster import ray_env, ray_head, read_line, wait_for
 
 from afd_dispatch import AFDConfig, AFDTimeoutError
 from afd_dispatch.errors import AFDHandshakeError
-from afd_dispatch.integrations.ray import FFNWorkerPool
-from afd_dispatch.runtime.attention import AttentionEndpoint
-from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.runtime.pipeline import run_pipelined
-from afd_dispatch.runtime.tiny_moe import (
+from afd_dispatch.fixtures.tiny_moe import (
     ColocatedMoE,
     DecodeState,
     TinyMoEConfig,
     TinyMoEModel,
     decode,
 )
+from afd_dispatch.integrations.ray import FFNWorkerPool
+from afd_dispatch.model.spec import MoESpec
+from afd_dispatch.runtime.attention import AttentionEndpoint
+from afd_dispatch.runtime.deployment import Deployment
+from afd_dispatch.runtime.pipeline import run_pipelined
 from afd_dispatch.windows import WindowGroup
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -582,7 +582,7 @@ import torch
 from afd_dispatch import AFDConfig
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.model.spec import MoESpec
 
 address, model_path, group = sys.argv[1:4]
 config = AFDConfig(

@@ -30,8 +30,8 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 from afd_dispatch import AFDInputError
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.runtime.routing import RouterSpec, route
+from afd_dispatch.model.routing import RouterSpec, route
+from afd_dispatch.model.spec import MoESpec
 
 EXPERTS = 16
 TOKENS = 64

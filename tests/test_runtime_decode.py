@@ -30,10 +30,10 @@ from afd_threads import (
     outcomes,
 )
 
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel, decode
 from afd_dispatch.kernels.reference import dequantize_rows, quantize_rows
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.ffn_worker import load_banks
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel, decode
 
 PROMPT_LEN, STEPS = 2, 2  # 2 prompt steps + 2 generated tokens: 4 decode steps
 SEQUENCES = (5, 2, 4, 3)  # sequences of session s

@@ -27,15 +27,15 @@ from afd_threads import (
 
 from afd_dispatch import AFDInputError, get_window_group
 from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.kernels.reference import ffn_worker_batching as fwb
 from afd_dispatch.kernels.reference import schedule_context as sc
+from afd_dispatch.model.routing import RouterSpec, route
 from afd_dispatch.runtime.attention import AFDMoELayer, AttentionEndpoint
 from afd_dispatch.runtime.checkpoint import SharedExpertWeights
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank, shared_expert, swiglu
 from afd_dispatch.runtime.ffn_worker import FFNWorker
-from afd_dispatch.runtime.routing import RouterSpec, route
-from afd_dispatch.runtime.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.runtime.trace import Tracer
 
 H = 32

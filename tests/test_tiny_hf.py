@@ -1,4 +1,4 @@
-"""`afd_dispatch.tiny_hf`: tiny random Qwen3-MoE / Qwen2-MoE checkpoints built offline.
+"""`afd_dispatch.fixtures.tiny_hf`: tiny random Qwen3-MoE / Qwen2-MoE checkpoints built offline.
 
 Every test here runs with HF_HUB_OFFLINE=1 and with sockets refused, so building, loading
 and generating provably touch no hub.
@@ -17,15 +17,15 @@ import torch
 from safetensors.torch import load_file
 
 from afd_dispatch import cli
-from afd_dispatch.runtime.checkpoint import load_routed_experts, load_shared_expert
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.tiny_hf import (
+from afd_dispatch.fixtures.tiny_hf import (
     CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     VOCAB_SIZE,
     build_tiny_model,
     greedy_margins,
 )
+from afd_dispatch.model.spec import MoESpec
+from afd_dispatch.runtime.checkpoint import load_routed_experts, load_shared_expert
 
 ARCHS = ("qwen3_moe", "qwen2_moe")
 FILES = {

@@ -49,10 +49,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from afd_dispatch import AFDConfig
+from afd_dispatch.fixtures.tiny_moe import TinyMoEConfig, TinyMoEModel, decode
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.ffn_worker import FFNWorker
-from afd_dispatch.runtime.tiny_moe import TinyMoEConfig, TinyMoEModel, decode
 from afd_dispatch.runtime.trace import (
     Span,
     Tracer,

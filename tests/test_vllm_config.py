@@ -37,11 +37,11 @@ import torch
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDInputError
+from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm import cli, compat, moe
 from afd_dispatch.integrations.vllm.launch import free_port, serve_command
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.tiny_hf import build_tiny_model
 
 NUM_EXPERTS = 8  # of the tiny checkpoints
 A1F2 = {"num_attention_ranks": 1, "num_ffn_ranks": 2}

@@ -50,13 +50,13 @@ from server_leftovers import (
     shm_files,
 )
 
+from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm.launch import (
     Server,
     afd_counters,
     settled_afd_counters,
     vllm_server,
 )
-from afd_dispatch.tiny_hf import build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

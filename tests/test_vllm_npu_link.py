@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from npu_ranks import EMULATOR
 
+from afd_dispatch.fixtures.tiny_hf import TinyShape, build_tiny_model
 from afd_dispatch.integrations.vllm.launch import vllm_server
-from afd_dispatch.tiny_hf import TinyShape, build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

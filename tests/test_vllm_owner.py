@@ -28,14 +28,14 @@ from ray_cluster import ray_env, ray_head, read_line
 
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError, AFDInputError
+from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm.owner import (
     ENV,
     NAMESPACE,
     Attachment,
 )
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment
-from afd_dispatch.runtime.model_spec import MoESpec
-from afd_dispatch.tiny_hf import build_tiny_model
 
 A2F1 = {"num_attention_ranks": 2, "num_ffn_ranks": 1, "max_tokens_per_micro_batch": 8}
 

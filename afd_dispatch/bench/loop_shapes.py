@@ -13,9 +13,9 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from afd_dispatch.config import AFDConfig
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.checkpoint import ExpertWeights
 from afd_dispatch.runtime.experts import ExpertBank
-from afd_dispatch.runtime.model_spec import MoESpec
 
 WAIT_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 180.0  # spawning an interpreter that imports torch, on a busy host

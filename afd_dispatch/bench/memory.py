@@ -57,10 +57,10 @@ from afd_dispatch.bench.report import (
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.kernels import reference as ref
 from afd_dispatch.kernels.reference import schedule_context as sc
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.ffn_worker import FFNWorker
-from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.windows import WindowGroupSpec, attach_window_group
 
 MICRO_BATCHES = 10_000  # phase 1, what the bench runs (tests may pass fewer)

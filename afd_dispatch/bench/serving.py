@@ -354,7 +354,7 @@ def run(
     with one micro-batch, then with two attention ranks; with `trace_png`, then the AFD
     server traced (see the module's docstring), one decode step drawn there."""
     from afd_dispatch.config import AFDConfig
-    from afd_dispatch.tiny_hf import build_tiny_model
+    from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 
     afd_config = afd_config or json.dumps(AFD_CONFIG)
     config = AFDConfig.from_json(afd_config)  # a bad config fails here, before any server

@@ -11,7 +11,7 @@ from typing import Any
 
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH
-from afd_dispatch.runtime.model_spec import MAX_JSON_BYTES, MoESpec
+from afd_dispatch.model.spec import MAX_JSON_BYTES, MoESpec
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE
 from afd_dispatch.untrusted_json import read_object
 

@@ -14,9 +14,9 @@ import torch
 
 from afd_dispatch.errors import AFDRefusedError, check
 from afd_dispatch.link import AttentionLink, attention_link
+from afd_dispatch.model.routing import RouterSpec, route
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard, PeerWatch
-from afd_dispatch.runtime.routing import RouterSpec, route
 from afd_dispatch.runtime.trace import Tracer
 from afd_dispatch.windows.wait import watching
 

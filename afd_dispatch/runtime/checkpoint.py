@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from afd_dispatch.errors import AFDInputError, check
-from afd_dispatch.runtime.model_spec import MoESpec
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.untrusted_json import read_object
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -17,8 +17,8 @@ from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDHandshakeError, check
 from afd_dispatch.kernels import resolve_backend
 from afd_dispatch.layout import WindowLayout, a3_attn_to_ffn_token_size
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.placement import build_expert_rank_table, local_experts
-from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, create_window_group
 

@@ -22,10 +22,10 @@ import torch
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.link import ffn_link
 from afd_dispatch.link.npu import Rendezvous
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.ffn_worker import FFNWorker, load_banks
 from afd_dispatch.runtime.health import HealthBoard
-from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Span, Tracer
 from afd_dispatch.windows import WindowGroupSpec, attach_window_group, get_window_group
 

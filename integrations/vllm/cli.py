@@ -99,8 +99,8 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
             "a local checkpoint directory with AFD (the FFN workers load from it)",
             model,
         )
+        from afd_dispatch.model.spec import MoESpec
         from afd_dispatch.runtime.deployment import Deployment
-        from afd_dispatch.runtime.model_spec import MoESpec
 
         try:
             Deployment(config, MoESpec.from_pretrained(str(model)))  # placement, window sizes

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="afd-serve-demo-") as work:
         model = args.model
         if model is None:
-            from afd_dispatch.tiny_hf import build_tiny_model
+            from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 
             model = os.path.join(work, "tiny-qwen3-moe")
             build_tiny_model("qwen3_moe", model)

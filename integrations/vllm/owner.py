@@ -34,9 +34,9 @@ from afd_dispatch.errors import AFDHandshakeError, AFDInputError, AFDPeerError, 
 from afd_dispatch.integrations.ray import FFNWorkerPool, calls
 from afd_dispatch.integrations.vllm import metrics
 from afd_dispatch.link.npu import Rendezvous, serve_rendezvous
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
 from afd_dispatch.runtime.health import HealthBoard
-from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Span
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows import WindowGroup, WindowGroupSpec, attach_window_group

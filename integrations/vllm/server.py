@@ -41,10 +41,10 @@ from afd_dispatch.errors import AFDInputError, AFDPeerError, AFDTimeoutError, ch
 from afd_dispatch.integrations.vllm import metrics
 from afd_dispatch.integrations.vllm.owner import Attachment, DeploymentOwner
 from afd_dispatch.link import attention_link
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard
-from afd_dispatch.runtime.model_spec import MoESpec
 from afd_dispatch.runtime.trace import Span, Tracer
 from afd_dispatch.windows import WindowGroup
 

@@ -2,7 +2,7 @@
 
 `ConfigKeys` reads a key typed and range-checked, and every error names the key; one reader
 per architecture family maps its keys (and their defaults) to `MoESpec` fields.
-`MoESpec.from_hf_config` (`afd_dispatch.runtime.model_spec`, whose docstring states the
+`MoESpec.from_hf_config` (`afd_dispatch.model.spec`, whose docstring states the
 rules) calls them.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from afd_dispatch.errors import AFDInputError, check
-from afd_dispatch.runtime.model_spec import (
+from afd_dispatch.model.spec import (
     DTYPES,
     MAX_EXPERTS,
     MAX_INTERMEDIATE_SIZE,

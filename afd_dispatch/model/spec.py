@@ -22,7 +22,7 @@ import torch
 
 from afd_dispatch.errors import check
 from afd_dispatch.layout import MAX_TOPK
-from afd_dispatch.runtime.routing import RouterSpec
+from afd_dispatch.model.routing import RouterSpec
 from afd_dispatch.untrusted_json import is_int, is_number, read_object
 
 ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
@@ -78,7 +78,7 @@ class MoESpec:
     the per-expert `e_score_correction_bias` but weighs by the score. Weights are then
     renormalised to sum to 1 if `norm_topk_prob` (at every K, K = 1 included), and
     multiplied by `routed_scaling_factor`. `n_group == topk_group == 1` when routing has no
-    groups. `router_spec()` hands these fields to `afd_dispatch.runtime.routing.route`.
+    groups. `router_spec()` hands these fields to `afd_dispatch.model.routing.route`.
 
     `dtype` is the model's stated dtype (`dtype` / `torch_dtype` of config.json), None
     when the config states none.
@@ -217,7 +217,7 @@ class MoESpec:
     def from_hf_config(cls, config: Any) -> MoESpec:
         """Build the spec from a parsed config.json (a dict); see the module docstring."""
         # The readers use this module's limits and checks: imported here, not at the top.
-        from afd_dispatch.runtime.hf_config import (
+        from afd_dispatch.model.hf_config import (
             EXPERT_COUNT_KEYS,
             ConfigKeys,
             config_dtype,
