@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -99,6 +99,32 @@ class LayerBudget:
         return max(terms, key=lambda k: terms[k])
 
 
+class StepTerms(Protocol):
+    """What a decode step costs besides its MoE layers (`Plan` and `ep.EPPlan` have it)."""
+
+    @property
+    def moe_layers(self) -> int: ...
+    @property
+    def dense_layers(self) -> int: ...
+    @property
+    def dense_layer_s(self) -> float: ...
+    @property
+    def head_s(self) -> float: ...
+    @property
+    def step_overhead_s(self) -> float: ...
+
+
+def step_seconds(terms: StepTerms, period: float, micro_batches: int) -> float:
+    """T_step = L_moe * T_layer + L_dense * M * t_dense + M * t_head + t_step, seconds."""
+    m = micro_batches
+    return (
+        terms.moe_layers * period
+        + terms.dense_layers * m * terms.dense_layer_s
+        + m * terms.head_s
+        + terms.step_overhead_s
+    )
+
+
 @dataclass(frozen=True)
 class Plan:
     """The model's answer for one layout: the layer budget, step time, memory, windows."""
@@ -126,14 +152,8 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        """T_step = L_moe * T_layer + L_dense * M * t_dense + M * t_head + t_step."""
-        m = self.layout.micro_batches
-        return (
-            self.moe_layers * self.budget.period
-            + self.dense_layers * m * self.dense_layer_s
-            + m * self.head_s
-            + self.step_overhead_s
-        )
+        """`step_seconds` with this plan's layer period and micro-batches."""
+        return step_seconds(self, self.budget.period, self.layout.micro_batches)
 
     @property
     def tpot_s(self) -> float:

@@ -15,6 +15,7 @@ from afd_dispatch.planner.cost import (
     expert_phase,
     link,
     roofline,
+    step_seconds,
 )
 from afd_dispatch.planner.hardware import HardwareProfile
 from afd_dispatch.planner.memory import DieMemory, ep_die_memory
@@ -53,14 +54,8 @@ class EPPlan:
 
     @property
     def step_s(self) -> float:
-        """Same sum as `Plan.step_s`; the layer period's busy terms share one die."""
-        m = self.micro_batches
-        return (
-            self.moe_layers * self.period
-            + self.dense_layers * m * self.dense_layer_s
-            + m * self.head_s
-            + self.step_overhead_s
-        )
+        """`step_seconds`, as `Plan.step_s`; the layer period's busy terms share one die."""
+        return step_seconds(self, self.period, self.micro_batches)
 
     @property
     def period(self) -> float:
