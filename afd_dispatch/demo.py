@@ -59,7 +59,7 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
 
     with tempfile.TemporaryDirectory(prefix="afd-demo-") as path:
         model.save_pretrained(path)
-        groups = deployment.create_windows("shm")
+        groups = deployment.create_windows()
         try:
             start = time.monotonic()
             with FFNWorkerPool(deployment, path, groups) as pool:

@@ -147,6 +147,21 @@ def test_a_transport_the_link_does_not_run_fails_only_when_a_rank_starts(
             assert refused.value.argument == "transport"
 
 
+@pytest.mark.parametrize(
+    ("transport", "made"), [("auto", "shm"), ("shm", "shm"), ("inproc", "inproc")]
+)
+def test_the_windows_are_made_on_the_configs_transport(
+    with_shared: TinyMoEModel, transport: str, made: str
+) -> None:
+    cfg = config(1, 2, transport=transport)  # a group name of its own
+    groups = Deployment(cfg, with_shared.spec, torch.float32).create_windows()
+    try:
+        assert [g.spec.transport for g in groups] == [made]
+    finally:
+        for g in groups:
+            g.close()
+
+
 BASE = '{"num_attention_ranks": 1, "num_ffn_ranks": 2, '
 NPU = '"backend": "npu", "window_groups": "per_micro_batch", '
 

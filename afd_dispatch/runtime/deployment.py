@@ -159,8 +159,14 @@ class Deployment:
             table_digest=hashlib.sha256(self.table.numpy().tobytes()).hexdigest()[:16],
         )
 
-    def create_windows(self, transport: str = "shm") -> list[WindowGroup]:
-        """Allocate the window groups (reference backend; on A3, HCCL owns the windows)."""
+    def create_windows(self, transport: str | None = None) -> list[WindowGroup]:
+        """Allocate the window groups (reference backend; on A3, HCCL owns the windows).
+
+        `transport`: "inproc" (every rank in this process) or "shm" (shared memory, for
+        ranks in other processes); by default the config's, where "auto" is "shm".
+        """
+        if transport is None:
+            transport = "shm" if self.config.transport == "auto" else self.config.transport
         groups: list[WindowGroup] = []
         try:
             for name in self.group_names:

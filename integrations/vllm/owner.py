@@ -161,7 +161,7 @@ class DeploymentOwner:
         npu = self.deployment.backend == "npu"
         # The NPU link's ranks meet at a TCP store this process serves; the reference
         # link's windows are shared memory this process owns.
-        self.groups = [] if npu else self.deployment.create_windows("shm")
+        self.groups = [] if npu else self.deployment.create_windows()
         self.health: HealthBoard | None = HealthBoard.create(self.deployment.topology, "shm")
         self.rendezvous: Rendezvous | None = None
         self._store: Any = None
