@@ -79,19 +79,58 @@ Field = tuple[int, str]
 class Context:
     """A hand-built schedule context: the int8[1024] tensor the ops take, packed with struct."""
 
-    def __init__(self) -> None:
+    def __init__(self, *fields: tuple[Field, int]) -> None:
         self.tensor = torch.zeros(CONTEXT_BYTES, dtype=torch.int8)
+        self.put_all(*fields)
 
     def put(self, field: Field, value: int) -> None:
         offset, fmt = field
         raw = np.frombuffer(struct.pack(fmt, value), dtype=np.int8)
         self.tensor.numpy()[offset : offset + raw.size] = raw
 
+    def put_all(self, *fields: tuple[Field, int]) -> None:
+        """Puts each (field, value) in turn."""
+        for field, value in fields:
+            self.put(field, value)
+
     def get(self, field: Field) -> int:
         return field_of(self.snapshot(), field)
 
     def snapshot(self) -> bytes:
         return self.tensor.numpy().tobytes()
+
+
+def common_area(
+    *,
+    sessions: int,
+    micro_batches: int,
+    batch_size: int,
+    selected_experts: int,
+    experts: int,
+    attn_to_ffn_token_size: int,
+    ffn_to_attn_token_size: int,
+    schedule_mode: int,
+) -> tuple[tuple[Field, int], ...]:
+    """(field, value) of the common area (counts, token sizes, schedule_mode) and run_flag 1."""
+    return (
+        (SESSION_NUM, sessions),
+        (MICRO_BATCH_NUM, micro_batches),
+        (MICRO_BATCH_SIZE, batch_size),
+        (SELECTED_EXPERT_NUM, selected_experts),
+        (EXPERT_NUM, experts),
+        (ATTN_TO_FFN_TOKEN_SIZE, attn_to_ffn_token_size),
+        (FFN_TO_ATTN_TOKEN_SIZE, ffn_to_attn_token_size),
+        (SCHEDULE_MODE, schedule_mode),
+        (RUN_FLAG, 1),
+    )
+
+
+# the dummy addresses op-plugin's tests write into the three wait buffers (no kernel reads them)
+OP_PLUGIN_WAIT_BUFS = (
+    (SCHEDULE_WAIT_BUF, 0x1000),
+    (FFN_WAIT_BUF, 0x2000),
+    (ATTENTION_WAIT_BUF, 0x3000),
+)
 
 
 def context_bytes(ctx: torch.Tensor) -> bytes:

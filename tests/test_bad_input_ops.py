@@ -14,7 +14,7 @@ wait for a deadline.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -129,6 +129,24 @@ def expect_rejected(
     assert err.argument in str(err) and repr(err.value) in str(err)
     world.assert_unchanged(before)
     return err
+
+
+def expect_mutation_rejected(
+    world: World, op: Callable[..., object], args: Args, mutate: Mutation, argument: str, shown: str
+) -> None:
+    """`op(**args)`, once `mutate` changed `args`, is rejected as `expect_rejected` checks."""
+    mutate(world, args)
+    expect_rejected(world, lambda: op(**args), argument, shown)
+
+
+# the parameters of the tests over the case tables below: one rejection per row
+MUTATED = ("mutate", "argument", "shown")
+CORRUPTED = ("corrupt", "call", "argument", "shown")
+
+
+def cases(names: tuple[str, ...], table: Sequence[tuple[Any, ...]]) -> pytest.MarkDecorator:
+    """Parametrizes `names` over a table whose rows are (id, *values)."""
+    return pytest.mark.parametrize(names, [pytest.param(*row[1:], id=row[0]) for row in table])
 
 
 # == npu_attention_to_ffn ===================================================================
@@ -442,16 +460,12 @@ A2F_CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
-    [pytest.param(m, a, s, id=i) for i, m, a, s in A2F_CASES],
-)
+@cases(MUTATED, A2F_CASES)
 def test_attention_to_ffn_rejects(
     world: World, mutate: Mutation, argument: str, shown: str
 ) -> None:
     args = a2f_args(world)
-    mutate(world, args)
-    expect_rejected(world, lambda: send(args), argument, shown)
+    expect_mutation_rejected(world, ref.npu_attention_to_ffn, args, mutate, argument, shown)
 
 
 def _mask_all(world: World, args: Args) -> None:
@@ -475,16 +489,12 @@ QUANT_CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
-    [pytest.param(m, a, s, id=i) for i, m, a, s in QUANT_CASES],
-)
+@cases(MUTATED, QUANT_CASES)
 def test_attention_to_ffn_rejects_bad_quant_input(
     qworld: World, mutate: Mutation, argument: str, shown: str
 ) -> None:
     args = a2f_args(qworld)
-    mutate(qworld, args)
-    expect_rejected(qworld, lambda: send(args), argument, shown)
+    expect_mutation_rejected(qworld, ref.npu_attention_to_ffn, args, mutate, argument, shown)
 
 
 def test_attention_to_ffn_baselines_are_accepted(world: World, qworld: World) -> None:
@@ -604,17 +614,13 @@ BATCHING_CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
-    [pytest.param(m, a, s, id=i) for i, m, a, s in BATCHING_CASES],
-)
+@cases(MUTATED, BATCHING_CASES)
 def test_ffn_worker_batching_rejects(
     world: World, mutate: Mutation, argument: str, shown: str
 ) -> None:
     fill_micro_batch(world)
     args = batching_args(world)
-    mutate(world, args)
-    expect_rejected(world, lambda: ref.npu_ffn_worker_batching(**args), argument, shown)
+    expect_mutation_rejected(world, ref.npu_ffn_worker_batching, args, mutate, argument, shown)
 
 
 def test_ffn_worker_batching_rejects_int8_dtype_mismatch(qworld: World) -> None:
@@ -653,10 +659,7 @@ SCHEDULER_CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
-    [pytest.param(m, a, s, id=i) for i, m, a, s in SCHEDULER_CASES],
-)
+@cases(MUTATED, SCHEDULER_CASES)
 def test_ffn_worker_scheduler_rejects(
     world: World, mutate: Mutation, argument: str, shown: str
 ) -> None:
@@ -786,16 +789,12 @@ F2A_CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
-    [pytest.param(m, a, s, id=i) for i, m, a, s in F2A_CASES],
-)
+@cases(MUTATED, F2A_CASES)
 def test_ffn_to_attention_rejects(
     world: World, mutate: Mutation, argument: str, shown: str
 ) -> None:
     args = f2a_args(world)
-    mutate(world, args)
-    expect_rejected(world, lambda: ref.npu_ffn_to_attention(**args), argument, shown)
+    expect_mutation_rejected(world, ref.npu_ffn_to_attention, args, mutate, argument, shown)
 
 
 def test_ffn_to_attention_ignores_rows_past_actual_token_num(world: World) -> None:
@@ -857,17 +856,13 @@ COMBINE_CASES: list[tuple[str, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
-    [pytest.param(m, a, s, id=i) for i, m, a, s in COMBINE_CASES],
-)
+@cases(MUTATED, COMBINE_CASES)
 def test_attention_worker_combine_rejects(
     world: World, mutate: Mutation, argument: str, shown: str
 ) -> None:
     results_arrived(world)
     args = combine_args(world)
-    mutate(world, args)
-    expect_rejected(world, lambda: ref.npu_attention_worker_combine(**args), argument, shown)
+    expect_mutation_rejected(world, ref.npu_attention_worker_combine, args, mutate, argument, shown)
 
 
 def test_attention_worker_combine_baseline_is_accepted(world: World) -> None:
@@ -878,7 +873,7 @@ def test_attention_worker_combine_baseline_is_accepted(world: World) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mutate", "argument", "shown"),
+    MUTATED,
     [
         pytest.param(_ffn_context, "schedule_mode", "0", id="ctx-ffn"),
         pytest.param(_foreign_context("short"), "schedule_context", "(512,)", id="ctx-short"),
@@ -992,17 +987,15 @@ HOLDER_CASES: list[tuple[str, int, Mutation, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("rank", "mutate", "argument", "shown"),
-    [pytest.param(r, m, a, s, id=i) for i, r, m, a, s in HOLDER_CASES],
-)
+@cases(("rank", *MUTATED), HOLDER_CASES)
 def test_schedule_context_holder_rejects(
     world: World, rank: int, mutate: Mutation, argument: str, shown: str
 ) -> None:
     args = holder_args(world, rank)
     ref.create_schedule_context_holder(**args)  # the baseline is accepted
-    mutate(world, args)
-    expect_rejected(world, lambda: ref.create_schedule_context_holder(**args), argument, shown)
+    expect_mutation_rejected(
+        world, ref.create_schedule_context_holder, args, mutate, argument, shown
+    )
 
 
 # == untrusted window and context contents ==================================================
@@ -1101,10 +1094,7 @@ FFN_CONTENT_CASES: list[
 ]
 
 
-@pytest.mark.parametrize(
-    ("corrupt", "call", "argument", "shown"),
-    [pytest.param(c, f, a, s, id=i) for i, c, f, a, s in FFN_CONTENT_CASES],
-)
+@cases(CORRUPTED, FFN_CONTENT_CASES)
 def test_corrupt_ffn_window_or_context_is_rejected(
     world: World,
     corrupt: Callable[[World], None],
@@ -1179,10 +1169,7 @@ ATTN_CONTENT_CASES: list[
 ]
 
 
-@pytest.mark.parametrize(
-    ("corrupt", "call", "argument", "shown"),
-    [pytest.param(c, f, a, s, id=i) for i, c, f, a, s in ATTN_CONTENT_CASES],
-)
+@cases(CORRUPTED, ATTN_CONTENT_CASES)
 def test_corrupt_attention_window_or_context_is_rejected(
     world: World,
     corrupt: Callable[[World], None],

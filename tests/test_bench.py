@@ -133,21 +133,16 @@ def test_bytes_moved_follows_the_window_rows() -> None:
 
 
 def test_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--level", "kernels"])
-    assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--level", "ops", "--afd-config", "{}"])
-    assert "only --level serving" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--level", "ops", "--repeat", "0"])
-    assert "--repeat must be >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--level", "ops", "--memory-micro-batches", "200"])
-    assert "only --level loop" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["bench", "--level", "loop", "--memory-micro-batches", "201"])
-    assert "positive multiple of 2" in capsys.readouterr().err
+    for arguments, message in (
+        (["--level", "kernels"], "invalid choice"),
+        (["--level", "ops", "--afd-config", "{}"], "only --level serving"),
+        (["--level", "ops", "--repeat", "0"], "--repeat must be >= 1"),
+        (["--level", "ops", "--memory-micro-batches", "200"], "only --level loop"),
+        (["--level", "loop", "--memory-micro-batches", "201"], "positive multiple of 2"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", *arguments])
+        assert message in capsys.readouterr().err, arguments
 
 
 def test_process_memory_reads_this_process_and_refuses_a_gone_one() -> None:

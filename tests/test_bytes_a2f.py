@@ -18,6 +18,8 @@ rows 1 and 5.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 from expected_bytes import (
@@ -110,6 +112,22 @@ def attn(windows: dict[int, ExpectedWindow], rank: int) -> ExpectedAttnWindow:
     return window
 
 
+def expect_sent(
+    want: dict[int, ExpectedWindow],
+    s: int,
+    m: int,
+    layer: int,
+    routes: dict[tuple[int, int], tuple[int, int]],
+    rows: Sequence[bytes],
+) -> None:
+    """Adds one send to `want`: each (token, slot)'s id and row on its rank, both headers."""
+    for (t, e), (rank, local) in routes.items():
+        ffn(want, rank).slot(s, m, t, e, local)
+        ffn(want, rank).row(s, m, t, e, rows[t])
+    for rank in (0, 1):
+        ffn(want, rank).header(s, m, flag=1, layer=layer)
+
+
 # -- no quantization -------------------------------------------------------------------------
 def test_bf16_rows_ids_and_headers_land_at_spec_offsets() -> None:
     dims = Dims(A=2, M=2, BS=2, K=2, S=0, H=32)
@@ -120,11 +138,7 @@ def test_bf16_rows_ids_and_headers_land_at_spec_offsets() -> None:
     with window_group(dims, F, torch.bfloat16) as group:
         send(group, dims, x, [[0, 3], [3, 2]], session=s, micro_batch=m, layer=layer)
         want = initial_windows(group, dims)
-        for (t, e), (rank, local) in routes.items():
-            ffn(want, rank).slot(s, m, t, e, local)
-            ffn(want, rank).row(s, m, t, e, bf16_bytes(x[t]))
-        for rank in (0, 1):
-            ffn(want, rank).header(s, m, flag=1, layer=layer)
+        expect_sent(want, s, m, layer, routes, [bf16_bytes(row) for row in x])
         assert_windows(group, want)
 
 
@@ -147,11 +161,7 @@ def test_fp32_rows_keep_all_four_bytes() -> None:
             dtype=torch.float32,
         )
         want = initial_windows(group, dims)
-        for (t, e), (rank, local) in routes.items():
-            ffn(want, rank).slot(s, m, t, e, local)
-            ffn(want, rank).row(s, m, t, e, f32_bytes(x[t]))
-        for rank in (0, 1):
-            ffn(want, rank).header(s, m, flag=1, layer=layer)
+        expect_sent(want, s, m, layer, routes, [f32_bytes(row) for row in x])
         assert_windows(group, want)
 
 
@@ -172,11 +182,7 @@ def test_shared_experts_follow_routed_rows_of_the_table() -> None:
     with window_group(dims, F, torch.bfloat16) as group:
         send(group, dims, x, [[0], [3]], session=s, micro_batch=m, layer=layer)
         want = initial_windows(group, dims)
-        for (t, e), (rank, local) in routes.items():
-            ffn(want, rank).slot(s, m, t, e, local)
-            ffn(want, rank).row(s, m, t, e, bf16_bytes(x[t]))
-        for rank in (0, 1):
-            ffn(want, rank).header(s, m, flag=1, layer=layer)
+        expect_sent(want, s, m, layer, routes, [bf16_bytes(row) for row in x])
         assert_windows(group, want)
 
 
@@ -246,11 +252,7 @@ def test_masked_tokens_send_nothing_and_preset_own_attention_flags() -> None:
     with window_group(dims, F, torch.bfloat16) as group:
         send(group, dims, x, ids, session=s, micro_batch=m, layer=layer, mask=[True, True, False])
         want = initial_windows(group, dims)
-        for (t, e), (rank, local) in routes.items():
-            ffn(want, rank).slot(s, m, t, e, local)
-            ffn(want, rank).row(s, m, t, e, bf16_bytes(x[t]))
-        for rank in (0, 1):
-            ffn(want, rank).header(s, m, flag=1, layer=layer)
+        expect_sent(want, s, m, layer, routes, [bf16_bytes(row) for row in x])
         for e in range(dims.E):  # attn_info[m, t, :] = 1 for the masked token t = 2 only
             attn(want, own_rank).flag(m, 2, e)
         assert_windows(group, want)
@@ -305,21 +307,17 @@ def test_int8_rows_hold_q_then_scale_at_byte_h() -> None:
     x = [HALF_WAY_TOKEN, LAST_BIT_TOKEN, zero_token]
     last_bit_q, last_bit_scale = quantize_by_spec(LAST_BIT_TOKEN)
     assert last_bit_scale != float(f32(1.3125) / f32(127.0))
-    expected_rows = {
-        0: quant_row_bytes(HALF_WAY_Q, HALF_WAY_SCALE, 32),
-        1: quant_row_bytes(last_bit_q, last_bit_scale, 32),
-        2: quant_row_bytes([0] * 32, 0.0, 32),  # all-zero row: q 0, scale +0.0
-    }
+    expected_rows = [
+        quant_row_bytes(HALF_WAY_Q, HALF_WAY_SCALE, 32),
+        quant_row_bytes(last_bit_q, last_bit_scale, 32),
+        quant_row_bytes([0] * 32, 0.0, 32),  # all-zero row: q 0, scale +0.0
+    ]
     # experts 0 / 3 / 2 -> rank 0 local 0 / rank 1 local 1 / rank 0 local 1
     routes = {(0, 0): (0, 0), (1, 0): (1, 1), (2, 0): (0, 1)}
     with window_group(dims, F, torch.bfloat16) as group:
         send(group, dims, x, [[0], [3], [2]], session=s, micro_batch=m, layer=layer)
         want = initial_windows(group, dims)
-        for (t, e), (rank, local) in routes.items():
-            ffn(want, rank).slot(s, m, t, e, local)
-            ffn(want, rank).row(s, m, t, e, expected_rows[t])
-        for rank in (0, 1):
-            ffn(want, rank).header(s, m, flag=1, layer=layer)
+        expect_sent(want, s, m, layer, routes, expected_rows)
         assert_windows(group, want)
 
 
@@ -373,12 +371,7 @@ def test_second_send_to_an_unconsumed_row_times_out_and_writes_nothing() -> None
     with window_group(dims, F, torch.bfloat16, timeout_s=0.3) as group:
         send(group, dims, x, [[0], [3]], session=0, micro_batch=0, layer=1)
         want = initial_windows(group, dims)
-        ffn(want, 0).slot(0, 0, 0, 0, 0)
-        ffn(want, 0).row(0, 0, 0, 0, bf16_bytes(x[0]))
-        ffn(want, 1).slot(0, 0, 1, 0, 1)
-        ffn(want, 1).row(0, 0, 1, 0, bf16_bytes(x[1]))
-        for rank in (0, 1):
-            ffn(want, rank).header(0, 0, flag=1, layer=1)
+        expect_sent(want, 0, 0, 1, {(0, 0): (0, 0), (1, 0): (1, 1)}, [bf16_bytes(row) for row in x])
         assert_windows(group, want)
 
         # nobody consumed (s=0, m=0): the flags are still 1 on both FFN ranks
@@ -400,10 +393,9 @@ def test_second_send_to_an_unconsumed_row_times_out_and_writes_nothing() -> None
 
         # another micro-batch's row is free: the same call for m = 1 goes through
         send(group, dims, other_x, [[2], [1]], session=0, micro_batch=1, layer=2)
-        ffn(want, 0).slot(0, 1, 0, 0, 1)  # expert 2 -> rank 0 local 1
-        ffn(want, 0).row(0, 1, 0, 0, bf16_bytes(other_x[0]))
-        ffn(want, 1).slot(0, 1, 1, 0, 0)  # expert 1, session 0 -> replica 0: rank 1 local 0
-        ffn(want, 1).row(0, 1, 1, 0, bf16_bytes(other_x[1]))
-        for rank in (0, 1):
-            ffn(want, rank).header(0, 1, flag=1, layer=2)
+        routes = {
+            (0, 0): (0, 1),  # expert 2 -> rank 0 local 1
+            (1, 0): (1, 0),  # expert 1, session 0 -> replica 0: rank 1 local 0
+        }
+        expect_sent(want, 0, 1, 2, routes, [bf16_bytes(row) for row in other_x])
         assert_windows(group, want)

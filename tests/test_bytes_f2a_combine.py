@@ -281,14 +281,25 @@ def y_bytes(y: torch.Tensor) -> bytes:
     return y.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def loaded_context(group: WindowGroup, window: ExpectedAttnWindow) -> torch.Tensor:
+    """Writes `window` into the cycle rank's window; returns that rank's schedule context."""
+    load_window(group, CYCLE_RANK, window)
+    return context_for(group, CYCLE_RANK).get_schedule_context_tensor()
+
+
+def expected_with(group: WindowGroup, window: ExpectedAttnWindow) -> dict[int, ExpectedWindow]:
+    """Every rank's initial window, but `window` for the cycle rank."""
+    want = initial_windows(group, CYCLE_DIMS)
+    want[CYCLE_RANK] = window
+    return want
+
+
 def test_combine_takes_micro_batch_0_then_1_then_0() -> None:
     assert cycle_expected(0) != cycle_expected(1)  # the two micro-batches are told apart
     with window_group(CYCLE_DIMS, F, torch.bfloat16, timeout_s=0.3) as group:
         window = cycle_window()
-        load_window(group, CYCLE_RANK, window)
-        ctx = context_for(group, CYCLE_RANK).get_schedule_context_tensor()
-        want = initial_windows(group, CYCLE_DIMS)
-        want[CYCLE_RANK] = window
+        ctx = loaded_context(group, window)
+        want = expected_with(group, window)
 
         assert y_bytes(combine(ctx, layer=0)) == cycle_expected(0)
         assert context_field(ctx, ATTN_MICRO_BATCH_ID_AT, "<i") == 0
@@ -318,24 +329,19 @@ def test_combine_waits_for_every_slot_flag() -> None:
     with window_group(CYCLE_DIMS, F, torch.bfloat16, timeout_s=0.3) as group:
         window = cycle_window()
         window.flag(0, 1, 0, 0)  # (token 1, slot 0) of micro-batch 0 has not arrived
-        load_window(group, CYCLE_RANK, window)
-        ctx = context_for(group, CYCLE_RANK).get_schedule_context_tensor()
+        ctx = loaded_context(group, window)
         with pytest.raises(AFDTimeoutError) as info:
             combine(ctx, layer=0)
         for part in ("micro-batch 0", "1 of 4", "(token 1, slot 0)"):
             assert part in str(info.value)
-        want = initial_windows(group, CYCLE_DIMS)
-        want[CYCLE_RANK] = window
-        assert_windows(group, want)
+        assert_windows(group, expected_with(group, window))
 
 
 def test_need_schedule_0_combines_the_context_micro_batch_as_it_is() -> None:
     with window_group(CYCLE_DIMS, F, torch.bfloat16) as group:
         window = cycle_window()
-        load_window(group, CYCLE_RANK, window)
-        ctx = context_for(group, CYCLE_RANK).get_schedule_context_tensor()
-        want = initial_windows(group, CYCLE_DIMS)
-        want[CYCLE_RANK] = window.copy()
+        ctx = loaded_context(group, window)
+        want = expected_with(group, window.copy())
         # A fresh context's id is M - 1: need_schedule=0 reads that micro-batch, with no
         # wait, no flag reset and no store (as the A3 kernel does)
         assert context_field(ctx, ATTN_MICRO_BATCH_ID_AT, "<i") == 1
@@ -357,13 +363,10 @@ def test_need_schedule_0_combines_the_context_micro_batch_as_it_is() -> None:
 def test_the_non_in_place_scheduler_returns_a_new_context() -> None:
     with window_group(CYCLE_DIMS, F, torch.bfloat16) as group:
         window = cycle_window()
-        load_window(group, CYCLE_RANK, window)
-        ctx = context_for(group, CYCLE_RANK).get_schedule_context_tensor()
+        ctx = loaded_context(group, window)
         before = ctx.clone()
         out = attention_worker_scheduler(ctx)
         assert out is not ctx and torch.equal(ctx, before)  # the input context is unchanged
         assert context_field(out, ATTN_MICRO_BATCH_ID_AT, "<i") == 0
         flag_micro_batch(window, 0, 0)  # ... but the window's flags are zeroed
-        want = initial_windows(group, CYCLE_DIMS)
-        want[CYCLE_RANK] = window
-        assert_windows(group, want)
+        assert_windows(group, expected_with(group, window))

@@ -63,14 +63,11 @@ import numpy as np
 import pytest
 import torch
 from golden_support import (
-    ATTENTION_WAIT_BUF,
     ATTN_DATA_BUF,
     ATTN_DATA_BUF_SIZE,
     ATTN_INFO_BUF,
     ATTN_INFO_BUF_SIZE,
     ATTN_MICRO_BATCH_ID,
-    ATTN_TO_FFN_TOKEN_SIZE,
-    EXPERT_NUM,
     FFN_DATA_BUF,
     FFN_DATA_BUF_SIZE,
     FFN_EXPERT_IDS_BUF,
@@ -83,21 +80,14 @@ from golden_support import (
     FFN_POLLING_INDEX,
     FFN_SESSION_IDS_BUF,
     FFN_SESSION_IDS_BUF_SIZE,
-    FFN_TO_ATTN_TOKEN_SIZE,
-    FFN_WAIT_BUF,
     INT32_MAX,
     MASK_ID,
-    MICRO_BATCH_NUM,
-    MICRO_BATCH_SIZE,
-    RUN_FLAG,
-    SCHEDULE_MODE,
-    SCHEDULE_WAIT_BUF,
-    SELECTED_EXPERT_NUM,
-    SESSION_NUM,
+    OP_PLUGIN_WAIT_BUFS,
     Context,
     align512,
     assert_context,
     assert_same_bytes,
+    common_area,
     registered,
     rng_for,
     sample_codes,
@@ -316,20 +306,18 @@ def assert_outputs(outputs: tuple[torch.Tensor, ...], case: Case, want: Expected
 
 
 def common_context(case: Case) -> Context:
-    ctx = Context()
-    for field, value in (
-        (SESSION_NUM, case.A),
-        (MICRO_BATCH_NUM, case.M),
-        (MICRO_BATCH_SIZE, case.BS),
-        (SELECTED_EXPERT_NUM, case.K),
-        (EXPERT_NUM, case.expert_num),
-        (ATTN_TO_FFN_TOKEN_SIZE, case.HS),
-        (FFN_TO_ATTN_TOKEN_SIZE, case.HS),
-        (SCHEDULE_MODE, 0),
-        (RUN_FLAG, 1),
-    ):
-        ctx.put(field, value)
-    return ctx
+    return Context(
+        *common_area(
+            sessions=case.A,
+            micro_batches=case.M,
+            batch_size=case.BS,
+            selected_experts=case.K,
+            experts=case.expert_num,
+            attn_to_ffn_token_size=case.HS,
+            ffn_to_attn_token_size=case.HS,
+            schedule_mode=0,
+        )
+    )
 
 
 def batch(case: Case, ctx: Context, need_schedule: int) -> tuple[torch.Tensor, ...]:
@@ -367,7 +355,7 @@ def test_hicann_norm_row(row: Row, token_info: str) -> None:
         if token_info == "holder":
             ctx.put(FFN_INFO_BUF, info_at)
             ctx.put(FFN_INFO_BUF_SIZE, info.numel() * 4)
-        for field, value in (
+        ctx.put_all(
             (FFN_DATA_BUF, data_at),
             (FFN_DATA_BUF_SIZE, case.data.nbytes),
             (FFN_SESSION_IDS_BUF, sessions_at),
@@ -377,8 +365,7 @@ def test_hicann_norm_row(row: Row, token_info: str) -> None:
             (FFN_EXPERT_IDS_BUF, experts_at),
             (FFN_EXPERT_IDS_BUF_SIZE, capacity.nbytes),
             (FFN_OUT_NUM, out_num),
-        ):
-            ctx.put(field, value)
+        )
         ctx_before = ctx.snapshot()
         outputs = batch(case, ctx, need_schedule=0)
 
@@ -405,14 +392,13 @@ def run_recv(case: Case, polling_index: int) -> None:
     info = torch.from_numpy(info_np.copy())
     with registered(data, info) as (data_at, info_at):
         ctx = common_context(case)
-        for field, value in (
+        ctx.put_all(
             (FFN_DATA_BUF, data_at),
             (FFN_DATA_BUF_SIZE, case.data.nbytes),
             (FFN_INFO_BUF, info_at),
             (FFN_INFO_BUF_SIZE, info_np.nbytes),
             (FFN_POLLING_INDEX, polling_index),
-        ):
-            ctx.put(field, value)
+        )
         ctx_before = ctx.snapshot()
         outputs = batch(case, ctx, need_schedule=1)
 
@@ -478,20 +464,18 @@ def test_op_plugin_batching(schedule_mode: int) -> None:
     sessions = torch.arange(OP_A, dtype=torch.int32)
     mbs = torch.zeros(OP_M, dtype=torch.int32)  # op-plugin sizes this one by M
     with registered(data, info, sessions, mbs) as (data_at, info_at, sessions_at, mbs_at):
-        ctx = Context()
-        for field, value in (
-            (SESSION_NUM, OP_A),
-            (MICRO_BATCH_NUM, OP_M),
-            (MICRO_BATCH_SIZE, OP_BS),
-            (SELECTED_EXPERT_NUM, OP_K),
-            (EXPERT_NUM, OP_EXPERTS),
-            (ATTN_TO_FFN_TOKEN_SIZE, OP_HS),
-            (FFN_TO_ATTN_TOKEN_SIZE, 512),
-            (SCHEDULE_MODE, schedule_mode),
-            (RUN_FLAG, 1),
-            (SCHEDULE_WAIT_BUF, 0x1000),
-            (FFN_WAIT_BUF, 0x2000),
-            (ATTENTION_WAIT_BUF, 0x3000),
+        ctx = Context(
+            *common_area(
+                sessions=OP_A,
+                micro_batches=OP_M,
+                batch_size=OP_BS,
+                selected_experts=OP_K,
+                experts=OP_EXPERTS,
+                attn_to_ffn_token_size=OP_HS,
+                ffn_to_attn_token_size=512,
+                schedule_mode=schedule_mode,
+            ),
+            *OP_PLUGIN_WAIT_BUFS,
             (ATTN_INFO_BUF, 0x4000),
             (ATTN_INFO_BUF_SIZE, 1024),
             (ATTN_DATA_BUF, 0x5000),
@@ -507,8 +491,7 @@ def test_op_plugin_batching(schedule_mode: int) -> None:
             (FFN_MICRO_BATCH_IDS_BUF_SIZE, 4 * OP_M),
             (FFN_POLLING_INDEX, 0),
             (FFN_OUT_NUM, OP_A),
-        ):  # expert_ids_buf stays 0 for need_schedule = 1, as op-plugin leaves it
-            ctx.put(field, value)
+        )  # expert_ids_buf stays 0 for need_schedule = 1, as op-plugin leaves it
         ctx_before = ctx.snapshot()
         outputs = torch.ops.afd.npu_ffn_worker_batching(
             ctx.tensor, OP_EXPERTS, [OP_A, OP_BS, OP_K, OP_H], token_dtype=2, need_schedule=1

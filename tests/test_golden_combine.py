@@ -48,14 +48,11 @@ import numpy as np
 import pytest
 import torch
 from golden_support import (
-    ATTENTION_WAIT_BUF,
     ATTN_DATA_BUF,
     ATTN_DATA_BUF_SIZE,
     ATTN_INFO_BUF,
     ATTN_INFO_BUF_SIZE,
     ATTN_MICRO_BATCH_ID,
-    ATTN_TO_FFN_TOKEN_SIZE,
-    EXPERT_NUM,
     FFN_DATA_BUF,
     FFN_DATA_BUF_SIZE,
     FFN_EXPERT_IDS_BUF,
@@ -66,18 +63,12 @@ from golden_support import (
     FFN_POLLING_INDEX,
     FFN_SESSION_IDS_BUF,
     FFN_SESSION_IDS_BUF_SIZE,
-    FFN_TO_ATTN_TOKEN_SIZE,
-    FFN_WAIT_BUF,
     MICRO_BATCH_NUM,
-    MICRO_BATCH_SIZE,
-    RUN_FLAG,
-    SCHEDULE_MODE,
-    SCHEDULE_WAIT_BUF,
-    SELECTED_EXPERT_NUM,
-    SESSION_NUM,
+    OP_PLUGIN_WAIT_BUFS,
     Context,
     assert_context,
     assert_same_bytes,
+    common_area,
     decode16,
     encode16,
     registered,
@@ -220,16 +211,14 @@ def run_row(row: Row) -> None:
     tokens = torch.from_numpy(tokens_np.view(np.int16))
     flags = torch.from_numpy(flags_np.copy())
     with registered(flags, tokens) as (flags_at, tokens_at):
-        ctx = Context()
-        for field, value in (
+        ctx = Context(
             (MICRO_BATCH_NUM, m),
             (ATTN_INFO_BUF, flags_at),
             (ATTN_INFO_BUF_SIZE, flags_np.nbytes),
             (ATTN_DATA_BUF, tokens_at),
             (ATTN_DATA_BUF_SIZE, tokens_np.nbytes),
             (ATTN_MICRO_BATCH_ID, current),
-        ):
-            ctx.put(field, value)
+        )
         ctx_before = ctx.snapshot()
         y, next_layer = torch.ops.afd.npu_attention_worker_combine(
             ctx.tensor,
@@ -289,20 +278,18 @@ def test_op_plugin_combine() -> None:
     flags = torch.ones(OP_M, OP_BS, OP_E, dtype=torch.int32)
     tokens = torch.from_numpy(tokens_np.view(np.float16))
     with registered(flags, tokens) as (flags_at, tokens_at):
-        ctx = Context()
-        for field, value in (
-            (SESSION_NUM, OP_A),
-            (MICRO_BATCH_NUM, OP_M),
-            (MICRO_BATCH_SIZE, OP_BS),
-            (SELECTED_EXPERT_NUM, OP_E),
-            (EXPERT_NUM, 2),
-            (ATTN_TO_FFN_TOKEN_SIZE, OP_H * 2),
-            (FFN_TO_ATTN_TOKEN_SIZE, 512),
-            (SCHEDULE_MODE, 2),
-            (RUN_FLAG, 1),
-            (SCHEDULE_WAIT_BUF, 0x1000),
-            (FFN_WAIT_BUF, 0x2000),
-            (ATTENTION_WAIT_BUF, 0x3000),
+        ctx = Context(
+            *common_area(
+                sessions=OP_A,
+                micro_batches=OP_M,
+                batch_size=OP_BS,
+                selected_experts=OP_E,
+                experts=2,
+                attn_to_ffn_token_size=OP_H * 2,
+                ffn_to_attn_token_size=512,
+                schedule_mode=2,
+            ),
+            *OP_PLUGIN_WAIT_BUFS,
             (FFN_INFO_BUF, 0x4000),
             (FFN_INFO_BUF_SIZE, 1024),
             (FFN_DATA_BUF, 0x5000),
@@ -318,8 +305,7 @@ def test_op_plugin_combine() -> None:
             (ATTN_DATA_BUF, tokens_at),
             (ATTN_DATA_BUF_SIZE, tokens_np.nbytes),
             (ATTN_MICRO_BATCH_ID, 0),
-        ):
-            ctx.put(field, value)
+        )
         ctx_before = ctx.snapshot()
         # op-plugin passes token_dtype=torch.half; the kernel reads "not 1" as fp16: 0 here
         y, next_layer = torch.ops.afd.npu_attention_worker_combine(

@@ -52,8 +52,6 @@ from golden_support import (
     ATTN_INFO_BUF,
     ATTN_INFO_BUF_SIZE,
     ATTN_MICRO_BATCH_ID,
-    ATTN_TO_FFN_TOKEN_SIZE,
-    EXPERT_NUM,
     FFN_DATA_BUF,
     FFN_DATA_BUF_SIZE,
     FFN_EXPERT_IDS_BUF,
@@ -68,20 +66,14 @@ from golden_support import (
     FFN_POLLING_INDEX,
     FFN_SESSION_IDS_BUF,
     FFN_SESSION_IDS_BUF_SIZE,
-    FFN_TO_ATTN_TOKEN_SIZE,
     INT32_MAX,
     MASK_ID,
-    MICRO_BATCH_NUM,
-    MICRO_BATCH_SIZE,
     RESET_7F,
-    RUN_FLAG,
-    SCHEDULE_MODE,
-    SELECTED_EXPERT_NUM,
-    SESSION_NUM,
     Context,
     align512,
     assert_context,
     assert_same_bytes,
+    common_area,
     context_bytes,
     registered,
     rng_for,
@@ -149,16 +141,17 @@ def ffn_holder(
         info[:, :, 0] = 0
         info[:, :, 1] = 0
         info[:, :, 2:] = INT32_MAX
-        for field, value in (
-            (SESSION_NUM, A),
-            (MICRO_BATCH_NUM, M),
-            (MICRO_BATCH_SIZE, BS),
-            (SELECTED_EXPERT_NUM, k),
-            (EXPERT_NUM, EXPERTS),
-            (ATTN_TO_FFN_TOKEN_SIZE, A2F_TOKEN_SIZE),
-            (FFN_TO_ATTN_TOKEN_SIZE, F2A_TOKEN_SIZE),
-            (SCHEDULE_MODE, 0),
-            (RUN_FLAG, 1),
+        ffn.ctx.put_all(
+            *common_area(
+                sessions=A,
+                micro_batches=M,
+                batch_size=BS,
+                selected_experts=k,
+                experts=EXPERTS,
+                attn_to_ffn_token_size=A2F_TOKEN_SIZE,
+                ffn_to_attn_token_size=F2A_TOKEN_SIZE,
+                schedule_mode=0,
+            ),
             (FFN_INFO_BUF, window_at),
             (FFN_INFO_BUF_SIZE, desc_bytes),
             (FFN_DATA_BUF, window_at + align512(desc_bytes)),
@@ -173,8 +166,7 @@ def ffn_holder(
             (FFN_EXPERT_IDS_BUF, ws_at + 3 * step),
             (FFN_EXPERT_IDS_BUF_SIZE, 4 * A * BS * k),
             (FFN_OUT_NUM, 0),
-        ):
-            ffn.ctx.put(field, value)
+        )
         yield ffn
 
 
@@ -295,24 +287,23 @@ def attention_holder(timeout_s: float = 5.0) -> Iterator[tuple[Context, np.ndarr
     window = torch.zeros(WINDOW_SIZE, dtype=torch.int8)
     flag_bytes = 4 * ATT_M * ATT_BS * K
     with registered(window, timeout_s=timeout_s) as (window_at,):
-        ctx = Context()
-        for field, value in (
-            (SESSION_NUM, ATT_A),
-            (MICRO_BATCH_NUM, ATT_M),
-            (MICRO_BATCH_SIZE, ATT_BS),
-            (SELECTED_EXPERT_NUM, K),
-            (EXPERT_NUM, EXPERTS),
-            (ATTN_TO_FFN_TOKEN_SIZE, A2F_TOKEN_SIZE),
-            (FFN_TO_ATTN_TOKEN_SIZE, F2A_TOKEN_SIZE),
-            (SCHEDULE_MODE, 1),
-            (RUN_FLAG, 1),
+        ctx = Context(
+            *common_area(
+                sessions=ATT_A,
+                micro_batches=ATT_M,
+                batch_size=ATT_BS,
+                selected_experts=K,
+                experts=EXPERTS,
+                attn_to_ffn_token_size=A2F_TOKEN_SIZE,
+                ffn_to_attn_token_size=F2A_TOKEN_SIZE,
+                schedule_mode=1,
+            ),
             (ATTN_INFO_BUF, window_at),
             (ATTN_INFO_BUF_SIZE, flag_bytes),
             (ATTN_DATA_BUF, window_at + align512(flag_bytes)),
             (ATTN_DATA_BUF_SIZE, WINDOW_SIZE - align512(flag_bytes)),
             (ATTN_MICRO_BATCH_ID, ATT_M - 1),
-        ):
-            ctx.put(field, value)
+        )
         flags = window.numpy()[:flag_bytes].view(np.int32).reshape(ATT_M, ATT_BS, K)
         flags[:] = 1  # upstream's _set_all_flags: BS*(top_k+1)*4*M bytes of int32 1
         yield ctx, flags

@@ -211,6 +211,16 @@ def holder_args(mode: int, window: int, size: int, **changes: int) -> dict[str, 
     return args
 
 
+def garbage_window(torch_npu: ModuleType, mode: int) -> tuple[Any, torch.Tensor, int]:
+    """(group, its window as uint8, size) sized for a `mode` holder, every byte GARBAGE."""
+    need = HOLDER_LAYOUT.ffn_window_bytes if mode == 0 else HOLDER_LAYOUT.attn_window_bytes
+    group = single_rank_group(torch_npu)
+    group._window_register_and_exchange(need, [])
+    window = group._get_window_mem().view(torch.uint8)
+    window.fill_(GARBAGE)
+    return group, window, need
+
+
 def relative_context(ctx: torch.Tensor, mode: int, window: int) -> torch.Tensor:
     """The context with its addresses made relative to their window / scheduler workspace."""
     out = ctx.clone()
@@ -226,11 +236,7 @@ def test_the_holder_writes_torch_npus_context_and_initial_window(
 ) -> None:
     ffn = mode == 0
     layout = HOLDER_LAYOUT
-    need = layout.ffn_window_bytes if ffn else layout.attn_window_bytes
-    group = single_rank_group(torch_npu)
-    group._window_register_and_exchange(need, [])
-    window = group._get_window_mem().view(torch.uint8)
-    window.fill_(GARBAGE)
+    _group, window, need = garbage_window(torch_npu, mode)  # collecting it unmaps the window
     holder = torch_npu._afd.create_schedule_context_holder(
         **holder_args(mode, window.data_ptr(), need)
     )
@@ -320,12 +326,7 @@ def test_the_holder_refuses_what_torch_npus_refuses(
     message: str,
 ) -> None:
     ffn = mode == 0
-    layout = HOLDER_LAYOUT
-    need = layout.ffn_window_bytes if ffn else layout.attn_window_bytes
-    group = single_rank_group(torch_npu)
-    group._window_register_and_exchange(need, [])
-    window = group._get_window_mem().view(torch.uint8)
-    window.fill_(GARBAGE)
+    _group, window, need = garbage_window(torch_npu, mode)  # collecting it unmaps the window
     base = window.data_ptr()
     # window_size: exactly the 512-aligned info table leaves no data area
     args = holder_args(mode, base, need, **change(base, align512(info_bytes_of(mode))))
