@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from afd_dispatch.errors import AFDInputError
@@ -122,7 +122,10 @@ def _input_error(
         return raised
     names = [f.name for f in dataclasses.fields(AFDConfig) if f.init]
     given = dict(zip(names, args, strict=False)) | kwargs
-    name = str(first["loc"][0]) if first["loc"] else "--afd-config"
+    where = first["loc"][0] if first["loc"] else "--afd-config"
+    name = names[where] if isinstance(where, int) and where < len(names) else str(where)
+    if first["type"] == "multiple_argument_values":
+        return AFDInputError(name, "given once", shown(given.get(name)))
     if name not in names:
         return AFDInputError(f"key {shown(name)!r}", f"one of {sorted(names)}", shown(name))
     if first["type"] == "missing" or first["type"] == "missing_argument":
@@ -190,7 +193,8 @@ class AFDConfig:
     ] = 1
     quant_mode: Literal["none", "int8"] = "none"
     sync_flag: Annotated[
-        Literal[0],
+        int,
+        Field(ge=0, le=0),
         _allowed(
             "0 (each FFN rank's batching waits for a header from every attention rank; with "
             "1 a rank that gets no slot of a micro-batch gets no header, waits for it until "
@@ -247,6 +251,7 @@ class AFDConfig:
         )
         object.__setattr__(self, "_topology", topology)
         self._check_shared_ranks(topology)
+        self._check_replicas()
 
     def _check_shared_ranks(self, topology: RankTopology) -> None:
         ranks = self.shared_expert_ranks
@@ -280,28 +285,28 @@ class AFDConfig:
 
     @field_validator("expert_replicas", mode="before")
     @classmethod
-    def _replicas(cls, value: Any, info: ValidationInfo) -> Any:
-        """Replicas of one expert go to distinct FFN ranks among those without shared
-        experts; JSON's object keys are strings, so {"3": 2} names expert 3."""
-        if "num_ffn_ranks" not in info.data or "shared_expert_ranks" not in info.data:
-            return value  # refused already: that key's error comes first
-        most = info.data["num_ffn_ranks"] - len(info.data["shared_expert_ranks"])
-        within = f"an integer in [1, {most}] (FFN ranks without shared experts)"
-        if is_int(value):
-            refuse_unless(1 <= value <= most, "expert_replicas", within, value)
-            return value
-        refuse_unless(
-            isinstance(value, Mapping), "expert_replicas", allowed("expert_replicas"), value
-        )
+    def _expert_ids(cls, value: Any) -> Any:
+        """JSON's object keys are strings: {"3": 2} names expert 3 (each id once)."""
+        if not isinstance(value, Mapping):
+            return value  # an integer, or refused as the declaration says
         parsed: dict[int, int] = {}
         for key, count in value.items():
             expert = _parse_expert_key(key)
             refuse_unless(expert not in parsed, "expert_replicas", "each expert id once", key)
-            refuse_unless(
-                is_int(count) and 1 <= count <= most, f"expert_replicas[{key!r}]", within, count
-            )
+            refuse_unless(is_int(count), f"expert_replicas[{key!r}]", "an integer", count)
             parsed[expert] = count
         return dict(sorted(parsed.items()))
+
+    def _check_replicas(self) -> None:
+        # Replicas of one expert go to distinct ranks among those not reserved for shared experts.
+        most = self.num_ffn_ranks - len(self.shared_expert_ranks)
+        within = f"an integer in [1, {most}] (FFN ranks without shared experts)"
+        replicas = self.expert_replicas
+        if isinstance(replicas, int):
+            refuse_unless(1 <= replicas <= most, "expert_replicas", within, replicas)
+            return
+        for expert, count in replicas.items():
+            refuse_unless(1 <= count <= most, f"expert_replicas[{str(expert)!r}]", within, count)
 
     # -- parsing ---------------------------------------------------------------------------
     @classmethod
@@ -426,6 +431,11 @@ def _parse_expert_key(key: Any) -> int:
         key,
     )
     return int(key)
+
+
+def current_key(key: str) -> str | None:
+    """Today's name of config key `key` (None for `role`, which is dropped)."""
+    return None if key == "role" else RENAMED_KEYS.get(key, key)
 
 
 def _current_keys(data: dict[str, Any]) -> dict[str, Any]:

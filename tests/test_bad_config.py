@@ -67,6 +67,8 @@ KEY_CASES: list[tuple[str, Any, str]] = [
     ("quant_mode", 2, "2"),
     ("sync_flag", 2, "2"),
     ("sync_flag", True, "True"),
+    ("sync_flag", False, "False"),  # equal to 0, but not the integer 0
+    ("sync_flag", 0.0, "0.0"),
     ("backend", "cuda", "cuda"),
     ("transport", "rdma", "rdma"),
     ("group", "", "''"),
@@ -382,3 +384,16 @@ def test_role_is_dropped_with_a_warning_and_only_attention_is_taken() -> None:
         config = AFDConfig.from_dict({**BASE, "role": "attention"})
     assert config == AFDConfig.from_dict(BASE) and "role" not in config.to_dict()
     rejected(lambda: AFDConfig.from_dict({**BASE, "role": "ffn"}), "role", "ffn")
+
+
+def test_a_bad_shared_rank_is_named_before_the_replicas_it_limits() -> None:
+    """The replica bound depends on the shared ranks: their own error comes first."""
+    bad = {**BASE, "shared_expert_ranks": [5], "expert_replicas": 2}
+    rejected(lambda: AFDConfig.from_dict(bad), "shared_expert_ranks", "[5]")
+    twice = {**BASE, "num_ffn_ranks": 3, "shared_expert_ranks": [0, 0], "expert_replicas": 3}
+    rejected(lambda: AFDConfig.from_dict(twice), "shared_expert_ranks", "[0, 0]")
+
+
+def test_positional_and_repeated_arguments_are_named() -> None:
+    rejected(lambda: AFDConfig(0, 2), "num_attention_ranks", "0")  # type: ignore[misc]
+    rejected(lambda: AFDConfig(1, 2, num_ffn_ranks=3), "num_ffn_ranks", "3")  # type: ignore[misc]

@@ -15,6 +15,7 @@ forever, and every later micro-batch routed to that rank times out.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from afd_threads import config, counters_when_served, deployment, ffn_workers, r
 
 from afd_dispatch import AFDConfig, AFDInputError, AFDTimeoutError
 from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
+from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.kernels import resolve_backend
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
@@ -157,6 +159,21 @@ def test_the_windows_are_made_on_the_configs_transport(
     groups = Deployment(cfg, with_shared.spec, torch.float32).create_windows()
     try:
         assert [g.spec.transport for g in groups] == [made]
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_the_ray_pool_refuses_in_process_windows_before_any_actor(
+    with_shared: TinyMoEModel, tmp_path: Path
+) -> None:
+    """Its actors attach from other processes: in-process windows would fail in each."""
+    dep = Deployment(config(1, 2, transport="inproc"), with_shared.spec, torch.float32)
+    groups = dep.create_windows()
+    try:
+        with pytest.raises(AFDInputError) as refused:
+            FFNWorkerPool(dep, str(tmp_path), groups)
+        assert (refused.value.argument, refused.value.value) == ("transport", "inproc")
     finally:
         for g in groups:
             g.close()

@@ -428,6 +428,17 @@ def test_checked_config_accepts_a_good_config(models: dict[str, str], vllm_cpu: 
         assert checked.expert_replicas == {0: 2}, arch
 
 
+def test_old_keys_in_afd_config_merge_with_additional_config(
+    models: dict[str, str], vllm_cpu: None
+) -> None:
+    """--afd-config's keys are compared with --additional-config's by today's names."""
+    old = '{"num_attention_workers": 1, "num_ffn_workers": 2, "role": "attention"}'
+    with pytest.warns(FutureWarning):
+        checked = cli.checked_config(old, {"micro_batch_num": 3}, engine_args(models["qwen3_moe"]))
+    assert (checked.num_attention_ranks, checked.num_ffn_ranks) == (1, 2)
+    assert checked.micro_batch_num == 3
+
+
 def test_shared_expert_stays_on_attention_for_qwen2_moe(models: dict[str, str]) -> None:
     """Qwen2-MoE's gated shared expert: vLLM runs it, AFD's table and windows omit it."""
     spec = MoESpec.from_pretrained(models["qwen2_moe"])
@@ -552,16 +563,29 @@ def test_additional_config_afd_is_checked_and_other_keys_are_left_alone(
             "{'afd_role': 'attention', 'role': 'ffn'}",
         ),
         (
-            {"num_ffn_ranks": 2, "num_ffn_workers": 3},  # its old name
-            "keys 'num_ffn_ranks' and 'num_ffn_workers'",
-            "{'num_ffn_ranks': 2, 'num_ffn_workers': 3}",
+            {"num_ffn_ranks": 2, "num_ffn_workers": 3},  # its old name, another value
+            "key 'num_ffn_workers'",
+            "3",
+        ),
+        (
+            {"num_ffn_workers": 2, "num_ffn_ranks": 2},  # even with one value
+            "key 'num_ffn_workers'",
+            "2",
         ),
         ({"port": 1239}, "key 'port'", "1239"),
         ({"connector_extra_config": {}}, "key 'connector_extra_config'", "{}"),
         ({"async_dp": "maybe"}, "key 'async_dp'", "'maybe'"),
         ({"num_attention_rank": 2}, "key 'num_attention_rank'", "'num_attention_rank'"),
     ],
-    ids=["role_twice", "f_twice", "port", "connector_extra", "not_a_bool", "typo"],
+    ids=[
+        "role_twice",
+        "f_twice",
+        "f_old_beside_new",
+        "port",
+        "connector_extra",
+        "not_a_bool",
+        "typo",
+    ],
 )
 def test_afd_plugin_keys_refused_naming_the_key(
     values: dict[str, Any], argument: str, value: str

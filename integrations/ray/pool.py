@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from afd_dispatch.config import AFDConfig
-from afd_dispatch.errors import AFDHandshakeError
+from afd_dispatch.errors import AFDHandshakeError, check
 from afd_dispatch.integrations.ray import calls
 from afd_dispatch.integrations.ray.ffn_actor import FFNWorkerActor
 from afd_dispatch.integrations.ray.supervisor import Supervisor
@@ -71,6 +71,14 @@ class FFNWorkerPool:
         rendezvous: Rendezvous | None = None,
         health: HealthBoard | None = None,
     ) -> None:
+        for group in groups:  # before any actor starts: they attach in other processes
+            check(
+                group.spec.transport == "shm",
+                "transport",
+                '"shm" or "auto" (the FFN ranks are Ray actors in other processes; they '
+                "attach to shared-memory windows only)",
+                group.spec.transport,
+            )
         self.deployment = deployment
         self.health = health
         self._own_health = health is None

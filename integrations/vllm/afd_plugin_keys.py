@@ -75,6 +75,12 @@ def translate(values: Any) -> dict[str, Any]:
             continue
         target = RENAMED.get(key, key)
         if key in RENAMED_KEYS:
+            check(
+                target not in values,
+                f"{FLAG} key {key!r}",
+                f"absent beside {target!r} (its old name)",
+                value,
+            )
             warnings.warn(
                 f"{FLAG} key {key!r} is deprecated: it is {target!r} now",
                 FutureWarning,

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from afd_dispatch.config import AFDConfig
+from afd_dispatch.config import AFDConfig, current_key
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.integrations.vllm import afd_plugin_keys
 from afd_dispatch.kernels import resolve_backend
@@ -70,7 +70,7 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
         values = {} if text is None else AFDConfig.from_dict(given).to_dict()
         if additional is not None:
             # only the keys --afd-config sets itself: its defaults must not clash
-            own = {k: values[k] for k in given}
+            own = {k: values[k] for k in map(current_key, given) if k is not None}
             values = afd_plugin_keys.merge(own, afd_plugin_keys.translate(additional))
         config = server_config(AFDConfig.from_dict(values))
         check_parallel(config, engine_args)
