@@ -7,8 +7,9 @@ each figure with its source), `calibration` the comparison with published result
 (`data/*.json`), `cli` the command. `docs/planner.md` writes the model out as formulas.
 """
 
-from afd_dispatch.planner.cost import Plan, evaluate
+from afd_dispatch.planner.cost import evaluate
 from afd_dispatch.planner.hardware import HardwareProfile
+from afd_dispatch.planner.plan import Plan
 from afd_dispatch.planner.search import Target, search
 from afd_dispatch.planner.shape import AFDLayout, ModelShape, Precision, Workload
 

@@ -18,9 +18,9 @@ from typing import Any
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH
 from afd_dispatch.planner.calibration import CalibrationRow, calibrate, fit_overheads, load_data
-from afd_dispatch.planner.cost import Plan
 from afd_dispatch.planner.ep import EPPlan, search_ep
 from afd_dispatch.planner.hardware import FIGURE_NAMES, HardwareProfile
+from afd_dispatch.planner.plan import Plan
 from afd_dispatch.planner.search import MAX_DIES, SearchResult, Target, search
 from afd_dispatch.planner.shape import BYTES, ModelShape, Precision, Workload
 
@@ -243,11 +243,11 @@ def render(
         f"M*ffn {b.ffn_busy * 1e6:.0f}, round trip {b.round_trip * 1e6:.0f}) = "
         f"{b.period * 1e6:.0f} us  (set by: {b.limiter})"
     )
-    m = lay.micro_batches
+    m, st = lay.micro_batches, best.steps
     out.append(
-        f"  step = {best.moe_layers} MoE layers x {b.period * 1e3:.3f} ms + {best.dense_layers} "
-        f"dense layers x {m} x {best.dense_layer_s * 1e3:.3f} ms + {m} x lm_head "
-        f"{best.head_s * 1e3:.3f} ms + {best.step_overhead_s * 1e3:g} ms = "
+        f"  step = {st.moe_layers} MoE layers x {b.period * 1e3:.3f} ms + {st.dense_layers} "
+        f"dense layers x {m} x {st.dense_layer_s * 1e3:.3f} ms + {m} x lm_head "
+        f"{st.head_s * 1e3:.3f} ms + {st.step_overhead_s * 1e3:g} ms = "
         f"{best.step_s * 1e3:.1f} ms"
     )
     if m > 1:

@@ -24,14 +24,14 @@ embedding, KV cache pool and windows (`DieMemory`) fit in its usable HBM
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import replace
 
 import torch
 
 from afd_dispatch.layout import WindowLayout, a3_attn_to_ffn_token_size
 from afd_dispatch.planner.hardware import HardwareProfile
-from afd_dispatch.planner.memory import DieMemory, attention_die_memory, ffn_die_memory
+from afd_dispatch.planner.memory import attention_die_memory, ffn_die_memory
+from afd_dispatch.planner.plan import LayerBudget, Phase, Plan, StepTerms
 from afd_dispatch.planner.shape import (
     HEAD_BYTES,
     RESULT_BYTES,
@@ -42,230 +42,6 @@ from afd_dispatch.planner.shape import (
 )
 
 
-# -- the budget of one layer ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Phase:
-    """One phase of one micro-batch in one MoE layer: its time, what bounds it, the inputs."""
-
-    name: str
-    seconds: float
-    bound: str
-    detail: str
-
-
-@dataclass(frozen=True)
-class LayerBudget:
-    """The five phases of one micro-batch in one MoE layer, and the pipelined period."""
-
-    attention: Phase
-    a2f: Phase
-    ffn: Phase
-    f2a: Phase
-    combine: Phase
-    micro_batches: int
-
-    @property
-    def phases(self) -> tuple[Phase, ...]:
-        return (self.attention, self.a2f, self.ffn, self.f2a, self.combine)
-
-    @property
-    def attention_busy(self) -> float:
-        """M * (t_attn + t_comb): the attention die's work per layer."""
-        return self.micro_batches * (self.attention.seconds + self.combine.seconds)
-
-    @property
-    def ffn_busy(self) -> float:
-        """M * t_ffn: the FFN die's work per layer."""
-        return self.micro_batches * self.ffn.seconds
-
-    @property
-    def round_trip(self) -> float:
-        """t_attn + t_a2f + t_ffn + t_f2a + t_comb: one micro-batch through the layer."""
-        return sum(p.seconds for p in self.phases)
-
-    @property
-    def period(self) -> float:
-        """T_layer = max(attention busy, FFN busy, round trip)."""
-        return max(self.attention_busy, self.ffn_busy, self.round_trip)
-
-    @property
-    def limiter(self) -> str:
-        """Which term sets the period."""
-        terms = {
-            "attention": self.attention_busy,
-            "ffn": self.ffn_busy,
-            "round trip": self.round_trip,
-        }
-        return max(terms, key=lambda k: terms[k])
-
-
-class StepTerms(Protocol):
-    """What a decode step costs besides its MoE layers (`Plan` and `ep.EPPlan` have it)."""
-
-    @property
-    def moe_layers(self) -> int: ...
-    @property
-    def dense_layers(self) -> int: ...
-    @property
-    def dense_layer_s(self) -> float: ...
-    @property
-    def head_s(self) -> float: ...
-    @property
-    def step_overhead_s(self) -> float: ...
-
-
-def step_seconds(terms: StepTerms, period: float, micro_batches: int) -> float:
-    """T_step = L_moe * T_layer + L_dense * M * t_dense + M * t_head + t_step, seconds."""
-    m = micro_batches
-    return (
-        terms.moe_layers * period
-        + terms.dense_layers * m * terms.dense_layer_s
-        + m * terms.head_s
-        + terms.step_overhead_s
-    )
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The model's answer for one layout: the layer budget, step time, memory, windows."""
-
-    model: str
-    hardware: str
-    precision: Precision
-    workload: Workload
-    layout: AFDLayout
-    budget: LayerBudget
-    dense_layer_s: float
-    head_s: float
-    step_overhead_s: float
-    moe_layers: int
-    dense_layers: int
-    topk: int
-    shared_slots: int
-    hccl_buffsize_mb: int
-    attention_memory: DieMemory
-    ffn_memory: DieMemory
-    usable_memory_gb: float
-    experts_per_ffn_die: int
-    active_experts_per_ffn_die: float
-    weight_split: str = "experts"
-
-    @property
-    def step_s(self) -> float:
-        """`step_seconds` with this plan's layer period and micro-batches."""
-        return step_seconds(self, self.budget.period, self.layout.micro_batches)
-
-    @property
-    def tpot_s(self) -> float:
-        """Time per output token: every sequence gets one token per step."""
-        return self.step_s
-
-    @property
-    def sequences_per_attention_die(self) -> int:
-        return self.layout.micro_batches * self.layout.tokens
-
-    @property
-    def throughput_per_die(self) -> float:
-        """A * M * BS / T_step / (A + F): decode tokens per second per deployed die."""
-        lay = self.layout
-        return lay.attention_dies * self.sequences_per_attention_die / self.step_s / lay.dies
-
-    @property
-    def ffn_tokens_per_step(self) -> float:
-        """A * M * BS / F: tokens per FFN die per step (the afd-plugin recipe's "FFN BS")."""
-        lay = self.layout
-        return lay.attention_dies * self.sequences_per_attention_die / lay.ffn_dies
-
-    @property
-    def ffn_rows_per_micro_batch(self) -> float:
-        """A * BS * K / F_r: routed rows one FFN die's grouped GEMM gets per micro-batch."""
-        lay = self.layout
-        return lay.attention_dies * lay.tokens * self.topk / lay.routed_dies
-
-    @property
-    def attention_memory_gb(self) -> float:
-        """HBM an attention die fills, GB (1e9 bytes): `DieMemory.total` of its terms."""
-        return self.attention_memory.total / 1e9
-
-    @property
-    def ffn_memory_gb(self) -> float:
-        """HBM the fullest FFN die fills, GB (1e9 bytes)."""
-        return self.ffn_memory.total / 1e9
-
-    @property
-    def fits(self) -> bool:
-        """Whether every die's memory terms fit in its usable HBM
-        (`HardwareProfile.usable_hbm_bytes`)."""
-        return max(self.attention_memory_gb, self.ffn_memory_gb) <= self.usable_memory_gb
-
-    def afd_config(self) -> dict[str, Any]:
-        """The `--afd-config` object for this plan (one window group per micro-batch, as the
-        A3 F2A op needs M = 1 per group; shared expert on the last ``shared_dies`` FFN
-        ranks, or on the attention side)."""
-        lay = self.layout
-        config: dict[str, Any] = {
-            "num_attention_ranks": lay.attention_dies,
-            "num_ffn_ranks": lay.ffn_dies,
-            "micro_batch_num": lay.micro_batches,
-            "max_tokens_per_micro_batch": lay.tokens,
-            "quant_mode": "int8" if self.precision.a2f == "int8" else "none",
-            "window_groups": "per_micro_batch",
-            "hccl_buffsize_mb": self.hccl_buffsize_mb,
-            "backend": "npu",
-            "transport": "hccl",
-        }
-        if lay.shared_dies:
-            config["shared_expert_ranks"] = list(range(lay.routed_dies, lay.ffn_dies))
-        elif self.shared_slots:
-            config["shared_experts_on"] = "attention"
-        return config
-
-    def to_dict(self) -> dict[str, Any]:
-        """Machine-readable form (times in ms, memory in GB)."""
-        lay = self.layout
-        return {
-            "model": self.model,
-            "hardware": self.hardware,
-            "precision": vars(self.precision).copy(),
-            "context": self.workload.context,
-            "mean_context": self.workload.mean_context,
-            "attention_dies": lay.attention_dies,
-            "ffn_dies": lay.ffn_dies,
-            "shared_expert_dies": lay.shared_dies,
-            "micro_batches": lay.micro_batches,
-            "bs_per_micro_batch": lay.tokens,
-            "sequences_per_attention_die": self.sequences_per_attention_die,
-            "ffn_tokens_per_step": self.ffn_tokens_per_step,
-            "ffn_rows_per_micro_batch": self.ffn_rows_per_micro_batch,
-            "experts_per_ffn_die": self.experts_per_ffn_die,
-            "active_experts_per_ffn_die": self.active_experts_per_ffn_die,
-            "hccl_buffsize_mb": self.hccl_buffsize_mb,
-            "tpot_ms": self.tpot_s * 1e3,
-            "throughput_per_die": self.throughput_per_die,
-            "step_ms": self.step_s * 1e3,
-            "layer": {
-                **{p.name: p.seconds * 1e3 for p in self.budget.phases},
-                "period": self.budget.period * 1e3,
-                "limiter": self.budget.limiter,
-            },
-            "layer_bounds": {p.name: p.bound for p in self.budget.phases},
-            "dense_layer_ms": self.dense_layer_s * 1e3,
-            "head_ms": self.head_s * 1e3,
-            "moe_layers": self.moe_layers,
-            "dense_layers": self.dense_layers,
-            "memory_gb": {
-                "attention_die": self.attention_memory_gb,
-                "ffn_die": self.ffn_memory_gb,
-                "usable": self.usable_memory_gb,
-                "weight_split": self.weight_split,
-                "attention_die_terms": self.attention_memory.terms_gb(),
-                "ffn_die_terms": self.ffn_memory.terms_gb(),
-            },
-            "afd_config": self.afd_config(),
-        }
-
-
-# -- the formulas ------------------------------------------------------------------------------
 def roofline(name: str, nbytes: float, flops: float, hw: HardwareProfile, rate: float) -> Phase:
     """max(bytes / B_hbm, flops / P): a kernel streams its bytes while it computes."""
     t_mem, t_cmp = nbytes / hw.hbm_bytes_per_s, flops / rate
@@ -376,6 +152,32 @@ def window_layout(
     )
 
 
+def step_terms(
+    shape: ModelShape,
+    hw: HardwareProfile,
+    precision: Precision,
+    context: float,
+    tokens: int,
+) -> StepTerms:
+    """A dense layer and the lm_head for a micro-batch of `tokens` sequences."""
+    dense = attention_phase(shape, hw, precision, context, tokens, shared_here=False,
+                            dense_mlp=True)  # fmt: skip
+    head = roofline(
+        "head",
+        shape.vocab_size * shape.hidden * HEAD_BYTES,
+        2.0 * tokens * shape.vocab_size * shape.hidden,
+        hw,
+        hw.bf16_flops,
+    )
+    return StepTerms(
+        moe_layers=shape.num_moe_layers,
+        dense_layers=shape.num_dense_layers,
+        dense_layer_s=dense.seconds,
+        head_s=head.seconds,
+        step_overhead_s=hw.step_overhead_ms * 1e-3,
+    )
+
+
 def evaluate(
     shape: ModelShape,
     hw: HardwareProfile,
@@ -446,15 +248,6 @@ def evaluate(
         if shared.seconds > ffn.seconds:
             ffn = replace(shared, detail=shared.detail + " (shared-expert die)")
 
-    dense = attention_phase(shape, hw, precision, ctx, bs, shared_here=False, dense_mlp=True)
-    head = roofline(
-        "head",
-        shape.vocab_size * h * HEAD_BYTES,
-        2.0 * bs * shape.vocab_size * h,
-        hw,
-        hw.bf16_flops,
-    )
-
     buffsize = win.hccl_buffsize_mb
     windows = float(m * buffsize * 2**20)  # each micro-batch's group reserves HCCL_BUFFSIZE
     attn_mem = attention_die_memory(
@@ -482,11 +275,7 @@ def evaluate(
         workload=workload,
         layout=layout,
         budget=LayerBudget(attn, a2f, ffn, f2a, combine, m),
-        dense_layer_s=dense.seconds,
-        head_s=head.seconds,
-        step_overhead_s=hw.step_overhead_ms * 1e-3,
-        moe_layers=shape.num_moe_layers,
-        dense_layers=shape.num_dense_layers,
+        steps=step_terms(shape, hw, precision, ctx, bs),
         topk=k,
         shared_slots=s,
         hccl_buffsize_mb=buffsize,

@@ -9,20 +9,19 @@ from dataclasses import dataclass
 
 from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH
 from afd_dispatch.planner.cost import (
-    LayerBudget,
     active_experts,
     attention_phase,
     expert_phase,
     link,
     roofline,
-    step_seconds,
+    step_terms,
 )
 from afd_dispatch.planner.hardware import HardwareProfile
 from afd_dispatch.planner.memory import DieMemory, ep_die_memory
+from afd_dispatch.planner.plan import LayerBudget, StepTerms
 from afd_dispatch.planner.search import Target, largest, smallest
 from afd_dispatch.planner.shape import (
     BYTES,
-    HEAD_BYTES,
     RESULT_BYTES,
     ModelShape,
     Precision,
@@ -39,11 +38,7 @@ class EPPlan:
     micro_batches: int
     tokens: int
     budget: LayerBudget
-    dense_layer_s: float
-    head_s: float
-    step_overhead_s: float
-    moe_layers: int
-    dense_layers: int
+    steps: StepTerms
     memory: DieMemory
     usable_memory_gb: float
 
@@ -54,8 +49,8 @@ class EPPlan:
 
     @property
     def step_s(self) -> float:
-        """`step_seconds`, as `Plan.step_s`; the layer period's busy terms share one die."""
-        return step_seconds(self, self.period, self.micro_batches)
+        """As `Plan.step_s`; the layer period's busy terms share one die."""
+        return self.steps.step_seconds(self.period, self.micro_batches)
 
     @property
     def period(self) -> float:
@@ -112,14 +107,6 @@ def evaluate_ep(
         hidden=h,
     )
     combine = roofline("combine", tokens * (k + 2) * h * RESULT_BYTES, 0.0, hw, hw.bf16_flops)
-    dense = attention_phase(shape, hw, precision, ctx, tokens, shared_here=False, dense_mlp=True)
-    head = roofline(
-        "head",
-        shape.vocab_size * h * HEAD_BYTES,
-        2.0 * tokens * shape.vocab_size * h,
-        hw,
-        hw.bf16_flops,
-    )
     mem = ep_die_memory(
         shape, precision, workload, local_experts=local, sequences=micro_batches * tokens
     )
@@ -128,11 +115,7 @@ def evaluate_ep(
         micro_batches=micro_batches,
         tokens=tokens,
         budget=LayerBudget(attn, dispatch, ffn, back, combine, micro_batches),
-        dense_layer_s=dense.seconds,
-        head_s=head.seconds,
-        step_overhead_s=hw.step_overhead_ms * 1e-3,
-        moe_layers=shape.num_moe_layers,
-        dense_layers=shape.num_dense_layers,
+        steps=step_terms(shape, hw, precision, ctx, tokens),
         memory=mem,
         usable_memory_gb=hw.usable_hbm_bytes / 1e9,
     )

@@ -10,8 +10,9 @@ from functools import partial
 
 from afd_dispatch.errors import check
 from afd_dispatch.layout import MAX_TOKENS_PER_MICRO_BATCH
-from afd_dispatch.planner.cost import Plan, evaluate
+from afd_dispatch.planner.cost import evaluate
 from afd_dispatch.planner.hardware import HardwareProfile
+from afd_dispatch.planner.plan import Plan
 from afd_dispatch.planner.shape import AFDLayout, ModelShape, Precision, Workload
 from afd_dispatch.topology import MAX_RANKS_PER_ROLE
 
