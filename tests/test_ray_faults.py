@@ -252,7 +252,7 @@ def test_a_rank_whose_link_failed_is_named_down_for_that_failure(
         assert board is not None
         rank = dep.topology.ffn_ranks[1]
         info, _ = get_window_group(dep.channels[0].group).ffn_views(rank)
-        info[0, dep.channels[0].micro_batch, FLAG_OFFSET] = 7
+        info[0, dep.channels[0].window_micro_batch, FLAG_OFFSET] = 7
         wait_for(lambda: board.ffn(rank).state is RankState.FAILED, STATE_WITHIN_S, board.describe)
         detail = board.ffn(rank).detail
         assert "its link failed: AFDInputError" in detail and "window flags" in detail, detail

@@ -687,7 +687,7 @@ def test_worker_killed_while_giving_back_redelivers_only_what_never_arrived(
             channel = dep.channels[1]
             flags, _ = get_window_group(channel.group).attn_views(endpoints[0].rank)
             tokens = inputs[0, 3][0].shape[0]  # (rows past them are A2F's padding, flagged)
-            assert int(flags[channel.micro_batch, :tokens].count_nonzero()) == 0
+            assert int(flags[channel.window_micro_batch, :tokens].count_nonzero()) == 0
         receive(1, 0, 1, sessions=(1,) if session_0_moves_on else (0, 1))
         if not session_0_moves_on:
             send(0, 1, 2, sessions=(0,))

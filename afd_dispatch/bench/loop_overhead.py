@@ -84,11 +84,11 @@ def solo_overhead(repeat: int, micro_batches: int = 2) -> float:
             for layer in range(shape.layers):
                 for m, channel in enumerate(dep.channels):
                     group = get_window_group(channel.group)
-                    group.ffn_views(ffn_rank)[0][0, channel.micro_batch, FLAG_OFFSET] = 0
+                    group.ffn_views(ffn_rank)[0][0, channel.window_micro_batch, FLAG_OFFSET] = 0
                     t0 = time.perf_counter()
                     endpoint.send(m, layer, hidden, ids, weights)
                     t1 = time.perf_counter()
-                    group.attn_views(endpoint.rank)[0][channel.micro_batch] = 1
+                    group.attn_views(endpoint.rank)[0][channel.window_micro_batch] = 1
                     t2 = time.perf_counter()
                     endpoint.receive(m)
                     host += (t1 - t0) + (time.perf_counter() - t2)

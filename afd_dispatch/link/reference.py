@@ -66,7 +66,7 @@ class ReferenceAttentionLink(AttentionLink):
         ]
         self._session = torch.tensor([session], dtype=torch.int32)
         self._micro_batch = [
-            torch.tensor([c.micro_batch], dtype=torch.int32) for c in deployment.channels
+            torch.tensor([c.window_micro_batch], dtype=torch.int32) for c in deployment.channels
         ]
         self._layer = torch.zeros(1, dtype=torch.int32)
         self._layer_id = self._layer.numpy()  # same memory: a store without a torch call

@@ -25,10 +25,12 @@ from afd_dispatch.windows import WindowGroup, create_window_group
 
 @dataclass(frozen=True)
 class Channel:
-    """Where micro-batch slot m travels: a window group and the micro-batch id inside it."""
+    """Where the pipeline's micro-batch m (its slot, 0..M-1) travels: a window group, and
+    the micro-batch id the ops use inside that group (`window_micro_batch`: m in a shared
+    group, 0 in a group of its own)."""
 
     group: str
-    micro_batch: int
+    window_micro_batch: int
 
 
 @dataclass(frozen=True)
