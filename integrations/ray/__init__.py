@@ -1,6 +1,6 @@
 """FFN workers as Ray actors: one actor per FFN rank, started, checked and stopped together.
 
-    with FFNWorkerPool(config, model_path, deployment) as pool:
+    with FFNWorkerPool(deployment, model_path, deployment.create_windows()) as pool:
         ...  # attention ranks send; the actors serve
 
 With no `ray_address` in the config a local Ray is started (the embedded default); with
