@@ -61,6 +61,19 @@ class ConfigRefused(SystemExit):
         return (type(self), (self.message,))
 
 
+def say_plainly(line: str) -> None:
+    """`line` on stderr as it is, as argparse's own errors read: vLLM 0.30 prefixes what
+    its API server process writes through `sys.stderr` with "(APIServer pid=N) ", so the
+    line goes to the file descriptor itself (or through `sys.stderr` where it has none)."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        print(line, file=sys.stderr, flush=True)
+        return
+    os.write(fd, (line + "\n").encode(errors="replace"))
+
+
 def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDConfig:
     """`--afd-config` and/or `--additional-config '{"afd": ...}'`, checked against this
     server; exit with status 2 and one clear message, before any engine or worker starts."""
@@ -113,7 +126,7 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
         # an error about the flag itself already starts with its name
         said = str(exc) if exc.argument == flag else f"{flag}: {exc}"
         refused = ConfigRefused(f"error: {said}")
-        print(refused.message, file=sys.stderr, flush=True)
+        say_plainly(refused.message)
         raise refused from None
     return config
 
