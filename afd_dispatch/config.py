@@ -50,15 +50,16 @@ ROLE_ALLOWED = (
     '"attention" (the process reading the config is the attention side and starts the FFN '
     'ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
 )
-DEPRECATED_KEYS = (*RENAMED_KEYS, "role")
-"""Still read: `role` was never used (the config's reader is always the attention side), so
-"attention" is dropped with a FutureWarning and anything else refused (`ROLE_ALLOWED`)."""
-BACKENDS = ("auto", "reference", "npu")
-TRANSPORTS = ("auto", "inproc", "shm", "hccl")
+Backend = Literal["auto", "reference", "npu"]
+Transport = Literal["auto", "inproc", "shm", "hccl"]
+WindowGroups = Literal["shared", "per_micro_batch"]
+SharedExpertsOn = Literal["ffn", "attention"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
+WINDOW_GROUPS: tuple[str, ...] = get_args(WindowGroups)
+SHARED_EXPERTS_ON: tuple[str, ...] = get_args(SharedExpertsOn)
 # the transports each link runs on (afd_dispatch.link refuses the others when it starts)
 LINK_TRANSPORTS = {"reference": ("auto", "inproc", "shm"), "npu": ("auto", "hccl")}
-WINDOW_GROUPS = ("shared", "per_micro_batch")
-SHARED_EXPERTS_ON = ("ffn", "attention")
 GROUP_NAME = r"[A-Za-z0-9_.-]{1,64}"
 _RAY_ADDRESS = re.compile(
     r"(auto|local|ray://[A-Za-z0-9_.:\[\]-]{1,255}|[A-Za-z0-9_.\[\]-]{1,253}:[0-9]{1,5})"
@@ -138,7 +139,7 @@ def _input_error(
 class AFDConfig:
     """An AFD deployment, as one JSON object.
 
-    Keys (all optional but the two rank counts; `DEPRECATED_KEYS` are still read):
+    Keys (all optional but the two rank counts; `_current_keys` reads deprecated ones):
 
     =========================  ==========================================================
     num_attention_ranks        A, attention ranks, 1..768
@@ -201,8 +202,8 @@ class AFDConfig:
             "wait_timeout_s, and so does every later micro-batch sent to it)"
         ),
     ] = 0
-    backend: Literal["auto", "reference", "npu"] = "auto"
-    transport: Literal["auto", "inproc", "shm", "hccl"] = "auto"
+    backend: Backend = "auto"
+    transport: Transport = "auto"
     group: Annotated[
         str,
         Field(pattern=f"^{GROUP_NAME}$"),
@@ -216,7 +217,7 @@ class AFDConfig:
     # and an idle FFN loop that re-enters its wait at each expiry keeps a core busy
     wait_timeout_s: Seconds = 30.0
     startup_timeout_s: Seconds = 120.0
-    window_groups: Literal["shared", "per_micro_batch"] = "shared"
+    window_groups: WindowGroups = "shared"
     ray_address: Annotated[
         str | None,
         _allowed('null, "auto", "local", "host:port" or "ray://host:port" (port 1..65535)'),
@@ -229,7 +230,7 @@ class AFDConfig:
     )
     batch_invariant: Switch = False
     trace: Switch = False
-    shared_experts_on: Literal["ffn", "attention"] = "ffn"
+    shared_experts_on: SharedExpertsOn = "ffn"
 
     def __post_init__(self) -> None:
         refuse_unless(
@@ -352,8 +353,6 @@ class AFDConfig:
                 f"one of {sorted(known)}",
                 key,
             )
-        for required in ("num_attention_ranks", "num_ffn_ranks"):
-            refuse_unless(required in data, required, "present (a required key)", None)
         for key, value in data.items():
             refuse_unless(
                 not too_deep(value, MAX_VALUE_DEPTH),
@@ -439,7 +438,9 @@ def current_key(key: str) -> str | None:
 
 
 def _current_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with `DEPRECATED_KEYS` in today's terms, a FutureWarning for each one given."""
+    """`data` with deprecated keys in today's terms, a FutureWarning for each one given:
+    `RENAMED_KEYS`, and `role`, which nothing read (the config's reader is always the
+    attention side): "attention" is dropped, anything else refused (`ROLE_ALLOWED`)."""
     out = dict(data)
     for old, new in RENAMED_KEYS.items():
         if old in out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from afd_dispatch.config import LINK_TRANSPORTS
 from afd_dispatch.errors import check
 from afd_dispatch.link.base import AttentionLink, Batch, FFNLink
 from afd_dispatch.runtime.deployment import Deployment
@@ -20,15 +21,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AttentionLink", "Batch", "FFNLink", "attention_link", "ffn_link", "link_kind"]
 
-REFERENCE_TRANSPORTS = ("auto", "inproc", "shm")
-NPU_TRANSPORTS = ("auto", "hccl")
-
 
 def link_kind(deployment: Deployment) -> str:
     """The implementation the config selects: "reference" or "npu" (HCCL windows)."""
     cfg = deployment.config
     backend = deployment.backend
-    allowed = REFERENCE_TRANSPORTS if backend == "reference" else NPU_TRANSPORTS
+    allowed = LINK_TRANSPORTS[backend]
     check(
         cfg.transport in allowed,
         "transport",
