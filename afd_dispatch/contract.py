@@ -106,7 +106,7 @@ def check_attention_to_ffn(
     bs = layout.tokens
     active = bs
     if values:
-        session = _scalar_value(session_id, "session_id", 0, layout.sessions)
+        session = _scalar_value(session_id, "session_id", 0, layout.num_attention_ranks)
         micro_batch = _scalar_value(micro_batch_id, "micro_batch_id", 0, layout.micro_batches)
         layer = _scalar_value(layer_id, "layer_id", 0, INT32_MAX)
         if active_mask is not None:
@@ -182,13 +182,13 @@ def _check_attention_to_ffn_structure(
     )
     info_shape = _shape(ffn_token_info_table_shape, "ffn_token_info_table_shape", 3)
     attn_shape = _shape(attn_token_info_table_shape, "attn_token_info_table_shape", 3)
-    sessions, micro_batches = info_shape[0], attn_shape[0]
-    topology = RankTopology.from_world(world_size, sessions, ffn_start_rank_id)
+    num_attention_ranks, micro_batches = info_shape[0], attn_shape[0]
+    topology = RankTopology.from_world(world_size, num_attention_ranks, ffn_start_rank_id)
     shared = validated_table(expert_rank_table, topology, moe_expert_num)
     quant = quant_mode == QUANT_INT8
     data_shape = _shape(ffn_token_data_shape, "ffn_token_data_shape", 5)
     layout = WindowLayout(
-        sessions, micro_batches, bs, topk, shared, hidden, x.dtype, quant,
+        num_attention_ranks, micro_batches, bs, topk, shared, hidden, x.dtype, quant,
         attn_to_ffn_token_size=_slot_bytes(data_shape[4], hidden, x.dtype, quant),
     )  # fmt: skip
     _expect_shape(info_shape, layout.ffn_info_shape, "ffn_token_info_table_shape")
@@ -308,9 +308,9 @@ def check_ffn_to_attention(
     n = rows
     if values:
         n = _scalar_value(actual_token_num, "actual_token_num", 0, rows + 1)
-        sessions = world_size if attn_rank_table is None else attn_rank_table.numel()
+        session_bound = world_size if attn_rank_table is None else attn_rank_table.numel()
         for name, t, bound in (
-            ("session_ids", session_ids, sessions),
+            ("session_ids", session_ids, session_bound),
             ("micro_batch_ids", micro_batch_ids, m),
             ("token_ids", token_ids, bs),
             ("expert_offsets", expert_offsets, e),

@@ -41,10 +41,10 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
     model = TinyMoEModel(TinyMoEConfig())
     deployment = Deployment(config, model.spec, torch.float32)
     torch.manual_seed(0)
-    sessions = config.num_attention_ranks
+    num_attention_ranks = config.num_attention_ranks
     tokens = config.micro_batch_num * min(4, config.max_tokens_per_micro_batch)
-    prompts = [torch.randint(0, model.config.vocab_size, (tokens, 3)) for _ in range(sessions)]
-    tracers = [Tracer(f"attention {s}", enabled=config.trace) for s in range(sessions)]
+    prompts = [torch.randint(0, model.config.vocab_size, (tokens, 3)) for _ in range(num_attention_ranks)]
+    tracers = [Tracer(f"attention {s}", enabled=config.trace) for s in range(num_attention_ranks)]
     results: dict[int, list[torch.Tensor]] = {}
     errors: list[BaseException] = []
 
@@ -65,7 +65,7 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
             with FFNWorkerPool(deployment, path, groups) as pool:
                 print(f"{len(pool.actors)} FFN actors up in {time.monotonic() - start:.1f} s")
                 threads = [
-                    threading.Thread(target=attention_rank, args=(s,)) for s in range(sessions)
+                    threading.Thread(target=attention_rank, args=(s,)) for s in range(num_attention_ranks)
                 ]
                 for t in threads:
                     t.start()
@@ -79,7 +79,7 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
         raise errors[0]
     colocated = ColocatedMoE(model.expert_banks(True), model.spec.num_shared_experts, torch.float32)
     ok = True
-    for s in range(sessions):
+    for s in range(num_attention_ranks):
         expected = decode(model, colocated, prompts[s], steps, config.micro_batch_num)
         same = all(torch.equal(a, b) for a, b in zip(expected, results[s], strict=True))
         ok &= same

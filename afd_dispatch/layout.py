@@ -92,14 +92,14 @@ def a3_attn_to_ffn_token_size(hidden: int, dtype: torch.dtype, quant: bool) -> i
 class WindowLayout:
     """Shapes and byte offsets of the FFN and attention windows of one window group.
 
-    sessions A, micro_batches M, tokens BS (per micro-batch and attention rank),
+    num_attention_ranks A (the ops' session_num), micro_batches M, tokens BS (per micro-batch and attention rank),
     topk K, shared S, hidden H, dtype of the activations, quant (int8 A2F rows), and
     attn_to_ffn_token_size: bytes of one FFN-window slot (0: the seed's H + 128 for int8
     rows, H * itemsize otherwise; `a3_attn_to_ffn_token_size` gives A3 callers' size).
     It must hold the row (H * itemsize, or H + 4 with int8) and a whole number of elements.
     """
 
-    sessions: int
+    num_attention_ranks: int
     micro_batches: int
     tokens: int
     topk: int
@@ -110,7 +110,7 @@ class WindowLayout:
     attn_to_ffn_token_size: int = 0
 
     def __post_init__(self) -> None:
-        check(self.sessions >= 1, "sessions (A)", ">= 1", self.sessions)
+        check(self.num_attention_ranks >= 1, "num_attention_ranks (A)", ">= 1", self.num_attention_ranks)
         check(self.micro_batches >= 1, "micro_batches (M)", ">= 1", self.micro_batches)
         check(
             0 < self.tokens <= MAX_TOKENS_PER_MICRO_BATCH,
@@ -175,11 +175,11 @@ class WindowLayout:
     # -- FFN window ------------------------------------------------------------------------
     @property
     def ffn_info_shape(self) -> tuple[int, int, int]:
-        return (self.sessions, self.micro_batches, SLOTS_OFFSET + self.tokens * self.slots)
+        return (self.num_attention_ranks, self.micro_batches, SLOTS_OFFSET + self.tokens * self.slots)
 
     @property
     def ffn_data_shape(self) -> tuple[int, int, int, int, int]:
-        return (self.sessions, self.micro_batches, self.tokens, self.slots, self.row_elems)
+        return (self.num_attention_ranks, self.micro_batches, self.tokens, self.slots, self.row_elems)
 
     @property
     def ffn_info_bytes(self) -> int:
@@ -203,12 +203,12 @@ class WindowLayout:
         expert id) of the batch it collected and has not given back; a copy of the info
         rows [A, 2 + BS*E] of the micro-batch it is collecting; [A] each session's receipt
         count of that micro-batch (`attn_receipts_bytes`) when it was collected."""
-        rows = self.sessions * self.tokens * self.slots
+        rows = self.num_attention_ranks * self.tokens * self.slots
         return 4 * (
             JOURNAL_HEADER_WORDS
             + JOURNAL_ROW_FIELDS * rows
             + self.ffn_info_shape[0] * self.ffn_info_shape[2]
-            + self.sessions
+            + self.num_attention_ranks
         )
 
     def ffn_journal_views(
@@ -224,7 +224,7 @@ class WindowLayout:
         )
         words = storage.view(torch.int32)
         a, _, width = self.ffn_info_shape
-        n = JOURNAL_ROW_FIELDS * self.sessions * self.tokens * self.slots
+        n = JOURNAL_ROW_FIELDS * self.num_attention_ranks * self.tokens * self.slots
         header = words[:JOURNAL_HEADER_WORDS]
         rows = words[JOURNAL_HEADER_WORDS : JOURNAL_HEADER_WORDS + n].view(JOURNAL_ROW_FIELDS, -1)
         info_end = JOURNAL_HEADER_WORDS + n + a * width
@@ -244,7 +244,7 @@ class WindowLayout:
     def ffn_scheduler_buffer_bytes(self) -> tuple[int, int, int, int]:
         """Bytes of the FFN scheduler's outputs (layer ids, session ids, micro-batch ids:
         int32 [A] each; expert ids: int32 [A, BS, E]), as torch_npu's holder sizes them."""
-        a = self.sessions
+        a = self.num_attention_ranks
         return 4 * a, 4 * a, 4 * a, 4 * a * self.tokens * self.slots
 
     @property
@@ -284,7 +284,7 @@ class WindowLayout:
         check(
             self.hccl_buffsize_mb <= buffsize_mb,
             "HCCL_BUFFSIZE",
-            f">= {self.hccl_buffsize_mb} MB for A={self.sessions} M={self.micro_batches} "
+            f">= {self.hccl_buffsize_mb} MB for A={self.num_attention_ranks} M={self.micro_batches} "
             f"BS={self.tokens} E={self.slots} HS={self.row_elems}",
             buffsize_mb,
         )
@@ -354,24 +354,24 @@ REFUSALS_WORD = 4
 ERRORS_WORD, ERROR_MS_WORD, BROKEN_WORD = 0, 1, 2
 
 
-def health_board_bytes(ffn_ranks: int, sessions: int) -> int:
-    """Bytes of the health board of a deployment with F `ffn_ranks` and A `sessions`."""
-    return HEALTH_ROW_BYTES * (2 * ffn_ranks + sessions)
+def health_board_bytes(num_ffn_ranks: int, num_attention_ranks: int) -> int:
+    """Bytes of the health board of a deployment with F FFN ranks and A attention ranks."""
+    return HEALTH_ROW_BYTES * (2 * num_ffn_ranks + num_attention_ranks)
 
 
 def health_board_views(
-    storage: torch.Tensor, ffn_ranks: int, sessions: int
+    storage: torch.Tensor, num_ffn_ranks: int, num_attention_ranks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(words int64 [2F + A, HEALTH_ROW_WORDS], messages uint8 [2F + A, HEALTH_MESSAGE_BYTES])
     over the board's storage: rows [0, F) FFN states, [F, 2F) FFN events, [2F, 2F + A)
-    attention sessions."""
-    needed = health_board_bytes(ffn_ranks, sessions)
+    attention ranks."""
+    needed = health_board_bytes(num_ffn_ranks, num_attention_ranks)
     check(
         storage.dtype == torch.uint8 and storage.numel() == needed,
         "health board storage",
         f"{needed} uint8 bytes",
         (storage.dtype, storage.numel()),
     )
-    rows = storage.view(2 * ffn_ranks + sessions, HEALTH_ROW_BYTES)
+    rows = storage.view(2 * num_ffn_ranks + num_attention_ranks, HEALTH_ROW_BYTES)
     words = rows[:, : 8 * HEALTH_ROW_WORDS].view(torch.int64)
     return words, rows[:, 8 * HEALTH_ROW_WORDS :]

@@ -29,7 +29,7 @@ def build_expert_rank_table(
 
     Routed experts go round-robin over the FFN ranks that do not host shared experts, each
     replica of one expert on a different rank, so load and memory spread evenly. A shared
-    expert is replicated on every rank of `shared_expert_ranks` (attention sessions then
+    expert is replicated on every rank of `shared_expert_ranks` (attention ranks then
     spread over them through `session_id % count`); with no such ranks it is placed like a
     routed expert. Local ids on a rank count up in placement order.
     """

@@ -102,7 +102,7 @@ class Context:
 
 def common_area(
     *,
-    sessions: int,
+    num_attention_ranks: int,
     micro_batches: int,
     batch_size: int,
     selected_experts: int,
@@ -113,7 +113,7 @@ def common_area(
 ) -> tuple[tuple[Field, int], ...]:
     """(field, value) of the common area (counts, token sizes, schedule_mode) and run_flag 1."""
     return (
-        (SESSION_NUM, sessions),
+        (SESSION_NUM, num_attention_ranks),
         (MICRO_BATCH_NUM, micro_batches),
         (MICRO_BATCH_SIZE, batch_size),
         (SELECTED_EXPERT_NUM, selected_experts),

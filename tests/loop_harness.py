@@ -79,7 +79,7 @@ class Harness:
         y, group_list, sess, mbs, toks, offs, dyn, n_t = ref.npu_ffn_worker_batching(
             self.ffn_ctx[rank].get_schedule_context_tensor(),
             max(1, len(hosted)),
-            [lay.sessions, lay.tokens, lay.slots, lay.hidden],
+            [lay.num_attention_ranks, lay.tokens, lay.slots, lay.hidden],
             token_dtype=code,
             need_schedule=1,
         )

@@ -245,7 +245,7 @@ def test_check_hccl_buffsize() -> None:
 @pytest.mark.parametrize(
     ("fields", "argument", "shown"),
     [
-        pytest.param({"sessions": 0}, "sessions (A)", "0", id="A=0"),
+        pytest.param({"num_attention_ranks": 0}, "num_attention_ranks (A)", "0", id="A=0"),
         pytest.param({"micro_batches": 0}, "micro_batches (M)", "0", id="M=0"),
         pytest.param({"tokens": 0}, "tokens (BS)", "0", id="BS=0"),
         pytest.param({"tokens": 513}, "tokens (BS)", "513", id="BS=513"),

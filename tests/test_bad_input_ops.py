@@ -361,7 +361,7 @@ A2F_CASES: list[tuple[str, Mutation, str, str]] = [
     ("info-A", _shape_arg("ffn_token_info_table_shape", 0), "(rank)", f"{F - 1}"),
     (
         "info-A-vs-group",
-        _both(_consistent(sessions=A + 1), _set(world_size=A + F + 1)),
+        _both(_consistent(num_attention_ranks=A + 1), _set(world_size=A + F + 1)),
         "ffn_token_info_table_shape[0] (A)",
         f"{A + 1}",
     ),

@@ -292,10 +292,10 @@ def test_the_bench_collects_every_process_dump(
         metrics.CounterPublisher(ffn, "ffn"),
     ]
     try:
-        got = serving_servers.collect_traces(str(tmp_path), sessions=1, wait_s=20.0)
+        got = serving_servers.collect_traces(str(tmp_path), num_attention_ranks=1, wait_s=20.0)
         assert timeline.Trace.from_documents(got) == timeline.Trace.from_documents(documents())
         with pytest.raises(TimeoutError, match=r"attention 1"):
-            serving_servers.collect_traces(str(tmp_path), sessions=2, wait_s=1.5)
+            serving_servers.collect_traces(str(tmp_path), num_attention_ranks=2, wait_s=1.5)
     finally:
         for publisher in publishers:
             publisher.close()
@@ -352,7 +352,7 @@ def test_the_serving_bench_rows_png_and_trace(tmp_path: Path) -> None:
         timeline.Trace.from_documents(documents()),
         wall_s=0.5,
         tokens=512,
-        sessions=1,
+        num_attention_ranks=1,
         cpu=serving_servers.CpuUse(
             wall_s=0.5,
             cpu_s={"worker": 0.25, "ffn_actor": 0.4},

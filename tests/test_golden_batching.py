@@ -274,7 +274,7 @@ def expected_outputs(
         n=n,
         y=slots[:, : case.payload],
         scale=slots[:, case.H : case.H + 4],
-        sessions=s.astype(np.int32),
+        num_attention_ranks=s.astype(np.int32),
         micro_batches=mb.astype(np.int32),
         tokens=bs.astype(np.int32),
         offsets=k.astype(np.int32),
@@ -295,7 +295,7 @@ def assert_outputs(outputs: tuple[torch.Tensor, ...], case: Case, want: Expected
     assert_same_bytes(tensor_bytes(y[:n]).reshape(n, case.payload), want.y, "y[:n]")
     assert group_list.numpy().tolist() == want.group_list.tolist()
     for got, expected, what in (
-        (sessions, want.sessions, "session_ids"),
+        (sessions, want.num_attention_ranks, "session_ids"),
         (mbs, want.micro_batches, "micro_batch_ids"),
         (tokens, want.tokens, "token_ids"),
         (offsets, want.offsets, "expert_offsets"),
@@ -308,7 +308,7 @@ def assert_outputs(outputs: tuple[torch.Tensor, ...], case: Case, want: Expected
 def common_context(case: Case) -> Context:
     return Context(
         *common_area(
-            sessions=case.A,
+            num_attention_ranks=case.A,
             micro_batches=case.M,
             batch_size=case.BS,
             selected_experts=case.K,
@@ -466,7 +466,7 @@ def test_op_plugin_batching(schedule_mode: int) -> None:
     with registered(data, info, sessions, mbs) as (data_at, info_at, sessions_at, mbs_at):
         ctx = Context(
             *common_area(
-                sessions=OP_A,
+                num_attention_ranks=OP_A,
                 micro_batches=OP_M,
                 batch_size=OP_BS,
                 selected_experts=OP_K,

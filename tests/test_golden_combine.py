@@ -280,7 +280,7 @@ def test_op_plugin_combine() -> None:
     with registered(flags, tokens) as (flags_at, tokens_at):
         ctx = Context(
             *common_area(
-                sessions=OP_A,
+                num_attention_ranks=OP_A,
                 micro_batches=OP_M,
                 batch_size=OP_BS,
                 selected_experts=OP_E,

@@ -143,7 +143,7 @@ def ffn_holder(
         info[:, :, 2:] = INT32_MAX
         ffn.ctx.put_all(
             *common_area(
-                sessions=A,
+                num_attention_ranks=A,
                 micro_batches=M,
                 batch_size=BS,
                 selected_experts=k,
@@ -289,7 +289,7 @@ def attention_holder(timeout_s: float = 5.0) -> Iterator[tuple[Context, np.ndarr
     with registered(window, timeout_s=timeout_s) as (window_at,):
         ctx = Context(
             *common_area(
-                sessions=ATT_A,
+                num_attention_ranks=ATT_A,
                 micro_batches=ATT_M,
                 batch_size=ATT_BS,
                 selected_experts=K,

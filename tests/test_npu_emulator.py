@@ -170,7 +170,7 @@ def test_a_rank_outside_the_group_is_refused(torch_npu: ModuleType) -> None:
 # A = 2, M = 2, BS = 3, K = 2, S = 1, H = 1152 in bf16: 2H = 2304 is not a multiple of 512,
 # so both token sizes are align512(2H) = 2560 strides, as A3 callers size them.
 HOLDER_LAYOUT = WindowLayout(
-    sessions=2,
+    num_attention_ranks=2,
     micro_batches=2,
     tokens=3,
     topk=2,
@@ -195,7 +195,7 @@ def holder_args(mode: int, window: int, size: int, **changes: int) -> dict[str, 
     layout = HOLDER_LAYOUT
     args = {
         "schedule_mode": mode,
-        "session_num": layout.sessions,
+        "session_num": layout.num_attention_ranks,
         "micro_batch_num": layout.micro_batches,
         "micro_batch_size": layout.tokens,
         "selected_expert_num": layout.slots,
@@ -244,7 +244,7 @@ def test_the_holder_writes_torch_npus_context_and_initial_window(
     assert ctx.dtype == torch.int8 and tuple(ctx.shape) == (1024,)
 
     # the reference holder (torch_npu's struct) over a reference window of the same layout
-    topology = RankTopology(layout.sessions, 1)
+    topology = RankTopology(layout.num_attention_ranks, 1)
     rank = 0 if ffn else 1
     ref_group = create_window_group(f"emu-holder-{uuid.uuid4().hex[:8]}", topology, layout)
     try:
@@ -263,7 +263,7 @@ def test_the_holder_writes_torch_npus_context_and_initial_window(
         ref_group.close()
 
     # torch_npu's values, spelled out
-    a, m, bs, e = layout.sessions, layout.micro_batches, layout.tokens, layout.slots
+    a, m, bs, e = layout.num_attention_ranks, layout.micro_batches, layout.tokens, layout.slots
     counts = (sc.SESSION_NUM, sc.MICRO_BATCH_NUM, sc.MICRO_BATCH_SIZE, sc.SELECTED_EXPERT_NUM)
     assert [sc.get(ctx, f) for f in counts] == [a, m, bs, e]
     assert sc.get(ctx, sc.ATTN_TO_FFN_TOKEN_SIZE) == 2560
@@ -351,7 +351,7 @@ def test_the_holder_refuses_what_torch_npus_refuses(
 
 def test_a_window_one_byte_past_the_info_table_is_taken(torch_npu: ModuleType) -> None:
     # torch_npu's bound is strict (size > align512(info)); the binding's is the same
-    a, bs, e = HOLDER_LAYOUT.sessions, HOLDER_LAYOUT.tokens, HOLDER_LAYOUT.slots
+    a, bs, e = HOLDER_LAYOUT.num_attention_ranks, HOLDER_LAYOUT.tokens, HOLDER_LAYOUT.slots
     for mode, info_bytes in ((0, a * (2 + bs * e) * 4), (1, bs * e * 4)):  # M = 1
         smallest = align512(info_bytes) + 1
         group = single_rank_group(torch_npu)
@@ -368,7 +368,7 @@ def test_a_window_one_byte_past_the_info_table_is_taken(torch_npu: ModuleType) -
 # A = 1 (rank 1), F = 1 (rank 0), M = 1, BS = 2, K = 1, one shared expert, H = 1024 in bf16
 H, BS, K = 1024, 2, 1
 FID_LAYOUT = WindowLayout(
-    sessions=1,
+    num_attention_ranks=1,
     micro_batches=1,
     tokens=BS,
     topk=K,
@@ -387,7 +387,7 @@ def fidelity_holder_args(ffn: bool, window: int, size: int) -> dict[str, int]:
     layout = FID_LAYOUT
     return {
         "schedule_mode": 0 if ffn else 1,
-        "session_num": layout.sessions,
+        "session_num": layout.num_attention_ranks,
         "micro_batch_num": layout.micro_batches,
         "micro_batch_size": layout.tokens,
         "selected_expert_num": layout.slots,
@@ -439,7 +439,7 @@ def run_sequence(ops: Ops) -> dict[str, Any]:
     )  # fmt: skip
     seen["ffn window after A2F"] = ops.ffn_window().clone()
     batch = ops.m.npu_ffn_worker_batching(
-        ops.ffn_ctx, ROUTED + 1, [layout.sessions, BS, layout.slots, H], token_dtype=1,
+        ops.ffn_ctx, ROUTED + 1, [layout.num_attention_ranks, BS, layout.slots, H], token_dtype=1,
         need_schedule=1,
     )  # fmt: skip
     seen["batching outputs"] = [t.clone() for t in batch]

@@ -180,7 +180,7 @@ def test_hccl_buffsize_matches_window_layout_and_runtime(path: Path, precision: 
     plan = result.best
     assert plan is not None
     lay = plan.layout
-    a, bs, k, h = lay.attention_dies, lay.tokens, shape.moe.topk, shape.hidden
+    a, bs, k, h = lay.num_attention_ranks, lay.tokens, shape.moe.topk, shape.hidden
     shared = max(plan.shared_slots, 1)  # A3's combine: one shared slot, a null one if none
     e = k + shared
     # A3 slot strides: align512(H + 4) int8 bytes, or align512(2H) bytes of bf16
@@ -213,7 +213,7 @@ def test_plan_answers_for_deepseek_v3_and_qwen3(
     assert best is not None and best.fits
     lay = best.layout
     assert 1 <= lay.micro_batches <= 3 and 1 <= lay.tokens <= 512
-    ratio = lay.attention_dies / lay.ffn_dies
+    ratio = lay.num_attention_ranks / lay.num_ffn_ranks
     assert min(RATIOS) * 0.9 <= ratio <= max(RATIOS) * 1.1
     assert lay.dies <= 768
     assert 0 < best.tpot_s <= tpot_ms / 1e3
@@ -305,7 +305,7 @@ def test_memory_terms_of_a_published_afd_case_by_hand() -> None:
         A3,
         precision,
         work,
-        AFDLayout(case["attention_dies"], case["ffn_dies"], m, bs),
+        AFDLayout(case["num_attention_ranks"], case["num_ffn_ranks"], m, bs),
         weight_split="ffn",
     )
     att, ffn = plan.attention_memory, plan.ffn_memory
@@ -473,7 +473,7 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     best = doc["best"]
-    assert (best["attention_dies"], best["ffn_dies"]) == (64, 16)
+    assert (best["num_attention_ranks"], best["num_ffn_ranks"]) == (64, 16)
     assert best["tpot_ms"] <= 100
     assert best["afd_config"]["hccl_buffsize_mb"] == best["hccl_buffsize_mb"]
     assert best["afd_config"]["quant_mode"] == "int8"

@@ -157,7 +157,7 @@ class OpsFixture:
             ref.npu_ffn_worker_batching(
                 self.ffn_ctx[rank].get_schedule_context_tensor(),
                 self.expert_num[rank],
-                [s.sessions, s.tokens, s.slots, s.hidden],
+                [s.num_attention_ranks, s.tokens, s.slots, s.hidden],
                 token_dtype=self.batch_code,
                 need_schedule=1,
             )

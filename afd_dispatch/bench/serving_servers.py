@@ -228,7 +228,7 @@ class TracedRun:
     trace: timeline.Trace  # the spans overlapping the round, forward marks inside it
     wall_s: float
     tokens: int
-    sessions: int
+    num_attention_ranks: int
     cpu: CpuUse = field(default_factory=CpuUse)  # over the round
 
 
@@ -240,7 +240,7 @@ def traced_round(
     from afd_dispatch.config import AFDConfig
 
     traced = json.dumps({**json.loads(afd_config), "trace": True})
-    sessions = AFDConfig.from_json(traced).num_attention_ranks
+    num_attention_ranks = AFDConfig.from_json(traced).num_attention_ranks
     log = os.path.join(logs, "vllm-afd-traced.log")
     with (
         tempfile.TemporaryDirectory(prefix="afd-trace-") as directory,
@@ -253,18 +253,18 @@ def traced_round(
             start = time.monotonic_ns()  # CLOCK_MONOTONIC: the server's spans share it
             wall, tokens = one_round(server, shape)
             end = time.monotonic_ns()
-        documents = collect_traces(directory, sessions, wait_s)
+        documents = collect_traces(directory, num_attention_ranks, wait_s)
     trace = timeline.Trace.from_documents(documents).window(start, end)
-    return TracedRun(trace, wall, tokens, sessions, cpu)
+    return TracedRun(trace, wall, tokens, num_attention_ranks, cpu)
 
 
-def collect_traces(directory: str, sessions: int, wait_s: float) -> list[dict[str, object]]:
+def collect_traces(directory: str, num_attention_ranks: int, wait_s: float) -> list[dict[str, object]]:
     """Ask the server's processes for their spans (`metrics.request_trace`) and wait,
     sleeping, until the answers hold every attention session's spans and an FFN rank's.
     Raises TimeoutError after `wait_s` s naming what came."""
     request = f"{os.getpid()}-{time.monotonic_ns()}"
     afd_metrics.request_trace(directory, request)
-    wanted = {f"attention {s}" for s in range(sessions)}
+    wanted = {f"attention {s}" for s in range(num_attention_ranks)}
     deadline = time.monotonic() + wait_s
     while True:
         documents = afd_metrics.read_traces(directory, request)

@@ -390,10 +390,10 @@ def _ffn_row(spans: Sequence[Span], sends: Sequence[Span], s0: int, s1: int) -> 
             arrived = s.end_ns  # a wait that ended without a batch (layer -1): all waiting
             if s.layer >= 0:
                 key = (s.layer, s.micro_batch)
-                sessions = {send.process for send in sends}
+                senders = {send.process for send in sends}
                 last = [
                     _latest((t for t in sends if t.process == p), "send", key, s.end_ns)
-                    for p in sessions
+                    for p in senders
                 ]
                 arrived = min(
                     max((t.end_ns for t in last if t is not None), default=s.start_ns), s.end_ns

@@ -14,7 +14,7 @@ layer id is found and how int8 rows are dequantized are each implementation's bu
 
 Slots are micro-batch slots 0..M-1 of the deployment, used cyclically in the same order on
 every rank: the attention side sends and receives them in that order, the FFN side collects
-them in that order (an FFN rank batches each slot over all A sessions).
+them in that order (an FFN rank batches each slot over all A attention ranks).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class FFNLink(ABC):
     @abstractmethod
     def collect(self, slot: int) -> Batch:
         """Wait until every session sent slot `slot` and return its rows. Raises
-        `AFDTimeoutError` naming the missing sessions after `wait_timeout_s`, and
+        `AFDTimeoutError` naming the missing attention ranks after `wait_timeout_s`, and
         `ScheduleStopped` once `stop()` was called. A link that can `refuse` raises
         `AFDBadMicroBatchError` for a complete micro-batch whose contents are invalid
         (layer ids that disagree, a local expert id out of range), with the window as it

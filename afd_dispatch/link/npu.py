@@ -169,7 +169,7 @@ def _open_slots(
         window = backend._get_window_mem()
         got = check_window(window, need)
         holder = npu_ops.create_schedule_context_holder(
-            0 if ffn else 1, layout.sessions, layout.micro_batches, layout.tokens,
+            0 if ffn else 1, layout.num_attention_ranks, layout.micro_batches, layout.tokens,
             layout.slots, expert_num, layout.attn_to_ffn_token_size,
             align512(layout.ffn_to_attn_token_size),
             ffn_window=window.data_ptr() if ffn else 0, ffn_window_size=got if ffn else 0,
@@ -271,7 +271,7 @@ class NPUFFNLink(FFNLink):
         self._slots = _open_slots(deployment, rank, rendezvous, expert_num)
         self.device = self._slots[0].window.device
         layout = deployment.layout
-        self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
+        self._max_out = [layout.num_attention_ranks, layout.tokens, layout.slots, layout.hidden]
         self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
         self._attn_ranks = torch.tensor(
             deployment.topology.attention_ranks, dtype=torch.int32, device=self.device
@@ -281,7 +281,7 @@ class NPUFFNLink(FFNLink):
 
     def collect(self, slot: int) -> Batch:
         s = self._slots[slot]
-        y, groups, sessions, mbs, tokens, offsets, scales, count = (
+        y, groups, session_ids, mbs, tokens, offsets, scales, count = (
             npu_ops.npu_ffn_worker_batching(
                 s.ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype,
                 need_schedule=1,
@@ -292,21 +292,21 @@ class NPUFFNLink(FFNLink):
         # again before these rows' results went back, so its header still holds this
         # batch's layer (another session, whose tokens all went elsewhere, may be on the
         # next layer already). No rows: no experts run, the layer does not matter.
-        layer = self.batch_layer(slot, sessions, n)
+        layer = self.batch_layer(slot, session_ids, n)
         rows = dequantize_rows(y[:n], scales[:n]) if self.deployment.layout.quant else y[:n]
-        return Batch(rows, groups, layer, n, (sessions, mbs, tokens, offsets, count))
+        return Batch(rows, groups, layer, n, (session_ids, mbs, tokens, offsets, count))
 
-    def batch_layer(self, slot: int, sessions: torch.Tensor, count: int) -> int:
+    def batch_layer(self, slot: int, session_ids: torch.Tensor, count: int) -> int:
         """The layer of a batch of `count` rows whose sessions are `sessions` (-1 if empty)."""
         if count == 0:
             return -1
-        word = int(sessions[0]) * self._info_width + LAYER_OFFSET
+        word = int(session_ids[0]) * self._info_width + LAYER_OFFSET
         return int(self._slots[slot].window[4 * word : 4 * word + 4].view(torch.int32)[0])
 
     def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
-        sessions, mbs, tokens, offsets, count = batch.handle
+        session_ids, mbs, tokens, offsets, count = batch.handle
         npu_ops.npu_ffn_to_attention(
-            out, sessions, mbs, tokens, offsets, count, self._slots[slot].group,
+            out, session_ids, mbs, tokens, offsets, count, self._slots[slot].group,
             self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
             self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
         )  # fmt: skip

@@ -124,7 +124,7 @@ class ReferenceFFNLink(FFNLink):
             self._contexts[c.group].get_schedule_context_tensor() for c in deployment.channels
         ]
         layout = deployment.layout
-        self._max_out = [layout.sessions, layout.tokens, layout.slots, layout.hidden]
+        self._max_out = [layout.num_attention_ranks, layout.tokens, layout.slots, layout.hidden]
         self._token_dtype = TOKEN_DTYPE_INT8 if layout.quant else token_dtype_code(layout.dtype)
         self._attn_ranks = torch.tensor(deployment.topology.attention_ranks, dtype=torch.int32)
         self._shapes = layout.op_shapes
@@ -150,7 +150,7 @@ class ReferenceFFNLink(FFNLink):
         ctx = self._ctx[slot]
         self._before_batching(slot)
         try:
-            y, groups, sessions, mbs, tokens, offsets, scales, count = (
+            y, groups, session_ids, mbs, tokens, offsets, scales, count = (
                 self.ops.npu_ffn_worker_batching(
                     ctx, self.expert_num, self._max_out, token_dtype=self._token_dtype,
                     need_schedule=1,
@@ -162,7 +162,7 @@ class ReferenceFFNLink(FFNLink):
         n = int(count[0])
         quant = self.deployment.layout.quant
         rows = dequantize_rows(y[:n], scales[:n]) if quant else y[:n]
-        handle = (sessions, mbs, tokens, offsets, count, None)
+        handle = (session_ids, mbs, tokens, offsets, count, None)
         batch = Batch(rows, groups, last_batched_layer(ctx), n, handle)
         if n:
             self._journal(slot, batch)
@@ -171,15 +171,15 @@ class ReferenceFFNLink(FFNLink):
         return batch
 
     def give_back(self, slot: int, batch: Batch, out: torch.Tensor) -> None:
-        sessions, mbs, tokens, offsets, count, undelivered = batch.handle
+        session_ids, mbs, tokens, offsets, count, undelivered = batch.handle
         if undelivered is not None:  # a predecessor's batch: only what never arrived
             out = out[: batch.count].index_select(0, undelivered)
-            sessions, mbs, tokens, offsets = (
-                t.index_select(0, undelivered) for t in (sessions, mbs, tokens, offsets)
+            session_ids, mbs, tokens, offsets = (
+                t.index_select(0, undelivered) for t in (session_ids, mbs, tokens, offsets)
             )
             count = torch.tensor([undelivered.numel()], dtype=torch.int64)
         self.ops.npu_ffn_to_attention(
-            out, sessions, mbs, tokens, offsets, count, self.deployment.channels[slot].group,
+            out, session_ids, mbs, tokens, offsets, count, self.deployment.channels[slot].group,
             self.deployment.topology.world_size, self._shapes["token_info_table_shape"],
             self._shapes["token_data_shape"], attn_rank_table=self._attn_ranks,
         )  # fmt: skip
@@ -197,7 +197,7 @@ class ReferenceFFNLink(FFNLink):
         area = ffn_area(ctx, with_info=True)
         m = int(header[5])
         layout = self.deployment.layout
-        ids = info[:, SLOTS_OFFSET:].reshape(layout.sessions, layout.tokens, layout.slots)
+        ids = info[:, SLOTS_OFFSET:].reshape(layout.num_attention_ranks, layout.tokens, layout.slots)
         session, token, where = (ids < EMPTY_ID_THRESHOLD).nonzero(as_tuple=True)
         consume_micro_batch(ctx, area, m, last_batched_layer(ctx))
         store_fence()
@@ -238,10 +238,10 @@ class ReferenceFFNLink(FFNLink):
         """Record `batch` (where each row came from, its expert) before any expert runs."""
         header, rows, _, _ = self._journals[self.deployment.channels[slot].group]
         n = batch.count
-        sessions, mbs, tokens, offsets, _, _ = batch.handle
+        session_ids, mbs, tokens, offsets, _, _ = batch.handle
         groups = batch.group_list.numpy()
         fields = rows.numpy()  # numpy: five row copies without a torch call each
-        for field, values in enumerate((sessions, mbs, tokens, offsets)):
+        for field, values in enumerate((session_ids, mbs, tokens, offsets)):
             fields[field, :n] = values.numpy()[:n]
         fields[4, :n] = np.repeat(groups[:, 0], groups[:, 1])
         header[1:4] = (slot, batch.layer, n)

@@ -104,7 +104,7 @@ def _predict(case: dict[str, Any], data: dict[str, Any], hw: HardwareProfile) ->
     hw = deployed_hardware(hw, data)
     if case["mode"] == "afd":
         tokens = case["batch_per_die"] // m
-        layout = AFDLayout(case["attention_dies"], case["ffn_dies"], m, tokens)
+        layout = AFDLayout(case["num_attention_ranks"], case["num_ffn_ranks"], m, tokens)
         plan = evaluate(
             shape,
             hw,

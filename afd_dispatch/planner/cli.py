@@ -190,7 +190,7 @@ def render(
         if result.fastest is not None:
             f = result.fastest
             out.append(
-                f"fastest that fits: A:F {f.layout.attention_dies}:{f.layout.ffn_dies}, "
+                f"fastest that fits: A:F {f.layout.num_attention_ranks}:{f.layout.num_ffn_ranks}, "
                 f"M {f.layout.micro_batches}, BS 1: TPOT {f.tpot_s * 1e3:.1f} ms"
             )
         return "\n".join(out)
@@ -201,7 +201,7 @@ def render(
     elif best.shared_slots == 0 and shape.moe.num_shared_experts:
         shared = "; the attention dies run the shared expert"
     rows = [
-        ("A:F", f"{lay.attention_dies}:{lay.ffn_dies}  ({lay.dies} dies{shared})"),
+        ("A:F", f"{lay.num_attention_ranks}:{lay.num_ffn_ranks}  ({lay.dies} dies{shared})"),
         ("micro-batches M", f"{lay.micro_batches}"),
         (
             "BS",
@@ -271,7 +271,7 @@ def render(
         for c in others:
             cl = c.layout
             out.append(
-                f"  {cl.attention_dies:>4}:{cl.ffn_dies:<3} {cl.micro_batches:>2} {cl.tokens:>4} "
+                f"  {cl.num_attention_ranks:>4}:{cl.num_ffn_ranks:<3} {cl.micro_batches:>2} {cl.tokens:>4} "
                 f"{c.tpot_s * 1e3:>8.1f} {c.throughput_per_die:>10.0f} {c.hccl_buffsize_mb:>8}"
             )
     return "\n".join(out)
@@ -304,8 +304,8 @@ def _json(
 def _brief(p: Plan) -> dict[str, Any]:
     lay = p.layout
     return {
-        "attention_dies": lay.attention_dies,
-        "ffn_dies": lay.ffn_dies,
+        "num_attention_ranks": lay.num_attention_ranks,
+        "num_ffn_ranks": lay.num_ffn_ranks,
         "micro_batches": lay.micro_batches,
         "bs_per_micro_batch": lay.tokens,
         "tpot_ms": p.tpot_s * 1e3,

@@ -140,7 +140,7 @@ def window_layout(
     micro-batch, slots of A3 callers' 512-aligned stride)."""
     quant = precision.a2f == "int8"
     return WindowLayout(
-        sessions=layout.attention_dies,
+        num_attention_ranks=layout.num_attention_ranks,
         micro_batches=1,
         tokens=layout.tokens,
         topk=shape.moe.topk,
@@ -197,7 +197,7 @@ def evaluate(
     """
     moe = shape.moe
     h, k, n = shape.hidden, moe.topk, moe.num_experts
-    a, bs, m = layout.attention_dies, layout.tokens, layout.micro_batches
+    a, bs, m = layout.num_attention_ranks, layout.tokens, layout.micro_batches
     f_r, f_s = layout.routed_dies, layout.shared_dies
     s = moe.num_shared_experts if f_s else 0  # shared slots sent over A2F
     shared_on_attention = moe.num_shared_experts > 0 and not f_s
@@ -220,7 +220,7 @@ def evaluate(
     f2a = link("f2a", max(f2a_out, bs * e * win.ffn_to_attn_token_size), hw)
 
     local = max(1, math.ceil(n / f_r))
-    copies = max(1, f_r // n)  # replicas of an expert when F_r > N: sessions split over them
+    copies = max(1, f_r // n)  # replicas of an expert when F_r > N: attention ranks split over them
     if active_experts_override is not None:
         active = float(active_experts_override)
     else:

@@ -135,19 +135,19 @@ class Plan:
     def throughput_per_die(self) -> float:
         """A * M * BS / T_step / (A + F): decode tokens per second per deployed die."""
         lay = self.layout
-        return lay.attention_dies * self.sequences_per_attention_die / self.step_s / lay.dies
+        return lay.num_attention_ranks * self.sequences_per_attention_die / self.step_s / lay.dies
 
     @property
     def ffn_tokens_per_step(self) -> float:
         """A * M * BS / F: tokens per FFN die per step (the afd-plugin recipe's "FFN BS")."""
         lay = self.layout
-        return lay.attention_dies * self.sequences_per_attention_die / lay.ffn_dies
+        return lay.num_attention_ranks * self.sequences_per_attention_die / lay.num_ffn_ranks
 
     @property
     def ffn_rows_per_micro_batch(self) -> float:
         """A * BS * K / F_r: routed rows one FFN die's grouped GEMM gets per micro-batch."""
         lay = self.layout
-        return lay.attention_dies * lay.tokens * self.topk / lay.routed_dies
+        return lay.num_attention_ranks * lay.tokens * self.topk / lay.routed_dies
 
     @property
     def attention_memory_gb(self) -> float:
@@ -171,8 +171,8 @@ class Plan:
         ranks, or on the attention side)."""
         lay = self.layout
         config: dict[str, Any] = {
-            "num_attention_ranks": lay.attention_dies,
-            "num_ffn_ranks": lay.ffn_dies,
+            "num_attention_ranks": lay.num_attention_ranks,
+            "num_ffn_ranks": lay.num_ffn_ranks,
             "micro_batch_num": lay.micro_batches,
             "max_tokens_per_micro_batch": lay.tokens,
             "quant_mode": "int8" if self.precision.a2f == "int8" else "none",
@@ -182,7 +182,7 @@ class Plan:
             "transport": "hccl",
         }
         if lay.shared_dies:
-            config["shared_expert_ranks"] = list(range(lay.routed_dies, lay.ffn_dies))
+            config["shared_expert_ranks"] = list(range(lay.routed_dies, lay.num_ffn_ranks))
         elif self.shared_slots:
             config["shared_experts_on"] = "attention"
         return config
@@ -196,8 +196,8 @@ class Plan:
             "precision": vars(self.precision).copy(),
             "context": self.workload.context,
             "mean_context": self.workload.mean_context,
-            "attention_dies": lay.attention_dies,
-            "ffn_dies": lay.ffn_dies,
+            "num_attention_ranks": lay.num_attention_ranks,
+            "num_ffn_ranks": lay.num_ffn_ranks,
             "shared_expert_dies": lay.shared_dies,
             "micro_batches": lay.micro_batches,
             "bs_per_micro_batch": lay.tokens,

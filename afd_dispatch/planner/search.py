@@ -72,15 +72,15 @@ def shared_dies_for(shape: ModelShape, routed_dies: int) -> int:
     return max(1, round(routed_dies * shared / (moe.topk * moe.moe_intermediate_size)))
 
 
-def split_ffn_dies(shape: ModelShape, ffn_dies: int) -> int:
+def split_ffn_dies(shape: ModelShape, num_ffn_ranks: int) -> int:
     """F_s out of a fixed F: the same balance, ``F * S * I_s / (K * I + S * I_s)``, kept
     in [1, F - 1] (0 when the model has no shared expert or F = 1)."""
     moe = shape.moe
-    if not moe.num_shared_experts or ffn_dies < 2:
+    if not moe.num_shared_experts or num_ffn_ranks < 2:
         return 0
     shared = moe.num_shared_experts * moe.shared_intermediate_size
     share = shared / (moe.topk * moe.moe_intermediate_size + shared)
-    return min(ffn_dies - 1, max(1, round(ffn_dies * share)))
+    return min(num_ffn_ranks - 1, max(1, round(num_ffn_ranks * share)))
 
 
 def min_routed_dies(shape: ModelShape, hw: HardwareProfile, precision: Precision) -> int:

@@ -294,24 +294,24 @@ class AFDLayout:
     """One deployment: A attention dies, F FFN dies (``shared_dies`` of them host only the
     shared expert; 0: the attention dies run it), M micro-batches of BS tokens."""
 
-    attention_dies: int
-    ffn_dies: int
+    num_attention_ranks: int
+    num_ffn_ranks: int
     micro_batches: int
     tokens: int
     shared_dies: int = 0
 
     def __post_init__(self) -> None:
         check(
-            1 <= self.attention_dies <= MAX_RANKS_PER_ROLE,
+            1 <= self.num_attention_ranks <= MAX_RANKS_PER_ROLE,
             "attention dies (A)",
             f"in [1, {MAX_RANKS_PER_ROLE}]",
-            self.attention_dies,
+            self.num_attention_ranks,
         )
         check(
-            1 <= self.ffn_dies <= MAX_RANKS_PER_ROLE,
+            1 <= self.num_ffn_ranks <= MAX_RANKS_PER_ROLE,
             "FFN dies (F)",
             f"in [1, {MAX_RANKS_PER_ROLE}]",
-            self.ffn_dies,
+            self.num_ffn_ranks,
         )
         check(self.micro_batches >= 1, "micro-batches (M)", ">= 1", self.micro_batches)
         check(
@@ -321,20 +321,20 @@ class AFDLayout:
             self.tokens,
         )
         check(
-            0 <= self.shared_dies < self.ffn_dies,
+            0 <= self.shared_dies < self.num_ffn_ranks,
             "shared_dies",
-            f"in [0, F - 1 = {self.ffn_dies - 1}]",
+            f"in [0, F - 1 = {self.num_ffn_ranks - 1}]",
             self.shared_dies,
         )
 
     @property
     def routed_dies(self) -> int:
         """F_r: the FFN dies that host routed experts."""
-        return self.ffn_dies - self.shared_dies
+        return self.num_ffn_ranks - self.shared_dies
 
     @property
     def dies(self) -> int:
-        return self.attention_dies + self.ffn_dies
+        return self.num_attention_ranks + self.num_ffn_ranks
 
 
 # -- small helpers ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class AttentionEndpoint:
 
     Contract: slots are sent and received in cyclic order 0, 1, .., M-1, 0, ..; at most
     M slots are in flight; every attention rank of the deployment sends the same sequence
-    of (layer, slot), since FFN ranks batch each slot across all sessions. The endpoint
+    of (layer, slot), since FFN ranks batch each slot across all attention ranks. The endpoint
     pads each slot to BS tokens (through the active mask) and talks to the FFN side through
     an `AttentionLink` (default: the one the deployment's config selects; `ops` is passed
     to it, e.g. a timed wrapper of the reference ops).

@@ -113,7 +113,7 @@ class Deployment:
             else 0
         )
         self.layout = WindowLayout(
-            sessions=config.num_attention_ranks,
+            num_attention_ranks=config.num_attention_ranks,
             micro_batches=1 if per_micro_batch else m,
             tokens=config.max_tokens_per_micro_batch,
             topk=spec.topk,

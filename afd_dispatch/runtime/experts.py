@@ -3,7 +3,7 @@
 `batch_invariant=True` makes each row's result independent of which other rows share its
 batch: the MLP runs over fixed tiles of `TILE_ROWS` rows, one call per tile, so every
 kernel, its blocking and its thread split are the same whatever the batch. That is what
-lets an AFD deployment (which groups tokens of many sessions per expert) reproduce a
+lets an AFD deployment (which groups tokens of many attention ranks per expert) reproduce a
 colocated run bit for bit; plain matmuls pick different kernels for different row counts.
 """
 

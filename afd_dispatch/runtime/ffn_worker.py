@@ -2,7 +2,7 @@
 
 One `FFNWorker` serves one FFN rank through its `FFNLink`. Its loop is
 
-    link.collect(slot)   (waits for all A sessions of the slot: npu_ffn_worker_batching)
+    link.collect(slot)   (waits for all A attention ranks of the slot: npu_ffn_worker_batching)
       -> grouped expert MLPs of that slot's layer
       -> link.give_back  (each row straight home: npu_ffn_to_attention)
 
@@ -115,7 +115,7 @@ class FFNWorker:
             log.warning("FFN rank %d redoes micro-batch slot %d", rank, self._cursor)
         layout = deployment.layout
         self._out = torch.zeros(
-            layout.sessions * layout.tokens * layout.slots,
+            layout.num_attention_ranks * layout.tokens * layout.slots,
             layout.hidden,
             dtype=layout.dtype,
             device=self.link.device,

@@ -248,10 +248,10 @@ def create_window_group(
     """
     check(transport in TRANSPORTS, "transport", f"one of {list(TRANSPORTS)}", transport)
     check(
-        layout.sessions == topology.num_attention_ranks,
-        "layout.sessions",
+        layout.num_attention_ranks == topology.num_attention_ranks,
+        "layout.num_attention_ranks",
         f"A = {topology.num_attention_ranks}",
-        layout.sessions,
+        layout.num_attention_ranks,
     )
     check(timeout_s > 0, "timeout_s", "> 0", timeout_s)
     with _lock:

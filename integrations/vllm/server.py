@@ -248,7 +248,7 @@ class AttentionServer:
             check(
                 dp_max_tokens is not None,
                 "vLLM's data-parallel token counts (forward context dp_metadata)",
-                "present with several attention sessions (they agree the exchange rounds)",
+                "present with several attention ranks (they agree the exchange rounds)",
                 None,
             )
             assert dp_max_tokens is not None

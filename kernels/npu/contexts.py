@@ -1,7 +1,7 @@
 """Schedule contexts on A3: created through torch_npu, remembered here by their sizes.
 
 `npu_ffn_worker_batching` and `npu_attention_worker_combine` get nothing but the context
-tensor, whose sizes (sessions, micro-batches, tokens, slots, token bytes) live in device
+tensor, whose sizes (num_attention_ranks, micro-batches, tokens, slots, token bytes) live in device
 memory. Reading them back would cost a device-to-host copy per call, so
 `create_schedule_context_holder` records the sizes it was given, keyed by the context
 tensor's device address, and the two ops check their arguments against that record.
@@ -177,7 +177,7 @@ def check_holder_args(
     """
     mode = a3.check_int(schedule_mode, "schedule_mode", SCHEDULE_MODE_FFN, SCHEDULE_MODE_ATTENTION)
     ffn = mode == SCHEDULE_MODE_FFN
-    sessions = a3.check_int(session_num, "session_num", 1, MAX_RANKS_PER_ROLE)
+    num_attention_ranks = a3.check_int(session_num, "session_num", 1, MAX_RANKS_PER_ROLE)
     # npu_ffn_to_attention, the only writer of an attention window, takes M == 1 on A3: an
     # attention context with more micro-batches would make combine wait for one that can
     # never arrive.
@@ -203,11 +203,11 @@ def check_holder_args(
     size = ffn_window_size if ffn else attention_window_size
     a3.check_int(window, name, 1)
     per_row = tokens * slots + (2 if ffn else 0)  # FFN info rows start with [flag, layer]
-    info = _INFO_WORD_BYTES * per_row * micro_batches * (sessions if ffn else 1)
+    info = _INFO_WORD_BYTES * per_row * micro_batches * (num_attention_ranks if ffn else 1)
     a3.check_int(size, f"{name}_size", align512(info) + 1)
     return ContextSizes(
         mode,
-        sessions,
+        num_attention_ranks,
         micro_batches,
         tokens,
         slots,

@@ -217,7 +217,7 @@ _TOPOLOGY_ARGUMENTS = {
     "ffn_start_rank_id": "ffn_start_rank_id",
 }
 _LAYOUT_ARGUMENTS = {
-    "sessions": "ffn_token_info_table_shape[0] (A)",
+    "num_attention_ranks": "ffn_token_info_table_shape[0] (A)",
     "micro_batches": "attn_token_info_table_shape[0] (M)",
     "tokens": "x.shape[1] (BS)",
     "topk": "expert_ids.shape[2] (K)",

@@ -114,7 +114,7 @@ class ScheduleContextHolder:
         check(group.topology.role_of(rank) == role, name, f"the window of an {role} rank", rank)
         layout = group.layout
         expected = {
-            "session_num": layout.sessions,
+            "session_num": layout.num_attention_ranks,
             "micro_batch_num": layout.micro_batches,
             "micro_batch_size": layout.tokens,
             "selected_expert_num": layout.slots,
@@ -280,7 +280,7 @@ def context_for(
     address, size = group.address(rank), group.window_bytes(rank)
     holder = ScheduleContextHolder(
         SCHEDULE_MODE_FFN if ffn else SCHEDULE_MODE_ATTENTION,
-        layout.sessions,
+        layout.num_attention_ranks,
         layout.micro_batches,
         layout.tokens,
         layout.slots,

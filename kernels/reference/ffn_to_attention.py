@@ -66,8 +66,8 @@ def ffn_to_attention(
             world_size, token_info_table_shape, token_data_shape, attn_rank_table,
         )  # fmt: skip
     n = call.rows
-    sessions = session_ids[:n].to(torch.int64)
-    dest = sessions if attn_rank_table is None else attn_rank_table.to(torch.int64)[sessions]
+    session_of_row = session_ids[:n].to(torch.int64)
+    dest = session_of_row if attn_rank_table is None else attn_rank_table.to(torch.int64)[session_of_row]
     receivers = [int(r) for r in torch.unique(dest)]
     for r in receivers:
         check(

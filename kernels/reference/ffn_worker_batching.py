@@ -51,7 +51,7 @@ SCHEDULED_LOCAL_ID = 0x7F7F7F7F
 class FfnArea:
     """The FFN side of a context: counts, slot stride and the window's two regions."""
 
-    sessions: int
+    num_attention_ranks: int
     micro_batches: int
     tokens: int
     slots: int
@@ -112,7 +112,7 @@ def _ffn_area(ctx: torch.Tensor, with_info: bool) -> FfnArea:
     if data.window is not None:  # a hand-built context aimed at a window must match its layout
         layout = data.window[0].layout
         for field, seen, want in (
-            (sc.SESSION_NUM, a, layout.sessions),
+            (sc.SESSION_NUM, a, layout.num_attention_ranks),
             (sc.MICRO_BATCH_NUM, m, layout.micro_batches),
             (sc.MICRO_BATCH_SIZE, bs, layout.tokens),
             (sc.SELECTED_EXPERT_NUM, e, layout.slots),
@@ -146,7 +146,7 @@ def ffn_worker_batching(
     sc.check_context_storage(ctx)
     area = ffn_area(ctx, with_info=bool(need_schedule))
     hidden = check_batching_call(
-        (area.sessions, area.tokens, area.slots), expert_num, max_out_shape, token_dtype,
+        (area.num_attention_ranks, area.tokens, area.slots), expert_num, max_out_shape, token_dtype,
         need_schedule, layer_num,
     )  # fmt: skip
     _check_window_rows(area, hidden, token_dtype)
@@ -174,7 +174,7 @@ def ffn_worker_batching(
         m = sc.index_field(ctx, sc.FFN_POLLING_INDEX, area.micro_batches)
         wait_for_micro_batch(ctx, area, m)
         layer = _consistent_layer(area, area.info_words[:, m], m, layer_num)
-    capacity = area.sessions * per_session
+    capacity = area.num_attention_ranks * per_session
     # Rows past n stay unwritten, as on A3: zeroing them would cost more than the gather.
     y = output_buffer((capacity, hidden), out_dtype)
     group_list = torch.zeros(expert_num, 2, dtype=torch.int64)
@@ -188,11 +188,11 @@ def ffn_worker_batching(
     if gathered is None:  # the torch code; or the C loop found a bad id, which this names
         if need_schedule:
             ids = area.flags_and_ids[:, m, SLOTS_OFFSET:].reshape(-1)  # (s, t, e) order
-            sessions = torch.arange(area.sessions, dtype=torch.int64)
-            micro_batches = torch.full((area.sessions,), m, dtype=torch.int64)
+            session_ids = torch.arange(area.num_attention_ranks, dtype=torch.int64)
+            micro_batches = torch.full((area.num_attention_ranks,), m, dtype=torch.int64)
         else:
-            ids, sessions, micro_batches = _published(ctx, area)
-        gathered = _gather(area, ids, sessions, micro_batches, expert_num, y, outputs, group_list)
+            ids, session_ids, micro_batches = _published(ctx, area)
+        gathered = _gather(area, ids, session_ids, micro_batches, expert_num, y, outputs, group_list)
     n, window_rows = gathered
     if quant and not gathered_natively:
         scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES]
@@ -208,7 +208,7 @@ def ffn_worker_batching(
 def _gather(
     area: FfnArea,
     ids: torch.Tensor,
-    sessions: torch.Tensor,
+    session_ids: torch.Tensor,
     micro_batches: torch.Tensor,
     expert_num: int,
     y: torch.Tensor,
@@ -232,7 +232,7 @@ def _gather(
     entry = picked // per_session  # which published session (RECV: the session itself)
     token = picked // area.slots % area.tokens
     slot = picked % area.slots
-    session = sessions[entry]
+    session = session_ids[entry]
     micro_batch = micro_batches[entry]
     window_rows = ((session * area.micro_batches + micro_batch) * area.tokens + token) * area.slots
     window_rows += slot
@@ -263,7 +263,7 @@ def _gather_native(
     window_rows = torch.empty(y.shape[0], dtype=torch.int64)
     n = native(
         "gather_batch",
-        info[0, m].data_ptr(), area.sessions, area.micro_batches * width, SLOTS_OFFSET,
+        info[0, m].data_ptr(), area.num_attention_ranks, area.micro_batches * width, SLOTS_OFFSET,
         area.tokens, area.slots, m, area.micro_batches, expert_num, EMPTY_ID_THRESHOLD,
         area.data.data_ptr(), area.token_size, y.shape[1] * y.element_size(), y.data_ptr(),
         *(out.data_ptr() for out in outputs), window_rows.data_ptr(), group_list.data_ptr(),
@@ -277,9 +277,9 @@ def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
     `ffn_worker_scheduler_`, each checked against the context's counts."""
     out_num = sc.get(ctx, sc.FFN_OUT_NUM)
     check(
-        0 <= out_num <= area.sessions,
+        0 <= out_num <= area.num_attention_ranks,
         sc.field_name(sc.FFN_OUT_NUM),
-        f"in [0, session_num={area.sessions}]",
+        f"in [0, session_num={area.num_attention_ranks}]",
         out_num,
     )
     if out_num == 0:
@@ -287,7 +287,7 @@ def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
         return torch.zeros(0, dtype=torch.int32), empty, empty
     per_session = area.tokens * area.slots
     # copies: the scheduler may overwrite its buffers once this op returns
-    ids, sessions, micro_batches = (
+    ids, session_ids, micro_batches = (
         _int32_buffer(ctx, field, size_field, 4 * count).clone()
         for field, size_field, count in (
             (sc.FFN_EXPERT_IDS_BUF, sc.FFN_EXPERT_IDS_BUF_SIZE, out_num * per_session),
@@ -296,12 +296,12 @@ def _published(ctx: torch.Tensor, area: FfnArea) -> tuple[torch.Tensor, ...]:
         )
     )
     for name, values, bound in (
-        (sc.FFN_SESSION_IDS_BUF, sessions, area.sessions),
+        (sc.FFN_SESSION_IDS_BUF, session_ids, area.num_attention_ranks),
         (sc.FFN_MICRO_BATCH_IDS_BUF, micro_batches, area.micro_batches),
     ):
         lo, hi = int(values.min()), int(values.max())
         check(lo >= 0 and hi < bound, sc.field_name(name), f"ids in [0, {bound})", values.tolist())
-    return ids, sessions.to(torch.int64), micro_batches.to(torch.int64)
+    return ids, session_ids.to(torch.int64), micro_batches.to(torch.int64)
 
 
 def _check_window_rows(area: FfnArea, hidden: int, token_dtype: int) -> None:
@@ -343,10 +343,10 @@ def ffn_worker_scheduler_(
     area = ffn_area(ctx, with_info=True)
     check(
         isinstance(sync_group_size, int)
-        and 1 <= sync_group_size <= area.sessions
-        and area.sessions % sync_group_size == 0,
+        and 1 <= sync_group_size <= area.num_attention_ranks
+        and area.num_attention_ranks % sync_group_size == 0,
         "sync_group_size",
-        f"a divisor of session_num = {area.sessions}",
+        f"a divisor of session_num = {area.num_attention_ranks}",
         sync_group_size,
     )
     check(execute_mode == 0, "execute_mode", "0 (the only mode A3 runs)", execute_mode)
@@ -356,11 +356,11 @@ def ffn_worker_scheduler_(
         _int32_buffer(ctx, field, size_field, 4 * count)
         for (field, size_field), count in zip(
             sc.FFN_SCHEDULER_BUFFERS,
-            (area.sessions, area.sessions, area.sessions, area.sessions * per_session),
+            (area.num_attention_ranks, area.num_attention_ranks, area.num_attention_ranks, area.num_attention_ranks * per_session),
             strict=True,
         )
     ]
-    groups = area.sessions // sync_group_size
+    groups = area.num_attention_ranks // sync_group_size
     info = area.flags_and_ids
     flags = info[:, :, FLAG_OFFSET]  # (A, M)
     _check_flags(area, area.info_words[:, :, FLAG_OFFSET])

@@ -43,8 +43,8 @@ class ScheduleContextHolder:
         ffn = mode == 0
         window = a["ffn_window"] if ffn else a["attention_window"]
         size = a["ffn_window_size"] if ffn else a["attention_window_size"]
-        sessions, m, bs, k = (a[key] for key in counts)
-        info_bytes = (m * (8 + 4 * bs * k) * sessions) if ffn else 4 * m * bs * k
+        num_attention_ranks, m, bs, k = (a[key] for key in counts)
+        info_bytes = (m * (8 + 4 * bs * k) * num_attention_ranks) if ffn else 4 * m * bs * k
         if window == 0 or size <= align512(info_bytes):
             raise RuntimeError("create_schedule_context_holder: window missing or too small")
         ctx = self._ctx
@@ -69,10 +69,10 @@ class ScheduleContextHolder:
             sc.put(ctx, sc.FFN_DATA_BUF, window + data_at)
             sc.put(ctx, sc.FFN_DATA_BUF_SIZE, data_size)
             sc.put(ctx, sc.FFN_POLLING_INDEX, 0)
-            rows = info.view(sessions * m, 2 + bs * k)
+            rows = info.view(num_attention_ranks * m, 2 + bs * k)
             rows.fill_(EMPTY_LOCAL_ID)
             rows[:, :2] = 0
-            self._allocate_workspace((4 * sessions,) * 3 + (4 * sessions * bs * k,))
+            self._allocate_workspace((4 * num_attention_ranks,) * 3 + (4 * num_attention_ranks * bs * k,))
             sc.put(ctx, sc.FFN_OUT_NUM, 0)
         else:
             sc.put(ctx, sc.ATTN_INFO_BUF, window)
