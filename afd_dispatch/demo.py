@@ -43,7 +43,9 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
     torch.manual_seed(0)
     num_attention_ranks = config.num_attention_ranks
     tokens = config.micro_batch_num * min(4, config.max_tokens_per_micro_batch)
-    prompts = [torch.randint(0, model.config.vocab_size, (tokens, 3)) for _ in range(num_attention_ranks)]
+    prompts = [
+        torch.randint(0, model.config.vocab_size, (tokens, 3)) for _ in range(num_attention_ranks)
+    ]
     tracers = [Tracer(f"attention {s}", enabled=config.trace) for s in range(num_attention_ranks)]
     results: dict[int, list[torch.Tensor]] = {}
     errors: list[BaseException] = []
@@ -65,7 +67,8 @@ def run(config: AFDConfig, steps: int, trace_path: str) -> bool:
             with FFNWorkerPool(deployment, path, groups) as pool:
                 print(f"{len(pool.actors)} FFN actors up in {time.monotonic() - start:.1f} s")
                 threads = [
-                    threading.Thread(target=attention_rank, args=(s,)) for s in range(num_attention_ranks)
+                    threading.Thread(target=attention_rank, args=(s,))
+                    for s in range(num_attention_ranks)
                 ]
                 for t in threads:
                     t.start()

@@ -258,7 +258,9 @@ def traced_round(
     return TracedRun(trace, wall, tokens, num_attention_ranks, cpu)
 
 
-def collect_traces(directory: str, num_attention_ranks: int, wait_s: float) -> list[dict[str, object]]:
+def collect_traces(
+    directory: str, num_attention_ranks: int, wait_s: float
+) -> list[dict[str, object]]:
     """Ask the server's processes for their spans (`metrics.request_trace`) and wait,
     sleeping, until the answers hold every attention session's spans and an FFN rank's.
     Raises TimeoutError after `wait_s` s naming what came."""

@@ -197,7 +197,9 @@ class ReferenceFFNLink(FFNLink):
         area = ffn_area(ctx, with_info=True)
         m = int(header[5])
         layout = self.deployment.layout
-        ids = info[:, SLOTS_OFFSET:].reshape(layout.num_attention_ranks, layout.tokens, layout.slots)
+        ids = info[:, SLOTS_OFFSET:].reshape(
+            layout.num_attention_ranks, layout.tokens, layout.slots
+        )
         session, token, where = (ids < EMPTY_ID_THRESHOLD).nonzero(as_tuple=True)
         consume_micro_batch(ctx, area, m, last_batched_layer(ctx))
         store_fence()

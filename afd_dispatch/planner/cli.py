@@ -271,7 +271,8 @@ def render(
         for c in others:
             cl = c.layout
             out.append(
-                f"  {cl.num_attention_ranks:>4}:{cl.num_ffn_ranks:<3} {cl.micro_batches:>2} {cl.tokens:>4} "
+                f"  {cl.num_attention_ranks:>4}:{cl.num_ffn_ranks:<3} "
+                f"{cl.micro_batches:>2} {cl.tokens:>4} "
                 f"{c.tpot_s * 1e3:>8.1f} {c.throughput_per_die:>10.0f} {c.hccl_buffsize_mb:>8}"
             )
     return "\n".join(out)

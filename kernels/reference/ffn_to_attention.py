@@ -67,7 +67,11 @@ def ffn_to_attention(
         )  # fmt: skip
     n = call.rows
     session_of_row = session_ids[:n].to(torch.int64)
-    dest = session_of_row if attn_rank_table is None else attn_rank_table.to(torch.int64)[session_of_row]
+    dest = (
+        session_of_row
+        if attn_rank_table is None
+        else attn_rank_table.to(torch.int64)[session_of_row]
+    )
     receivers = [int(r) for r in torch.unique(dest)]
     for r in receivers:
         check(

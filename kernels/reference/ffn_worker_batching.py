@@ -192,7 +192,9 @@ def ffn_worker_batching(
             micro_batches = torch.full((area.num_attention_ranks,), m, dtype=torch.int64)
         else:
             ids, session_ids, micro_batches = _published(ctx, area)
-        gathered = _gather(area, ids, session_ids, micro_batches, expert_num, y, outputs, group_list)
+        gathered = _gather(
+            area, ids, session_ids, micro_batches, expert_num, y, outputs, group_list
+        )
     n, window_rows = gathered
     if quant and not gathered_natively:
         scales = area.data[:, hidden : hidden + QUANT_SCALE_BYTES]
@@ -356,7 +358,12 @@ def ffn_worker_scheduler_(
         _int32_buffer(ctx, field, size_field, 4 * count)
         for (field, size_field), count in zip(
             sc.FFN_SCHEDULER_BUFFERS,
-            (area.num_attention_ranks, area.num_attention_ranks, area.num_attention_ranks, area.num_attention_ranks * per_session),
+            (
+                area.num_attention_ranks,
+                area.num_attention_ranks,
+                area.num_attention_ranks,
+                area.num_attention_ranks * per_session,
+            ),
             strict=True,
         )
     ]

@@ -72,7 +72,9 @@ class ScheduleContextHolder:
             rows = info.view(num_attention_ranks * m, 2 + bs * k)
             rows.fill_(EMPTY_LOCAL_ID)
             rows[:, :2] = 0
-            self._allocate_workspace((4 * num_attention_ranks,) * 3 + (4 * num_attention_ranks * bs * k,))
+            self._allocate_workspace(
+                (4 * num_attention_ranks,) * 3 + (4 * num_attention_ranks * bs * k,)
+            )
             sc.put(ctx, sc.FFN_OUT_NUM, 0)
         else:
             sc.put(ctx, sc.ATTN_INFO_BUF, window)

@@ -83,10 +83,13 @@ def npu_attention_to_ffn(
     quant = quant_mode == 2
     elem = 1 if quant else x.element_size()
     layout = WindowLayout(
-        num_attention_ranks, attn_token_info_table_shape[0], x.shape[1], expert_ids.shape[2], shared,
-        x.shape[2], x.dtype, quant, attn_to_ffn_token_size=ffn_token_data_shape[4] * elem,
+        num_attention_ranks, attn_token_info_table_shape[0], x.shape[1], expert_ids.shape[2],
+        shared, x.shape[2], x.dtype, quant,
+        attn_to_ffn_token_size=ffn_token_data_shape[4] * elem,
     )  # fmt: skip
-    topology = RankTopology(num_attention_ranks, world_size - num_attention_ranks, ffn_start_rank_id)
+    topology = RankTopology(
+        num_attention_ranks, world_size - num_attention_ranks, ffn_start_rank_id
+    )
     torch.ops.afd.npu_attention_to_ffn(
         x, session_id, micro_batch_id, layer_id, expert_ids, expert_rank_table,
         _group_over(group, topology, layout), world_size, ffn_token_info_table_shape,
