@@ -96,8 +96,21 @@ def check_attention_to_ffn(
     hit = a2f_structures.get(key) if key is not None else None
     if hit is not None and hit[0]() is expert_rank_table:
         layout, topology = hit[1], hit[2]
-    else:
-        layout, topology = _check_attention_to_ffn_structure(*args)
+    else:  # the structural checks, in the order their errors are reported
+        bs = _check_x(x, quant_mode, sync_flag, moe_expert_num)
+        for name, t in (
+            ("session_id", session_id),
+            ("micro_batch_id", micro_batch_id),
+            ("layer_id", layer_id),
+        ):
+            _scalar(t, name)
+        topk = _check_expert_ids(expert_ids, bs, moe_expert_num)
+        shapes = (ffn_token_info_table_shape, ffn_token_data_shape, attn_token_info_table_shape)
+        layout, topology = _window_layout(
+            x, topk, quant_mode, shapes, expert_rank_table, world_size, moe_expert_num,
+            ffn_start_rank_id,
+        )  # fmt: skip
+        _check_scales_and_mask(scales, active_mask, quant_mode, moe_expert_num, layout)
         if key is not None:
             if len(a2f_structures) > 64:
                 a2f_structures.clear()
@@ -125,24 +138,8 @@ def check_attention_to_ffn(
     )
 
 
-def _check_attention_to_ffn_structure(
-    x: torch.Tensor,
-    session_id: torch.Tensor,
-    micro_batch_id: torch.Tensor,
-    layer_id: torch.Tensor,
-    expert_ids: torch.Tensor,
-    expert_rank_table: torch.Tensor,
-    world_size: int,
-    ffn_token_info_table_shape: Sequence[int],
-    ffn_token_data_shape: Sequence[int],
-    attn_token_info_table_shape: Sequence[int],
-    moe_expert_num: int,
-    scales: torch.Tensor | None,
-    active_mask: torch.Tensor | None,
-    quant_mode: int,
-    sync_flag: int,
-    ffn_start_rank_id: int,
-) -> tuple[WindowLayout, RankTopology]:
+def _check_x(x: torch.Tensor, quant_mode: int, sync_flag: int, moe_expert_num: int) -> int:
+    """Check A2F's x (1, BS, H) and its plain integer arguments; return BS."""
     _tensor(x, "x")
     check(x.dim() == 3 and x.shape[0] == 1, "x.shape", "(1, BS, H)", tuple(x.shape))
     check(x.dtype in TOKEN_DTYPES, "x.dtype", "float16, bfloat16 or float32", x.dtype)
@@ -159,12 +156,11 @@ def _check_attention_to_ffn_structure(
         check(hidden % 32 == 0, "x.shape[2] (H)", "a multiple of 32 when quant_mode == 2", hidden)
     check(sync_flag in (0, 1), "sync_flag", "0 or 1", sync_flag)
     check(moe_expert_num >= 1, "moe_expert_num", ">= 1", moe_expert_num)
-    for name, t in (
-        ("session_id", session_id),
-        ("micro_batch_id", micro_batch_id),
-        ("layer_id", layer_id),
-    ):
-        _scalar(t, name)
+    return bs
+
+
+def _check_expert_ids(expert_ids: torch.Tensor, bs: int, moe_expert_num: int) -> int:
+    """Check A2F's expert_ids (1, BS, K) int32/int64 (types and shape); return K."""
     _tensor(expert_ids, "expert_ids")
     check(expert_ids.dtype in _INT_DTYPES, "expert_ids.dtype", "int32 or int64", expert_ids.dtype)
     check(
@@ -180,13 +176,31 @@ def _check_attention_to_ffn_structure(
         f"0 < K <= min({MAX_TOPK}, moe_expert_num={moe_expert_num})",
         topk,
     )
-    info_shape = _shape(ffn_token_info_table_shape, "ffn_token_info_table_shape", 3)
-    attn_shape = _shape(attn_token_info_table_shape, "attn_token_info_table_shape", 3)
+    return topk
+
+
+def _window_layout(
+    x: torch.Tensor,
+    topk: int,
+    quant_mode: int,
+    shapes: tuple[Sequence[int], Sequence[int], Sequence[int]],
+    expert_rank_table: torch.Tensor,
+    world_size: int,
+    moe_expert_num: int,
+    ffn_start_rank_id: int,
+) -> tuple[WindowLayout, RankTopology]:
+    """The layout and topology an A2F call describes, from its (already checked) x and K,
+    its three table shapes (ffn info, ffn data, attention info) and its expert table;
+    each shape must be the layout's."""
+    ffn_info, ffn_data, attn_info = shapes
+    info_shape = _shape(ffn_info, "ffn_token_info_table_shape", 3)
+    attn_shape = _shape(attn_info, "attn_token_info_table_shape", 3)
     num_attention_ranks, micro_batches = info_shape[0], attn_shape[0]
     topology = RankTopology.from_world(world_size, num_attention_ranks, ffn_start_rank_id)
     shared = validated_table(expert_rank_table, topology, moe_expert_num)
     quant = quant_mode == QUANT_INT8
-    data_shape = _shape(ffn_token_data_shape, "ffn_token_data_shape", 5)
+    data_shape = _shape(ffn_data, "ffn_token_data_shape", 5)
+    bs, hidden = int(x.shape[1]), int(x.shape[2])
     layout = WindowLayout(
         num_attention_ranks, micro_batches, bs, topk, shared, hidden, x.dtype, quant,
         attn_to_ffn_token_size=_slot_bytes(data_shape[4], hidden, x.dtype, quant),
@@ -194,10 +208,23 @@ def _check_attention_to_ffn_structure(
     _expect_shape(info_shape, layout.ffn_info_shape, "ffn_token_info_table_shape")
     _expect_shape(data_shape, layout.ffn_data_shape, "ffn_token_data_shape")
     _expect_shape(attn_shape, layout.attn_info_shape, "attn_token_info_table_shape")
+    return layout, topology
+
+
+def _check_scales_and_mask(
+    scales: torch.Tensor | None,
+    active_mask: torch.Tensor | None,
+    quant_mode: int,
+    moe_expert_num: int,
+    layout: WindowLayout,
+) -> None:
+    """Check A2F's optional scales (1, G, H) float32 (int8 only) and active_mask (1, BS)
+    bool: types and shapes."""
+    hidden, bs = layout.hidden, layout.tokens
     if scales is not None:
         check(quant_mode == QUANT_INT8, "scales", "None when quant_mode == 0", "a tensor")
         _tensor(scales, "scales")
-        rows = moe_expert_num + shared
+        rows = moe_expert_num + layout.shared
         check(scales.dtype == torch.float32, "scales.dtype", "torch.float32", scales.dtype)
         check(
             tuple(scales.shape) == (1, rows, hidden),
@@ -214,7 +241,6 @@ def _check_attention_to_ffn_structure(
             f"(1, BS={bs})",
             tuple(active_mask.shape),
         )
-    return layout, topology
 
 
 def _slot_bytes(row_elems: int, hidden: int, dtype: torch.dtype, quant: bool) -> int:

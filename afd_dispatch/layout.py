@@ -28,6 +28,7 @@ the combine kernel reads them at H * itemsize, and no kernel reads the context's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,11 @@ def align512(nbytes: int) -> int:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _int32_table_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of an int32 table of `shape` (a window's info area)."""
+    return math.prod(shape) * 4
+
+
 def token_dtype_code(dtype: torch.dtype) -> int:
     check(dtype in _DTYPE_CODES, "dtype", "one of float16, bfloat16, float32", dtype)
     return _DTYPE_CODES[dtype]
@@ -92,8 +98,9 @@ def a3_attn_to_ffn_token_size(hidden: int, dtype: torch.dtype, quant: bool) -> i
 class WindowLayout:
     """Shapes and byte offsets of the FFN and attention windows of one window group.
 
-    num_attention_ranks A (the ops' session_num), micro_batches M, tokens BS (per micro-batch and attention rank),
-    topk K, shared S, hidden H, dtype of the activations, quant (int8 A2F rows), and
+    num_attention_ranks A (the ops' session_num), micro_batches M, tokens BS (per
+    micro-batch and attention rank), topk K, shared S, hidden H, dtype of the activations,
+    quant (int8 A2F rows), and
     attn_to_ffn_token_size: bytes of one FFN-window slot (0: the seed's H + 128 for int8
     rows, H * itemsize otherwise; `a3_attn_to_ffn_token_size` gives A3 callers' size).
     It must hold the row (H * itemsize, or H + 4 with int8) and a whole number of elements.
@@ -110,7 +117,12 @@ class WindowLayout:
     attn_to_ffn_token_size: int = 0
 
     def __post_init__(self) -> None:
-        check(self.num_attention_ranks >= 1, "num_attention_ranks (A)", ">= 1", self.num_attention_ranks)
+        check(
+            self.num_attention_ranks >= 1,
+            "num_attention_ranks (A)",
+            ">= 1",
+            self.num_attention_ranks,
+        )
         check(self.micro_batches >= 1, "micro_batches (M)", ">= 1", self.micro_batches)
         check(
             0 < self.tokens <= MAX_TOKENS_PER_MICRO_BATCH,
@@ -175,16 +187,25 @@ class WindowLayout:
     # -- FFN window ------------------------------------------------------------------------
     @property
     def ffn_info_shape(self) -> tuple[int, int, int]:
-        return (self.num_attention_ranks, self.micro_batches, SLOTS_OFFSET + self.tokens * self.slots)
+        return (
+            self.num_attention_ranks,
+            self.micro_batches,
+            SLOTS_OFFSET + self.tokens * self.slots,
+        )
 
     @property
     def ffn_data_shape(self) -> tuple[int, int, int, int, int]:
-        return (self.num_attention_ranks, self.micro_batches, self.tokens, self.slots, self.row_elems)
+        return (
+            self.num_attention_ranks,
+            self.micro_batches,
+            self.tokens,
+            self.slots,
+            self.row_elems,
+        )
 
     @property
     def ffn_info_bytes(self) -> int:
-        a, m, w = self.ffn_info_shape
-        return a * m * w * 4
+        return _int32_table_bytes(self.ffn_info_shape)
 
     @property
     def ffn_data_offset(self) -> int:
@@ -262,8 +283,7 @@ class WindowLayout:
 
     @property
     def attn_info_bytes(self) -> int:
-        m, bs, e = self.attn_info_shape
-        return m * bs * e * 4
+        return _int32_table_bytes(self.attn_info_shape)
 
     @property
     def attn_data_offset(self) -> int:
@@ -284,7 +304,8 @@ class WindowLayout:
         check(
             self.hccl_buffsize_mb <= buffsize_mb,
             "HCCL_BUFFSIZE",
-            f">= {self.hccl_buffsize_mb} MB for A={self.num_attention_ranks} M={self.micro_batches} "
+            f">= {self.hccl_buffsize_mb} MB for A={self.num_attention_ranks} "
+            f"M={self.micro_batches} "
             f"BS={self.tokens} E={self.slots} HS={self.row_elems}",
             buffsize_mb,
         )

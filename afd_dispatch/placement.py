@@ -144,22 +144,8 @@ def validate_expert_rank_table(
     # on the table's device: a CPU arange against an NPU table raises a device mismatch
     used = torch.arange(max_replicas, device=t.device).unsqueeze(0) < counts.unsqueeze(1)
     lo, hi = topology.ffn_ranks.start, topology.ffn_ranks.stop
-    bad = (used & ((ranks < lo) | (ranks >= hi))).nonzero()
-    if bad.numel():
-        g, i = (int(v) for v in bad[0])
-        raise AFDInputError(
-            f"{argument}[0, {g}, {1 + 2 * i}] (rank)",
-            f"an FFN rank in [{lo}, {hi})",
-            int(ranks[g, i]),
-        )
-    bad = (used & ((locals_ < 0) | (locals_ >= EMPTY_ID_THRESHOLD))).nonzero()
-    if bad.numel():
-        g, i = (int(v) for v in bad[0])
-        raise AFDInputError(
-            f"{argument}[0, {g}, {2 + 2 * i}] (local id)",
-            f"in [0, {EMPTY_ID_THRESHOLD})",
-            int(locals_[g, i]),
-        )
+    _check_replica_field(argument, used, ranks, 1, "rank", lo, hi, "an FFN rank in ")
+    _check_replica_field(argument, used, locals_, 2, "local id", 0, EMPTY_ID_THRESHOLD, "in ")
     keys = (ranks * EMPTY_ID_THRESHOLD + locals_)[used]
     if torch.unique(keys).numel() != keys.numel():
         seen: dict[int, int] = {}
@@ -175,6 +161,32 @@ def validate_expert_rank_table(
                     )
                 seen[key] = g
     return shared
+
+
+def _check_replica_field(
+    argument: str,
+    used: torch.Tensor,
+    values: torch.Tensor,
+    column: int,
+    what: str,
+    lo: int,
+    hi: int,
+    allowed: str,
+) -> None:
+    """Raise `AFDInputError` at the first used replica whose field is outside [lo, hi).
+
+    `values` (G, R) is one field of every replica, at table column `column + 2 * i` for
+    replica i; `used` (G, R) marks the replicas within each row's count. The error names
+    that cell and allows `allowed` followed by the interval.
+    """
+    bad = (used & ((values < lo) | (values >= hi))).nonzero()
+    if bad.numel():
+        g, i = (int(v) for v in bad[0])
+        raise AFDInputError(
+            f"{argument}[0, {g}, {column + 2 * i}] ({what})",
+            f"{allowed}[{lo}, {hi})",
+            int(values[g, i]),
+        )
 
 
 def local_experts(table: torch.Tensor, rank: int) -> dict[int, int]:

