@@ -15,7 +15,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
@@ -46,20 +46,22 @@ QUANT_MODE_CODES = {"none": 0, "int8": 2}
 RENAMED_KEYS = {"num_attention_workers": "num_attention_ranks", "num_ffn_workers": "num_ffn_ranks"}
 """Old key -> today's (afd-plugin's, and the field's usual term); the old one is still read,
 with a FutureWarning, and refused beside the new one."""
+MOVED_KEYS = {"transport": "reference.transport"}
+"""Old top-level key -> the backend section that owns it now; read as `RENAMED_KEYS` are
+("hccl", the NPU link's only windows, is dropped: nothing chooses it)."""
 ROLE_ALLOWED = (
     '"attention" (the process reading the config is the attention side and starts the FFN '
     'ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
 )
 Backend = Literal["auto", "reference", "npu"]
-Transport = Literal["auto", "inproc", "shm", "hccl"]
+Transport = Literal["auto", "inproc", "shm"]
 WindowGroups = Literal["shared", "per_micro_batch"]
 SharedExpertsOn = Literal["ffn", "attention"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 WINDOW_GROUPS: tuple[str, ...] = get_args(WindowGroups)
 SHARED_EXPERTS_ON: tuple[str, ...] = get_args(SharedExpertsOn)
-# the transports each link runs on (afd_dispatch.link refuses the others when it starts)
-LINK_TRANSPORTS = {"reference": ("auto", "inproc", "shm"), "npu": ("auto", "hccl")}
+NPU_WINDOWS = 'its windows are HCCL memory; "inproc" and "shm" are the reference link\'s'
 GROUP_NAME = r"[A-Za-z0-9_.-]{1,64}"
 _RAY_ADDRESS = re.compile(
     r"(auto|local|ray://[A-Za-z0-9_.:\[\]-]{1,255}|[A-Za-z0-9_.\[\]-]{1,253}:[0-9]{1,5})"
@@ -88,15 +90,18 @@ def _refusing(cls: type[_C]) -> type[_C]:
         try:
             validate(self, *args, **kwargs)
         except ValidationError as exc:
-            raise _input_error(args, kwargs, exc) from None
+            raise _input_error(cls, args, kwargs, exc) from None
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
 
 
 def allowed(name: str) -> str:
-    """What key `name` of `AFDConfig` allows, in words, read off its declaration."""
-    info = vars(AFDConfig)["__pydantic_fields__"][name]  # pydantic's FieldInfo
+    """What key `name` of `AFDConfig` allows, in words, read off its declaration; a key of
+    a backend section is named as its path ("reference.transport")."""
+    section, _, key = name.rpartition(".")
+    owner = _SECTIONS[section] if section else AFDConfig
+    info = vars(owner)["__pydantic_fields__"][key]  # pydantic's FieldInfo
     extra = info.json_schema_extra
     if isinstance(extra, dict) and "allowed" in extra:
         return str(extra["allowed"])
@@ -113,7 +118,7 @@ def allowed(name: str) -> str:
 
 
 def _input_error(
-    args: tuple[Any, ...], kwargs: dict[str, Any], exc: ValidationError
+    cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], exc: ValidationError
 ) -> AFDInputError:
     """The first refusal of `exc` (pydantic reports keys in declaration order, as the
     checks ran before) as `AFDInputError`, showing the whole value given for the key."""
@@ -121,17 +126,39 @@ def _input_error(
     raised = first.get("ctx", {}).get("error")
     if isinstance(raised, AFDInputError):  # a check of __post_init__: already says it all
         return raised
-    names = [f.name for f in dataclasses.fields(AFDConfig) if f.init]
+    prefix = getattr(cls, "KEY_PREFIX", "")
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     given = dict(zip(names, args, strict=False)) | kwargs
     where = first["loc"][0] if first["loc"] else "--afd-config"
     name = names[where] if isinstance(where, int) and where < len(names) else str(where)
     if first["type"] == "multiple_argument_values":
-        return AFDInputError(name, "given once", shown(given.get(name)))
+        return AFDInputError(prefix + name, "given once", shown(given.get(name)))
+    if name not in names and prefix:  # a section's key: the section is what is named
+        return AFDInputError(prefix[:-1], f"an object with keys among {names}", shown(name))
     if name not in names:
         return AFDInputError(f"key {shown(name)!r}", f"one of {sorted(names)}", shown(name))
     if first["type"] == "missing" or first["type"] == "missing_argument":
-        return AFDInputError(name, "present (a required key)", None)
-    return AFDInputError(name, allowed(name), shown(given.get(name, first.get("input"))))
+        return AFDInputError(prefix + name, "present (a required key)", None)
+    value = shown(given.get(name, first.get("input")))
+    return AFDInputError(prefix + name, allowed(prefix + name), value)
+
+
+@_refusing
+@dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
+class ReferenceBackendConfig:
+    """The keys only the reference backend reads: `"reference": {...}` in `--afd-config`.
+
+    A config names them whatever its `backend`; they apply where the reference link runs
+    (a config that says "auto" runs the reference link on a CPU host, the NPU link on A3,
+    whose windows are always HCCL memory).
+    """
+
+    KEY_PREFIX: ClassVar[str] = "reference."
+
+    transport: Transport = "auto"
+    """Where the windows live: "inproc" (every rank in this process, tests and the bench),
+    "shm" (POSIX shared memory, owner-only, for ranks in other processes: the Ray actors),
+    "auto" ("shm")."""
 
 
 @_refusing
@@ -154,7 +181,8 @@ class AFDConfig:
                                runs; 1, header only to ranks that got slots, is refused:
                                FFN batching waits for a header from every session)
     backend                    "auto" | "reference" | "npu"
-    transport                  "auto" | "inproc" | "shm" (backend reference) | "hccl" (npu)
+    reference                  the reference backend's own keys (`ReferenceBackendConfig`):
+                               {"transport": "auto" | "inproc" | "shm"}
     group                      window group / communicator name, [A-Za-z0-9_.-]{1,64}
     ffn_start_rank_id          first FFN rank of the communicator
     hccl_buffsize_mb           HCCL_BUFFSIZE the windows must fit, 1..65536
@@ -203,7 +231,10 @@ class AFDConfig:
         ),
     ] = 0
     backend: Backend = "auto"
-    transport: Transport = "auto"
+    reference: Annotated[
+        ReferenceBackendConfig,
+        _allowed('an object of the reference backend\'s keys: {"transport": ...}'),
+    ] = ReferenceBackendConfig()
     group: Annotated[
         str,
         Field(pattern=f"^{GROUP_NAME}$"),
@@ -283,6 +314,16 @@ class AFDConfig:
             f"at most F - 1 = {topology.num_ffn_ranks - 1} ranks (one must host routed experts)",
             list(ranks),
         )
+
+    @field_validator("reference", mode="before")
+    @classmethod
+    def _reference_keys(cls, value: Any) -> Any:
+        """A JSON object is the section's keys, each checked by its own declaration."""
+        if not isinstance(value, Mapping):
+            return value  # a ReferenceBackendConfig, or refused as the declaration says
+        for key in value:
+            refuse_unless(isinstance(key, str), "reference", "an object with string keys", key)
+        return ReferenceBackendConfig(**value)
 
     @field_validator("expert_replicas", mode="before")
     @classmethod
@@ -370,17 +411,11 @@ class AFDConfig:
         rank starts, which on the Ray pool is inside the FFN actors, after Ray started."""
         backend = resolve_backend(self.backend)
         auto = f'"auto" is {backend!r} on this host; ' if self.backend != backend else ""
-        transports = LINK_TRANSPORTS[backend]
-        why = (
-            'its windows are HCCL memory; "inproc" and "shm" are the reference link\'s'
-            if backend == "npu"
-            else "its windows are this host's memory; \"hccl\" is the NPU link's"
-        )
         refuse_unless(
-            self.transport in transports,
-            "transport",
-            f"one of {list(transports)} with backend {backend!r} ({auto}{why})",
-            self.transport,
+            backend != "npu" or self.reference.transport == "auto",
+            "reference.transport",
+            f"\"auto\" with backend 'npu' ({auto}{NPU_WINDOWS})",
+            self.reference.transport,
         )
         refuse_unless(
             backend != "npu" or self.window_groups == "per_micro_batch",
@@ -392,6 +427,7 @@ class AFDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["reference"] = dataclasses.asdict(self.reference)
         out["shared_expert_ranks"] = list(self.shared_expert_ranks)
         if isinstance(self.expert_replicas, Mapping):
             out["expert_replicas"] = {str(k): v for k, v in self.expert_replicas.items()}
@@ -432,16 +468,26 @@ def _parse_expert_key(key: Any) -> int:
     return int(key)
 
 
+_SECTIONS = {"reference": ReferenceBackendConfig}
+"""The backend sections of `AFDConfig`: key -> the dataclass declaring its keys."""
+
+
 def current_key(key: str) -> str | None:
-    """Today's name of config key `key` (None for `role`, which is dropped)."""
-    return None if key == "role" else RENAMED_KEYS.get(key, key)
+    """Today's top-level key holding what config key `key` set (None for `role`, which is
+    dropped; "reference" for `transport`)."""
+    if key == "role":
+        return None
+    return MOVED_KEYS.get(key, RENAMED_KEYS.get(key, key)).partition(".")[0]
 
 
 def _current_keys(data: dict[str, Any]) -> dict[str, Any]:
     """`data` with deprecated keys in today's terms, a FutureWarning for each one given:
-    `RENAMED_KEYS`, and `role`, which nothing read (the config's reader is always the
-    attention side): "attention" is dropped, anything else refused (`ROLE_ALLOWED`)."""
+    `RENAMED_KEYS`, `MOVED_KEYS` (`_moved_transport`), and `role`, which nothing read (the
+    config's reader is always the attention side): "attention" is dropped, anything else
+    refused (`ROLE_ALLOWED`)."""
     out = dict(data)
+    if "transport" in out:
+        out = _moved_transport(out)
     for old, new in RENAMED_KEYS.items():
         if old in out:
             refuse_unless(new not in out, old, f"absent beside {new!r} (its old name)", out[old])
@@ -460,4 +506,46 @@ def _current_keys(data: dict[str, Any]) -> dict[str, Any]:
             stacklevel=3,
         )
         del out["role"]
+    return out
+
+
+def _moved_transport(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its top-level `transport` moved to `reference.transport`; "hccl", the NPU
+    link's windows (it has no others), is dropped, and refused where the backend is not npu
+    (as it was before it moved)."""
+    out = dict(data)
+    value = out.pop("transport")
+    section = out.get("reference", {})
+    refuse_unless(
+        value in (*TRANSPORTS, "hccl"),
+        "transport",
+        f"one of {[*TRANSPORTS, 'hccl']} (deprecated: use reference.transport)",
+        value,
+    )
+    refuse_unless(
+        not isinstance(section, Mapping) or "transport" not in section,
+        "transport",
+        "absent beside 'reference.transport' (its old place)",
+        value,
+    )
+    warnings.warn(
+        "--afd-config key 'transport' is deprecated: it is 'reference.transport' now (the "
+        "NPU link's windows are always HCCL memory)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    if value != "hccl":
+        if isinstance(section, Mapping):
+            out["reference"] = {**section, "transport": value}
+        return out
+    backend = out.get("backend", "auto")
+    if backend in BACKENDS:  # else refused as `backend` by the declaration
+        resolved = resolve_backend(backend)
+        auto = f' ("auto" is {resolved!r} on this host)' if backend != resolved else ""
+        refuse_unless(
+            resolved == "npu",
+            "transport",
+            f"\"hccl\" only with backend 'npu', whose windows are HCCL memory{auto}",
+            value,
+        )
     return out

@@ -93,7 +93,10 @@ INTERESTING: dict[str, list[Any]] = {
     "quant_mode": [*QUANT_MODE_CODES, "fp8"],
     "sync_flag": [0, 1, 2],
     "backend": [*BACKENDS, "cuda"],
-    "transport": [*TRANSPORTS, "rdma"],
+    "reference": [
+        *({"transport": t} for t in [*TRANSPORTS, "rdma", "hccl"]),
+        *({}, {"transports": "shm"}, "shm", [["transport", "shm"]]),
+    ],
     "group": ["afd", "g" * 64, "g" * 65, "a.b-c_d", "", "a b", "\udcff"],
     "ffn_start_rank_id": [0, 1, 2],
     "hccl_buffsize_mb": [1, 2, 200, 65536, 65537],
@@ -174,11 +177,14 @@ def parsed(text: str) -> AFDConfig | AFDInputError:
 
 
 def names_a_key_or_the_flag(err: AFDInputError) -> bool:
+    """The flag, a key not declared, or a key (a section's keys by their path,
+    "reference.transport"; a key's element by its index, "expert_replicas['3']")."""
     argument = err.argument
+    key = argument.removeprefix("key ").strip("'").split("[")[0].split(".")[0]
     return (
         argument == "--afd-config"
         or argument.startswith("--afd-config key ")
-        or argument.split("[")[0] in KEYS
+        or key in KEYS
     )
 
 

@@ -23,13 +23,13 @@ import torch
 from afd_threads import config, counters_when_served, deployment, ffn_workers, receive_patiently
 
 from afd_dispatch import AFDConfig, AFDInputError, AFDTimeoutError
+from afd_dispatch.config import ReferenceBackendConfig
 from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.kernels import resolve_backend
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank
-from afd_dispatch.runtime.ffn_worker import FFNWorker
 
 H = 32
 SHORT_WAIT_S = 2.0  # the deadline the stuck micro-batch runs into
@@ -132,21 +132,14 @@ def test_sync_flag_1_is_refused_naming_the_reason() -> None:
     assert AFDConfig(num_attention_ranks=1, num_ffn_ranks=2, sync_flag=0).sync_flag == 0
 
 
-# == transport and window_groups against the backend =========================================
-def test_a_transport_the_link_does_not_run_fails_only_when_a_rank_starts(
-    with_shared: TinyMoEModel,
-) -> None:
-    """Built in code, reference + "hccl" plans and makes windows; each rank's link refuses
-    it when it starts (on the Ray pool: inside every FFN actor, after Ray started)."""
-    cfg = config(1, 2, transport="hccl")
-    with deployment(cfg, with_shared.spec, torch.float32) as dep:
-        for start in (
-            lambda: AttentionEndpoint(dep, 0),
-            lambda: FFNWorker(dep, dep.topology.ffn_ranks[0], banks(with_shared)),
-        ):
-            with pytest.raises(AFDInputError) as refused:
-                start()
-            assert refused.value.argument == "transport"
+# == the reference section and window_groups against the backend ============================
+def test_a_transport_the_reference_link_does_not_run_is_refused_when_built_in_code() -> None:
+    """ "hccl" was a transport key of its own; now the reference section declares the
+    reference link's windows only, so code cannot build the combination a link refuses
+    (the NPU link with a reference transport: tests/test_npu_link_failures.py)."""
+    with pytest.raises(AFDInputError) as refused:
+        ReferenceBackendConfig(transport="hccl")  # type: ignore[arg-type]
+    assert (refused.value.argument, refused.value.value) == ("reference.transport", "hccl")
 
 
 @pytest.mark.parametrize(
@@ -155,7 +148,7 @@ def test_a_transport_the_link_does_not_run_fails_only_when_a_rank_starts(
 def test_the_windows_are_made_on_the_configs_transport(
     with_shared: TinyMoEModel, transport: str, made: str
 ) -> None:
-    cfg = config(1, 2, transport=transport)  # a group name of its own
+    cfg = config(1, 2, reference=ReferenceBackendConfig(transport))  # a group of its own
     groups = Deployment(cfg, with_shared.spec, torch.float32).create_windows()
     try:
         assert [g.spec.transport for g in groups] == [made]
@@ -168,12 +161,13 @@ def test_the_ray_pool_refuses_in_process_windows_before_any_actor(
     with_shared: TinyMoEModel, tmp_path: Path
 ) -> None:
     """Its actors attach from other processes: in-process windows would fail in each."""
-    dep = Deployment(config(1, 2, transport="inproc"), with_shared.spec, torch.float32)
+    inproc = ReferenceBackendConfig(transport="inproc")
+    dep = Deployment(config(1, 2, reference=inproc), with_shared.spec, torch.float32)
     groups = dep.create_windows()
     try:
         with pytest.raises(AFDInputError) as refused:
             FFNWorkerPool(dep, str(tmp_path), groups)
-        assert (refused.value.argument, refused.value.value) == ("transport", "inproc")
+        assert (refused.value.argument, refused.value.value) == ("reference.transport", "inproc")
     finally:
         for g in groups:
             g.close()
@@ -187,14 +181,15 @@ NPU = '"backend": "npu", "window_groups": "per_micro_batch", '
     ("keys", "argument", "shown"),
     [
         ('"backend": "reference", "transport": "hccl"', "transport", "hccl"),
-        (NPU + '"transport": "shm"', "transport", "shm"),
-        (NPU + '"transport": "inproc"', "transport", "inproc"),
+        (NPU + '"reference": {"transport": "shm"}', "reference.transport", "shm"),
+        (NPU + '"reference": {"transport": "inproc"}', "reference.transport", "inproc"),
         # the NPU link's own refusals: tests/test_npu_link_failures.py (section 5)
         ('"backend": "npu"', "window_groups", "shared"),
-        ('"backend": "npu", "transport": "hccl", "micro_batch_num": 1', "window_groups", "shared"),
+        ('"backend": "npu", "micro_batch_num": 1', "window_groups", "shared"),
     ],
     ids=["reference-hccl", "npu-shm", "npu-inproc", "npu-shared", "npu-shared-m1"],
 )  # fmt: skip
+@pytest.mark.filterwarnings("ignore:--afd-config key 'transport' is deprecated:FutureWarning")
 def test_backend_combinations_the_links_refuse_are_refused_when_read(
     keys: str, argument: str, shown: str
 ) -> None:
@@ -208,20 +203,23 @@ def test_backend_combinations_the_links_refuse_are_refused_when_read(
 def test_auto_is_checked_as_the_backend_it_resolves_to_here() -> None:
     """As `Deployment` resolves it: "auto" is "npu" where torch_npu is installed."""
     here = resolve_backend("auto")
-    refused = "shm" if here == "npu" else "hccl"
-    with pytest.raises(AFDInputError) as info:
-        AFDConfig.from_json(
-            BASE + f'"transport": "{refused}", "window_groups": "per_micro_batch"}}'
-        )
-    assert (info.value.argument, info.value.value) == ("transport", refused)
+    if here == "npu":
+        keys, argument, refused = '"reference": {"transport": "shm"}', "reference.transport", "shm"
+    else:  # the old key: "hccl" only names the NPU link's windows
+        keys, argument, refused = '"transport": "hccl"', "transport", "hccl"
+    with pytest.raises(AFDInputError) as info, pytest.warns(FutureWarning, match="transport"):
+        AFDConfig.from_json(BASE + keys + ', "window_groups": "per_micro_batch"}')
+    assert (info.value.argument, info.value.value) == (argument, refused)
     assert f'"auto" is {here!r} on this host' in info.value.allowed
 
 
 def test_backend_combinations_the_links_run_are_accepted() -> None:
     for keys in (
-        '"backend": "reference", "transport": "shm"',
-        '"backend": "reference", "transport": "inproc", "window_groups": "per_micro_batch"',
-        '"backend": "npu", "transport": "hccl", "window_groups": "per_micro_batch"',
+        '"backend": "reference", "reference": {"transport": "shm"}',
+        '"backend": "reference", "reference": {"transport": "inproc"}, '
+        '"window_groups": "per_micro_batch"',
+        '"backend": "npu", "window_groups": "per_micro_batch"',
+        '"backend": "npu", "reference": {"transport": "auto"}, "window_groups": "per_micro_batch"',
         '"backend": "npu", "window_groups": "per_micro_batch", "quant_mode": "int8"',
     ):
         AFDConfig.from_json(BASE + keys + "}")

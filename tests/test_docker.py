@@ -435,7 +435,7 @@ def test_every_afd_config_in_the_recipes_parses() -> None:
         config = AFDConfig.from_json(value)
         if config.ray_address is not None:
             multinode.append((file, json.loads(value)))
-            assert (config.ray_address, config.transport) == ("auto", "hccl"), file
+            assert (config.ray_address, config.backend) == ("auto", "npu"), file
     # the recipe and the Compose file start the same deployment
     assert {f for f, _ in multinode} == {"multinode.md", COMPOSE.name}
     assert all(v == multinode[0][1] for _, v in multinode), multinode

@@ -56,7 +56,6 @@ def deployment(**keys: Any) -> Deployment:
         "num_attention_ranks": 1,
         "num_ffn_ranks": 1,
         "backend": "npu",
-        "transport": "hccl",
         "window_groups": "per_micro_batch",
         "micro_batch_num": 1,
         "max_tokens_per_micro_batch": 4,
@@ -213,7 +212,7 @@ def test_shared_window_groups_are_refused_with_the_npu_backend(torch_npu: Module
 def test_a_reference_transport_is_refused_with_the_npu_backend(
     torch_npu: ModuleType, transport: str
 ) -> None:
-    dep = deployment(transport=transport)
+    dep = deployment(reference={"transport": transport})
     for make in (
         lambda: link_kind(dep),
         lambda: attention_link(dep, 0, rendezvous=nobody_listening()),
@@ -221,11 +220,11 @@ def test_a_reference_transport_is_refused_with_the_npu_backend(
     ):
         with pytest.raises(AFDInputError) as info:
             make()
-        assert info.value.argument == "transport"
+        assert info.value.argument == "reference.transport"
         assert info.value.value == transport
-        assert "'hccl'" in info.value.allowed and "'npu'" in info.value.allowed
-    assert link_kind(deployment(transport="hccl")) == "npu"
-    assert link_kind(deployment(transport="auto")) == "npu"
+        assert '"auto"' in info.value.allowed and "'npu'" in info.value.allowed
+    assert link_kind(deployment()) == "npu"
+    assert link_kind(deployment(reference={"transport": "auto"})) == "npu"
     assert registered_windows(torch_npu) == {}
 
 

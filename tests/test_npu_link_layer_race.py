@@ -41,7 +41,7 @@ def test_the_layer_comes_from_a_session_in_the_batch(torch_npu: ModuleType) -> N
         num_experts=4, topk=1, moe_intermediate_size=16, dtype=torch.bfloat16,
     )  # fmt: skip
     cfg = AFDConfig(
-        num_attention_ranks=2, num_ffn_ranks=2, backend="npu", transport="hccl",
+        num_attention_ranks=2, num_ffn_ranks=2, backend="npu",
         window_groups="per_micro_batch", micro_batch_num=1, max_tokens_per_micro_batch=BS,
         startup_timeout_s=20, wait_timeout_s=10,
     )  # fmt: skip

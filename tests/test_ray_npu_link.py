@@ -68,7 +68,7 @@ def test_ffn_actors_over_the_npu_link_decode_like_colocated(
 ) -> None:
     model = TinyMoEModel(MODEL)
     model.save_pretrained(tmp_path)
-    config = AFDConfig.from_json(config_json("npu", transport="hccl", quant_mode=quant_mode))
+    config = AFDConfig.from_json(config_json("npu", quant_mode=quant_mode))
     deployment = Deployment(config, MoESpec.from_pretrained(tmp_path), torch.bfloat16)
     rendezvous, store = serve_rendezvous()
     sessions = prompts()

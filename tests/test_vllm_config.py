@@ -461,7 +461,7 @@ def test_shared_expert_stays_on_attention_for_qwen2_moe(models: dict[str, str]) 
             {"data_parallel_size": 2},
             "--data-parallel-size: expected num_attention_ranks = 1",
         ),
-        (config(transport="hccl"), {}, "transport: expected one of ['auto', 'inproc', 'shm']"),
+        (config(transport="hccl"), {}, "transport: expected \"hccl\" only with backend 'npu'"),
         (
             json.dumps({"num_attention_ranks": 2, "num_ffn_ranks": 2}),
             {},

@@ -32,7 +32,7 @@ MAX_TOKENS = 8
 def afd_config(backend: str) -> str | None:
     if backend == "colocated":
         return None
-    keys = {"transport": "hccl", "window_groups": "per_micro_batch"} if backend == "npu" else {}
+    keys = {"window_groups": "per_micro_batch"} if backend == "npu" else {}
     return json.dumps(
         {
             "num_attention_ranks": 1,

@@ -1,4 +1,4 @@
-"""The AFD link: one interface for both ends, one implementation per (backend, transport).
+"""The AFD link: one interface for both ends, one implementation per backend.
 
     from afd_dispatch.link import attention_link, ffn_link
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from afd_dispatch.config import LINK_TRANSPORTS
+from afd_dispatch.config import NPU_WINDOWS
 from afd_dispatch.errors import check
 from afd_dispatch.link.base import AttentionLink, Batch, FFNLink
 from afd_dispatch.runtime.deployment import Deployment
@@ -23,17 +23,16 @@ __all__ = ["AttentionLink", "Batch", "FFNLink", "attention_link", "ffn_link", "l
 
 
 def link_kind(deployment: Deployment) -> str:
-    """The implementation the config selects: "reference" or "npu" (HCCL windows)."""
-    cfg = deployment.config
-    backend = deployment.backend
-    allowed = LINK_TRANSPORTS[backend]
+    """The implementation the config selects: "reference" (windows in this host's memory,
+    `reference.transport`) or "npu" (HCCL windows)."""
+    transport = deployment.config.reference.transport
     check(
-        cfg.transport in allowed,
-        "transport",
-        f"one of {list(allowed)} with backend {backend!r}",
-        cfg.transport,
+        deployment.backend != "npu" or transport == "auto",
+        "reference.transport",
+        f"\"auto\" with backend 'npu' ({NPU_WINDOWS})",
+        transport,
     )
-    return backend
+    return deployment.backend
 
 
 def attention_link(

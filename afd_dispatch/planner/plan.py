@@ -179,7 +179,6 @@ class Plan:
             "window_groups": "per_micro_batch",
             "hccl_buffsize_mb": self.hccl_buffsize_mb,
             "backend": "npu",
-            "transport": "hccl",
         }
         if lay.shared_dies:
             config["shared_expert_ranks"] = list(range(lay.routed_dies, lay.num_ffn_ranks))

@@ -165,10 +165,12 @@ class Deployment:
         """Allocate the window groups (reference backend; on A3, HCCL owns the windows).
 
         `transport`: "inproc" (every rank in this process) or "shm" (shared memory, for
-        ranks in other processes); by default the config's, where "auto" is "shm".
+        ranks in other processes); by default the config's `reference.transport`, where
+        "auto" is "shm".
         """
         if transport is None:
-            transport = "shm" if self.config.transport == "auto" else self.config.transport
+            configured = self.config.reference.transport
+            transport = "shm" if configured == "auto" else configured
         groups: list[WindowGroup] = []
         try:
             for name in self.group_names:

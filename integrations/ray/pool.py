@@ -74,7 +74,7 @@ class FFNWorkerPool:
         for group in groups:  # before any actor starts: they attach in other processes
             check(
                 group.spec.transport == "shm",
-                "transport",
+                "reference.transport",
                 '"shm" or "auto" (the FFN ranks are Ray actors in other processes; they '
                 "attach to shared-memory windows only)",
                 group.spec.transport,
@@ -177,7 +177,7 @@ class FFNWorkerPool:
             if node != here:
                 raise AFDHandshakeError(
                     f"FFN rank {rank} runs on node {node}, the attention side on {here}: "
-                    "shared-memory windows need one host (use transport 'hccl' on A3)"
+                    "shared-memory windows need one host (use backend 'npu' on A3: HCCL windows)"
                 )
 
     def stop(self) -> None:

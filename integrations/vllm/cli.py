@@ -96,14 +96,12 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
             "run the NPU link here)",
             config.backend,
         )
-        transports = ("auto", "hccl") if npu else ("auto", "shm")
         check(
-            config.transport in transports,
-            "transport",
-            " or ".join(f'"{t}"' for t in transports)
-            + f" with backend {'npu' if npu else 'reference'} (HCCL windows on the NPU link, "
-            "shared memory on the reference one)",
-            config.transport,
+            npu or config.reference.transport in ("auto", "shm"),
+            "reference.transport",
+            '"auto" or "shm" (the FFN ranks are Ray actors, other processes: the windows '
+            "are shared memory)",
+            config.reference.transport,
         )
         model = getattr(engine_args, "model", None)
         check(
