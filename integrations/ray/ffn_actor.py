@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class FFNWorkerActor:
     def __init__(
         self,
-        config_json: str,
+        config: AFDConfig,
         model_path: str,
         rank: int,
         window_specs: list[WindowGroupSpec],
@@ -48,7 +48,6 @@ class FFNWorkerActor:
         _use_assigned_cpus()
         if niceness is not None:
             _run_at(niceness, rank)
-        config = AFDConfig.from_json(config_json)
         spec = MoESpec.from_pretrained(model_path)
         self.deployment = Deployment(config, spec, getattr(torch, dtype.removeprefix("torch.")))
         self.rank = rank
@@ -95,8 +94,8 @@ class FFNWorkerActor:
         self._thread = threading.Thread(target=target, name=f"afd-ffn-{rank}", daemon=True)
         self._thread.start()
 
-    def params(self) -> dict[str, Any]:
-        return self.deployment.params().to_dict()
+    def params(self) -> ProtocolParams:
+        return self.deployment.params()
 
     def info(self) -> dict[str, Any]:
         import ray

@@ -23,7 +23,7 @@ from afd_dispatch.integrations.ray import calls
 from afd_dispatch.integrations.ray.ffn_actor import FFNWorkerActor
 from afd_dispatch.integrations.ray.supervisor import Supervisor
 from afd_dispatch.link.npu import Rendezvous
-from afd_dispatch.runtime.deployment import Deployment, ProtocolParams
+from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.health import HealthBoard
 from afd_dispatch.runtime.trace import Span
 from afd_dispatch.windows import WindowGroup
@@ -120,7 +120,6 @@ class FFNWorkerPool:
                 "lower num_ffn_ranks",
             )
             remote = ray.remote(FFNWorkerActor)
-            config_json = self.ffn_config.to_json()
             specs = [g.spec for g in self.groups]
             expected = self.deployment.params()
             for bundle, rank in enumerate(ranks):
@@ -132,7 +131,7 @@ class FFNWorkerPool:
                     max_task_retries=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, bundle),
                 ).remote(
-                    config_json,
+                    self.ffn_config,  # pickled as it is: Ray's serializer, no JSON trip
                     self.model_path,
                     rank,
                     specs,
@@ -163,9 +162,7 @@ class FFNWorkerPool:
                 f"FFN rank {rank}'s actor, starting up",
                 "startup_timeout_s: loading its experts takes longer, or it waits for CPUs",
             )
-            mine.check_matches(
-                ProtocolParams.from_dict(answer), "attention side", f"FFN rank {rank}"
-            )
+            mine.check_matches(answer, "attention side", f"FFN rank {rank}")
 
     def _check_same_node(self) -> None:
         import ray
