@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from afd_dispatch.errors import AFDInputError
-from afd_dispatch.kernels import resolve_backend
+from afd_dispatch.kernels import BACKENDS, Backend, resolve_backend
 from afd_dispatch.layout import (
     DEFAULT_HCCL_BUFFSIZE_MB,
     MAX_MICRO_BATCHES,
@@ -53,11 +53,9 @@ ROLE_ALLOWED = (
     '"attention" (the process reading the config is the attention side and starts the FFN '
     'ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
 )
-Backend = Literal["auto", "reference", "npu"]
 Transport = Literal["auto", "inproc", "shm"]
 WindowGroups = Literal["shared", "per_micro_batch"]
 SharedExpertsOn = Literal["ffn", "attention"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 WINDOW_GROUPS: tuple[str, ...] = get_args(WindowGroups)
 SHARED_EXPERTS_ON: tuple[str, ...] = get_args(SharedExpertsOn)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
+from typing import Literal, get_args
 
 from afd_dispatch.errors import check
 
@@ -27,7 +28,9 @@ BACKEND_API = (
     "attention_worker_scheduler",
     "create_schedule_context_holder",
 )
-BACKENDS = ("auto", "reference", "npu")
+Backend = Literal["auto", "reference", "npu"]
+"""What `AFDConfig.backend` and `load_backend` take ("auto": "npu" where torch_npu exists)."""
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def npu_available() -> bool:
