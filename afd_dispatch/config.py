@@ -319,8 +319,10 @@ class AFDConfig:
         """A JSON object is the section's keys, each checked by its own declaration."""
         if not isinstance(value, Mapping):
             return value  # a ReferenceBackendConfig, or refused as the declaration says
+        # refused before the call: a key such as "self" would clash with __init__'s own
+        names = [f.name for f in dataclasses.fields(ReferenceBackendConfig)]
         for key in value:
-            refuse_unless(isinstance(key, str), "reference", "an object with string keys", key)
+            refuse_unless(key in names, "reference", f"an object with keys among {names}", key)
         return ReferenceBackendConfig(**value)
 
     @field_validator("expert_replicas", mode="before")

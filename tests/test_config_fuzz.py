@@ -95,7 +95,7 @@ INTERESTING: dict[str, list[Any]] = {
     "backend": [*BACKENDS, "cuda"],
     "reference": [
         *({"transport": t} for t in [*TRANSPORTS, "rdma", "hccl"]),
-        *({}, {"transports": "shm"}, "shm", [["transport", "shm"]]),
+        *({}, {"transports": "shm"}, {"self": 1}, "shm", [["transport", "shm"]]),
     ],
     "group": ["afd", "g" * 64, "g" * 65, "a.b-c_d", "", "a b", "\udcff"],
     "ffn_start_rank_id": [0, 1, 2],
