@@ -37,9 +37,13 @@ FIXED = {
     "async_dp": (False, "data-parallel ranks step in lockstep (every MoE layer, every rank)"),
     "async": (False, "data-parallel ranks step in lockstep (every MoE layer, every rank)"),
 }
+CONNECTOR_INSTEAD = (
+    'backend ("npu": HCCL windows; "reference": windows in shared memory, '
+    'reference.transport "shm")'
+)
 INSTEAD = {
-    "connector": 'backend ("reference" or "npu") and transport ("shm" or "hccl")',
-    "afd_connector": 'backend ("reference" or "npu") and transport ("shm" or "hccl")',
+    "connector": CONNECTOR_INSTEAD,
+    "afd_connector": CONNECTOR_INSTEAD,
     "host": "nothing: the process that launches the engines serves the rendezvous; "
     "ray_address for a Ray cluster",
     "afd_host": "nothing: the process that launches the engines serves the rendezvous; "
