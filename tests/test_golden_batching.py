@@ -245,7 +245,7 @@ class Expected:
     n: int
     y: np.ndarray  # uint8 [n, payload]
     scale: np.ndarray  # uint8 [n, 4] (int8 rows' float32 scale)
-    sessions: np.ndarray
+    session_ids: np.ndarray
     micro_batches: np.ndarray
     tokens: np.ndarray
     offsets: np.ndarray
@@ -274,7 +274,7 @@ def expected_outputs(
         n=n,
         y=slots[:, : case.payload],
         scale=slots[:, case.H : case.H + 4],
-        num_attention_ranks=s.astype(np.int32),
+        session_ids=s.astype(np.int32),
         micro_batches=mb.astype(np.int32),
         tokens=bs.astype(np.int32),
         offsets=k.astype(np.int32),
@@ -295,7 +295,7 @@ def assert_outputs(outputs: tuple[torch.Tensor, ...], case: Case, want: Expected
     assert_same_bytes(tensor_bytes(y[:n]).reshape(n, case.payload), want.y, "y[:n]")
     assert group_list.numpy().tolist() == want.group_list.tolist()
     for got, expected, what in (
-        (sessions, want.num_attention_ranks, "session_ids"),
+        (sessions, want.session_ids, "session_ids"),
         (mbs, want.micro_batches, "micro_batch_ids"),
         (tokens, want.tokens, "token_ids"),
         (offsets, want.offsets, "expert_offsets"),
