@@ -7,17 +7,21 @@ team's golden grids, see tests/test_golden_*.py). CI runs everything; the quick 
 is `pytest -m "not e2e and not slow"`.
 
 `model`, `logs` and `colocated` are session-scoped: the colocated reference server runs
-once for every module that compares against it.
+once for every module that compares against it. `local_ray` and `tiny` are module-scoped:
+each Ray module starts one local Ray and saves one tiny checkpoint for all its tests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import ray_cluster
 from vllm_scenarios import LOAD, LONG, Record, complete, concurrently, run_server, spread
 
 from afd_dispatch.fixtures.tiny_hf import build_tiny_model
+from afd_dispatch.fixtures.tiny_moe import TinyMoEConfig, TinyMoEModel
 from afd_dispatch.integrations.vllm.launch import Server
 
 MARKERS = {
@@ -57,3 +61,19 @@ def colocated(vllm_model: str, logs: Path) -> dict[str, list[int]]:
     tokens = run_server(vllm_model, logs / "colocated.log", None, (), scenario).tokens
     assert len({tuple(t) for t in tokens.values()}) == len(tokens)  # the prompts differ
     return tokens
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for all of a module's tests: starting one costs seconds."""
+    with ray_cluster.local_ray():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyMoEModel, Path]:
+    """The tiny model (8 experts, shared expert, 3 MoE layers) and its checkpoint dir."""
+    model = TinyMoEModel(TinyMoEConfig())
+    path = tmp_path_factory.mktemp("tiny_moe")
+    model.save_pretrained(path)
+    return model, path

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from op_inputs import raises_input_error
 
 from afd_dispatch import (
     AFDConfig,
@@ -28,13 +29,8 @@ BASE: dict[str, Any] = {"num_attention_ranks": 2, "num_ffn_ranks": 2}
 
 
 def rejected(call: Any, argument: str, shown: str) -> AFDInputError:
-    """`call()` raises AFDInputError whose argument names `argument`, value shows `shown`."""
-    with pytest.raises(AFDInputError) as info:
-        call()
-    err = info.value
-    assert shown, "a case must say which part of the value the message shows"
-    assert argument in err.argument, f"argument {err.argument!r} does not name {argument!r}"
-    assert shown in repr(err.value), f"value {err.value!r} does not show {shown!r}"
+    """As `raises_input_error`, and the message starts with the argument and what it expects."""
+    err = raises_input_error(call, argument, shown)
     assert str(err).startswith(f"{err.argument}: expected ")
     return err
 
@@ -260,7 +256,7 @@ def test_check_hccl_buffsize() -> None:
 )
 def test_window_layout_rejects(fields: dict[str, Any], argument: str, shown: str) -> None:
     args: dict[str, Any] = {
-        "sessions": 2,
+        "num_attention_ranks": 2,
         "micro_batches": 2,
         "tokens": 4,
         "topk": 2,
@@ -384,6 +380,42 @@ def test_role_is_dropped_with_a_warning_and_only_attention_is_taken() -> None:
         config = AFDConfig.from_dict({**BASE, "role": "attention"})
     assert config == AFDConfig.from_dict(BASE) and "role" not in config.to_dict()
     rejected(lambda: AFDConfig.from_dict({**BASE, "role": "ffn"}), "role", "ffn")
+
+
+def test_transport_moved_to_the_reference_section_with_a_warning() -> None:
+    with pytest.warns(
+        FutureWarning, match="'transport' is deprecated: it is 'reference.transport'"
+    ):
+        moved = AFDConfig.from_dict({**BASE, "transport": "inproc"})
+    assert moved == AFDConfig.from_dict({**BASE, "reference": {"transport": "inproc"}})
+    assert moved.reference.transport == "inproc" and "transport" not in moved.to_dict()
+    both = {**BASE, "transport": "shm", "reference": {"transport": "shm"}}
+    rejected(lambda: AFDConfig.from_dict(both), "transport", "shm")
+    # "hccl" named the NPU link's windows, its only ones: dropped there, refused here
+    with pytest.warns(FutureWarning):
+        rejected(lambda: AFDConfig.from_dict({**BASE, "transport": "hccl"}), "transport", "hccl")
+
+
+@pytest.mark.parametrize(
+    ("section", "argument", "shown"),
+    [
+        ({"transport": "rdma"}, "reference.transport", "rdma"),
+        ({"transport": "hccl"}, "reference.transport", "hccl"),
+        ({"transport": 1}, "reference.transport", "1"),
+        ({"transports": "shm"}, "reference", "transports"),
+        ({"self": "shm"}, "reference", "self"),  # a keyword of the constructor itself
+        ("shm", "reference", "shm"),
+        ([["transport", "shm"]], "reference", "transport"),
+    ],
+)
+def test_the_reference_section_names_its_keys_by_their_path(
+    section: Any, argument: str, shown: str
+) -> None:
+    err = rejected(lambda: AFDConfig.from_dict({**BASE, "reference": section}), argument, shown)
+    assert err.argument == argument
+    default = AFDConfig.from_dict({**BASE, "reference": {}})
+    assert default.reference.transport == "auto"
+    assert AFDConfig.from_json(default.to_json()) == default
 
 
 def test_a_bad_shared_rank_is_named_before_the_replicas_it_limits() -> None:

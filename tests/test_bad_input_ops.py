@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from op_inputs import holder_args_with_window, raises_input_error
 
 from afd_dispatch import (
     AFDInputError,
@@ -120,12 +121,7 @@ def expect_rejected(
 ) -> AFDInputError:
     """`call()` raises AFDInputError naming `argument`, showing `shown`, writing nothing."""
     before = world.snapshot()
-    with pytest.raises(AFDInputError) as info:
-        call()
-    err = info.value
-    assert shown, "a case must say which part of the value the message shows"
-    assert argument in err.argument, f"argument {err.argument!r} does not name {argument!r}"
-    assert shown in repr(err.value), f"value {err.value!r} does not show {shown!r}"
+    err = raises_input_error(call, argument, shown)
     assert err.argument in str(err) and repr(err.value) in str(err)
     world.assert_unchanged(before)
     return err
@@ -580,6 +576,13 @@ def _foreign_context(kind: str) -> Mutation:
     return mutate
 
 
+# batching and combine take token_dtype and need_schedule under the same rules
+TOKEN_DTYPE_AND_SCHEDULE_CASES: list[tuple[str, Mutation, str, str]] = [
+    ("token_dtype-fp16", _set(token_dtype=TOKEN_DTYPE_FP16), "token_dtype", "0"),
+    ("token_dtype-int8", _set(token_dtype=TOKEN_DTYPE_INT8), "token_dtype", "2"),
+    ("need_schedule=2", _set(need_schedule=2), "need_schedule", "2"),
+]
+
 CONTEXT_CASES: list[tuple[str, Mutation, str, str]] = [
     ("ctx-float", _foreign_context("float"), "schedule_context", "torch.float32 (256,)"),
     ("ctx-short", _foreign_context("short"), "schedule_context", "(512,)"),
@@ -601,10 +604,8 @@ BATCHING_CASES: list[tuple[str, Mutation, str, str]] = [
     ],
     ("max_out-3", _shape_arg("max_out_shape", 3), "max_out_shape[3] (H)", f"{H + 1}"),
     ("max_out-zero", _set(max_out_shape=[A, BS, 0, H]), "max_out_shape", f"[{A}, {BS}, 0, {H}]"),
-    ("token_dtype-fp16", _set(token_dtype=TOKEN_DTYPE_FP16), "token_dtype", "0"),
-    ("token_dtype-int8", _set(token_dtype=TOKEN_DTYPE_INT8), "token_dtype", "2"),
+    *TOKEN_DTYPE_AND_SCHEDULE_CASES,
     ("token_dtype-9", _set(token_dtype=9), "token_dtype", "9"),
-    ("need_schedule=2", _set(need_schedule=2), "need_schedule", "2"),
     ("need_schedule=-1", _set(need_schedule=-1), "need_schedule", "-1"),
     ("layer_num<0", _set(layer_num=-1), "layer_num", "-1"),
     ("layer_num<=layer", _set(layer_num=LAYER), "window layer id", f"{LAYER}"),
@@ -846,9 +847,7 @@ COMBINE_CASES: list[tuple[str, Mutation, str, str]] = [
     ("layer-float", _set(layer_id=torch.tensor([1.5])), "layer_id.dtype", "float32"),
     ("hidden", _set(hidden_size=H // 2), "hidden_size", f"{H // 2}"),
     ("hidden-0", _set(hidden_size=0), "hidden_size", "0"),
-    ("token_dtype-fp16", _set(token_dtype=TOKEN_DTYPE_FP16), "token_dtype", "0"),
-    ("token_dtype-int8", _set(token_dtype=TOKEN_DTYPE_INT8), "token_dtype", "2"),
-    ("need_schedule=2", _set(need_schedule=2), "need_schedule", "2"),
+    *TOKEN_DTYPE_AND_SCHEDULE_CASES,
     # combine reads no schedule_mode (as on A3): an FFN context has no attention window
     ("ctx-ffn", _ffn_context, "attention.token_data_buf", "0"),
     ("ctx-float", _foreign_context("float"), "schedule_context", "torch.float32"),
@@ -893,8 +892,7 @@ def test_attention_worker_scheduler_rejects(
 def holder_args(world: World, rank: int) -> Args:
     lay, group = world.layout, world.group
     ffn = group.topology.is_ffn(rank)
-    address, size = group.address(rank), group.window_bytes(rank)
-    return {
+    counts = {
         "schedule_mode": sc.SCHEDULE_MODE_FFN if ffn else sc.SCHEDULE_MODE_ATTENTION,
         "session_num": A,
         "micro_batch_num": M,
@@ -903,11 +901,8 @@ def holder_args(world: World, rank: int) -> Args:
         "expert_num": world.expert_num(rank) if ffn else 1,
         "attn_to_ffn_token_size": lay.attn_to_ffn_token_size,
         "ffn_to_attn_token_size": lay.ffn_to_attn_token_size,
-        "ffn_window": address if ffn else 0,
-        "ffn_window_size": size if ffn else 0,
-        "attention_window": 0 if ffn else address,
-        "attention_window_size": 0 if ffn else size,
     }
+    return holder_args_with_window(counts, group.address(rank), group.window_bytes(rank))
 
 
 def _window(key: str, how: str) -> Mutation:

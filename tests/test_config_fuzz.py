@@ -181,11 +181,7 @@ def names_a_key_or_the_flag(err: AFDInputError) -> bool:
     "reference.transport"; a key's element by its index, "expert_replicas['3']")."""
     argument = err.argument
     key = argument.removeprefix("key ").strip("'").split("[")[0].split(".")[0]
-    return (
-        argument == "--afd-config"
-        or argument.startswith("--afd-config key ")
-        or key in KEYS
-    )
+    return argument == "--afd-config" or argument.startswith("--afd-config key ") or key in KEYS
 
 
 # == 1a. AFDConfig.from_json ==================================================================

@@ -126,7 +126,9 @@ def test_a_ring_from_another_process_wakes_the_waiter() -> None:
 
 def test_each_rank_has_a_doorbell_outside_its_window() -> None:
     topology = RankTopology(2, 2)
-    layout = WindowLayout(num_attention_ranks=2, micro_batches=2, tokens=4, topk=2, shared=0, hidden=16)
+    layout = WindowLayout(
+        num_attention_ranks=2, micro_batches=2, tokens=4, topk=2, shared=0, hidden=16
+    )
     group = create_window_group(f"doorbells{uuid.uuid4().hex[:8]}", topology, layout, "shm")
     try:
         for rank in range(topology.world_size):

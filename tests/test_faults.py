@@ -18,18 +18,20 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from afd_threads import RankThread, config, deployment, ffn_workers
 
-from afd_dispatch import AFDInputError, AFDTimeoutError, get_window_group
+from afd_dispatch import AFDConfig, AFDInputError, AFDTimeoutError, get_window_group
 from afd_dispatch.errors import AFDPeerError, AFDRefusedError
 from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
 from afd_dispatch.layout import STATE_WORD, health_board_views
 from afd_dispatch.link import attention_link
 from afd_dispatch.model.routing import route
+from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.attention import AttentionEndpoint
 from afd_dispatch.runtime.deployment import Deployment
 from afd_dispatch.runtime.experts import ExpertBank
@@ -75,6 +77,25 @@ def stale_rank_1(model: TinyMoEModel) -> Callable[[int], dict[int, ExpertBank]]:
     return lambda rank: banks(model) if rank == 0 else {0: banks(model)[0]}
 
 
+@contextmanager
+def deployment_and_board(cfg: AFDConfig, spec: MoESpec) -> Iterator[tuple[Deployment, HealthBoard]]:
+    """A float32 deployment of `cfg` and the in-process health board its ranks report on."""
+    with deployment(cfg, spec, torch.float32) as dep:
+        yield dep, HealthBoard.create(dep.topology, "inproc")
+
+
+@contextmanager
+def served_by_a_stale_rank_1(model: TinyMoEModel) -> Iterator[AttentionEndpoint]:
+    """Session 0's endpoint of A = 1, F = 2, M = 2, the FFN ranks serving `stale_rank_1`'s
+    banks (rank 1 refuses layer 1) and reporting on the endpoint's board."""
+    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4)
+    with (
+        deployment_and_board(cfg, model.spec) as (dep, board),
+        ffn_workers(dep, stale_rank_1(model), board),
+    ):
+        yield AttentionEndpoint(dep, 0, health=board)
+
+
 def ffn_windows(dep: Deployment) -> list[bytes]:
     groups = [get_window_group(name) for name in dep.group_names]
     return [g.read_window(r) for g in groups for r in dep.topology.ffn_ranks]
@@ -88,8 +109,7 @@ def test_refused_micro_batch_is_reported_and_serving_goes_on(
     cfg = config(1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4)
     spec = dataclasses.replace(model.spec, moe_layers=(1,))
     x, ids, w = inputs(model, 3, seed=1)
-    with deployment(cfg, spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, spec) as (dep, board):
         board.set_state(0, RankState.UP, 0)
         only_layer_1 = {1: banks(model)[1]}
         worker = FFNWorker(dep, 0, only_layer_1, health=board)
@@ -133,20 +153,16 @@ def test_refused_micro_batch_is_reported_and_serving_goes_on(
 
 def test_refusal_reaches_the_attention_side_naming_rank_and_reason(model: TinyMoEModel) -> None:
     """F = 2: rank 1 hosts no experts of layer 1 (a stale bank), rank 0 does."""
-    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4)
     x, ids, w = inputs(model, 7, seed=2)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
-        with ffn_workers(dep, stale_rank_1(model), board):
-            endpoint = AttentionEndpoint(dep, 0, health=board)
-            with pytest.raises(
-                AFDRefusedError,
-                match=r"slot [01] was refused, its results are zeros \(FFN rank 1: AFDInputError",
-            ):
-                endpoint.exchange(1, x, ids, w)
-            assert endpoint.idle()  # every slot came back: the endpoint is usable
-            got = endpoint.exchange(0, x, ids, w)
-            assert torch.equal(got, expected(model, 0, x, ids, w))
+    with served_by_a_stale_rank_1(model) as endpoint:
+        with pytest.raises(
+            AFDRefusedError,
+            match=r"slot [01] was refused, its results are zeros \(FFN rank 1: AFDInputError",
+        ):
+            endpoint.exchange(1, x, ids, w)
+        assert endpoint.idle()  # every slot came back: the endpoint is usable
+        got = endpoint.exchange(0, x, ids, w)
+        assert torch.equal(got, expected(model, 0, x, ids, w))
 
 
 def desynchronised(endpoints: list[AttentionEndpoint], dep: Deployment, x, ids, w) -> None:  # type: ignore[no-untyped-def]
@@ -176,8 +192,7 @@ def test_a_micro_batch_batching_refuses_is_answered_and_serving_goes_on(
     budget was spent."""
     cfg = config(2, 1, micro_batch_num=1, max_tokens_per_micro_batch=4)
     x, ids, w = inputs(model, 3, seed=3)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         worker = FFNWorker(dep, dep.topology.ffn_ranks[0], banks(model), health=board)
         endpoints = [AttentionEndpoint(dep, s, health=board) for s in range(2)]
         thread = RankThread("ffn-0", worker.run)
@@ -207,27 +222,22 @@ def test_a_micro_batch_batching_refuses_is_answered_and_serving_goes_on(
 def test_pipelined_refusal_raises_at_the_refused_slot_only(model: TinyMoEModel) -> None:
     """M = 2, send/receive interleaved: slot 0 (layer 0) is served, slot 1 (layer 1) is
     refused by rank 1; receive(0) returns slot 0's exact result, receive(1) raises."""
-    cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4)
     x, ids, w = inputs(model, 4, seed=7)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
-        with ffn_workers(dep, stale_rank_1(model), board):
-            endpoint = AttentionEndpoint(dep, 0, health=board)
-            endpoint.send(0, 0, x, ids, w)
-            endpoint.send(1, 1, x, ids, w)
-            time.sleep(0.5)  # both slots served (and slot 1 refused) before either receive
-            assert torch.equal(endpoint.receive(0), expected(model, 0, x, ids, w))
-            with pytest.raises(AFDRefusedError, match=r"slot 1 was refused, .*FFN rank 1"):
-                endpoint.receive(1)
-            assert endpoint.idle()
+    with served_by_a_stale_rank_1(model) as endpoint:
+        endpoint.send(0, 0, x, ids, w)
+        endpoint.send(1, 1, x, ids, w)
+        time.sleep(0.5)  # both slots served (and slot 1 refused) before either receive
+        assert torch.equal(endpoint.receive(0), expected(model, 0, x, ids, w))
+        with pytest.raises(AFDRefusedError, match=r"slot 1 was refused, .*FFN rank 1"):
+            endpoint.receive(1)
+        assert endpoint.idle()
 
 
 # -- 3: waits that consult the board ---------------------------------------------------------------
 def test_exchange_fails_at_once_when_an_ffn_rank_failed(model: TinyMoEModel) -> None:
     cfg = config(1, 2, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=30.0)
     x, ids, w = inputs(model, 5, seed=3)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         board.set_state(0, RankState.UP, 0)
         board.set_state(1, RankState.FAILED, 3, "its actor died and Ray will not restart it")
         endpoint = AttentionEndpoint(dep, 0, health=board)
@@ -246,8 +256,7 @@ def test_exchange_fails_at_once_when_an_ffn_rank_failed(model: TinyMoEModel) -> 
 def test_wait_fails_within_a_watch_period_when_a_rank_fails_meanwhile(model: TinyMoEModel) -> None:
     cfg = config(1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=30.0)
     x, ids, w = inputs(model, 3, seed=4)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         board.set_state(0, RankState.UP, 0)
         endpoint = AttentionEndpoint(dep, 0, health=board)
         endpoint.send(0, 1, x, ids, w)  # nobody serves it
@@ -268,8 +277,7 @@ def test_exchange_stops_at_once_when_a_rank_fails_midway(model: TinyMoEModel) ->
     error from the slots after it)."""
     cfg = config(1, 1, micro_batch_num=2, max_tokens_per_micro_batch=4, wait_timeout_s=30.0)
     x, ids, w = inputs(model, 6, seed=8)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         board.set_state(0, RankState.UP, 0)
         endpoint = AttentionEndpoint(dep, 0, health=board)
         timer = threading.Timer(0.3, board.set_state, (0, RankState.FAILED, 1, "gone for good"))
@@ -290,8 +298,7 @@ def test_a_recovery_that_never_ends_stops_extending(model: TinyMoEModel) -> None
         ffn_stall_timeout_s=3.0, startup_timeout_s=0.5,
     )  # fmt: skip
     x, ids, w = inputs(model, 3, seed=9)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         board.set_state(0, RankState.RESTARTING, 1, "killed after no answer")
         endpoint = AttentionEndpoint(dep, 0, health=board)
         endpoint.send(0, 1, x, ids, w)
@@ -307,8 +314,7 @@ def test_a_recovery_that_never_ends_stops_extending(model: TinyMoEModel) -> None
 def test_wait_runs_past_its_deadline_while_a_rank_recovers(model: TinyMoEModel) -> None:
     cfg = config(1, 1, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=0.5)
     x, ids, w = inputs(model, 3, seed=5)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         board.set_state(0, RankState.RESTARTING, 1, "killed after no answer")
         endpoint = AttentionEndpoint(dep, 0, health=board)
         endpoint.send(0, 1, x, ids, w)
@@ -334,8 +340,7 @@ def test_wait_runs_past_its_deadline_while_a_rank_recovers(model: TinyMoEModel) 
 def test_expired_wait_names_every_ffn_rank_state(model: TinyMoEModel) -> None:
     cfg = config(1, 2, micro_batch_num=1, max_tokens_per_micro_batch=4, wait_timeout_s=0.3)
     x, ids, w = inputs(model, 3, seed=6)
-    with deployment(cfg, model.spec, torch.float32) as dep:
-        board = HealthBoard.create(dep.topology, "inproc")
+    with deployment_and_board(cfg, model.spec) as (dep, board):
         for rank in dep.topology.ffn_ranks:
             board.set_state(rank, RankState.UP, rank)
         endpoint = AttentionEndpoint(dep, 0, health=board)

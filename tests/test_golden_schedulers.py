@@ -70,6 +70,7 @@ from golden_support import (
     MASK_ID,
     RESET_7F,
     Context,
+    Field,
     align512,
     assert_context,
     assert_same_bytes,
@@ -92,6 +93,26 @@ F2A_TOKEN_SIZE = HIDDEN * 2  # 14336
 EXPERTS = 288
 TOP_K = 8
 K = TOP_K + 1  # selected_expert_num passed to the holder
+
+
+def holder_common_area(
+    num_attention_ranks: int,
+    micro_batches: int,
+    batch_size: int,
+    selected_experts: int,
+    schedule_mode: int,
+) -> tuple[tuple[Field, int], ...]:
+    """`common_area` of a holder made with the upstream tests' expert count and token sizes."""
+    return common_area(
+        num_attention_ranks=num_attention_ranks,
+        micro_batches=micro_batches,
+        batch_size=batch_size,
+        selected_experts=selected_experts,
+        experts=EXPERTS,
+        attn_to_ffn_token_size=A2F_TOKEN_SIZE,
+        ffn_to_attn_token_size=F2A_TOKEN_SIZE,
+        schedule_mode=schedule_mode,
+    )
 
 
 # -- an FFN context as torch_npu's holder makes it -------------------------------------------
@@ -142,16 +163,7 @@ def ffn_holder(
         info[:, :, 1] = 0
         info[:, :, 2:] = INT32_MAX
         ffn.ctx.put_all(
-            *common_area(
-                num_attention_ranks=A,
-                micro_batches=M,
-                batch_size=BS,
-                selected_experts=k,
-                experts=EXPERTS,
-                attn_to_ffn_token_size=A2F_TOKEN_SIZE,
-                ffn_to_attn_token_size=F2A_TOKEN_SIZE,
-                schedule_mode=0,
-            ),
+            *holder_common_area(A, M, BS, k, schedule_mode=0),
             (FFN_INFO_BUF, window_at),
             (FFN_INFO_BUF_SIZE, desc_bytes),
             (FFN_DATA_BUF, window_at + align512(desc_bytes)),
@@ -288,16 +300,7 @@ def attention_holder(timeout_s: float = 5.0) -> Iterator[tuple[Context, np.ndarr
     flag_bytes = 4 * ATT_M * ATT_BS * K
     with registered(window, timeout_s=timeout_s) as (window_at,):
         ctx = Context(
-            *common_area(
-                num_attention_ranks=ATT_A,
-                micro_batches=ATT_M,
-                batch_size=ATT_BS,
-                selected_experts=K,
-                experts=EXPERTS,
-                attn_to_ffn_token_size=A2F_TOKEN_SIZE,
-                ffn_to_attn_token_size=F2A_TOKEN_SIZE,
-                schedule_mode=1,
-            ),
+            *holder_common_area(ATT_A, ATT_M, ATT_BS, K, schedule_mode=1),
             (ATTN_INFO_BUF, window_at),
             (ATTN_INFO_BUF_SIZE, flag_bytes),
             (ATTN_DATA_BUF, window_at + align512(flag_bytes)),

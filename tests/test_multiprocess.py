@@ -25,6 +25,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -113,78 +114,90 @@ def make_topology_and_table() -> tuple[RankTopology, WindowLayout, torch.Tensor]
     return topology, layout, build_expert_rank_table(topology, ROUTED, S, REPLICAS)
 
 
-def attention_worker(
-    spec: WindowGroupSpec, table: torch.Tensor, s: int, barrier: Barrier, results: Queue
+def report_to_parent(
+    spec: WindowGroupSpec, rank: int, who: str, results: Queue, work: Callable[[WindowGroup], int]
 ) -> None:
-    """Session s: per step, layers in sequence for each micro-batch, M = 2 in flight.
+    """Runs a spawned rank's `work` on the attached group and puts ("ok", rank, its count) or
+    ("error", rank, the traceback) on `results`, so the parent learns of a failure at once."""
+    torch.set_num_threads(1)
+    try:
+        group = attach_window_group(spec)
+        try:
+            results.put(("ok", rank, work(group)))
+        finally:
+            group.close()
+    except BaseException:
+        results.put(("error", rank, f"{who}:\n{traceback.format_exc()}"))
+        raise
+
+
+def check_session(group: WindowGroup, table: torch.Tensor, s: int, barrier: Barrier) -> int:
+    """Session s: per step, layers in sequence for each micro-batch, M = 2 in flight; returns
+    the active tokens checked.
 
     The output of layer l is the input of layer l + 1 (active rows), as in a model, and
     micro-batch m + 1 is sent before micro-batch m is combined.
     """
-    torch.set_num_threads(1)
-    rank = -1
-    try:
-        group = attach_window_group(spec)
-        try:
-            rank = group.topology.attention_rank(s)
-            harness = Harness(group, table, ROUTED)
-            barrier.wait(STARTUP_TIMEOUT_S)
-            checked = 0
-            for step in range(STEPS):
-                x = {m: first_input(step, m, s) for m in range(M)}
-                mask = {m: torch.arange(BS) < active_tokens(step, m, s) for m in range(M)}
-                for m in range(M):
-                    harness.send(s, m, 0, x[m], routing(step, m, s, 0)[0], mask[m])
-                for layer in range(LAYERS):
-                    for m in range(M):
-                        ids, weights = routing(step, m, s, layer)
-                        y = harness.combine(s, weights, layer)
-                        n = active_tokens(step, m, s)
-                        want = direct(x[m][:n], ids[:n], weights[:n])
-                        if not torch.equal(y[:n], want):
-                            bad = (y[:n] != want).any(dim=1).nonzero().flatten().tolist()
-                            raise AssertionError(
-                                f"session {s} step {step} layer {layer} micro-batch {m}: "
-                                f"tokens {bad} differ from the direct computation"
-                            )
-                        checked += n
-                        if layer + 1 < LAYERS:
-                            x[m] = torch.where(mask[m].unsqueeze(1), y, x[m])
-                            next_ids = routing(step, m, s, layer + 1)[0]
-                            harness.send(s, m, layer + 1, x[m], next_ids, mask[m])
-            results.put(("ok", rank, checked))
-        finally:
-            group.close()
-    except BaseException:
-        results.put(("error", rank, f"attention session {s}:\n{traceback.format_exc()}"))
-        raise
+    harness = Harness(group, table, ROUTED)
+    barrier.wait(STARTUP_TIMEOUT_S)
+    checked = 0
+    for step in range(STEPS):
+        x = {m: first_input(step, m, s) for m in range(M)}
+        mask = {m: torch.arange(BS) < active_tokens(step, m, s) for m in range(M)}
+        for m in range(M):
+            harness.send(s, m, 0, x[m], routing(step, m, s, 0)[0], mask[m])
+        for layer in range(LAYERS):
+            for m in range(M):
+                ids, weights = routing(step, m, s, layer)
+                y = harness.combine(s, weights, layer)
+                n = active_tokens(step, m, s)
+                want = direct(x[m][:n], ids[:n], weights[:n])
+                if not torch.equal(y[:n], want):
+                    bad = (y[:n] != want).any(dim=1).nonzero().flatten().tolist()
+                    raise AssertionError(
+                        f"session {s} step {step} layer {layer} micro-batch {m}: "
+                        f"tokens {bad} differ from the direct computation"
+                    )
+                checked += n
+                if layer + 1 < LAYERS:
+                    x[m] = torch.where(mask[m].unsqueeze(1), y, x[m])
+                    next_ids = routing(step, m, s, layer + 1)[0]
+                    harness.send(s, m, layer + 1, x[m], next_ids, mask[m])
+    return checked
+
+
+def serve_rank(group: WindowGroup, table: torch.Tensor, rank: int, barrier: Barrier) -> int:
+    """FFN rank: batching -> experts -> F2A for every (step, layer, micro-batch) in order;
+    returns the rows served."""
+    harness = Harness(group, table, ROUTED)
+    ctx = harness.ffn_ctx[rank].get_schedule_context_tensor()
+    barrier.wait(STARTUP_TIMEOUT_S)
+    served = 0
+    for _step in range(STEPS):
+        for layer in range(LAYERS):
+            for _m in range(M):
+                served += harness.serve(rank, expert)
+                seen = sc.get(ctx, sc.REF_LAST_LAYER_ID)
+                if seen != layer:
+                    raise AssertionError(f"FFN rank {rank}: layer {seen}, want {layer}")
+    return served
+
+
+def attention_worker(
+    spec: WindowGroupSpec, table: torch.Tensor, s: int, barrier: Barrier, results: Queue
+) -> None:
+    """The process of attention session s (`check_session`)."""
+    work = partial(check_session, table=table, s=s, barrier=barrier)
+    rank = spec.topology.attention_rank(s)
+    report_to_parent(spec, rank, f"attention session {s}", results, work)
 
 
 def ffn_worker(
     spec: WindowGroupSpec, table: torch.Tensor, rank: int, barrier: Barrier, results: Queue
 ) -> None:
-    """FFN rank: batching -> experts -> F2A for every (step, layer, micro-batch) in order."""
-    torch.set_num_threads(1)
-    try:
-        group = attach_window_group(spec)
-        try:
-            harness = Harness(group, table, ROUTED)
-            ctx = harness.ffn_ctx[rank].get_schedule_context_tensor()
-            barrier.wait(STARTUP_TIMEOUT_S)
-            served = 0
-            for _step in range(STEPS):
-                for layer in range(LAYERS):
-                    for _m in range(M):
-                        served += harness.serve(rank, expert)
-                        seen = sc.get(ctx, sc.REF_LAST_LAYER_ID)
-                        if seen != layer:
-                            raise AssertionError(f"FFN rank {rank}: layer {seen}, want {layer}")
-            results.put(("ok", rank, served))
-        finally:
-            group.close()
-    except BaseException:
-        results.put(("error", rank, f"FFN rank {rank}:\n{traceback.format_exc()}"))
-        raise
+    """The process of FFN rank `rank` (`serve_rank`)."""
+    work = partial(serve_rank, table=table, rank=rank, barrier=barrier)
+    report_to_parent(spec, rank, f"FFN rank {rank}", results, work)
 
 
 def expected_reports(topology: RankTopology, table: torch.Tensor) -> dict[int, int]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from op_inputs import holder_args_with_window
 from torch_npu_standin import (
     SlottedHolder,
     TorchNpuStandin,
@@ -108,7 +109,7 @@ def f2a_args(
 
 def holder_args(mode: int, **override: Any) -> dict[str, Any]:
     ffn = mode == 0
-    args: dict[str, Any] = {
+    counts = {
         "schedule_mode": mode,
         "session_num": A,
         "micro_batch_num": M if ffn else 1,
@@ -117,13 +118,9 @@ def holder_args(mode: int, **override: Any) -> dict[str, Any]:
         "expert_num": ROUTED + S,
         "attn_to_ffn_token_size": 2 * H,
         "ffn_to_attn_token_size": 2 * H,
-        "ffn_window": FFN_WINDOW if ffn else 0,
-        "ffn_window_size": WINDOW_SIZE if ffn else 0,
-        "attention_window": 0 if ffn else ATTN_WINDOW,
-        "attention_window_size": 0 if ffn else WINDOW_SIZE,
     }
-    args.update(override)
-    return args
+    window = FFN_WINDOW if ffn else ATTN_WINDOW
+    return holder_args_with_window(counts, window, WINDOW_SIZE, **override)
 
 
 # Holders made by the helpers below. A record lives as long as its holder (as on A3, where

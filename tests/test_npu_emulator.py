@@ -25,6 +25,7 @@ import pytest
 import torch
 from afd_threads import RankThread
 from npu_emulator_fixture import emulated_torch_npu
+from op_inputs import holder_args_with_window
 
 from afd_dispatch import create_window_group
 from afd_dispatch.errors import AFDInputError
@@ -191,24 +192,18 @@ ADDRESS_FIELDS = {  # context fields holding an address: (field, what it is rela
 
 
 def holder_args(mode: int, window: int, size: int, **changes: int) -> dict[str, int]:
-    ffn = mode == 0
     layout = HOLDER_LAYOUT
-    args = {
+    counts = {
         "schedule_mode": mode,
         "session_num": layout.num_attention_ranks,
         "micro_batch_num": layout.micro_batches,
         "micro_batch_size": layout.tokens,
         "selected_expert_num": layout.slots,
-        "expert_num": EXPERT_NUM if ffn else 1,
+        "expert_num": EXPERT_NUM if mode == 0 else 1,
         "attn_to_ffn_token_size": layout.attn_to_ffn_token_size,
         "ffn_to_attn_token_size": F2A_TOKEN_SIZE,
-        "ffn_window": window if ffn else 0,
-        "ffn_window_size": size if ffn else 0,
-        "attention_window": 0 if ffn else window,
-        "attention_window_size": 0 if ffn else size,
     }
-    args.update(changes)
-    return args
+    return holder_args_with_window(counts, window, size, **changes)
 
 
 def garbage_window(torch_npu: ModuleType, mode: int) -> tuple[Any, torch.Tensor, int]:

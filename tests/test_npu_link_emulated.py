@@ -89,7 +89,7 @@ def npu_decode(
     results = ctx.Queue()
     stop = ctx.Event()
     rendezvous, store = serve_rendezvous()
-    cfg = config_json("npu", transport="hccl", **keys)
+    cfg = config_json("npu", **keys)
     common = (cfg, model_cfg, str(path), "bfloat16", rendezvous)
     procs = []
     for s, p in enumerate(prompts()):

@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray_cluster
 import torch
 from ray_cluster import wait_for
 
 from afd_dispatch import AFDConfig, AFDTimeoutError, get_window_group
+from afd_dispatch.config import ReferenceBackendConfig
 from afd_dispatch.errors import AFDPeerError
-from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEConfig, TinyMoEModel
+from afd_dispatch.fixtures.tiny_moe import ColocatedMoE, TinyMoEModel
 from afd_dispatch.integrations.ray import FFNWorkerPool
 from afd_dispatch.integrations.ray import supervisor as supervisor_module
 from afd_dispatch.integrations.ray.supervisor import Supervisor
@@ -56,26 +56,13 @@ STARTUP_TIMEOUT_S = 120.0
 STATE_WITHIN_S = 60.0  # for the supervisor to see a kill, a restart or a death
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    with ray_cluster.local_ray():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyMoEModel, Path]:
-    model = TinyMoEModel(TinyMoEConfig())
-    path = tmp_path_factory.mktemp("tiny_moe")
-    model.save_pretrained(path)
-    return model, path
-
-
 def make_config(**keys: Any) -> AFDConfig:
     keys.setdefault("wait_timeout_s", 30.0)
     return AFDConfig(
         num_attention_ranks=1, num_ffn_ranks=2, micro_batch_num=2,
-        max_tokens_per_micro_batch=BS, backend="reference", transport="shm",
-        startup_timeout_s=STARTUP_TIMEOUT_S, batch_invariant=True,
+        max_tokens_per_micro_batch=BS, backend="reference",
+        reference=ReferenceBackendConfig(transport="shm"), startup_timeout_s=STARTUP_TIMEOUT_S,
+        batch_invariant=True,
         group=f"rf{uuid.uuid4().hex[:12]}", **keys,
     )  # fmt: skip
 

@@ -40,13 +40,13 @@ from typing import Any
 
 import pytest
 import ray
-import ray_cluster
 import torch
 from ray._private.state import GlobalState
 from ray._raylet import GcsClientOptions  # type: ignore[attr-defined]
 from ray_cluster import ray_env, ray_head, read_line, wait_for
 
 from afd_dispatch import AFDConfig, AFDTimeoutError
+from afd_dispatch.config import ReferenceBackendConfig
 from afd_dispatch.errors import AFDHandshakeError
 from afd_dispatch.fixtures.tiny_moe import (
     ColocatedMoE,
@@ -83,17 +83,9 @@ FAULT_STEPS = 6
 
 # -- fixtures -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    with ray_cluster.local_ray():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[TinyMoEModel, str]:
-    """The tiny model (8 experts, shared expert, 3 MoE layers) and its checkpoint dir."""
-    model = TinyMoEModel(TinyMoEConfig())
-    path = tmp_path_factory.mktemp("tiny_moe")
-    model.save_pretrained(path)
+def tiny(tiny: tuple[TinyMoEModel, Path]) -> tuple[TinyMoEModel, str]:
+    """conftest's tiny model, its checkpoint dir as the str `FFNWorkerPool` takes."""
+    model, path = tiny
     return model, str(path)
 
 
@@ -108,7 +100,7 @@ def make_config(a: int, f: int, m: int, **keys: Any) -> AFDConfig:
         micro_batch_num=m,
         max_tokens_per_micro_batch=BS,
         backend="reference",
-        transport="shm",
+        reference=ReferenceBackendConfig(transport="shm"),
         startup_timeout_s=STARTUP_TIMEOUT_S,
         batch_invariant=True,
         **keys,
@@ -587,7 +579,7 @@ from afd_dispatch.model.spec import MoESpec
 address, model_path, group = sys.argv[1:4]
 config = AFDConfig(
     num_attention_ranks=1, num_ffn_ranks=3, max_tokens_per_micro_batch=8,
-    backend="reference", transport="shm", group=group, ray_address=address,
+    backend="reference", reference={"transport": "shm"}, group=group, ray_address=address,
     startup_timeout_s=120,
 )
 deployment = Deployment(config, MoESpec.from_pretrained(model_path), torch.float32)

@@ -44,7 +44,9 @@ TOKEN_DTYPE_BF16, TOKEN_DTYPE_INT8 = 1, 2
 @contextmanager
 def group_with(layout: WindowLayout) -> Iterator[WindowGroup]:
     name = f"strides-{uuid.uuid4().hex[:12]}"
-    group = create_window_group(name, RankTopology(layout.num_attention_ranks, F), layout, timeout_s=5.0)
+    group = create_window_group(
+        name, RankTopology(layout.num_attention_ranks, F), layout, timeout_s=5.0
+    )
     try:
         yield group
     finally:

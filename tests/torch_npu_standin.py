@@ -42,6 +42,20 @@ class Call:
     result: Any = None
 
 
+TORCH_NPU_OPS = (
+    "npu_attention_to_ffn",
+    "npu_ffn_worker_batching",
+    "npu_ffn_to_attention",
+    "npu_attention_worker_combine",
+)
+AFD_SCHEDULER_OPS = (
+    "ffn_worker_scheduler_",
+    "ffn_worker_scheduler",
+    "attention_worker_scheduler_",
+    "attention_worker_scheduler",
+)
+
+
 def schema_signature(name: str) -> inspect.Signature:
     """torch_npu's calling convention for op `name`, from its schema."""
     schema = torch._C.parse_schema(TORCH_NPU_SCHEMAS[name])
@@ -120,20 +134,9 @@ class TorchNpuStandin:
         self.module = _module("torch_npu", package=True)
         self.afd = _module("torch_npu._afd", package=False)
         self.module._afd = self.afd  # type: ignore[attr-defined]
-        for name in (
-            "npu_attention_to_ffn",
-            "npu_ffn_worker_batching",
-            "npu_ffn_to_attention",
-            "npu_attention_worker_combine",
-        ):
-            setattr(self.module, name, self._op(name, schema_signature(name)))
-        for name in (
-            "ffn_worker_scheduler_",
-            "ffn_worker_scheduler",
-            "attention_worker_scheduler_",
-            "attention_worker_scheduler",
-        ):
-            setattr(self.afd, name, self._op(name, schema_signature(name)))
+        for module, names in ((self.module, TORCH_NPU_OPS), (self.afd, AFD_SCHEDULER_OPS)):
+            for name in names:
+                setattr(module, name, self._op(name, schema_signature(name)))
         self.afd.create_schedule_context_holder = self._op(  # type: ignore[attr-defined]
             "create_schedule_context_holder",
             inspect.signature(create_schedule_context_holder_signature),
