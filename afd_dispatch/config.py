@@ -13,15 +13,15 @@ import dataclasses
 import functools
 import json
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
+from afd_dispatch.config_deprecated import current_keys
 from afd_dispatch.errors import AFDInputError
-from afd_dispatch.kernels import BACKENDS, Backend, resolve_backend
+from afd_dispatch.kernels import Backend, resolve_backend
 from afd_dispatch.layout import (
     DEFAULT_HCCL_BUFFSIZE_MB,
     MAX_MICRO_BATCHES,
@@ -37,23 +37,14 @@ from afd_dispatch.untrusted_json import (
     shown,
     too_deep,
 )
+from afd_dispatch.windows.transport import WindowTransport
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_DEPTH = 32  # nesting of one key's value; the deepest real one is 1 (a list, an object)
 MIN_TIMEOUT_S = 0.1  # of wait_timeout_s and startup_timeout_s
 MAX_TIMEOUT_S = 3600.0
 QUANT_MODE_CODES = {"none": 0, "int8": 2}
-RENAMED_KEYS = {"num_attention_workers": "num_attention_ranks", "num_ffn_workers": "num_ffn_ranks"}
-"""Old key -> today's (afd-plugin's, and the field's usual term); the old one is still read,
-with a FutureWarning, and refused beside the new one."""
-MOVED_KEYS = {"transport": "reference.transport"}
-"""Old top-level key -> the backend section that owns it now; read as `RENAMED_KEYS` are
-("hccl", the NPU link's only windows, is dropped: nothing chooses it)."""
-ROLE_ALLOWED = (
-    '"attention" (the process reading the config is the attention side and starts the FFN '
-    'ranks itself, as Ray actors; nothing runs an FFN process from "ffn")'
-)
-Transport = Literal["auto", "inproc", "shm"]
+Transport = Literal["auto", WindowTransport]
 WindowGroups = Literal["shared", "per_micro_batch"]
 SharedExpertsOn = Literal["ffn", "attention"]
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
@@ -164,7 +155,7 @@ class ReferenceBackendConfig:
 class AFDConfig:
     """An AFD deployment, as one JSON object.
 
-    Keys (all optional but the two rank counts; `_current_keys` reads deprecated ones):
+    Keys (all optional but the two rank counts; `config_deprecated` reads deprecated ones):
 
     =========================  ==========================================================
     num_attention_ranks        A, attention ranks, 1..768
@@ -385,7 +376,7 @@ class AFDConfig:
     def from_dict(cls, data: Any) -> AFDConfig:
         """A user's config (a JSON object's values): every key checked, and `check_runnable`."""
         refuse_unless(isinstance(data, dict), "--afd-config", "a JSON object", type(data).__name__)
-        data = _current_keys(data)
+        data = current_keys(data)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         for key in data:
             refuse_unless(
@@ -470,82 +461,3 @@ def _parse_expert_key(key: Any) -> int:
 
 _SECTIONS = {"reference": ReferenceBackendConfig}
 """The backend sections of `AFDConfig`: key -> the dataclass declaring its keys."""
-
-
-def current_key(key: str) -> str | None:
-    """Today's top-level key holding what config key `key` set (None for `role`, which is
-    dropped; "reference" for `transport`)."""
-    if key == "role":
-        return None
-    return MOVED_KEYS.get(key, RENAMED_KEYS.get(key, key)).partition(".")[0]
-
-
-def _current_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with deprecated keys in today's terms, a FutureWarning for each one given:
-    `RENAMED_KEYS`, `MOVED_KEYS` (`_moved_transport`), and `role`, which nothing read (the
-    config's reader is always the attention side): "attention" is dropped, anything else
-    refused (`ROLE_ALLOWED`)."""
-    out = dict(data)
-    if "transport" in out:
-        out = _moved_transport(out)
-    for old, new in RENAMED_KEYS.items():
-        if old in out:
-            refuse_unless(new not in out, old, f"absent beside {new!r} (its old name)", out[old])
-            warnings.warn(
-                f"--afd-config key {old!r} is deprecated: it is {new!r} now",
-                FutureWarning,
-                stacklevel=3,
-            )
-            out[new] = out.pop(old)
-    if "role" in out:
-        refuse_unless(out["role"] == "attention", "role", ROLE_ALLOWED, out["role"])
-        warnings.warn(
-            "--afd-config key 'role' is deprecated and ignored: the process that reads the "
-            "config is always the attention side",
-            FutureWarning,
-            stacklevel=3,
-        )
-        del out["role"]
-    return out
-
-
-def _moved_transport(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with its top-level `transport` moved to `reference.transport`; "hccl", the NPU
-    link's windows (it has no others), is dropped, and refused where the backend is not npu
-    (as it was before it moved)."""
-    out = dict(data)
-    value = out.pop("transport")
-    section = out.get("reference", {})
-    refuse_unless(
-        value in (*TRANSPORTS, "hccl"),
-        "transport",
-        f"one of {[*TRANSPORTS, 'hccl']} (deprecated: use reference.transport)",
-        value,
-    )
-    refuse_unless(
-        not isinstance(section, Mapping) or "transport" not in section,
-        "transport",
-        "absent beside 'reference.transport' (its old place)",
-        value,
-    )
-    warnings.warn(
-        "--afd-config key 'transport' is deprecated: it is 'reference.transport' now (the "
-        "NPU link's windows are always HCCL memory)",
-        FutureWarning,
-        stacklevel=4,
-    )
-    if value != "hccl":
-        if isinstance(section, Mapping):
-            out["reference"] = {**section, "transport": value}
-        return out
-    backend = out.get("backend", "auto")
-    if backend in BACKENDS:  # else refused as `backend` by the declaration
-        resolved = resolve_backend(backend)
-        auto = f' ("auto" is {resolved!r} on this host)' if backend != resolved else ""
-        refuse_unless(
-            resolved == "npu",
-            "transport",
-            f"\"hccl\" only with backend 'npu', whose windows are HCCL memory{auto}",
-            value,
-        )
-    return out

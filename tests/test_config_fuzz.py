@@ -36,7 +36,6 @@ from hypothesis import strategies as st
 from test_vllm_config import STARTED, Bad, refuse
 
 from afd_dispatch.config import (
-    BACKENDS,
     MAX_CONFIG_BYTES,
     QUANT_MODE_CODES,
     SHARED_EXPERTS_ON,
@@ -47,6 +46,7 @@ from afd_dispatch.config import (
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm import cli
+from afd_dispatch.kernels import BACKENDS
 
 KEYS = sorted(f.name for f in dataclasses.fields(AFDConfig) if f.init)
 BASE = {"num_attention_ranks": 1, "num_ffn_ranks": 2}  # accepted by `vllm serve` here

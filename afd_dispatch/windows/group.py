@@ -29,9 +29,13 @@ from afd_dispatch.layout import (
 from afd_dispatch.topology import RankTopology
 from afd_dispatch.windows.doorbell import Doorbell
 from afd_dispatch.windows.memory import Region, register_memory, resolve, unregister_memory
-from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
+from afd_dispatch.windows.transport import (
+    WINDOW_TRANSPORTS,
+    InProcessTransport,
+    SharedMemoryTransport,
+    Transport,
+)
 
-TRANSPORTS = ("inproc", "shm")
 CONTEXT_STORAGE_BYTES = 1024
 DOORBELL_BYTES = 64  # one int32 word, on a cache line of its own
 
@@ -246,7 +250,8 @@ def create_window_group(
     `transport` is "inproc" (all ranks in this process) or "shm" (shared memory; pass
     `group.spec` to `attach_window_group` in the other processes).
     """
-    check(transport in TRANSPORTS, "transport", f"one of {list(TRANSPORTS)}", transport)
+    allowed = list(WINDOW_TRANSPORTS)
+    check(transport in WINDOW_TRANSPORTS, "transport", f"one of {allowed}", transport)
     check(
         layout.num_attention_ranks == topology.num_attention_ranks,
         "layout.num_attention_ranks",

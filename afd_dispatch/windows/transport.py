@@ -16,9 +16,13 @@ import stat
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
+
+WindowTransport = Literal["inproc", "shm"]
+"""Where a window group's memory lives: this process ("inproc") or POSIX shared memory."""
+WINDOW_TRANSPORTS: tuple[str, ...] = get_args(WindowTransport)
 
 SHM_DIR = "/dev/shm"
 

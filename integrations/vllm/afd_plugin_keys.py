@@ -24,7 +24,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from afd_dispatch.config import RENAMED_KEYS, AFDConfig
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.config_deprecated import RENAMED_KEYS
 from afd_dispatch.errors import AFDInputError, check
 
 FLAG = "--additional-config afd"

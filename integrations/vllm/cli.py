@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Any
 
-from afd_dispatch.config import AFDConfig, current_key
+from afd_dispatch.config import AFDConfig
+from afd_dispatch.config_deprecated import current_key
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.integrations.vllm import afd_plugin_keys
 from afd_dispatch.kernels import resolve_backend

@@ -343,12 +343,11 @@ def ffn_worker_scheduler_(
     ctx = schedule_context
     sc.check_context(ctx, sc.SCHEDULE_MODE_FFN)
     area = ffn_area(ctx, with_info=True)
+    a = area.num_attention_ranks
     check(
-        isinstance(sync_group_size, int)
-        and 1 <= sync_group_size <= area.num_attention_ranks
-        and area.num_attention_ranks % sync_group_size == 0,
+        isinstance(sync_group_size, int) and 1 <= sync_group_size <= a and a % sync_group_size == 0,
         "sync_group_size",
-        f"a divisor of session_num = {area.num_attention_ranks}",
+        f"a divisor of session_num = {a}",
         sync_group_size,
     )
     check(execute_mode == 0, "execute_mode", "0 (the only mode A3 runs)", execute_mode)
@@ -357,17 +356,10 @@ def ffn_worker_scheduler_(
     outputs = [
         _int32_buffer(ctx, field, size_field, 4 * count)
         for (field, size_field), count in zip(
-            sc.FFN_SCHEDULER_BUFFERS,
-            (
-                area.num_attention_ranks,
-                area.num_attention_ranks,
-                area.num_attention_ranks,
-                area.num_attention_ranks * per_session,
-            ),
-            strict=True,
+            sc.FFN_SCHEDULER_BUFFERS, (a, a, a, a * per_session), strict=True
         )
     ]
-    groups = area.num_attention_ranks // sync_group_size
+    groups = a // sync_group_size
     info = area.flags_and_ids
     flags = info[:, :, FLAG_OFFSET]  # (A, M)
     _check_flags(area, area.info_words[:, :, FLAG_OFFSET])
