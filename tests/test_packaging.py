@@ -110,3 +110,22 @@ def test_mypy_excuses_only_third_party_modules() -> None:
         assert not [m for m in modules if m in ("*", "**")], override
     assert (ROOT / "afd_dispatch" / "py.typed").is_file()
     assert "py.typed" in SETUPTOOLS["package-data"]["afd_dispatch"]
+
+
+MAX_MODULE_LINES = 500  # a module a newcomer reads in one sitting
+
+
+def test_no_module_of_the_package_is_over_500_lines() -> None:
+    sources = [
+        path
+        for directory in package_dirs().values()
+        for pattern in ("*.py", "*.pyi", "*.c")
+        for path in directory.glob(pattern)
+    ]
+    assert len(sources) > 50  # the walk found the package
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in sources
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}
