@@ -89,7 +89,7 @@ def allowed(name: str) -> str:
     """What key `name` of `AFDConfig` allows, in words, read off its declaration; a key of
     a backend section is named as its path ("reference.transport")."""
     section, _, key = name.rpartition(".")
-    owner = _SECTIONS[section] if section else AFDConfig
+    owner = SECTIONS[section] if section else AFDConfig
     info = vars(owner)["__pydantic_fields__"][key]  # pydantic's FieldInfo
     extra = info.json_schema_extra
     if isinstance(extra, dict) and "allowed" in extra:
@@ -137,9 +137,10 @@ def _input_error(
 class ReferenceBackendConfig:
     """The keys only the reference backend reads: `"reference": {...}` in `--afd-config`.
 
-    A config names them whatever its `backend`; they apply where the reference link runs
-    (a config that says "auto" runs the reference link on a CPU host, the NPU link on A3,
-    whose windows are always HCCL memory).
+    They configure the reference link's windows. Where `backend` resolves to "npu" (A3,
+    whose windows are always HCCL memory) each must keep its "auto" value: `check_runnable`
+    and the link refuse any other, as a setting that would be ignored. So a config with
+    "backend": "auto" that sets one runs on a CPU host and is refused on A3.
     """
 
     KEY_PREFIX: ClassVar[str] = "reference."
@@ -459,5 +460,5 @@ def _parse_expert_key(key: Any) -> int:
     return int(key)
 
 
-_SECTIONS = {"reference": ReferenceBackendConfig}
+SECTIONS = {"reference": ReferenceBackendConfig}
 """The backend sections of `AFDConfig`: key -> the dataclass declaring its keys."""

@@ -29,14 +29,6 @@ ROLE_ALLOWED = (
 )
 
 
-def current_key(key: str) -> str | None:
-    """Today's top-level key holding what config key `key` set (None for `role`, which is
-    dropped; "reference" for `transport`)."""
-    if key == "role":
-        return None
-    return MOVED_KEYS.get(key, RENAMED_KEYS.get(key, key)).partition(".")[0]
-
-
 def current_keys(data: dict[str, Any]) -> dict[str, Any]:
     """`data` with deprecated keys in today's terms, a FutureWarning for each one given:
     `RENAMED_KEYS`, `MOVED_KEYS` (`_moved_transport`), and `role`, which nothing read (the

@@ -43,12 +43,15 @@ from afd_dispatch.config import (
     WINDOW_GROUPS,
     AFDConfig,
 )
+from afd_dispatch.config_deprecated import MOVED_KEYS, OLD_TRANSPORTS, RENAMED_KEYS
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.fixtures.tiny_hf import build_tiny_model
 from afd_dispatch.integrations.vllm import cli
 from afd_dispatch.kernels import BACKENDS
 
-KEYS = sorted(f.name for f in dataclasses.fields(AFDConfig) if f.init)
+# today's keys and the deprecated ones `config_deprecated` still reads
+DEPRECATED = sorted({*RENAMED_KEYS, *MOVED_KEYS, "role"})
+KEYS = sorted([*(f.name for f in dataclasses.fields(AFDConfig) if f.init), *DEPRECATED])
 BASE = {"num_attention_ranks": 1, "num_ffn_ranks": 2}  # accepted by `vllm serve` here
 FAST = settings(max_examples=400, deadline=None, database=None)
 LONGEST_MESSAGE = 1500  # the list of keys (~500), plus at most 200 of the key and of the value
@@ -93,6 +96,7 @@ INTERESTING: dict[str, list[Any]] = {
     "quant_mode": [*QUANT_MODE_CODES, "fp8"],
     "sync_flag": [0, 1, 2],
     "backend": [*BACKENDS, "cuda"],
+    "transport": [*OLD_TRANSPORTS, "rdma"],
     "reference": [
         *({"transport": t} for t in [*TRANSPORTS, "rdma", "hccl"]),
         *({}, {"transports": "shm"}, {"self": 1}, "shm", [["transport", "shm"]]),

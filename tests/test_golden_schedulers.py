@@ -185,10 +185,10 @@ def ffn_holder(
 def published(ffn: Ffn, before: np.ndarray, picks: list[tuple[int, int]]) -> None:
     """Check the scheduler published (session, micro-batch) `picks` in slots 0, 1, ... and
     reset exactly those descriptors; `before` is the descriptor table before the call."""
-    layers, sessions, mbs, experts = ffn.outputs()
+    layers, session_ids, mbs, experts = ffn.outputs()
     n = len(picks)
     assert layers[:n].tolist() == [int(before[s, m, 1]) for s, m in picks]
-    assert sessions[:n].tolist() == [s for s, _ in picks]
+    assert session_ids[:n].tolist() == [s for s, _ in picks]
     assert mbs[:n].tolist() == [m for _, m in picks]
     for o, (s, m) in enumerate(picks):
         assert np.array_equal(experts[o], before[s, m, 2:]), (o, s, m)
@@ -388,14 +388,14 @@ def test_batching_after_scheduler_equals_recv() -> None:
 
 
 @pytest.mark.parametrize(
-    ("sessions", "sync_group_size", "execute_mode"),
+    ("session_num", "sync_group_size", "execute_mode"),
     [(2, 0, 0), (2, 3, 0), (4, 3, 0), (2, 1, 1)],
 )
 def test_ffn_scheduler_refuses_what_the_kernel_refuses(
-    sessions: int, sync_group_size: int, execute_mode: int
+    session_num: int, sync_group_size: int, execute_mode: int
 ) -> None:
     """The kernel's checks: sync_group_size in [1, A] dividing A; execute_mode 0 ("once")."""
-    with ffn_holder(sessions, OP_M, OP_BS, K) as ffn:
+    with ffn_holder(session_num, OP_M, OP_BS, K) as ffn:
         ctx_before = ffn.ctx.snapshot()
         info_before = ffn.info().copy()
         bad = "sync_group_size" if execute_mode == 0 else "execute_mode"

@@ -75,11 +75,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     return get
 
 
-def prompts_for(model: TinyMoEModel, sessions: int) -> list[torch.Tensor]:
+def prompts_for(model: TinyMoEModel, num_attention_ranks: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(11)
     vocab = model.config.vocab_size
     return [
-        torch.randint(0, vocab, (SEQUENCES[s], PROMPT_LEN), generator=g) for s in range(sessions)
+        torch.randint(0, vocab, (SEQUENCES[s], PROMPT_LEN), generator=g)
+        for s in range(num_attention_ranks)
     ]
 
 

@@ -439,6 +439,26 @@ def test_old_keys_in_afd_config_merge_with_additional_config(
     assert checked.micro_batch_num == 3
 
 
+def test_the_reference_section_merges_key_by_key_and_old_transport_is_read_in_both_flags(
+    models: dict[str, str], vllm_cpu: None
+) -> None:
+    """Each flag sets only the section keys it names (no default clashes with a value);
+    the old top-level transport is read, with its warning, from --additional-config too."""
+    args = engine_args(models["qwen3_moe"])
+    empty = config(reference={})
+    checked = cli.checked_config(empty, {"reference": {"transport": "shm"}}, args)
+    assert checked.reference.transport == "shm"
+    shm = config(reference={"transport": "shm"})
+    assert cli.checked_config(shm, {"reference": {}}, args).reference.transport == "shm"
+    with pytest.warns(FutureWarning, match="'transport' is deprecated"):
+        old = cli.checked_config(None, {**A1F2, "transport": "shm"}, args)
+    assert old.reference.transport == "shm"
+    with pytest.raises(SystemExit) as refused:
+        cli.checked_config(shm, {"reference": {"transport": "auto"}}, args)
+    assert refused.value.code == 2
+    assert "reference.transport (given by --afd-config and by" in str(refused.value)
+
+
 def test_shared_expert_stays_on_attention_for_qwen2_moe(models: dict[str, str]) -> None:
     """Qwen2-MoE's gated shared expert: vLLM runs it, AFD's table and windows omit it."""
     spec = MoESpec.from_pretrained(models["qwen2_moe"])

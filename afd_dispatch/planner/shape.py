@@ -303,13 +303,13 @@ class AFDLayout:
     def __post_init__(self) -> None:
         check(
             1 <= self.num_attention_ranks <= MAX_RANKS_PER_ROLE,
-            "attention dies (A)",
+            "num_attention_ranks (A)",
             f"in [1, {MAX_RANKS_PER_ROLE}]",
             self.num_attention_ranks,
         )
         check(
             1 <= self.num_ffn_ranks <= MAX_RANKS_PER_ROLE,
-            "FFN dies (F)",
+            "num_ffn_ranks (F)",
             f"in [1, {MAX_RANKS_PER_ROLE}]",
             self.num_ffn_ranks,
         )

@@ -41,7 +41,12 @@ from afd_dispatch.layout import (
     health_board_views,
 )
 from afd_dispatch.topology import RankTopology
-from afd_dispatch.windows.transport import InProcessTransport, SharedMemoryTransport, Transport
+from afd_dispatch.windows.transport import (
+    WINDOW_TRANSPORTS,
+    InProcessTransport,
+    SharedMemoryTransport,
+    Transport,
+)
 from afd_dispatch.windows.wait import store_fence
 
 # An UP rank whose last answer to the supervisor's probes (sent every 0.5 s) is older than
@@ -113,7 +118,12 @@ class HealthBoard:
     @classmethod
     def create(cls, topology: RankTopology, transport: str = "shm") -> HealthBoard:
         """A fresh board: every FFN rank STARTING, every session healthy."""
-        check(transport in ("shm", "inproc"), "transport", '"shm" or "inproc"', transport)
+        check(
+            transport in WINDOW_TRANSPORTS,
+            "transport",
+            f"one of {list(WINDOW_TRANSPORTS)}",
+            transport,
+        )
         size = [health_board_bytes(topology.num_ffn_ranks, topology.num_attention_ranks)]
         made = SharedMemoryTransport(size) if transport == "shm" else InProcessTransport(size)
         board = cls(topology, made)

@@ -24,8 +24,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from afd_dispatch.config import AFDConfig
-from afd_dispatch.config_deprecated import RENAMED_KEYS
+from afd_dispatch.config import SECTIONS, AFDConfig
+from afd_dispatch.config_deprecated import MOVED_KEYS, RENAMED_KEYS
 from afd_dispatch.errors import AFDInputError, check
 
 FLAG = "--additional-config afd"
@@ -92,9 +92,9 @@ def translate(values: Any) -> dict[str, Any]:
                 stacklevel=2,
             )
         check(
-            target in ours or target == "role",
+            target in ours or target == "role" or target in MOVED_KEYS,  # read by from_dict
             f"{FLAG} key {key!r}",
-            f"one of {sorted(ours | set(RENAMED) | set(FIXED) | {'role'})}",
+            f"one of {sorted(ours | set(RENAMED) | set(FIXED) | {'role', *MOVED_KEYS})}",
             key,
         )
         if target in out and out[target] != value:
@@ -116,16 +116,23 @@ def translate(values: Any) -> dict[str, Any]:
     return out
 
 
-def merge(afd_config: dict[str, Any], additional: dict[str, Any]) -> dict[str, Any]:
-    """Both flags' settings, refused where they disagree (naming both values)."""
+def merge(
+    afd_config: dict[str, Any], additional: dict[str, Any], prefix: str = ""
+) -> dict[str, Any]:
+    """Both flags' settings, refused where they disagree (naming both values); a backend
+    section given by both is merged key by key, so each flag sets only what it names."""
+    out = {**additional, **afd_config}
     for key in sorted(afd_config.keys() & additional.keys()):
-        if afd_config[key] != additional[key]:
+        mine, theirs = afd_config[key], additional[key]
+        if key in SECTIONS and isinstance(mine, Mapping) and isinstance(theirs, Mapping):
+            out[key] = merge(dict(mine), dict(theirs), f"{prefix}{key}.")
+        elif mine != theirs:
             raise AFDInputError(
-                f"{key} (given by --afd-config and by {FLAG})",
+                f"{prefix}{key} (given by --afd-config and by {FLAG})",
                 "the same value in both",
-                {"--afd-config": afd_config[key], FLAG: additional[key]},
+                {"--afd-config": mine, FLAG: theirs},
             )
-    return {**additional, **afd_config}
+    return out
 
 
 def _flag(key: str, value: Any) -> bool:

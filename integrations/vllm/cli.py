@@ -7,10 +7,11 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import warnings
 from typing import Any
 
-from afd_dispatch.config import AFDConfig
-from afd_dispatch.config_deprecated import current_key
+from afd_dispatch.config import SECTIONS, AFDConfig
+from afd_dispatch.config_deprecated import current_keys
 from afd_dispatch.errors import AFDInputError, check
 from afd_dispatch.integrations.vllm import afd_plugin_keys
 from afd_dispatch.kernels import resolve_backend
@@ -75,6 +76,18 @@ def say_plainly(line: str) -> None:
     os.write(fd, (line + "\n").encode(errors="replace"))
 
 
+def set_by(given: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Of a parsed config's `values` (`to_dict`), the keys the user's object `given` set, in
+    today's terms; of a backend section, only the section keys it set."""
+    with warnings.catch_warnings():  # from_dict warned of the old keys already
+        warnings.simplefilter("ignore", FutureWarning)
+        current = current_keys(given)
+    own = {key: values[key] for key in current}
+    for key in SECTIONS.keys() & own.keys():
+        own[key] = {k: own[key][k] for k in current[key]}
+    return own
+
+
 def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDConfig:
     """`--afd-config` and/or `--additional-config '{"afd": ...}'`, checked against this
     server; exit with status 2 and one clear message, before any engine or worker starts."""
@@ -84,8 +97,9 @@ def checked_config(text: str | None, additional: Any, engine_args: Any) -> AFDCo
         values = {} if text is None else AFDConfig.from_dict(given).to_dict()
         if additional is not None:
             # only the keys --afd-config sets itself: its defaults must not clash
-            own = {k: values[k] for k in map(current_key, given) if k is not None}
-            values = afd_plugin_keys.merge(own, afd_plugin_keys.translate(additional))
+            values = afd_plugin_keys.merge(
+                set_by(given, values), afd_plugin_keys.translate(additional)
+            )
         config = server_config(AFDConfig.from_dict(values))
         check_parallel(config, engine_args)
         npu = resolve_backend(config.backend) == "npu"
