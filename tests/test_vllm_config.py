@@ -663,13 +663,13 @@ PATCHES = {  # every patch of vLLM's internals, by what its refusal names
 
 def test_the_installed_vllm_is_supported_and_local_builds_count_as_their_release() -> None:
     assert compat.supported(compat.vllm_version()), compat.vllm_version()
-    for version in ("0.30.0", "0.30.0+empty", "0.32.1.dev3+g1234", "0.31.2"):
+    for version in ("0.30.0", "0.30.0+empty", "0.32.1.dev3+g1234", "0.32.2"):
         assert compat.supported(version), version
-    for version in ("0.29.9", "0.33.0", "1.0.0", "unknown", ""):
+    for version in ("0.29.9", "0.31.2", "0.33.0", "1.0.0", "unknown", ""):
         assert not compat.supported(version), version
 
 
-@pytest.mark.parametrize("version", ["0.29.1", "0.33.0", "unknown"])
+@pytest.mark.parametrize("version", ["0.29.1", "0.31.0", "0.33.0", "unknown"])
 def test_every_patch_refuses_another_vllm_before_changing_anything(
     version: str, vllm_cpu: None, registry: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

