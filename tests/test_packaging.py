@@ -112,6 +112,37 @@ def test_mypy_excuses_only_third_party_modules() -> None:
     assert "py.typed" in SETUPTOOLS["package-data"]["afd_dispatch"]
 
 
+def test_nothing_else_turns_a_first_party_import_into_any() -> None:
+    """Besides a missing module: a disabled import error code, `follow_imports` other than
+    normal, an ignore comment on the import, or a module-level `__getattr__` (in a module
+    or a stub), which makes every name imported from that module Any."""
+    mypy = PYPROJECT["tool"]["mypy"]
+    sections = [mypy, *mypy.get("overrides", [])]
+    disabled = [c for s in sections for c in s.get("disable_error_code", [])]
+    assert not [c for c in disabled if c.startswith("import") or c == "attr-defined"]
+    assert {s.get("follow_imports", "normal") for s in sections} == {"normal"}
+    silenced, dynamic = [], []
+    for directory in package_dirs().values():
+        for path in [*directory.glob("*.py"), *directory.glob("*.pyi")]:
+            text = path.read_text()
+            lines = text.splitlines()
+            tree = ast.parse(text, str(path))
+            rel = str(path.relative_to(ROOT))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import | ast.ImportFrom) and "afd_dispatch" in ast.unparse(
+                    node
+                ):
+                    source = " ".join(lines[node.lineno - 1 : node.end_lineno])
+                    if "type: ignore" in source:
+                        silenced.append(f"{rel}:{node.lineno}")
+            dynamic += [
+                f"{rel}:{n.lineno}"
+                for n in tree.body
+                if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"
+            ]
+    assert silenced == [] and dynamic == []
+
+
 MAX_MODULE_LINES = 500  # a module a newcomer reads in one sitting
 
 
