@@ -511,6 +511,7 @@ CLI_EXAMPLES = 4  # ~12 s each (vLLM's import); the whole test stays under ~60 s
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # the real `vllm serve` command, refusing: CI runs it on every vLLM it tests
 @settings(
     max_examples=CLI_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
