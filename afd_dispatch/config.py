@@ -141,6 +141,8 @@ class ReferenceBackendConfig:
     whose windows are always HCCL memory) each must keep its "auto" value: `check_runnable`
     and the link refuse any other, as a setting that would be ignored. So a config with
     "backend": "auto" that sets one runs on a CPU host and is refused on A3.
+    (`hccl_buffsize_mb` stays top-level: both links size their windows by it, the reference
+    one to refuse on a CPU what A3's HCCL_BUFFSIZE would.)
     """
 
     KEY_PREFIX: ClassVar[str] = "reference."

@@ -124,13 +124,6 @@ def _open_slots(
         '"per_micro_batch" with the NPU link (A3\'s npu_ffn_to_attention takes M = 1)',
         cfg.window_groups,
     )
-    check(
-        cfg.sync_flag == 0,
-        "sync_flag",
-        "0 with the NPU link (batching waits for a header from every session; with 1 a "
-        "rank that gets no slot gets no header)",
-        cfg.sync_flag,
-    )
     _check_buffsize(deployment)
     timeout = datetime.timedelta(seconds=cfg.startup_timeout_s)
     world = topology.world_size

@@ -4,11 +4,15 @@ The counters live in the workers (one attention session per data-parallel rank) 
 the FFN actors; `/metrics` is served by the API server processes. Each worker, and the
 deployment's owner for the FFN actors, has a `CounterPublisher` that writes a JSON
 snapshot once a second into a private directory named by `AFD_METRICS_DIR`, one file per
-publisher; the collector reads them all at each scrape. Attention counters are labelled
-`session`, FFN counters `ffn_rank`; the pool's (`ffn_ranks_up`) `process="pool"`. Names
-ending in `_total` are counters, the others gauges. The first process that loads the
-plugin (the one that runs `vllm serve`) sets that variable before it starts anything, so
-every process it starts inherits it, and removes the directory when it exits.
+publisher; the collector reads them all at each scrape. (Files, not vLLM's registry: with
+one API server vLLM serves its in-process registry, which the engine cores and the Ray
+actors that count cannot write to; a snapshot file per publisher reaches it from any
+process, and the multiprocess files below serve only where vLLM runs several.) Attention
+counters are labelled `session`, FFN counters `ffn_rank`; the pool's (`ffn_ranks_up`)
+`process="pool"`. Names ending in `_total` are counters, the others gauges. The first
+process that loads the plugin (the one that runs `vllm serve`) sets that variable before
+it starts anything, so every process it starts inherits it, and removes the directory
+when it exits.
 
 With several API servers (vLLM's default with data-parallel ranks) `/metrics` serves only
 prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`), so one publisher,
