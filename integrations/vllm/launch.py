@@ -21,11 +21,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
 from afd_dispatch.integrations.vllm import metrics, owner
 from afd_dispatch.runtime.trace import PREFIX
 
 START_TIMEOUT_S = 300.0
 GROUP_GRACE_S = 10.0  # for the server's processes to finish after it exits
+PORT_RACE = "EADDRINUSE"
+"""What a start lost to a port race logs: vLLM (like `free_port` here) picks a free port,
+then binds it later, and another process (a Ray worker, say) can take it in between."""
+START_ATTEMPTS = 2
+
+
+class PortRaceLost(RuntimeError):
+    """`vllm serve` exited before it was ready because a port it had picked was taken."""
 
 
 @dataclass
@@ -121,14 +131,36 @@ def vllm_server(
     extra: Sequence[str] = (),
     start_timeout_s: float = START_TIMEOUT_S,
 ) -> Iterator[Server]:
-    """A running server of `model` (AFD with `afd_config`, colocated without)."""
+    """A running server of `model` (AFD with `afd_config`, colocated without). A start
+    lost to a port race (`PORT_RACE` in its log) is made once more, its log appended."""
+    retrying = Retrying(
+        stop=stop_after_attempt(START_ATTEMPTS),
+        retry=retry_if_exception_type(PortRaceLost),
+        reraise=True,
+    )
+    open(log_path, "wb").close()  # each attempt appends its own output
+    server = retrying(_start_ready, model, log_path, afd_config, extra, start_timeout_s)
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+def _start_ready(
+    model: str,
+    log_path: str,
+    afd_config: str | None,
+    extra: Sequence[str],
+    start_timeout_s: float,
+) -> Server:
     port = free_port()
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     # A process that loaded the plugin (this one, in tests and benches) has its own metrics
     # snapshot path; the server must make its own, or it would publish another's counters.
     env.pop(metrics.ENV, None)
     env.pop(owner.ENV, None)  # nor join a deployment this process's environment names
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
+        start = log.tell()
         process = subprocess.Popen(
             serve_command(model, port, afd_config, extra),
             stdout=log,
@@ -139,9 +171,20 @@ def vllm_server(
     server = Server(f"http://127.0.0.1:{port}", model, process, log_path)
     try:
         wait_ready(server, start_timeout_s)
-        yield server
-    finally:
+    except BaseException as exc:
         stop(server)
+        if isinstance(exc, RuntimeError) and lost_a_port_race(log_path, start):
+            raise PortRaceLost(str(exc)) from exc
+        raise
+    return server
+
+
+def lost_a_port_race(log_path: str, start: int = 0) -> bool:
+    """Whether the server logging to `log_path` from byte `start` on failed to bind a port
+    it had picked."""
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        return PORT_RACE.encode() in log.read()
 
 
 def wait_ready(server: Server, timeout_s: float) -> None:
