@@ -37,6 +37,7 @@ from afd_dispatch.errors import (
     AFDTimeoutError,
 )
 from afd_dispatch.integrations.vllm.cli import ConfigRefused
+from afd_dispatch.integrations.vllm.launch import PortRaceLost
 from afd_dispatch.windows.wait import ScheduleStopped
 
 # `afd_dispatch.kernels` and `.integrations` live in top-level directories (pyproject's
@@ -60,6 +61,7 @@ ARGS: dict[type[BaseException], tuple[Any, ...]] = {
     AFDRefusedError: ("AFD: micro-batch slot 1 was refused, its results are zeros (FFN rank 2)",),
     ScheduleStopped: ("the schedule context was stopped while waiting",),
     ConfigRefused: ("error: --afd-config: micro_batch_num: expected an integer in [1, 8], got 9",),
+    PortRaceLost: ("vllm serve exited with 1 before it was ready:\n... EADDRINUSE ...",),
 }
 
 CHILD_TIMEOUT_S = 120.0  # a spawned child imports torch on a loaded 2-core host
