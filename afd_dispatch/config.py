@@ -405,18 +405,25 @@ class AFDConfig:
         rank starts, which on the Ray pool is inside the FFN actors, after Ray started."""
         backend = resolve_backend(self.backend)
         auto = f'"auto" is {backend!r} on this host; ' if self.backend != backend else ""
-        refuse_unless(
-            backend != "npu" or self.reference.transport == "auto",
-            "reference.transport",
-            f"\"auto\" with backend 'npu' ({auto}{NPU_WINDOWS})",
-            self.reference.transport,
-        )
+        self.check_sections(backend)
         refuse_unless(
             backend != "npu" or self.window_groups == "per_micro_batch",
             "window_groups",
             f"\"per_micro_batch\" with backend 'npu' ({auto}A3's npu_ffn_to_attention writes "
             "one micro-batch per attention window, M = 1)",
             self.window_groups,
+        )
+
+    def check_sections(self, backend: str) -> None:
+        """Refuse a reference-section key set away from "auto" where `backend` (resolved:
+        "reference" or "npu") is npu, whose windows are HCCL memory: `check_runnable` on a
+        user's config, the link on one built in code."""
+        auto = f'"auto" is {backend!r} on this host; ' if self.backend != backend else ""
+        refuse_unless(
+            backend != "npu" or self.reference.transport == "auto",
+            "reference.transport",
+            f"\"auto\" with backend 'npu' ({auto}{NPU_WINDOWS})",
+            self.reference.transport,
         )
 
     def to_dict(self) -> dict[str, Any]:

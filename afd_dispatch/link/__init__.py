@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from afd_dispatch.config import NPU_WINDOWS
 from afd_dispatch.errors import check
 from afd_dispatch.link.base import AttentionLink, Batch, FFNLink
 from afd_dispatch.runtime.deployment import Deployment
@@ -25,13 +24,7 @@ __all__ = ["AttentionLink", "Batch", "FFNLink", "attention_link", "ffn_link", "l
 def link_kind(deployment: Deployment) -> str:
     """The implementation the config selects: "reference" (windows in this host's memory,
     `reference.transport`) or "npu" (HCCL windows)."""
-    transport = deployment.config.reference.transport
-    check(
-        deployment.backend != "npu" or transport == "auto",
-        "reference.transport",
-        f"\"auto\" with backend 'npu' ({NPU_WINDOWS})",
-        transport,
-    )
+    deployment.config.check_sections(deployment.backend)
     return deployment.backend
 
 
